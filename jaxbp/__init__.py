@@ -1,0 +1,67 @@
+"""jaxbp: explicit, verified backpropagation in JAX.
+
+Every layer carries a hand-derived backward pass; every train step can check it against
+``jax.grad`` before it applies the update::
+
+    net = jaxbp.serial(jaxbp.Dense(64), jaxbp.Tanh, jaxbp.Dense(10))
+    out_shape, params = net.init(jax.random.key(0), (-1, 784))
+    value, grads = jaxbp.backprop(net, jaxbp.softmax_cross_entropy, params, x, y)
+    step = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, optax.adam(1e-3))
+"""
+
+from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
+from .gradcheck import (
+    GradCheck,
+    GradientMismatchError,
+    GradReport,
+    check_grads,
+    check_layer,
+    compare_grads,
+    default_tolerance,
+    fd_tolerance,
+    finite_difference_grads,
+)
+from .layers import (
+    ACTIVATIONS,
+    Dense,
+    Gelu,
+    Identity,
+    Layer,
+    LeakyRelu,
+    Relu,
+    Sigmoid,
+    Softplus,
+    Tanh,
+    activation,
+    describe,
+    elementwise,
+    glorot_uniform,
+    he_normal,
+    serial,
+)
+from .losses import (
+    LOSSES,
+    Loss,
+    get_loss,
+    half_sse,
+    mse,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+)
+from .seed import seed_network, seed_problem
+from .train import (
+    CHECK_MODES,
+    REASON_APPLIED,
+    REASON_MISMATCH,
+    REASON_NONFINITE,
+    REASONS,
+    FitResult,
+    SgdState,
+    biases,
+    fit,
+    freeze,
+    make_train_step,
+    sgd,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Gradients of a network's loss two ways: the manual chain rule and ``jax.grad``.
+
+Both return ``(value, grads)`` with ``grads`` shaped exactly like ``params``; both work under
+``jit`` and ``vmap`` (per-example gradients are ``jax.vmap`` over single examples).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .layers import Layer
+from .losses import Loss, get_loss
+
+__all__ = ["forward", "backprop", "autodiff", "loss_fn", "check_inputs", "check_params"]
+
+
+def check_inputs(x) -> None:
+    """Trace-time checks on a batch of inputs: floating point, not empty."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"inputs must be floating point, got dtype {dtype} "
+                        f"(convert with x.astype(jnp.float32))")
+    shape = jnp.shape(x)
+    if len(shape) == 0:
+        raise ValueError("inputs must have shape (features,) or (batch, features), got a scalar")
+    if 0 in shape:
+        raise ValueError(f"empty batch: inputs have shape {tuple(shape)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_params(net: Layer, example_shape: tuple):
+    _, shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), example_shape))
+    return jax.tree_util.tree_flatten_with_path(shapes)
+
+
+def check_params(net: Layer, params, input_shape) -> None:
+    """Trace-time check that ``params`` has the tree and shapes ``net.init`` would make."""
+    shape = tuple(input_shape)
+    example = (1, *shape[1:]) if len(shape) >= 2 else shape
+    try:
+        expected, expected_def = _expected_params(net, example)
+    except TypeError:  # an unhashable custom layer: skip the cache
+        _, shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), example))
+        expected, expected_def = jax.tree_util.tree_flatten_with_path(shapes)
+    got, got_def = jax.tree_util.tree_flatten_with_path(params)
+    if got_def != expected_def:
+        raise ValueError(f"params do not match the network: expected a pytree of structure "
+                         f"{expected_def}, got {got_def}")
+    for (path, want), (_, leaf) in zip(expected, got):
+        if tuple(jnp.shape(leaf)) != tuple(want.shape):
+            raise ValueError(f"params do not match the network: leaf "
+                             f"{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}, "
+                             f"expected {tuple(want.shape)}")
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(f"params must be floating point: leaf {jax.tree_util.keystr(path)} "
+                            f"has dtype {jnp.result_type(leaf)}")
+
+
+def forward(net: Layer, params, x) -> jax.Array:
+    """The network's output (the cache is dropped)."""
+    return net.forward(params, x)[0]
+
+
+def loss_fn(net: Layer, loss):
+    """The pure function ``(params, x, y) -> loss value`` that ``jax.grad`` differentiates."""
+    loss = get_loss(loss)
+
+    def value(params, x, y):
+        return loss.value(net.forward(params, x)[0], y)
+
+    return value
+
+
+def backprop(net: Layer, loss: Loss | str, params, x, y, *, validate: bool = True):
+    """Manual chain rule: forward with caches, ``dE/dout`` from the loss, backward.
+
+    Returns ``(loss value, grads)``.
+    """
+    loss = get_loss(loss)
+    if validate:
+        check_inputs(x)
+        check_params(net, params, jnp.shape(x))
+    out, cache = net.forward(params, x)
+    value = loss.value(out, y)
+    grads, _ = net.backward(params, cache, loss.grad(out, y))
+    return value, grads
+
+
+def autodiff(net: Layer, loss: Loss | str, params, x, y, *, validate: bool = True):
+    """``jax.value_and_grad`` of the same pure loss. Returns ``(loss value, grads)``."""
+    if validate:
+        check_inputs(x)
+        check_params(net, params, jnp.shape(x))
+    return jax.value_and_grad(loss_fn(net, loss))(params, x, y)

@@ -1,0 +1,301 @@
+"""Comparing gradients: manual chain rule vs ``jax.grad`` vs finite differences.
+
+:func:`compare_grads` runs on device and inside ``jit`` (no host sync): it returns a
+:class:`GradReport`, a pytree of arrays whose leaf paths are static metadata, so it can be
+returned from a jitted train step and printed afterwards.
+
+Per leaf it measures
+
+- ``max_abs_diff = max |a - b|``
+- ``rel_error = max |a - b| / max(max |a|, max |b|, tiny)``: the error relative to the leaf as a
+  whole, so entries that are tiny through cancellation do not read as failures in float32;
+- ``cosine``: the cosine similarity of the two leaves (1 for two all-zero leaves);
+- ``leaf_ok``: an ``allclose``-style test, ``|a - b| <= atol * scale + rtol * |b|`` element-wise,
+  with ``scale = max(max |a|, max |b|)`` so that ``atol`` is relative to the leaf, and both
+  leaves finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "GradReport",
+    "GradientMismatchError",
+    "compare_grads",
+    "default_tolerance",
+    "finite_difference_grads",
+    "fd_tolerance",
+    "check_grads",
+    "GradCheck",
+    "check_layer",
+]
+
+# (rtol, atol) for manual vs autodiff. float32 uses the 2e-3 of JAX's own gradient checks;
+# float64 is tight enough to catch a wrong term anywhere but leaves room for summation order.
+_TOLERANCES = {
+    np.dtype(np.float64): (1e-10, 1e-10),
+    np.dtype(np.float32): (2e-3, 2e-3),
+    np.dtype(jnp.bfloat16): (1e-1, 1e-1),
+    np.dtype(np.float16): (1e-1, 1e-1),
+}
+
+# Central differences carry truncation O(h^2) and round-off O(eps / h) error: looser.
+_FD_TOLERANCES = {
+    np.dtype(np.float64): (1e-5, 1e-5),
+    np.dtype(np.float32): (3e-2, 3e-2),
+}
+_FD_STEPS = {np.dtype(np.float64): 1e-5, np.dtype(np.float32): 1e-2}
+
+
+def _tolerance_of(table, dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in table:
+        raise TypeError(f"gradients must be floating point, got dtype {dtype}")
+    return table[dtype]
+
+
+def default_tolerance(dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` used by :func:`compare_grads` for leaves of ``dtype``."""
+    return _tolerance_of(_TOLERANCES, dtype)
+
+
+def fd_tolerance(dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` for comparisons against finite differences."""
+    return _tolerance_of(_FD_TOLERANCES, dtype)
+
+
+class GradientMismatchError(ValueError):
+    """Raised when a manual gradient disagrees with its reference."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GradReport:
+    """Per-leaf agreement of two gradient pytrees (see the module docstring).
+
+    Array fields have one entry per leaf (in ``paths`` order); ``ok``, ``worst`` and
+    ``worst_rel_error`` summarise them. Under ``vmap`` every field gains a batch dimension.
+    """
+
+    max_abs_diff: jax.Array
+    rel_error: jax.Array
+    cosine: jax.Array
+    leaf_ok: jax.Array
+    ok: jax.Array
+    worst: jax.Array
+    worst_rel_error: jax.Array
+    paths: tuple = ()
+
+    @property
+    def worst_path(self) -> str:
+        """The path of the leaf with the largest relative error (forces a host sync)."""
+        return self.paths[int(np.asarray(self.worst))] if self.paths else ""
+
+    def to_dict(self) -> dict:
+        """Plain Python numbers, for JSON and printing."""
+        leaves = {}
+        for i, path in enumerate(self.paths):
+            leaves[path] = {
+                "max_abs_diff": float(self.max_abs_diff[i]),
+                "rel_error": float(self.rel_error[i]),
+                "cosine": float(self.cosine[i]),
+                "ok": bool(self.leaf_ok[i]),
+            }
+        return {"ok": bool(self.ok), "worst_leaf": self.worst_path,
+                "worst_rel_error": float(self.worst_rel_error), "leaves": leaves}
+
+    def table(self) -> str:
+        """A fixed-width table, one row per leaf."""
+        width = max([len("leaf")] + [len(p) for p in self.paths])
+        rows = [f"{'leaf':<{width}}  {'max|a-b|':>10}  {'rel error':>10}  {'cosine':>10}  ok"]
+        for i, path in enumerate(self.paths):
+            rows.append(f"{path:<{width}}  {float(self.max_abs_diff[i]):>10.3e}  "
+                        f"{float(self.rel_error[i]):>10.3e}  {float(self.cosine[i]):>10.6f}  "
+                        f"{'yes' if bool(self.leaf_ok[i]) else 'NO'}")
+        verdict = "all leaves agree" if bool(self.ok) else (
+            f"MISMATCH: worst leaf {self.worst_path}, relative error "
+            f"{float(self.worst_rel_error):.3e}")
+        return "\n".join(rows + [verdict])
+
+    def __str__(self):
+        return self.table()
+
+    def raise_if_failed(self, what: str = "manual gradient") -> None:
+        """Raise :class:`GradientMismatchError` naming the worst leaf unless ``ok``."""
+        if not bool(self.ok):
+            raise GradientMismatchError(
+                f"{what} disagrees with the reference at leaf {self.worst_path}: relative error "
+                f"{float(self.worst_rel_error):.3e}\n{self.table()}")
+
+
+jax.tree_util.register_dataclass(
+    GradReport,
+    data_fields=["max_abs_diff", "rel_error", "cosine", "leaf_ok", "ok", "worst",
+                 "worst_rel_error"],
+    meta_fields=["paths"],
+)
+
+
+def _path_name(path) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def _flatten_pair(manual, reference):
+    ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
+    man_leaves, man_def = jax.tree_util.tree_flatten(manual)
+    if man_def != ref_def:
+        raise ValueError(f"compare_grads expects two pytrees of the same structure, got "
+                         f"{man_def} and {ref_def}")
+    paths = tuple(_path_name(p) for p, _ in ref_leaves)
+    refs = [leaf for _, leaf in ref_leaves]
+    for path, a, b in zip(paths, man_leaves, refs):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(f"compare_grads: leaf {path} has shape {jnp.shape(a)} in the "
+                             f"first tree and {jnp.shape(b)} in the second")
+    return paths, man_leaves, refs
+
+
+def _leaf_dtype(a, b):
+    # The less precise of the two decides how close they can be.
+    da, db = jnp.result_type(a), jnp.result_type(b)
+    return da if np.finfo(da).eps >= np.finfo(db).eps else db
+
+
+def compare_grads(manual, reference, *, rtol: float | None = None,
+                  atol: float | None = None, tolerances: Callable = default_tolerance
+                  ) -> GradReport:
+    """Compare two gradient pytrees leaf by leaf; jit-compatible, no host sync.
+
+    ``rtol``/``atol`` default per leaf dtype (:func:`default_tolerance`); ``atol`` is relative
+    to the leaf's scale (see the module docstring).
+    """
+    paths, man, ref = _flatten_pair(manual, reference)
+    if not paths:
+        raise ValueError("compare_grads: the gradient pytrees have no leaves to compare")
+    stats = []
+    for a, b in zip(man, ref):
+        dtype = _leaf_dtype(a, b)
+        r_def, a_def = tolerances(dtype)
+        r = r_def if rtol is None else rtol
+        t = a_def if atol is None else atol
+        a = jnp.asarray(a, dtype)
+        b = jnp.asarray(b, dtype)
+        tiny = jnp.finfo(dtype).tiny
+        if a.size == 0:
+            zero = jnp.zeros((), dtype)
+            stats.append((zero, zero, jnp.ones((), dtype), jnp.array(True)))
+            continue
+        diff = jnp.abs(a - b)
+        scale = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
+        max_diff = jnp.max(diff)
+        rel = max_diff / jnp.maximum(scale, tiny)
+        norm = jnp.sqrt(jnp.sum(a * a)) * jnp.sqrt(jnp.sum(b * b))
+        cosine = jnp.where(norm > 0, jnp.sum(a * b) / jnp.maximum(norm, tiny),
+                           jnp.where(scale > 0, 0.0, 1.0).astype(dtype))
+        finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
+        close = jnp.all(diff <= t * scale + r * jnp.abs(b))
+        # A non-finite leaf is never "close", and its relative error reads as inf.
+        rel = jnp.where(finite, rel, jnp.inf)
+        stats.append((max_diff, rel, cosine, finite & close))
+    f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
+    max_abs, rel, cos = (f32([s[i] for s in stats]) for i in range(3))
+    leaf_ok = jnp.stack([s[3] for s in stats])
+    rel = jnp.where(jnp.isnan(rel), jnp.inf, rel)
+    # The worst leaf is the failing leaf of largest relative error, or if all pass, the leaf
+    # of largest relative error.
+    any_failed = ~jnp.all(leaf_ok)
+    worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)), jnp.argmax(rel))
+    return GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths)
+
+
+# --------------------------------------------------------------------------------------------
+# Finite differences
+# --------------------------------------------------------------------------------------------
+
+
+def finite_difference_grads(fn: Callable[[Any], jax.Array], params, *, eps: float | None = None,
+                            batch_size: int = 256):
+    """Central differences ``(f(p + h e_i) - f(p - h e_i)) / 2h`` for every parameter entry.
+
+    ``fn(params) -> scalar``. ``h`` defaults per dtype (1e-5 in float64, 1e-2 in float32).
+    Costs two evaluations of ``fn`` per parameter entry: meant for small networks and tests.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    grads = []
+    for index, leaf in enumerate(leaves):
+        leaf = jnp.asarray(leaf)
+        h = eps if eps is not None else _tolerance_of(_FD_STEPS, leaf.dtype)
+        if leaf.size == 0:
+            grads.append(jnp.zeros_like(leaf))
+            continue
+
+        def at(flat_leaf, index=index, shape=leaf.shape):
+            new = list(leaves)
+            new[index] = flat_leaf.reshape(shape)
+            return fn(jax.tree_util.tree_unflatten(treedef, new))
+
+        flat = leaf.reshape(-1)
+
+        def one(i, flat=flat, at=at, h=h):
+            step = jnp.zeros_like(flat).at[i].set(h)
+            return (at(flat + step) - at(flat - step)) / (2 * h)
+
+        g = jax.lax.map(one, jnp.arange(flat.size), batch_size=min(batch_size, flat.size))
+        grads.append(g.reshape(leaf.shape).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, grads)
+
+
+class GradCheck(NamedTuple):
+    """Three opinions on one gradient, compared pairwise."""
+
+    manual_vs_autodiff: GradReport
+    manual_vs_fd: GradReport
+    autodiff_vs_fd: GradReport
+
+    @property
+    def ok(self) -> bool:
+        return all(bool(r.ok) for r in self)
+
+
+def check_grads(net, loss, params, x, y, *, eps: float | None = None) -> GradCheck:
+    """Manual backprop vs ``jax.grad`` vs central finite differences, for one batch."""
+    from .backprop import autodiff, backprop, loss_fn
+
+    _, manual = backprop(net, loss, params, x, y)
+    _, auto = autodiff(net, loss, params, x, y)
+    fd = finite_difference_grads(lambda p: loss_fn(net, loss)(p, x, y), params, eps=eps)
+    return GradCheck(
+        compare_grads(manual, auto),
+        compare_grads(manual, fd, tolerances=fd_tolerance),
+        compare_grads(auto, fd, tolerances=fd_tolerance),
+    )
+
+
+def check_layer(layer, key, input_shape, *, dtype=None, params=None, x=None,
+                rtol: float | None = None, atol: float | None = None) -> GradReport:
+    """Check a layer's hand-written backward against ``jax.vjp`` of its forward.
+
+    Draws parameters (``layer.init``), an input ``x`` and a cotangent ``dy`` at random unless
+    given, then compares ``layer.backward(params, cache, dy)`` with the VJP of ``forward`` for
+    both the parameter gradients (leaf ``['params']...``) and the input gradient (``['x']``).
+    """
+    dtype = dtype or jax.dtypes.canonicalize_dtype(jnp.float64)
+    k_init, k_x, k_dy = jax.random.split(key, 3)
+    shape = tuple(1 if d == -1 else d for d in input_shape)
+    if params is None:
+        _, params = layer.init(k_init, shape)
+        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
+    if x is None:
+        x = jax.random.normal(k_x, shape, dtype)
+    y, cache = layer.forward(params, x)
+    dy = jax.random.normal(k_dy, y.shape, y.dtype)
+    dparams, dx = layer.backward(params, cache, dy)
+    _, vjp = jax.vjp(lambda p, xx: layer.forward(p, xx)[0], params, x)
+    ref_params, ref_x = vjp(dy)
+    return compare_grads({"params": dparams, "x": dx}, {"params": ref_params, "x": ref_x},
+                         rtol=rtol, atol=atol)

@@ -1,0 +1,180 @@
+"""Losses: pure functions of ``(output, target)`` with hand-derived gradients.
+
+A :class:`Loss` is a NamedTuple ``(value, grad, name)``: ``value(out, target)`` is the scalar
+error and ``grad(out, target)`` is ``dE/d(out)``, written out. A loss is also callable, so
+``loss(out, target)`` is its value. ``backprop`` uses ``grad``; ``autodiff`` differentiates
+``value`` with ``jax.grad``; the two therefore check the same mathematics.
+
+Batches: an output of shape ``(features,)`` is one example; ``(batch, features)`` is a batch,
+and every loss averages over the examples of a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Loss",
+    "half_sse",
+    "mse",
+    "softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "LOSSES",
+    "get_loss",
+]
+
+
+class Loss(NamedTuple):
+    """A loss: ``value(out, target) -> scalar`` and its gradient ``grad(out, target) -> dE/dout``."""
+
+    value: Callable
+    grad: Callable
+    name: str = "loss"
+
+    def __call__(self, out, target):
+        return self.value(out, target)
+
+
+def _num_examples(out):
+    return 1 if out.ndim <= 1 else out.size // out.shape[-1]
+
+
+def _check_same_shape(name, out, target):
+    if tuple(jnp.shape(target)) != tuple(out.shape):
+        raise ValueError(f"{name} expects targets of the output's shape {tuple(out.shape)}, "
+                         f"got shape {tuple(jnp.shape(target))}")
+    if not jnp.issubdtype(jnp.result_type(target), jnp.floating):
+        raise TypeError(f"{name} expects floating-point targets, got dtype "
+                        f"{jnp.result_type(target)}")
+
+
+# --------------------------------------------------------------------------------------------
+# half_sse: the seed's E_total = sum_k 1/2 (target_k - out_k)^2
+# --------------------------------------------------------------------------------------------
+
+
+def _half_sse_value(out, target):
+    _check_same_shape("half_sse", out, target)
+    return 0.5 * jnp.sum((target - out) ** 2) / _num_examples(out)
+
+
+def _half_sse_grad(out, target):
+    """``dE/dout_k = -(target_k - out_k) = out_k - target_k`` (divided by the batch size)."""
+    _check_same_shape("half_sse", out, target)
+    return (out - target) / _num_examples(out)
+
+
+half_sse = Loss(_half_sse_value, _half_sse_grad, "half_sse")
+
+
+# --------------------------------------------------------------------------------------------
+# mse: mean over every element
+# --------------------------------------------------------------------------------------------
+
+
+def _mse_value(out, target):
+    _check_same_shape("mse", out, target)
+    return jnp.mean((out - target) ** 2)
+
+
+def _mse_grad(out, target):
+    """``dE/dout = 2 (out - target) / N`` with ``N`` the number of elements."""
+    _check_same_shape("mse", out, target)
+    return 2 * (out - target) / out.size
+
+
+mse = Loss(_mse_value, _mse_grad, "mse")
+
+
+# --------------------------------------------------------------------------------------------
+# softmax cross-entropy, integer labels or one-hot targets
+# --------------------------------------------------------------------------------------------
+
+
+def _onehot_targets(logits, target):
+    """Integer labels -> one-hot (NaN rows for labels out of range); one-hot passes through."""
+    num_classes = logits.shape[-1]
+    target = jnp.asarray(target)
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        if target.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"softmax_cross_entropy expects integer labels of shape {logits.shape[:-1]}, "
+                f"got shape {target.shape}")
+        if not isinstance(target, jax.core.Tracer):
+            bad = (target < 0) | (target >= num_classes)
+            if bool(jnp.any(bad)):
+                raise ValueError(
+                    f"softmax_cross_entropy expects labels in [0, {num_classes}), got values "
+                    f"{sorted(set(jnp.asarray(target)[bad].tolist()))[:5]}")
+        valid = (target >= 0) & (target < num_classes)
+        onehot = jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
+        # Under jit a label cannot raise: it poisons its example with NaN instead, which the
+        # train step sees as a non-finite loss and so never applies.
+        return jnp.where(valid[..., None], onehot, jnp.nan)
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"softmax_cross_entropy expects integer labels of shape {logits.shape[:-1]} or "
+            f"one-hot targets of shape {logits.shape}, got shape {target.shape}")
+    if not jnp.issubdtype(target.dtype, jnp.floating):
+        raise TypeError(f"softmax_cross_entropy expects integer labels or floating one-hot "
+                        f"targets, got dtype {target.dtype}")
+    return target
+
+
+def _softmax_ce_value(logits, target):
+    onehot = _onehot_targets(logits, target)
+    # log softmax_k = z_k - logsumexp(z): never exponentiates a large logit.
+    log_softmax = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return -jnp.sum(onehot * log_softmax) / _num_examples(logits)
+
+
+def _softmax_ce_grad(logits, target):
+    """Fused softmax + cross-entropy: ``dE/dz = (softmax(z) - onehot) / batch``."""
+    onehot = _onehot_targets(logits, target)
+    p = jax.nn.softmax(logits, axis=-1)
+    # sum(onehot) is 1 for a one-hot row; keeping it covers soft labels that sum to anything.
+    return (p * jnp.sum(onehot, axis=-1, keepdims=True) - onehot) / _num_examples(logits)
+
+
+softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy")
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid binary cross-entropy from logits
+# --------------------------------------------------------------------------------------------
+
+
+def _bce_value(logits, target):
+    _check_same_shape("sigmoid_binary_cross_entropy", logits, target)
+    # -t log s(z) - (1-t) log(1-s(z)) = max(z, 0) - z t + log(1 + e^-|z|): stable for any z.
+    per = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return jnp.mean(per)
+
+
+def _bce_grad(logits, target):
+    """``dE/dz = (sigmoid(z) - target) / N`` with ``N`` the number of elements."""
+    _check_same_shape("sigmoid_binary_cross_entropy", logits, target)
+    return (jax.nn.sigmoid(logits) - target) / logits.size
+
+
+sigmoid_binary_cross_entropy = Loss(_bce_value, _bce_grad, "sigmoid_binary_cross_entropy")
+
+
+LOSSES = {
+    loss.name: loss
+    for loss in (half_sse, mse, softmax_cross_entropy, sigmoid_binary_cross_entropy)
+}
+
+
+def get_loss(name_or_loss) -> Loss:
+    """A :class:`Loss` by name (``"half_sse"``, ``"mse"``, ...), or the loss itself."""
+    if isinstance(name_or_loss, Loss):
+        return name_or_loss
+    try:
+        return LOSSES[name_or_loss]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss {name_or_loss!r}; expected one of: "
+                         f"{', '.join(sorted(LOSSES))}") from None
