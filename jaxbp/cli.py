@@ -1,0 +1,90 @@
+"""The ``jaxbp`` command line: a thin dispatcher over one module per command.
+
+Each command lives in ``jaxbp/commands/<name>.py`` and exposes
+
+- ``HELP``: one line for the command list,
+- ``add_arguments(parser)``: its flags, on an ``argparse`` parser,
+- ``run(args) -> int``: the work; returns the exit code.
+
+Command modules are imported only when their command runs, so ``jaxbp --help`` stays fast and
+heavy extras (matplotlib, scikit-learn) load only where they are used.
+
+Errors a user can fix (a bad flag, a bad config file, a wrong shape) are raised as
+:class:`UsageError` (or ``ValueError``/``TypeError``/``OSError`` from the library) and printed as
+one line, ``jaxbp <command>: error: ...``, with exit code 2: never a traceback
+(set ``JAXBP_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+__all__ = ["main", "UsageError", "COMMANDS"]
+
+# name -> (module, one-line help). Help text lives here so `jaxbp --help` imports nothing heavy.
+COMMANDS = {
+    "trace": ("jaxbp.commands.trace", "the worked example: every number of the chain rule"),
+    "train": ("jaxbp.commands.train", "train a network on real data, every step checked"),
+    "check": ("jaxbp.commands.check", "manual vs jax.grad vs finite differences, per parameter"),
+    "lr-sweep": ("jaxbp.commands.lr_sweep", "one network at several learning rates, one plot"),
+    "bench": ("jaxbp.commands.bench", "speed: manual vs autodiff vs numpy, as ratios"),
+}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2, as everywhere else
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser(command: str | None):
+    parser = _Parser(prog="jaxbp", description="Explicit, verified backpropagation in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxbp`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        command = None  # let argparse report the unknown command
+    parser = _build_parser(command)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, ValueError, TypeError, OSError, KeyError, json.JSONDecodeError) as e:
+        if os.environ.get("JAXBP_DEBUG"):  # developers: the full traceback
+            raise
+        print(f"jaxbp {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxbp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

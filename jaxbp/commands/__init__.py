@@ -1,0 +1,1 @@
+"""One module per `jaxbp` command; see jaxbp/cli.py for the contract."""
