@@ -26,6 +26,7 @@ from .layers import (
     Dense,
     Gelu,
     Identity,
+    InputShapeError,
     Layer,
     LeakyRelu,
     Relu,

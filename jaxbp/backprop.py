@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .layers import Layer
+from .layers import InputShapeError, Layer, serial
 from .losses import Loss, get_loss
 
 __all__ = ["forward", "backprop", "autodiff", "loss_fn", "check_inputs", "check_params"]
@@ -19,6 +19,9 @@ __all__ = ["forward", "backprop", "autodiff", "loss_fn", "check_inputs", "check_
 
 def check_inputs(x) -> None:
     """Trace-time checks on a batch of inputs: floating point, not empty."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # a list: result_type would fail
+        raise TypeError(f"inputs must be an array of shape (batch, features), got "
+                        f"{type(x).__name__} (convert with jnp.asarray(x))")
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"inputs must be floating point, got dtype {dtype} "
@@ -27,7 +30,8 @@ def check_inputs(x) -> None:
     if len(shape) == 0:
         raise ValueError("inputs must have shape (features,) or (batch, features), got a scalar")
     if 0 in shape:
-        raise ValueError(f"empty batch: inputs have shape {tuple(shape)}")
+        raise ValueError(f"empty batch: inputs must have at least one example and one feature, "
+                         f"got shape {tuple(shape)}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -38,6 +42,8 @@ def _expected_params(net: Layer, example_shape: tuple):
 
 def check_params(net: Layer, params, input_shape) -> None:
     """Trace-time check that ``params`` has the tree and shapes ``net.init`` would make."""
+    if not isinstance(net, Layer):
+        raise TypeError(f"net must be a jaxbp Layer (such as jaxbp.serial(...)), got {net!r}")
     shape = tuple(input_shape)
     example = (1, *shape[1:]) if len(shape) >= 2 else shape
     try:
@@ -51,12 +57,37 @@ def check_params(net: Layer, params, input_shape) -> None:
                          f"{expected_def}, got {got_def}")
     for (path, want), (_, leaf) in zip(expected, got):
         if tuple(jnp.shape(leaf)) != tuple(want.shape):
+            _raise_forward_shape_error(net, params, shape)
             raise ValueError(f"params do not match the network: leaf "
-                             f"{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}, "
-                             f"expected {tuple(want.shape)}")
+                             f"{jax.tree_util.keystr(path)} expected shape {tuple(want.shape)}, "
+                             f"got shape {tuple(jnp.shape(leaf))}")
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(f"params must be floating point: leaf {jax.tree_util.keystr(path)} "
-                            f"has dtype {jnp.result_type(leaf)}")
+                            f"got dtype {jnp.result_type(leaf)}")
+
+
+def _raise_forward_shape_error(net: Layer, params, input_shape) -> None:
+    """Raise the forward pass's own shape error, if it has one.
+
+    Params that do not fit the inputs mismatch either way; when the first layer with
+    parameters rejects the inputs, its message says which layer, what width it expects and
+    what shape it got (``layer 0 (Dense): Dense expects inputs of width 2, got shape (8, 5)``),
+    which reads better than a parameter shape derived from the wrong input.
+    """
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jax.dtypes.canonicalize_dtype(jnp.float64))
+    if (net.name == "serial" and isinstance(params, (tuple, list))
+            and len(params) == len(net.config)):
+        # Only up to the first layer with parameters: that is where the inputs meet the params.
+        # A mismatch further in is the params' own inconsistency, which the params message names.
+        k = next((i for i, p in enumerate(params) if jax.tree_util.tree_leaves(p)),
+                 len(params) - 1)
+        net, params = serial(*net.config[:k + 1]), tuple(params[:k + 1])
+    try:
+        jax.eval_shape(net.forward, params, x)
+    except InputShapeError as e:
+        raise InputShapeError(str(e)) from None
+    except Exception:  # the params' own inconsistency (a broadcast error): the params message
+        pass
 
 
 def forward(net: Layer, params, x) -> jax.Array:

@@ -40,8 +40,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    command_prog = None  # "jaxbp <command>" once the command is known (set by main)
+
     def error(self, message):  # argparse's own errors: one line, exit 2, as everywhere else
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # Unrecognised arguments are reported by the top-level parser: name the command all
+        # the same; and a stray argument holding a newline must not make a second line.
+        self.exit(2, f"{self.command_prog or self.prog}: error: {_one_line(message)}\n")
 
 
 def _build_parser(command: str | None):
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None and command not in COMMANDS:
         command = None  # let argparse report the unknown command
     parser = _build_parser(command)
+    parser.command_prog = f"jaxbp {command}" if command else None
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:

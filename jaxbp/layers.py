@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "Layer",
+    "InputShapeError",
     "serial",
     "Dense",
     "Sigmoid",
@@ -97,6 +98,14 @@ def _default_float():
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
+class InputShapeError(ValueError):
+    """A layer's own check on the shape of its input failed (``Dense`` of the wrong width).
+
+    A ``ValueError``; its own type lets ``check_params`` tell "the inputs do not fit the first
+    layer" from any other shape error.
+    """
+
+
 def _check_float(x, where):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"{where} expects floating-point inputs, got dtype {jnp.result_type(x)}")
@@ -141,7 +150,7 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         w = params["W"]
         _check_float(x, "Dense")
         if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-            raise ValueError(
+            raise InputShapeError(
                 f"Dense expects inputs of width {w.shape[0]}, got shape {tuple(x.shape)}")
         return x @ w + params["b"], x
 
@@ -162,6 +171,9 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
 
     config = (("out_dim", out_dim), ("shared_bias", shared_bias),
               ("w_init", w_init if isinstance(w_init, str) else getattr(w_init, "__name__", "custom")))
+    # serial() resolves w_init="auto" by rebuilding the layer: with every other argument
+    # (dtype, b_init) kept, which the config alone does not record.
+    init.with_w_init = lambda new_w_init: Dense(out_dim, shared_bias, new_w_init, b_init, dtype)
     return Layer(init, forward, backward, "Dense", config)
 
 
@@ -294,6 +306,9 @@ def activation(name: str) -> Layer:
 
 
 def _with_init(layer: Layer, w_init: str) -> Layer:
+    rebuild = getattr(layer.init, "with_w_init", None)
+    if rebuild is not None:
+        return rebuild(w_init)._replace(forward=layer.forward, backward=layer.backward)
     cfg = dict(layer.config)
     return Dense(cfg["out_dim"], cfg["shared_bias"], w_init=w_init)._replace(
         forward=layer.forward, backward=layer.backward)

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "Loss",
@@ -42,7 +43,14 @@ def _num_examples(out):
     return 1 if out.ndim <= 1 else out.size // out.shape[-1]
 
 
+def _check_array(name, target):
+    if not hasattr(target, "shape") or not hasattr(target, "dtype"):  # a list, say
+        raise TypeError(f"{name} expects targets as an array, got {type(target).__name__} "
+                        f"(convert with jnp.asarray(y))")
+
+
 def _check_same_shape(name, out, target):
+    _check_array(name, target)
     if tuple(jnp.shape(target)) != tuple(out.shape):
         raise ValueError(f"{name} expects targets of the output's shape {tuple(out.shape)}, "
                          f"got shape {tuple(jnp.shape(target))}")
@@ -97,6 +105,7 @@ mse = Loss(_mse_value, _mse_grad, "mse")
 def _onehot_targets(logits, target):
     """Integer labels -> one-hot (NaN rows for labels out of range); one-hot passes through."""
     num_classes = logits.shape[-1]
+    _check_array("softmax_cross_entropy", target)
     target = jnp.asarray(target)
     if jnp.issubdtype(target.dtype, jnp.integer):
         if target.shape != logits.shape[:-1]:
@@ -104,11 +113,14 @@ def _onehot_targets(logits, target):
                 f"softmax_cross_entropy expects integer labels of shape {logits.shape[:-1]}, "
                 f"got shape {target.shape}")
         if not isinstance(target, jax.core.Tracer):
-            bad = (target < 0) | (target >= num_classes)
-            if bool(jnp.any(bad)):
+            # NumPy, not jnp: inside a trace (lax.map, scan) jnp ops on concrete labels would
+            # be staged out as tracers and bool() would fail.
+            labels = np.asarray(target)
+            bad = (labels < 0) | (labels >= num_classes)
+            if bad.any():
                 raise ValueError(
                     f"softmax_cross_entropy expects labels in [0, {num_classes}), got values "
-                    f"{sorted(set(jnp.asarray(target)[bad].tolist()))[:5]}")
+                    f"{sorted(set(labels[bad].tolist()))[:5]}")
         valid = (target >= 0) & (target < num_classes)
         onehot = jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
         # Under jit a label cannot raise: it poisons its example with NaN instead, which the

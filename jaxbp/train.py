@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import math
+import numpy as np
 import optax
 
 from .backprop import autodiff, backprop, check_inputs, check_params
@@ -69,6 +70,9 @@ class SgdState(NamedTuple):
 def _check_learning_rate(learning_rate, who):
     if callable(learning_rate):
         return
+    if isinstance(learning_rate, bool):  # float(True) == 1.0 would pass silently
+        raise TypeError(f"{who}: learning_rate must be a number or a schedule, "
+                        f"got {learning_rate!r}")
     try:
         value = float(learning_rate)
     except (TypeError, ValueError):
@@ -259,6 +263,20 @@ def _batch_indices(key, n, batch_size, steps):
     return perms.reshape(-1, batch_size)[:steps]
 
 
+def _check_labels_now(net, loss, params, x, y):
+    """Integer labels are checked against the classes while they are still concrete.
+
+    Inside the compiled loop a label out of range can only turn the loss NaN (so every step
+    would be skipped); before it, the loss can raise a ValueError naming the bad labels.
+    """
+    if (isinstance(y, jax.core.Tracer) or not hasattr(y, "dtype")  # a list: the loss says so
+            or not jnp.issubdtype(jnp.result_type(y), jnp.integer)):
+        return
+    check_params(net, params, jnp.shape(x))
+    out = jax.eval_shape(lambda p, xx: net.forward(p, xx)[0], params, x)
+    get_loss(loss).value(jnp.zeros(out.shape, out.dtype), jnp.asarray(y))
+
+
 def fit(net: Layer, loss, optimizer: optax.GradientTransformation, params, x, y, *,
         steps: int, batch_size: int | None = None, key=None, check: str = "off",
         opt_state=None, rtol: float | None = None, atol: float | None = None,
@@ -283,6 +301,12 @@ def fit(net: Layer, loss, optimizer: optax.GradientTransformation, params, x, y,
         if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
             raise ValueError(f"fit: batch_size must be an integer in [1, {n}], "
                              f"got {batch_size!r}")
+    if n is not None and (np.ndim(y) < 1 or np.shape(y)[0] != n):  # np: y may be a list
+        # Batches index x and y alike; JAX clamps out-of-range gathers, so a short y would
+        # silently pair examples with the wrong targets.
+        raise ValueError(f"fit: targets must have one entry per example ({n} examples), "
+                         f"got shape {tuple(np.shape(y))}")
+    _check_labels_now(net, loss, params, x, y)
     if opt_state is None:
         opt_state = optimizer.init(params)
     inner_check = "skip" if check == "raise" else check

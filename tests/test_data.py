@@ -80,7 +80,11 @@ def test_bad_test_fraction(frac):
 @pytest.mark.parametrize("name", DATASETS)
 def test_defaults_are_valid(name):
     d = DATASET_DEFAULTS[name]
-    assert set(d) == {"hidden", "activation", "loss", "optimizer", "lr", "epochs", "batch_size"}
+    required = {"hidden", "activation", "loss", "optimizer", "lr", "epochs", "batch_size"}
+    assert required <= set(d) <= required | {"schedule", "weight_decay", "output_activation"}
+    from jaxbp.trainer import SCHEDULES
+    assert d.get("schedule", "constant") in SCHEDULES
+    assert d.get("weight_decay", 0.0) >= 0
     assert isinstance(d["hidden"], tuple) and d["hidden"]
     assert all(isinstance(h, int) and h > 0 for h in d["hidden"])
     assert d["activation"] in ACTIVATIONS

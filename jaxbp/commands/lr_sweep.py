@@ -1,0 +1,220 @@
+"""``jaxbp lr-sweep``: the seed's learning-rate section, made visible.
+
+"Large learning rates lead to large updates, risking overshooting the optimal solution. Small
+learning rates result in slow convergence." The same network, the same starting weights, trained
+at several learning rates: one plot of the loss curves and a table of how each run ended.
+
+All learning rates train at once: :func:`jaxbp.fit` (one compiled ``lax.scan``) is ``vmap``-ed
+over the learning rate, passed to :func:`jaxbp.sgd` as a constant schedule so it can be traced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import NamedTuple
+
+# dataset -> (default learning rates, default steps, what is trained)
+PROBLEMS = {
+    "seed": ((0.05, 0.5, 5.0, 50.0, 500.0), 200,
+             "the seed's 2-2-2 sigmoid network, its weights and its one example, half_sse"),
+    "xor": ((0.1, 1.0, 10.0, 100.0), 1000,
+            "XOR: 2-3-1, tanh hidden, sigmoid output, half_sse, full batch of the 4 points"),
+}
+
+VERDICTS = ("slow", "converges", "overshoots, then converges", "diverges")
+
+
+class SweepResult(NamedTuple):
+    """``losses[r]``: the loss before each step of learning rate ``lrs[r]``, then after the last."""
+
+    lrs: tuple
+    losses: object  # numpy (len(lrs), steps + 1)
+    description: str
+
+
+def _lrs(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated learning rates such as 0.05,0.5,5, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one learning rate, got {text!r}")
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"learning rates must be positive finite numbers, got {bad[0]!r} in {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=sorted(PROBLEMS), default="seed",
+                        help="seed: the seed's 2-2-2 example (default); xor: a 2-3-1 net on XOR")
+    parser.add_argument("--lrs", type=_lrs, metavar="LR,LR,...",
+                        help="learning rates (default: seed 0.05,0.5,5,50,500; "
+                             "xor 0.1,1,10,100)")
+    parser.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="full-batch gradient-descent steps (default: seed 200, xor 1000)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initialisation seed for xor (the seed problem has fixed weights)")
+    parser.add_argument("--out", default=os.path.join("runs", "lr-sweep"), metavar="DIR",
+                        help="folder for lr_sweep.png and lr_sweep.json (default: runs/lr-sweep)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="where to draw the loss curves (default: DIR/lr_sweep.png)")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="the table as text (default) or JSON on stdout")
+
+
+def problem(dataset: str, seed: int = 0):
+    """``(net, loss, params, x, y)`` in float64 for ``"seed"`` or ``"xor"`` (call inside
+    ``jax.enable_x64(True)``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from .. import layers
+    from ..seed import seed_problem
+
+    if dataset == "seed":
+        p = seed_problem(jnp.float64)
+        return p.net, "half_sse", p.params, p.x, p.y
+    if dataset == "xor":
+        net = layers.serial(layers.Dense(3), layers.Tanh, layers.Dense(1), layers.Sigmoid)
+        _, params = net.init(jax.random.key(seed), (-1, 2))
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x = jnp.asarray([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.float64)
+        y = jnp.asarray([[0], [1], [1], [0]], jnp.float64)
+        return net, "half_sse", params, x, y
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of: {', '.join(PROBLEMS)}")
+
+
+def sweep(dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0
+          ) -> SweepResult:
+    """Train ``dataset``'s network from the same start at every learning rate in ``lrs``
+    (float64, full batch, plain SGD; each run is :func:`jaxbp.fit`, vmapped over the rates)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ..backprop import loss_fn
+    from ..train import fit, sgd
+
+    default_lrs, default_steps, description = PROBLEMS[dataset]
+    lrs = tuple(float(v) for v in (lrs or default_lrs))
+    steps = steps or default_steps
+    with jax.enable_x64(True):
+        net, loss, params, x, y = problem(dataset, seed)
+
+        def one(lr):
+            # A schedule that ignores the step count: sgd takes it without float(), so the
+            # learning rate can be a traced value and vmap runs every rate in one program.
+            result = fit(net, loss, sgd(lambda count: lr), params, x, y, steps=steps)
+            return result.history["loss"], loss_fn(net, loss)(result.params, x, y)
+
+        history, final = jax.vmap(one)(jnp.asarray(lrs, jnp.float64))
+        losses = np.concatenate([np.asarray(history), np.asarray(final)[:, None]], axis=1)
+    return SweepResult(lrs, losses, description)
+
+
+def verdict(curve) -> str:
+    """How one loss curve (before each step, then after the last) behaved.
+
+    ``diverges``: it ends no lower than it started (or not finite); ``overshoots, then
+    converges``: the loss rose at some step but ended lower; ``slow``: it fell every step but
+    by less than 10x; ``converges``: it fell every step, by 10x or more.
+    """
+    import numpy as np
+
+    curve = np.asarray(curve, np.float64)
+    first, last = curve[0], curve[-1]
+    if not np.isfinite(last) or last >= first:
+        return "diverges"
+    if np.any(np.diff(curve) > 0):
+        return "overshoots, then converges"
+    return "slow" if last > 0.1 * first else "converges"
+
+
+def summary(result: SweepResult) -> list[dict]:
+    """One row per learning rate: start, after one step, lowest, final, rises, verdict."""
+    import numpy as np
+
+    rows = []
+    for lr, curve in zip(result.lrs, result.losses):
+        rows.append({
+            "lr": lr,
+            "start": float(curve[0]),
+            "after_1_step": float(curve[1]),
+            "lowest": float(np.nanmin(curve)),
+            "final": float(curve[-1]),
+            "steps_loss_rose": int(np.sum(np.diff(curve) > 0)),
+            "verdict": verdict(curve),
+        })
+    return rows
+
+
+def run(args) -> int:
+    from ..plots import plot_loss_curves
+
+    os.makedirs(args.out, exist_ok=True)
+    plot_path = args.plot or os.path.join(args.out, "lr_sweep.png")
+    if not plot_path.lower().endswith((".png", ".pdf", ".svg")):
+        raise ValueError(f"--plot expects a file name ending in .png, .pdf or .svg, got "
+                         f"{plot_path!r}")
+    result = sweep(args.dataset, args.lrs, args.steps, args.seed)
+    rows = summary(result)
+    steps = result.losses.shape[1] - 1
+    from ..seed import SEED_LEARNING_RATE
+
+    def label(r):
+        own = " (the seed's)" if args.dataset == "seed" and r["lr"] == SEED_LEARNING_RATE else ""
+        return f"lr {r['lr']:g}{own}: {r['verdict']}"
+
+    plot_loss_curves({label(r): curve for r, curve in zip(rows, result.losses)}, plot_path,
+                     title=f"{result.description}\nplain gradient descent, "
+                           f"{steps} steps, same starting weights",
+                     ylabel="loss (log scale)")
+    record = {"dataset": args.dataset, "description": result.description, "steps": steps,
+              "runs": [{**r, "losses": curve.tolist()} for r, curve in zip(rows, result.losses)]}
+    json_path = os.path.join(args.out, "lr_sweep.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    if args.format == "json":
+        print(json.dumps({"dataset": args.dataset, "steps": steps, "runs": rows,
+                          "plot": plot_path}, indent=2))
+    else:
+        _print_table(args.dataset, result.description, steps, rows)
+        print(f"loss curves: {plot_path}\nevery loss value: {json_path}")
+    return 0
+
+
+def _print_table(dataset, description, steps, rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lr-sweep on {dataset}: {description}, {steps} steps",
+                  title_justify="left")
+    for name, justify in [("lr", "right"), ("loss at start", "right"),
+                          ("after 1 step", "right"), ("lowest", "right"), ("final", "right"),
+                          ("steps loss rose", "right"), ("verdict", "left")]:
+        table.add_column(name, justify=justify)
+    style = {"diverges": "red", "overshoots, then converges": "yellow", "slow": "cyan",
+             "converges": "green"}
+    for r in rows:
+        table.add_row(f"{r['lr']:g}", f"{r['start']:.4g}", f"{r['after_1_step']:.4g}",
+                      f"{r['lowest']:.4g}", f"{r['final']:.4g}", str(r["steps_loss_rose"]),
+                      f"[{style[r['verdict']]}]{r['verdict']}[/]")
+    # A pipe or file gets plain text at a fixed width, so the table reads the same in a log.
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110).print(table)

@@ -1,0 +1,71 @@
+"""``jaxbp trace``: the worked example, every number of the chain rule.
+
+With no arguments: the seed tutorial's 2-2-2 example in its own notation, then where the
+seed's stated numbers are wrong. With ``--config FILE.json``: any small fully connected network
+(format in :mod:`jaxbp.trace`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..trace import FORMATS
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Config format (JSON): {\"inputs\": [0.1, 0.05], \"targets\": [0.02, 0.98], "
+        "\"layers\": [{\"weights\": [[0.25, 0.2], [0.5, 0.15]], \"bias\": 0.3, "
+        "\"activation\": \"sigmoid\"}, ...], \"loss\": \"half_sse\", \"learning_rate\": 0.5}. "
+        "weights[i][j] joins input i to neuron j; bias is one shared number or one per neuron; "
+        "inputs/targets are one example or a list of examples.")
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="the network to trace (default: the seed tutorial's 2-2-2 example)")
+    parser.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="train N full-batch steps; report the loss after each and the last "
+                             "weights")
+    parser.add_argument("--freeze-bias", action="store_true",
+                        help="update weights only, as the seed's code does")
+    parser.add_argument("--format", choices=FORMATS, default="text",
+                        help="output format (default: text)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="also draw the network with its weights, activations and gradients")
+
+
+def run(args) -> int:
+    from ..trace import load_config, seed_config, trace
+
+    config = load_config(args.config) if args.config else seed_config()
+    if args.plot:
+        _check_writable(args.plot)
+    result = trace(config, steps=args.steps, freeze_bias=args.freeze_bias)
+    sys.stdout.write(result.render(args.format))
+    if args.format == "json":
+        sys.stdout.write("\n")
+    if args.plot:
+        from ..plots import plot_network
+
+        plot_network(result, args.plot)
+        print(f"network diagram written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    """Fail before the work, not after it, when the plot cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(f"cannot write the plot to {path!r}: folder {folder!r} does not exist")
+    if not path.lower().endswith((".png", ".pdf", ".svg")):
+        raise ValueError(f"--plot expects a file name ending in .png, .pdf or .svg, got {path!r}")

@@ -1,0 +1,240 @@
+"""Data parallelism with JAX's own sharding: the verified train step on many devices and hosts.
+
+jaxbp adds no distribution layer of its own. A :class:`jax.sharding.Mesh` names the devices;
+a :class:`~jax.sharding.NamedSharding` with ``PartitionSpec("batch")`` splits the batch along
+its first axis, one slice per device; ``PartitionSpec()`` replicates params and optimizer
+state; and the very same step that :func:`jaxbp.make_train_step` jits (manual backward,
+``jax.grad`` comparison, update, guard) is jitted once more with those ``in_shardings`` and
+``out_shardings``. XLA's SPMD partitioner then runs it on every device and inserts the
+all-reduces itself::
+
+    mesh = jaxbp.parallel.data_parallel_mesh()            # all devices, axis "batch"
+    step = jaxbp.parallel.make_parallel_train_step(net, loss, optax.adam(1e-3), mesh=mesh)
+    params, opt_state = jaxbp.parallel.replicate(mesh, (params, optimizer.init(params)))
+    params, opt_state, metrics = step(params, opt_state, x, y)   # x: the *global* batch
+
+Why this is the same computation as on one device: every jaxbp loss is a mean over the
+examples of the batch, so the loss, its ``dE/dout`` and therefore every parameter gradient
+``dW = x.T @ dy`` are sums over the *global* batch; the partitioner computes each device's
+partial sum and all-reduces them. Nothing about the step is per-device: the gradient
+comparison sees the global manual and ``jax.grad`` gradients, so its worst leaf is the worst
+over all devices, and the skip / raise decision is one replicated scalar, identical on every
+device and every host. Results match a one-device run up to the order of floating-point
+additions (float64: ~1e-15 relative; see docs/scaling.md for float32).
+
+Batch sizes: the batch must split evenly, ``batch % num_devices == 0``; anything else is a
+``ValueError`` saying so. jaxbp does not pad, because padded examples would change the mean
+loss and its gradient.
+
+Several hosts: call ``jax.distributed.initialize(...)`` on every host before anything else
+touches JAX; ``data_parallel_mesh()`` then spans every device of every host, and each host runs
+the same program. :func:`shard_batch` takes the global batch (the same on every host, each host
+keeps its own slices); :func:`shard_local_batch` takes each host's own part of it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .layers import Layer
+from .train import (
+    REASON_MISMATCH,
+    _check_mode,
+    _check_optimizer,
+    _mismatch_error,
+    _raw_step,
+)
+
+__all__ = [
+    "data_parallel_mesh",
+    "batch_sharding",
+    "replicated_sharding",
+    "shard_batch",
+    "shard_local_batch",
+    "replicate",
+    "make_parallel_train_step",
+]
+
+BATCH_AXIS = "batch"
+
+
+# --------------------------------------------------------------------------------------------
+# The mesh and its two shardings
+# --------------------------------------------------------------------------------------------
+
+
+def data_parallel_mesh(num_devices: int | None = None, *, devices=None,
+                       axis_name: str = BATCH_AXIS) -> Mesh:
+    """A one-axis mesh over ``num_devices`` devices (default: all of them, on every host).
+
+    ``devices`` defaults to ``jax.devices()``: with ``jax.distributed`` that is every device of
+    every process. The mesh's axis is ``Auto`` (XLA's partitioner places the collectives).
+    """
+    pool = list(jax.devices() if devices is None else devices)
+    if not pool:
+        raise ValueError("data_parallel_mesh: no devices to build a mesh from")
+    if num_devices is None:
+        num_devices = len(pool)
+    if not isinstance(num_devices, (int, np.integer)) or isinstance(num_devices, bool) \
+            or num_devices < 1:
+        raise ValueError(f"data_parallel_mesh: num_devices must be a positive integer, "
+                         f"got {num_devices!r}")
+    num_devices = int(num_devices)
+    if num_devices > len(pool):
+        platform = pool[0].platform
+        hint = (f"; on the CPU, start Python with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} to simulate "
+                f"{num_devices} devices" if platform == "cpu" else "")
+        raise ValueError(f"data_parallel_mesh: asked for {num_devices} devices, but JAX sees "
+                         f"only {len(pool)} ({platform}){hint}")
+    if devices is None and jax.process_count() > 1 and num_devices != len(pool):
+        raise ValueError(f"data_parallel_mesh: with {jax.process_count()} processes the mesh "
+                         f"must span all {len(pool)} devices (every process runs the same "
+                         f"program on its own devices), got num_devices={num_devices}")
+    return jax.make_mesh((num_devices,), (axis_name,), axis_types=(AxisType.Auto,),
+                         devices=pool[:num_devices])
+
+
+def _check_mesh(mesh) -> Mesh:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (see "
+                        f"jaxbp.parallel.data_parallel_mesh), got {type(mesh).__name__}")
+    return mesh
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """First axis split over *all* axes of ``mesh`` (one slice per device); the rest whole."""
+    _check_mesh(mesh)
+    names = tuple(mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(names[0] if len(names) == 1 else names))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``: for params, optimizer state and metrics."""
+    return NamedSharding(_check_mesh(mesh), PartitionSpec())
+
+
+# --------------------------------------------------------------------------------------------
+# Putting data on the mesh
+# --------------------------------------------------------------------------------------------
+
+
+def _place(value, sharding: NamedSharding):
+    """``value`` on ``sharding``: unchanged if already there, else copied (on any host count)."""
+    if isinstance(value, jax.Array):
+        if value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value
+        if sharding.is_fully_addressable or not value.is_fully_addressable:
+            return jax.device_put(value, sharding)
+    elif sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    # Several processes, and this one holds the whole value: each process fills in the slices
+    # that live on its own devices (device_put would need a cross-host consistency check).
+    host = np.asarray(value)
+    host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _check_split(what: str, value, parts: int, scope: str) -> None:
+    shape = np.shape(value)
+    if len(shape) == 0:
+        raise ValueError(f"data parallel: {what} is a scalar; it needs a leading batch axis "
+                         f"(shape (batch, ...)) to split across devices")
+    n = shape[0]
+    if n % parts:
+        lower, upper = (n // parts) * parts, -(-n // parts) * parts
+        suggestion = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(f"data parallel over {parts} {scope}: a batch of {n} examples "
+                         f"({what} shape {tuple(shape)}) cannot be split evenly; use a batch "
+                         f"size that is a multiple of {parts}, such as {suggestion} (jaxbp does "
+                         f"not pad: padded examples would change the mean loss)")
+
+
+def shard_batch(mesh: Mesh, x, y):
+    """``(x, y)`` of the *global* batch, split along their first axis over ``mesh``.
+
+    Raises ``ValueError`` if the device count does not divide the batch. With several processes
+    every process passes the same global arrays and keeps only its own devices' slices.
+    """
+    sharding = batch_sharding(mesh)
+    for what, value in (("x", x), ("y", y)):
+        _check_split(what, value, mesh.size, "devices")
+    return _place(x, sharding), _place(y, sharding)
+
+
+def shard_local_batch(mesh: Mesh, x_local, y_local):
+    """Each process's *own* part of the batch, assembled into one global batch.
+
+    For multi-host input pipelines where every host loads different examples: the global batch
+    is the processes' local batches concatenated in process order
+    (``jax.make_array_from_process_local_data``). In a single process this is
+    :func:`shard_batch`.
+    """
+    sharding = batch_sharding(mesh)
+    local_devices = len(sharding.addressable_devices)
+    if local_devices == 0:
+        raise ValueError("shard_local_batch: this process has no device in the mesh")
+    out = []
+    for what, value in (("x", x_local), ("y", y_local)):
+        _check_split(what, value, local_devices, "local devices")
+        value = np.asarray(value)
+        value = value.astype(jax.dtypes.canonicalize_dtype(value.dtype), copy=False)
+        out.append(jax.make_array_from_process_local_data(sharding, value))
+    return tuple(out)
+
+
+def replicate(mesh: Mesh, tree):
+    """Every leaf of ``tree`` (params, optimizer state) copied onto every device of ``mesh``."""
+    sharding = replicated_sharding(mesh)
+    return jax.tree_util.tree_map(lambda leaf: _place(leaf, sharding), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# The data-parallel verified train step
+# --------------------------------------------------------------------------------------------
+
+
+def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransformation,
+                             check: str = "report", *, mesh: Mesh | None = None,
+                             rtol: float | None = None, atol: float | None = None,
+                             guard: bool = True, donate: bool = False) -> Callable:
+    """:func:`jaxbp.make_train_step`, with the batch split over ``mesh`` and params replicated.
+
+    Same signature, same ``metrics``, same check modes, same guard: the step is jaxbp's own
+    (``jaxbp.train._raw_step``), jitted with ``in_shardings=(replicated, replicated, batch,
+    batch)`` and replicated ``out_shardings``. ``mesh`` defaults to
+    :func:`data_parallel_mesh()` (every device). ``x`` and ``y`` are the *global* batch; arrays
+    not yet on the mesh are placed there on each call (placing them once with
+    :func:`shard_batch` / :func:`replicate` saves that copy). A batch the device count does
+    not divide raises ``ValueError``.
+
+    The returned function also carries ``step.mesh`` and ``step.jitted`` (the jitted step, e.g.
+    for ``step.jitted.lower(...).compile().cost_analysis()``: per-device FLOPs).
+    """
+    _check_mode(check)
+    _check_optimizer(optimizer)
+    mesh = data_parallel_mesh() if mesh is None else _check_mesh(mesh)
+    rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
+    raw = _raw_step(net, loss, optimizer, check, rtol, atol, guard)
+    donate_argnums = (0, 1) if donate and check != "raise" else ()
+    jitted = jax.jit(raw, in_shardings=(rep, rep, bat, bat), out_shardings=(rep, rep, rep),
+                     donate_argnums=donate_argnums)
+
+    def step(params, opt_state, x, y):
+        x, y = shard_batch(mesh, x, y)
+        params, opt_state = replicate(mesh, (params, opt_state))
+        new_params, new_state, metrics = jitted(params, opt_state, x, y)
+        # metrics are replicated, so this read is the same global decision on every host.
+        if check == "raise" and int(metrics["reason"]) == REASON_MISMATCH:
+            raise _mismatch_error(metrics)
+        return new_params, new_state, metrics
+
+    step.__doc__ = make_parallel_train_step.__doc__
+    step.mesh = mesh
+    step.jitted = jitted
+    return step

@@ -1,0 +1,282 @@
+"""`jaxbp train` through its real entry points: flags, files, exit codes, kill and resume.
+
+In-process runs use ``jaxbp.cli.main``; the fault tests (SIGKILL, Ctrl-C) run the real command
+in a subprocess, on xor.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxbp
+from jaxbp import cli
+from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
+
+
+def run_cli(capsys, *args):
+    code = cli.main(["train", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("jaxbp train: error: ") or "error:" in lines[0], err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# A small real run, in process
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def iris_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("iris")
+    code = cli.main(["train", "--dataset", "iris", "--epochs", "4", "--out", str(out),
+                     "--progress", "lines"])
+    return code, out
+
+
+def test_run_writes_metrics_curves_checkpoint(iris_run):
+    code, out = iris_run
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("train_accuracy", "test_accuracy", "final_loss", "max_grad_rel_error", "steps",
+                "seconds"):
+        assert key in m, key
+    assert 0.5 <= m["test_accuracy"] <= 1.0 and 0.5 <= m["train_accuracy"] <= 1.0
+    assert m["steps"] == 4 * m["steps_per_epoch"] and m["epochs"] == 4
+    assert 0.0 <= m["max_grad_rel_error"] < 2e-3 and m["check"] == "report"
+    assert m["final_loss"] > 0 and m["seconds"] > 0
+    assert m["config"]["hidden"] == [16] and m["config"]["activation"] == "tanh"  # iris defaults
+    assert (out / "curves.png").stat().st_size > 1000
+    assert read_header(out / "checkpoint.npz")["epoch"] == 4
+
+
+def test_output_lines(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "--dataset", "xor", "--epochs", "30", "--out",
+                             str(tmp_path), "--progress", "lines")
+    assert code == 0
+    assert "test accuracy" in out and "manual vs jax.grad: worst relative error" in out
+    # not a terminal: plain lines, about ten, not one per epoch
+    progress = [l for l in err.splitlines() if l.startswith("xor epoch")]
+    assert 3 <= len(progress) <= 11, err
+    assert progress[-1].startswith("xor epoch 30/30")
+
+
+def test_resume_finished_run_and_contradicting_flags(capsys, iris_run):
+    _, out = iris_run
+    code, text, err = run_cli(capsys, "--resume", "--out", str(out), "--progress", "none")
+    assert code == 0, err  # nothing left to do; the run's own settings were used
+    assert "iris" in text
+    code, _, err = run_cli(capsys, "--resume", "--out", str(out), "--hidden", "32")
+    assert code == 2
+    assert "--resume: hidden is 32 but the checkpoint's run used 16" in one_line_error(err)
+
+
+def test_corrupted_checkpoint_is_one_line(capsys, tmp_path):
+    ck = tmp_path / "checkpoint.npz"
+    assert cli.main(["train", "--dataset", "xor", "--epochs", "2", "--out", str(tmp_path),
+                     "--progress", "none"]) == 0
+    capsys.readouterr()
+    data = bytearray(ck.read_bytes())
+    ck.write_bytes(bytes(data[:-40]))
+    code, _, err = run_cli(capsys, "--resume", "--out", str(tmp_path))
+    assert code == 2
+    assert f"checkpoint {ck} is truncated or corrupted" in one_line_error(err)
+
+
+def test_blow_up_stops_with_exit_3(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--dataset", "iris", "--optimizer", "sgd", "--lr", "1e38",
+                           "--epochs", "20", "--max-bad-steps", "3", "--out", str(tmp_path),
+                           "--progress", "none")
+    assert code == 3
+    assert "stopped after" in err and "--max-bad-steps 3" in err
+    assert "last good checkpoint (epoch 0)" in err
+    ck = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert all(np.all(np.isfinite(a)) for a in ck.state["params"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# Bad flags: one line, exit 2
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--hidden", "0"], "expected comma-separated positive layer widths"),
+    (["--hidden", "12,a"], "expected comma-separated positive layer widths"),
+    (["--hidden", ""], "expected comma-separated positive layer widths"),
+    (["--activation", "swish"], "invalid choice: 'swish'"),
+    (["--output-activation", "softmax"], "invalid choice: 'softmax'"),
+    (["--loss", "hinge"], "invalid choice: 'hinge'"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--lr", "0"], "expected a positive finite number, got '0'"),
+    (["--lr", "-1"], "expected a positive finite number"),
+    (["--lr", "nan"], "expected a positive finite number"),
+    (["--lr", "inf"], "expected a positive finite number"),
+    (["--lr", "fast"], "expected a number, got 'fast'"),
+    (["--schedule", "step"], "invalid choice: 'step'"),
+    (["--weight-decay", "-0.1"], "expected a finite number >= 0"),
+    (["--epochs", "0"], "expected a positive integer, got '0'"),
+    (["--epochs", "2.5"], "expected a positive integer, got '2.5'"),
+    (["--batch-size", "-3"], "expected a positive integer"),
+    (["--seed", "-1"], r"expected a seed in [0, 2**32)"),
+    (["--seed", "x"], "expected an integer seed"),
+    (["--check", "maybe"], "invalid choice: 'maybe'"),
+    (["--max-bad-steps", "0"], "expected a positive integer"),
+    (["--checkpoint-every", "0"], "expected a positive integer"),
+    (["--progress", "fancy"], "invalid choice: 'fancy'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--dataset", "iris", "--batch-size", "500"],
+     "batch_size must be between 1 and the number of training examples ("),
+    (["--dataset", "seed", "--loss", "softmax_cross_entropy"],
+     "loss softmax_cross_entropy needs a classification dataset"),
+])
+def test_bad_flag_is_one_line_exit_2(capsys, tmp_path, args, expect):
+    code, out, err = run_cli(capsys, *args, "--out", str(tmp_path / "o"), "--progress", "none")
+    assert code == 2
+    assert expect in one_line_error(err)
+
+
+def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "--dataset", "xor", "--epochs", "1", "--out", str(f))
+    assert code == 2
+    assert "File exists" in one_line_error(err) or "Not a directory" in err
+
+
+def test_flag_choices_match_the_library():
+    from jaxbp.commands import train as cmd
+    from jaxbp.data import DATASETS
+    from jaxbp.trainer import OPTIMIZERS, SCHEDULES
+    import argparse
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    choices = {a.dest: a.choices for a in p._actions if a.choices}
+    assert sorted(choices["dataset"]) == sorted(DATASETS)
+    assert sorted(choices["activation"]) == sorted(jaxbp.ACTIVATIONS)
+    assert sorted(choices["loss"]) == sorted(jaxbp.LOSSES)
+    assert sorted(choices["check"]) == sorted(jaxbp.CHECK_MODES)
+    assert tuple(choices["optimizer"]) == OPTIMIZERS
+    assert tuple(choices["schedule"]) == SCHEDULES
+
+
+def test_help_lists_every_flag(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--dataset", "--hidden", "--activation", "--loss", "--optimizer", "--lr",
+                 "--epochs", "--batch-size", "--seed", "--check", "--out", "--resume",
+                 "--max-bad-steps", "--checkpoint-every"):
+        assert flag in out
+
+
+# --------------------------------------------------------------------------------------------
+# Faults in a real process: SIGKILL at random moments, Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+FAULT_ARGS = ["train", "--dataset", "xor", "--epochs", "100", "--checkpoint-every", "1",
+              "--progress", "lines"]
+
+
+def _command():
+    script = Path(sys.executable).parent / "jaxbp"  # the installed console script
+    return [str(script)] if script.exists() else [sys.executable, "-m", "jaxbp.cli"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("JAXBP_DEBUG", None)
+    return env
+
+
+def _params_bytes(path):
+    ck = load_checkpoint(path)
+    return {k: v.tobytes() for k, v in ck.state["params"].items()}, \
+        {k: v.tobytes() for k, v in ck.state["opt_state"].items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, in its own process like the interrupted ones."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert read_header(out / "checkpoint.npz")["epoch"] == 100
+    return _params_bytes(out / "checkpoint.npz")
+
+
+def _wait_for_epoch(path, above, proc, timeout=120):
+    """Poll until the checkpoint at ``path`` is past epoch ``above`` (or the process ends)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if read_header(path)["epoch"] > above:
+                return True
+        except CheckpointError:  # not there yet (never a partial one: see the assert below)
+            assert not path.exists() or read_header(path)
+        time.sleep(0.01)
+    return False
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+    ck = tmp_path / "checkpoint.npz"
+    rng = random.Random(1234)
+    seen = []
+    for _ in range(3):
+        proc = subprocess.Popen(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+                                env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            last = read_header(ck)["epoch"] if ck.exists() else -1
+            _wait_for_epoch(ck, last, proc)
+            time.sleep(rng.uniform(0.0, 0.15))  # somewhere in the next epochs, maybe mid-write
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        header = read_header(ck)  # whatever the moment, the checkpoint on disk loads
+        load_checkpoint(ck)
+        seen.append(header["epoch"])
+    assert seen == sorted(seen) and seen[-1] > 0, seen
+    print(f"SIGKILLed at checkpoint epochs {seen}")  # shown with pytest -s
+    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert read_header(ck)["epoch"] == 100
+    assert _params_bytes(ck) == reference  # params and optimizer state, bit for bit
+    assert not list(tmp_path.glob(".checkpoint.npz.*.tmp"))  # stale temporaries cleaned up
+
+
+def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp_path):
+    ck = tmp_path / "checkpoint.npz"
+    proc = subprocess.Popen(_command() + FAULT_ARGS + ["--out", str(tmp_path)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_epoch(ck, 0, proc), "training never reached epoch 1"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # finished before the signal landed: nothing to test this time
+        pytest.skip("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted at epoch" in err and "continue with --resume" in err
+    stopped = read_header(ck)["epoch"]
+    assert 1 <= stopped < 100
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and m["epochs"] == stopped
+    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert _params_bytes(ck) == reference
