@@ -1,8 +1,8 @@
 """The ``jaxbp`` command line: a thin dispatcher over one module per command.
 
-Each command lives in ``jaxbp/commands/<name>.py`` and exposes
+Each command lives in ``jaxbp/commands/<name>.py`` (its one-line help in :data:`COMMANDS`) and
+exposes
 
-- ``HELP``: one line for the command list,
 - ``add_arguments(parser)``: its flags, on an ``argparse`` parser,
 - ``run(args) -> int``: the work; returns the exit code.
 
