@@ -163,6 +163,9 @@ def _flatten_pair(manual, reference):
 def _leaf_dtype(a, b):
     # The less precise of the two decides how close they can be.
     da, db = jnp.result_type(a), jnp.result_type(b)
+    for d in (da, db):
+        if not jnp.issubdtype(d, jnp.floating):
+            raise TypeError(f"gradients must be floating point, got dtype {d}")
     return da if np.finfo(da).eps >= np.finfo(db).eps else db
 
 

@@ -58,6 +58,9 @@ __all__ = [
     "shard_local_batch",
     "replicate",
     "make_parallel_train_step",
+    "check_batch_size",
+    "constrain_batch",
+    "jit_replicated",
 ]
 
 BATCH_AXIS = "batch"
@@ -238,3 +241,38 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
     step.mesh = mesh
     step.jitted = jitted
     return step
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks for whole compiled loops (the trainer's lax.scan over an epoch)
+# --------------------------------------------------------------------------------------------
+
+
+def check_batch_size(mesh: Mesh, batch_size: int) -> None:
+    """``ValueError`` unless ``batch_size`` splits evenly over the devices of ``mesh``."""
+    _check_split("the batch", np.empty((batch_size, 0)), _check_mesh(mesh).size, "devices")
+
+
+def constrain_batch(mesh: Mesh, *arrays):
+    """Inside a jitted function: ask for ``arrays`` split along their first axis over ``mesh``.
+
+    ``jax.lax.with_sharding_constraint`` with :func:`batch_sharding`: a batch gathered inside a
+    compiled loop (``x[idx]``) is then computed on, one slice per device, and everything that
+    reduces over it (loss, gradients) is all-reduced by XLA.
+    """
+    sharding = batch_sharding(mesh)
+    for value in arrays:
+        _check_split("the batch", value, mesh.size, "devices")
+    out = tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
+    return out[0] if len(out) == 1 else out
+
+
+def jit_replicated(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+    """``jax.jit(fn)`` with every argument and result replicated over ``mesh``.
+
+    For a loop whose batches are split inside by :func:`constrain_batch`: params, optimizer
+    state and the (small) dataset are copied to every device, each device works on its slice of
+    each batch.
+    """
+    rep = replicated_sharding(mesh)
+    return jax.jit(fn, in_shardings=rep, out_shardings=rep, **jit_kwargs)

@@ -163,9 +163,16 @@ def _describe(v) -> str:
 def _number(v, where: str) -> float:
     if not _is_number(v):
         raise ConfigError(f"config: {where} must be a number, got {_describe(v)}")
-    if not math.isfinite(v):
-        raise ConfigError(f"config: {where} must be a finite number, got {v!r}")
+    if not _is_finite(v):
+        raise ConfigError(f"config: {where} must be a finite number, got {_describe(v)}")
     return float(v)
+
+
+def _is_finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # a JSON integer beyond float range, such as 1e400 written out
+        return False
 
 
 def _vector(v, where: str) -> list:
@@ -286,7 +293,7 @@ def parse_config(obj: Any) -> TraceConfig:
         raise ConfigError(f"config: loss is {_describe(loss)}; expected one of: "
                           f"{', '.join(sorted(LOSSES))}")
     lr = obj.get("learning_rate", _DEFAULT_LEARNING_RATE)
-    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+    if not _is_number(lr) or not _is_finite(lr) or lr <= 0:
         raise ConfigError(f"config: learning_rate is {_describe(lr)}; expected a positive "
                           f"finite number")
     return TraceConfig(inputs, targets, tuple(layers), loss, float(lr), single)
@@ -306,6 +313,9 @@ def load_config(path: str | os.PathLike) -> TraceConfig:
         raise ConfigError(f"config file {os.fspath(path)!r} is not UTF-8 text: {e}") from None
     try:
         obj = json.loads(text)
+    except RecursionError:  # json recurses per nesting level
+        raise ConfigError(f"config file {os.fspath(path)!r} is nested too deeply; expected a "
+                          f"JSON object of inputs, targets and layers") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {os.fspath(path)!r} is not valid JSON: {e.msg} at "
                           f"line {e.lineno} column {e.colno}") from None

@@ -400,6 +400,13 @@ def build_epoch_fn(net, loss, optimizer, cfg: TrainConfig, n_train: int) -> Call
     bs = cfg.batch_size
     steps = n_train // bs
     stop_on_mismatch = cfg.check == "raise"
+    mesh = None
+    if cfg.devices != 1:  # data parallel: each batch split over a mesh (jaxbp.parallel)
+        from . import parallel
+        if not cfg.jit:
+            raise ValueError(f"devices={cfg.devices} needs the compiled epoch (jit=True)")
+        mesh = parallel.data_parallel_mesh(cfg.devices)
+        parallel.check_batch_size(mesh, bs)
 
     def epoch_fn(params, opt_state, data_key, epoch, data):
         x_tr, t_tr, y_tr, x_te, t_te, y_te = data
@@ -408,7 +415,10 @@ def build_epoch_fn(net, loss, optimizer, cfg: TrainConfig, n_train: int) -> Call
 
         def body(carry, idx):
             p, s, stopped = carry
-            new_p, new_s, m = raw(p, s, x_tr[idx], t_tr[idx])
+            xb, tb = x_tr[idx], t_tr[idx]
+            if mesh is not None:
+                xb, tb = parallel.constrain_batch(mesh, xb, tb)
+            new_p, new_s, m = raw(p, s, xb, tb)
             if stop_on_mismatch:
                 new_p = _select(stopped, p, new_p)
                 new_s = _select(stopped, s, new_s)
@@ -425,9 +435,8 @@ def build_epoch_fn(net, loss, optimizer, cfg: TrainConfig, n_train: int) -> Call
         test_loss, test_acc = _evaluate(net, loss, params, x_te, t_te, y_te)
         return params, opt_state, history, (train_loss, train_acc, test_loss, test_acc)
 
-    if cfg.devices != 1:
-        raise ValueError(f"devices={cfg.devices}: data-parallel training is not available in "
-                         f"this build of the trainer; use devices=1")
+    if mesh is not None:
+        return parallel.jit_replicated(epoch_fn, mesh)
     return jax.jit(epoch_fn) if cfg.jit else _eager(epoch_fn)
 
 

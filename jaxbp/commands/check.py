@@ -49,6 +49,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:  # as jaxbp train; a huge int would overflow jax.random.key
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..layers import ACTIVATIONS
     from ..losses import LOSSES
@@ -63,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="loss (default: mse)")
     parser.add_argument("--batch", type=_positive_int, default=4, metavar="N",
                         help="examples in the random batch (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64",
                         help="precision of params and data (default: float64)")
     parser.add_argument("--shared-bias", action="store_true",

@@ -61,6 +61,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:  # as jaxbp train; a huge int would overflow jax.random.key
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=sorted(PROBLEMS), default="seed",
                         help="seed: the seed's 2-2-2 example (default); xor: a 2-3-1 net on XOR")
@@ -69,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "xor 0.1,1,10,100)")
     parser.add_argument("--steps", type=_positive_int, metavar="N",
                         help="full-batch gradient-descent steps (default: seed 200, xor 1000)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="initialisation seed for xor (the seed problem has fixed weights)")
     parser.add_argument("--out", default=os.path.join("runs", "lr-sweep"), metavar="DIR",
                         help="folder for lr_sweep.png and lr_sweep.json (default: runs/lr-sweep)")

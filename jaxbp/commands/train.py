@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after N non-finite (skipped) steps (default 10)")
     parser.add_argument("--checkpoint-every", type=_positive_int, metavar="EPOCHS",
                         help="epochs between checkpoints (default: about 20 per run)")
+    parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                        help="data parallel over N devices: each batch split across them, "
+                             "params replicated (default 1; see docs/scaling.md)")
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                         help="progress display (auto: a bar on a terminal, lines otherwise)")
 
@@ -123,7 +126,7 @@ def run(args) -> int:
         lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, check=args.check,
         out=out, resume=args.resume, max_bad_steps=args.max_bad_steps,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, devices=args.devices)
     try:
         result = train(config, progress=args.progress)
     except GradientMismatchError as e:

@@ -1,0 +1,143 @@
+"""The shared body of the MLP workloads (W1, W2): one network, every way of training it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbp
+
+from .harness import compile_timed, measure
+from .reference import NumpyMLP, TorchMLP, jax_grad_step, torch_available
+
+LEARNING_RATE = 0.01
+
+
+def build(sizes, act: str, loss: str, batch: int, seed: int = 0):
+    """``(net, params, x, y)`` in float32: Dense layers of ``sizes`` with ``act`` between."""
+    layers = []
+    for width in sizes[1:-1]:
+        layers += [jaxbp.Dense(width, dtype=jnp.float32), jaxbp.activation(act)]
+    layers.append(jaxbp.Dense(sizes[-1], dtype=jnp.float32))
+    net = jaxbp.serial(*layers)
+    k_init, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    _, params = net.init(k_init, (-1, sizes[0]))
+    x = jax.random.normal(k_x, (batch, sizes[0]), jnp.float32)
+    if loss == "softmax_cross_entropy":
+        y = jax.random.randint(k_y, (batch,), 0, sizes[-1])
+    else:
+        y = jax.random.normal(k_y, (batch, sizes[-1]), jnp.float32)
+    return net, params, x, y
+
+
+def matmul_flops(sizes, batch: int) -> float:
+    """Matmul FLOPs of one training step: forward, dW for every layer, dx for all but the first."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    one = [2.0 * batch * i * o for i, o in pairs]
+    return 3 * sum(one) - one[0]
+
+
+def _copy(tree):
+    # Fresh buffers for each variant: the donating steps consume what they are given.
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def jax_step_variants(net, params, x, y, loss: str, *, fused_steps: int):
+    """The JAX variants: ``{name: (run, compile_s)}``; each ``run(n)`` does ``n`` steps."""
+    opt = jaxbp.sgd(LEARNING_RATE)
+    variants = {}
+    for check in ("off", "report"):
+        step = jaxbp.make_train_step(net, loss, opt, check=check, donate=True)
+        compiled, secs = compile_timed(step, params, opt.init(params), x, y)
+        state = [_copy(params), opt.init(params)]
+
+        def run(n, compiled=compiled, state=state):
+            p, s = state
+            for _ in range(n):
+                p, s, _ = compiled(p, s, x, y)
+            jax.block_until_ready(p)
+            state[:] = [p, s]
+
+        variants[f"jaxbp step check={check}"] = (run, secs)
+
+    plain = jax.jit(jax_grad_step(net, loss, LEARNING_RATE), donate_argnums=0)
+    compiled, secs = compile_timed(plain, params, x, y)
+    pstate = [_copy(params)]
+
+    def run_plain(n):
+        p = pstate[0]
+        for _ in range(n):
+            p, _ = compiled(p, x, y)
+        jax.block_until_ready(p)
+        pstate[0] = p
+
+    variants["jax.value_and_grad step"] = (run_plain, secs)
+
+    # jaxbp's fused loop: the unjitted verified step inside one compiled lax.scan (what
+    # jaxbp.fit does), compiled once and reused across rounds.
+    raw = jaxbp.make_train_step(net, loss, opt, check="off", jit=False)
+
+    def many(p, s):
+        def body(carry, _):
+            p, s, m = raw(*carry, x, y)
+            return (p, s), m["loss"]
+        return jax.lax.scan(body, (p, s), None, length=fused_steps)
+
+    fused, secs = compile_timed(jax.jit(many, donate_argnums=(0, 1)), params, opt.init(params))
+    fstate = [_copy(params), opt.init(params)]
+
+    def run_fused(n):
+        assert n == fused_steps
+        (p, s), _ = fused(*fstate)
+        jax.block_until_ready(p)
+        fstate[:] = [p, s]
+
+    variants[f"jaxbp fused loop ({fused_steps} steps/call)"] = (run_fused, secs)
+    return variants
+
+
+def baseline_variants(net, params, x, y, loss: str) -> tuple[dict, dict]:
+    """numpy and (if importable) PyTorch: ``({name: (run, None)}, {name: skip reason})``."""
+    xn, yn = np.asarray(x), np.asarray(y)
+    model = NumpyMLP(net, params, loss, LEARNING_RATE)
+
+    def run_numpy(n):
+        for _ in range(n):
+            model.step(xn, yn)
+
+    variants = {"numpy (seed style)": (run_numpy, None)}
+    skipped = {}
+    why = torch_available()
+    if why:
+        skipped["PyTorch eager"] = why
+    else:
+        import torch
+
+        tmodel = TorchMLP(net, params, loss, LEARNING_RATE)
+        xt = torch.from_numpy(xn.copy())
+        yt = torch.from_numpy(yn.astype(np.int64) if loss == "softmax_cross_entropy"
+                              else yn.copy())
+
+        def run_torch(n):
+            for _ in range(n):
+                tmodel.step(xt, yt)
+
+        variants["PyTorch eager"] = (run_torch, None)
+    return variants, skipped
+
+
+def run_mlp(name, description, sizes, act, loss, batch, *, steps, rounds) -> dict:
+    """Time every variant of one MLP workload; returns its JSON section."""
+    net, params, x, y = build(sizes, act, loss, batch)
+    variants = jax_step_variants(net, params, x, y, loss, fused_steps=steps)
+    base, skipped = baseline_variants(net, params, x, y, loss)
+    variants.update(base)
+    times = measure({k: v[0] for k, v in variants.items()}, steps=steps, rounds=rounds)
+    flops = matmul_flops(sizes, batch)
+    for k, (_, secs) in variants.items():
+        times[k]["compile_s"] = secs
+        times[k]["gflops"] = flops / times[k]["median_s"] / 1e9
+    return {"name": name, "description": description, "sizes": list(sizes), "batch": batch,
+            "loss": loss, "flops_per_step": flops, "unit": "step",
+            "variants": times, "skipped": skipped}

@@ -1,0 +1,176 @@
+"""The suite: run the workloads, check the targets, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import time
+
+WORKLOADS = {"W0": "benchmarks.w0_seed", "W1": "benchmarks.w1_mnist",
+             "W2": "benchmarks.w2_wide", "W3": "benchmarks.w3_per_example"}
+DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "latest.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds (same sizes): about a minute")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny sizes, a smoke test: the numbers mean nothing")
+    parser.add_argument("--workloads", nargs="+", metavar="W", default=list(WORKLOADS),
+                        help=f"which workloads (default: all of {' '.join(WORKLOADS)})")
+    parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
+                        help="where to write the results (default: benchmarks/results/latest.json)")
+
+
+def _median(section, prefix):
+    for name, v in section["variants"].items():
+        if name.startswith(prefix):
+            return v["median_s"]
+    return None
+
+
+def _target(what, value, bound, kind, unit="x"):
+    if value is None:
+        return {"what": what, "value": None, "target": f"{kind} {bound}{unit}", "met": None}
+    met = value <= bound if kind == "at most" else value >= bound
+    return {"what": what, "value": value, "target": f"{kind} {bound}{unit}", "met": met}
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run's ratios."""
+    out = []
+    for w in ("W1", "W2"):
+        if w in results:
+            r = results[w]
+            off, rep = _median(r, "jaxbp step check=off"), _median(r, "jaxbp step check=report")
+            grad = _median(r, "jax.value_and_grad")
+            out.append(_target(f"{w} manual step (off) / jax.grad step", off / grad, 1.0,
+                               "at most"))
+            out.append(_target(f"{w} checked (report) / unchecked (off)", rep / off,
+                               1.15 if w == "W2" else 1.4, "at most"))
+    if "W0" in results:
+        r = results["W0"]
+        out.append(_target("W0 numpy loop / jaxbp fused loop (speed-up)",
+                           _median(r, "numpy") / _median(r, "jaxbp fused"), 50, "at least"))
+    if "W1" in results:
+        r = results["W1"]
+        off = _median(r, "jaxbp step check=off")
+        out.append(_target("W1 numpy step / jaxbp step (speed-up)", _median(r, "numpy") / off,
+                           1.0, "at least"))
+        torch_t = _median(r, "PyTorch")
+        out.append(_target("W1 PyTorch step / jaxbp step (speed-up)",
+                           torch_t / off if torch_t else None, 1.0, "at least"))
+    if "W2" in results and "ceiling" in results:
+        r = results["W2"]
+        frac = r["variants"][next(k for k in r["variants"] if k.startswith("jaxbp step check=off"))]
+        out.append(_target("W2 achieved GFLOP/s / GEMM ceiling", frac["gflops"] /
+                           results["ceiling"]["gflops"] * 100, 85, "at least", "%"))
+    if "W3" in results:
+        r = results["W3"]
+        out.append(_target("W3 vmap(jax.grad) / vmap(manual) (speed-up)",
+                           _median(r, "vmap(jax.grad)") / _median(r, "vmap(jaxbp"), 2.0,
+                           "at least"))
+    return out
+
+
+def _fmt_time(s):
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    """One row per variant: workload, variant, median, vs the first variant, GFLOP/s, compile."""
+    ceiling = results.get("ceiling", {}).get("gflops")
+    rows = []
+    for w in WORKLOADS:
+        if w not in results:
+            continue
+        r = results[w]
+        names = list(r["variants"])
+        base = r["variants"][names[0]]["median_s"]
+        for name in names:
+            v = r["variants"][name]
+            g = v.get("gflops")
+            gtxt = f"{g:.1f} ({g / ceiling:.0%})" if g and ceiling else "-"
+            c = v.get("compile_s")
+            rows.append([w, name, f"{_fmt_time(v['median_s'])} / {r['unit']}",
+                         f"{v['median_s'] / base:.2f}x", gtxt, f"{c:.2f} s" if c else "-"])
+        for name, why in r.get("skipped", {}).items():
+            rows.append([w, name, f"skipped: {why}", "-", "-", "-"])
+    return rows
+
+
+HEADER = ["workload", "variant", "median time", "vs first row", "GFLOP/s (of ceiling)",
+          "compile"]
+
+
+def print_report(results: dict) -> None:
+    rows = table_rows(results)
+    t_rows = [[t["what"], "-" if t["value"] is None else f"{t['value']:.2f}", t["target"],
+               {True: "met", False: "MISSED", None: "n/a"}[t["met"]]]
+              for t in results["targets"]]
+    c = results.get("ceiling")
+    title = (f"GEMM ceiling (float32 {c['size']}^3): XLA {c['gflops']:.1f} GFLOP/s, numpy "
+             f"{c['numpy_gflops']:.1f} GFLOP/s" if c else "")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for row in [HEADER] + rows:
+            print(" | ".join(row))
+        for row in t_rows:
+            print(" | ".join(row))
+        return
+    console = Console()
+    table = Table(title="jaxbp benchmarks", caption=title)
+    for h in HEADER:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    tt = Table(title="targets")
+    for h in ("what", "value", "target", "verdict"):
+        tt.add_column(h)
+    for row in t_rows:
+        tt.add_row(*row)
+    console.print(tt)
+
+
+def run_suite(workloads=None, *, quick=False, tiny=False, json_path=DEFAULT_JSON,
+              echo=True) -> dict:
+    """Run the chosen workloads in this process; write JSON to ``json_path``; return it."""
+    from .harness import gemm_ceiling, machine_info
+
+    workloads = list(WORKLOADS) if workloads is None else list(workloads)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {', '.join(unknown)}; expected some of: "
+                         f"{', '.join(WORKLOADS)}")
+    start = time.perf_counter()
+    results = {"machine": machine_info(), "quick": quick, "tiny": tiny,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    results["ceiling"] = gemm_ceiling(rounds=2 if (quick or tiny) else 5,
+                                      size=64 if tiny else 1024)
+    for w in workloads:
+        if echo:
+            print(f"running {w} ...", flush=True)
+        results[w] = importlib.import_module(WORKLOADS[w]).run(quick=quick, tiny=tiny)
+    results["targets"] = targets(results)
+    results["wall_s"] = time.perf_counter() - start
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    if echo:
+        print_report(results)
+        if json_path:
+            print(f"wrote {json_path} ({results['wall_s']:.0f} s)")
+    return results
+
+
+def run(args) -> int:
+    run_suite(args.workloads, quick=args.quick, tiny=args.tiny, json_path=args.json)
+    return 0

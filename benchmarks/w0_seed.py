@@ -1,0 +1,93 @@
+"""W0 seed: the seed's 2-2-2 sigmoid network, batch 1, half-SSE, 10,000 SGD steps.
+
+One "step" of this workload is the whole 10,000-step job: tiny steps are all overhead, so the
+question is how much of it each approach removes (jaxbp's fused loop compiles all 10,000 steps
+into one ``lax.scan``; the numpy and PyTorch loops pay Python per step).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbp
+
+from .harness import compile_timed, measure
+from .reference import NumpyMLP, TorchMLP, torch_available
+
+
+def run(*, quick: bool = False, tiny: bool = False) -> dict:
+    steps = 200 if tiny else 10_000
+    sp = jaxbp.seed_problem(jnp.float32)
+    net, params, x, y, lr = sp.net, sp.params, sp.x, sp.y, sp.learning_rate
+    opt = jaxbp.sgd(lr)
+    variants, compile_s, skipped = {}, {}, {}
+
+    raw = jaxbp.make_train_step(net, "half_sse", opt, check="off", jit=False)
+
+    def many(p, s):
+        def body(carry, _):
+            p, s, m = raw(*carry, x, y)
+            return (p, s), m["loss"]
+        return jax.lax.scan(body, (p, s), None, length=steps)
+
+    fused, compile_s["jaxbp fused loop"] = compile_timed(jax.jit(many), params, opt.init(params))
+
+    def run_fused(n):
+        (p, _), _ = fused(params, opt.init(params))
+        jax.block_until_ready(p)
+
+    variants["jaxbp fused loop"] = run_fused
+
+    step = jaxbp.make_train_step(net, "half_sse", opt, check="off")
+    compiled, compile_s["jaxbp step loop check=off"] = compile_timed(
+        step, params, opt.init(params), x, y)
+
+    def run_steps(n):
+        p, s = params, opt.init(params)
+        for _ in range(steps):
+            p, s, _ = compiled(p, s, x, y)
+        jax.block_until_ready(p)
+
+    variants["jaxbp step loop check=off"] = run_steps
+
+    xn, yn = np.asarray(x)[None], np.asarray(y)[None]
+
+    def run_numpy(n):
+        model = NumpyMLP(net, params, "half_sse", lr)
+        for _ in range(steps):
+            model.step(xn, yn)
+
+    variants["numpy loop (seed style)"] = run_numpy
+
+    why = torch_available()
+    if why:
+        skipped["PyTorch eager loop"] = why
+    else:
+        import torch
+
+        xt, yt = torch.from_numpy(xn.copy()), torch.from_numpy(yn.copy())
+
+        def run_torch(n):
+            model = TorchMLP(net, params, "half_sse", lr)
+            for _ in range(steps):
+                model.step(xt, yt)
+
+        variants["PyTorch eager loop"] = run_torch
+
+    # jaxbp.fit as a user calls it: tracing and compiling are part of every call.
+    start = time.perf_counter()
+    jax.block_until_ready(jaxbp.fit(net, "half_sse", opt, params, x, y, steps=steps).params)
+    fit_first_s = time.perf_counter() - start
+
+    rounds = 2 if tiny else (2 if quick else 5)
+    times = measure(variants, steps=1, rounds=rounds, warmup=0 if not tiny else 1)
+    for k in times:
+        times[k]["compile_s"] = compile_s.get(k)
+        times[k]["gflops"] = None
+    return {"name": "W0", "description": f"seed 2-2-2 sigmoid, batch 1, half-SSE, {steps} SGD steps",
+            "steps": steps, "unit": f"{steps} steps", "variants": times, "skipped": skipped,
+            "fit_call_with_compile_s": fit_first_s}

@@ -1,0 +1,47 @@
+"""``jaxbp bench``: the benchmark suite of ``benchmarks/`` (the same as ``make bench``).
+
+The suite ships with the source tree, not with the installed package: this command finds it
+next to the ``jaxbp`` package (an editable install or a checkout) and runs it in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from jaxbp.cli import UsageError
+
+_WORKLOADS = ("W0", "W1", "W2", "W3")
+
+
+def _suite():
+    try:
+        return importlib.import_module("benchmarks.suite")
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if not os.path.isfile(os.path.join(root, "benchmarks", "suite.py")):
+            raise UsageError("the benchmark suite ships with the jaxbp source tree "
+                             "(benchmarks/); run this from a checkout or an editable install") \
+                from None
+        sys.path.insert(0, root)
+        return importlib.import_module("benchmarks.suite")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds (same sizes): about a minute")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny sizes, a smoke test: the numbers mean nothing")
+    parser.add_argument("--workloads", nargs="+", metavar="W", default=list(_WORKLOADS),
+                        choices=_WORKLOADS, help="which workloads (default: all)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="where to write the results (default: "
+                             "benchmarks/results/latest.json)")
+
+
+def run(args) -> int:
+    suite = _suite()
+    suite.run_suite(args.workloads, quick=args.quick, tiny=args.tiny,
+                    json_path=args.json or suite.DEFAULT_JSON)
+    return 0

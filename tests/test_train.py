@@ -1,0 +1,264 @@
+"""The verified train step, SGD, freezing, the fused loop, and the errors a user meets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+XOR_X = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+XOR_Y = jnp.array([[0.0], [1.0], [1.0], [0.0]])
+NET = jaxbp.serial(jaxbp.Dense(8), jaxbp.Tanh, jaxbp.Dense(1), jaxbp.Sigmoid)
+LOSS = jaxbp.half_sse
+
+
+def init(dtype=jnp.float64, net=NET, seed=0):
+    _, params = net.init(jax.random.key(seed), (-1, 2))
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+
+def wrong_dense(out_dim):
+    """A Dense whose backward flips the sign of dE/dW."""
+    layer = jaxbp.Dense(out_dim)
+
+    def backward(params, x, dy):
+        dp, dx = layer.backward(params, x, dy)
+        return {"W": -dp["W"], "b": dp["b"]}, dx
+
+    return layer._replace(backward=backward)
+
+
+BAD_NET = jaxbp.serial(jaxbp.Dense(8), jaxbp.Tanh, wrong_dense(1), jaxbp.Sigmoid)
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+# --------------------------------------------------------------------------------------------
+# SGD and freeze
+# --------------------------------------------------------------------------------------------
+
+
+def test_sgd_is_plain_gradient_descent():
+    params = init()
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    opt = jaxbp.sgd(0.1)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    ref, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+    assert leaves_equal(updates, ref)
+    new = optax.apply_updates(params, updates)
+    for n, p in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(n, p - 0.1)
+    assert int(state.count) == 1
+    sched = jaxbp.sgd(lambda count: 1.0 / (count + 1))
+    s = sched.init(params)
+    u1, s = sched.update(grads, s)
+    u2, s = sched.update(grads, s)
+    assert float(u1[0]["b"][0]) == -1.0 and float(u2[0]["b"][0]) == -0.5
+
+
+@pytest.mark.parametrize("lr", [0, -1, float("nan"), float("inf")])
+def test_bad_learning_rate(lr):
+    with pytest.raises(ValueError, match="learning_rate must be a positive finite number"):
+        jaxbp.sgd(lr)
+
+
+def test_learning_rate_of_wrong_type():
+    with pytest.raises(TypeError, match="learning_rate must be a number or a schedule"):
+        jaxbp.sgd("fast")
+
+
+def test_freeze_biases():
+    params = init()
+    mask = jaxbp.biases(params)
+    assert mask[0] == {"W": False, "b": True} and mask[1] == ()
+    opt = jaxbp.freeze(optax.adam(0.1), jaxbp.biases)
+    step = jaxbp.make_train_step(NET, LOSS, opt)
+    new, _, m = step(params, opt.init(params), XOR_X, XOR_Y)
+    assert bool(m["applied"])
+    np.testing.assert_array_equal(new[0]["b"], params[0]["b"])
+    np.testing.assert_array_equal(new[2]["b"], params[2]["b"])
+    assert not np.array_equal(new[0]["W"], params[0]["W"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt, steps", [(jaxbp.sgd(2.0), 3000), (optax.adam(0.05), 1000)],
+                         ids=["sgd", "adam"])
+def test_xor_trains_to_near_zero(opt, steps):
+    params = init()
+    result = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=steps, check="report")
+    loss = np.asarray(result.history["loss"])
+    assert loss[0] > 0.1 and loss[-1] < 1e-3, (loss[0], loss[-1])
+    assert bool(np.all(result.history["ok"]))
+    out = jaxbp.forward(NET, result.params, XOR_X)
+    np.testing.assert_allclose(out, XOR_Y, atol=0.06)
+
+
+@pytest.mark.parametrize("opt", [jaxbp.sgd(0.5), optax.adam(0.01)], ids=["sgd", "adam"])
+def test_jit_and_nojit_steps_agree(opt):
+    fast = jaxbp.make_train_step(NET, LOSS, opt, check="report")
+    slow = jaxbp.make_train_step(NET, LOSS, opt, check="report", jit=False)
+    pa = pb = init()
+    sa = sb = opt.init(pa)
+    for _ in range(3):
+        pa, sa, ma = fast(pa, sa, XOR_X, XOR_Y)
+        pb, sb, mb = slow(pb, sb, XOR_X, XOR_Y)
+        assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves((pa, sa)), jax.tree_util.tree_leaves((pb, sb))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", list(jaxbp.LOSSES))
+def test_vmap_per_example_gradients_average_to_batch(loss):
+    net = jaxbp.serial(jaxbp.Dense(5), jaxbp.Gelu, jaxbp.Dense(3))
+    params = init(net=net)
+    x = jax.random.normal(jax.random.key(1), (6, 2))
+    if loss == "softmax_cross_entropy":
+        y = jnp.array([0, 1, 2, 2, 1, 0])
+    else:
+        y = jax.random.uniform(jax.random.key(2), (6, 3))
+    per = jax.vmap(lambda xi, yi: jaxbp.backprop(net, loss, params, xi, yi)[1])(x, y)
+    per_ad = jax.vmap(lambda xi, yi: jaxbp.autodiff(net, loss, params, xi, yi)[1])(x, y)
+    _, batch = jaxbp.backprop(net, loss, params, x, y)
+    for p, pa, b in zip(*(jax.tree_util.tree_leaves(t) for t in (per, per_ad, batch))):
+        np.testing.assert_allclose(p.mean(axis=0), b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(p, pa, rtol=1e-12, atol=1e-14)
+
+
+def test_fit_history_matches_a_python_loop():
+    opt = optax.adam(0.05)
+    params = init()
+    result = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=10, check="report")
+    step = jaxbp.make_train_step(NET, LOSS, opt, check="report")
+    p, s = params, opt.init(params)
+    for t in range(10):
+        p, s, m = step(p, s, XOR_X, XOR_Y)
+        assert float(result.history["loss"][t]) == pytest.approx(float(m["loss"]), rel=1e-12)
+        assert float(result.history["rel_error"][t]) < 1e-10
+    for a, b in zip(jax.tree_util.tree_leaves((p, s)),
+                    jax.tree_util.tree_leaves((result.params, result.opt_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fit_minibatches_of_the_whole_set_equal_full_batch():
+    opt = jaxbp.sgd(0.5)
+    params = init()
+    full = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=5)
+    shuffled = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=5, batch_size=4,
+                         key=jax.random.key(3))
+    np.testing.assert_allclose(full.history["loss"], shuffled.history["loss"], rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# A deliberately wrong backward in each check mode
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", [jaxbp.sgd(0.5), optax.adam(0.01)], ids=["sgd", "adam"])
+def test_skip_leaves_params_and_state_bit_for_bit(opt):
+    params = init()
+    state = opt.init(params)
+    step = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="skip")
+    new, new_state, m = step(params, state, XOR_X, XOR_Y)
+    assert not bool(m["applied"]) and not bool(m["ok"])
+    assert int(m["reason"]) == jaxbp.REASON_MISMATCH
+    assert m["report"].worst_path == "[2]['W']"
+    assert leaves_equal(new, params) and leaves_equal(new_state, state)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_raise_names_the_leaf(jit):
+    opt = jaxbp.sgd(0.5)
+    params = init()
+    step = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="raise", jit=jit)
+    with pytest.raises(jaxbp.GradientMismatchError, match=r"worst leaf \[2\]\['W'\]"):
+        step(params, opt.init(params), XOR_X, XOR_Y)
+    with pytest.raises(jaxbp.GradientMismatchError, match=r"at step 0: worst leaf \[2\]\['W'\]"):
+        jaxbp.fit(BAD_NET, LOSS, opt, params, XOR_X, XOR_Y, steps=3, check="raise")
+
+
+def test_report_applies_the_update_and_says_not_ok():
+    opt = jaxbp.sgd(0.5)
+    params = init()
+    new, _, m = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="report")(
+        params, opt.init(params), XOR_X, XOR_Y)
+    assert bool(m["applied"]) and not bool(m["ok"])
+    assert int(m["worst_leaf"]) == 2 and float(m["rel_error"]) > 1.0
+    _, wrong = jaxbp.backprop(BAD_NET, LOSS, params, XOR_X, XOR_Y)
+    np.testing.assert_allclose(new[2]["W"], params[2]["W"] - 0.5 * wrong[2]["W"], rtol=1e-15)
+
+
+@pytest.mark.parametrize("check", jaxbp.CHECK_MODES)
+def test_nonfinite_data_is_never_applied(check):
+    opt = optax.adam(0.01)
+    params = init()
+    state = opt.init(params)
+    x = XOR_X.at[1, 0].set(jnp.nan)
+    new, new_state, m = jaxbp.make_train_step(NET, LOSS, opt, check=check)(
+        params, state, x, XOR_Y)
+    assert not bool(m["applied"]) and int(m["reason"]) == jaxbp.REASON_NONFINITE
+    assert leaves_equal(new, params) and leaves_equal(new_state, state)
+
+
+def test_check_off_skips_the_comparison():
+    opt = jaxbp.sgd(0.5)
+    params = init()
+    _, _, m = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="off")(
+        params, opt.init(params), XOR_X, XOR_Y)
+    assert bool(m["applied"]) and np.isnan(float(m["rel_error"])) and "report" not in m
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes end to end
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+def test_dtype_kept_end_to_end(dtype):
+    opt = optax.adam(0.01)
+    params = init(dtype)
+    new, state, m = jaxbp.make_train_step(NET, LOSS, opt)(
+        params, opt.init(params), XOR_X.astype(dtype), XOR_Y.astype(dtype))
+    assert bool(m["ok"]) and m["loss"].dtype == dtype
+    floats = [leaf for leaf in jax.tree_util.tree_leaves((new, state))
+              if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert floats and all(leaf.dtype == dtype for leaf in floats)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    opt = jaxbp.sgd(0.1)
+    params = init()
+    state = opt.init(params)
+    step = jaxbp.make_train_step(NET, LOSS, opt)
+    with pytest.raises(ValueError, match=r"layer 0 \(Dense\).*width 2, got shape \(4, 3\)"):
+        step(params, state, jnp.ones((4, 3)), XOR_Y)
+    with pytest.raises(ValueError, match="params do not match the network"):
+        step(params[:3], state, XOR_X, XOR_Y)
+    with pytest.raises(TypeError, match="inputs must be floating point, got dtype int"):
+        step(params, state, XOR_X.astype(jnp.int32), XOR_Y)
+    with pytest.raises(ValueError, match=r"empty batch.*got shape \(0, 2\)"):
+        step(params, state, jnp.zeros((0, 2)), jnp.zeros((0, 1)))
+    with pytest.raises(ValueError, match="unknown check mode 'strict'; expected one of: off"):
+        jaxbp.make_train_step(NET, LOSS, opt, check="strict")
+    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+        jaxbp.make_train_step(NET, LOSS, 0.1)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=0)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, 4\]"):
+        jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=2, batch_size=5)
