@@ -83,11 +83,17 @@ def gemm_ceiling(*, rounds: int, size: int = 1024) -> dict:
 
 def blas_info() -> list[dict]:
     """numpy's BLAS library and the kernel it runs (threadpoolctl), if threadpoolctl is there."""
+    import numpy
+
     try:
-        import numpy  # noqa: F401  (load the BLAS before asking about it)
         import threadpoolctl
-    except ImportError:
-        return []
+    except ImportError:  # no threadpoolctl: numpy's build config names the library at least
+        try:
+            blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+            return [{"internal_api": blas.get("name"), "version": blas.get("version"),
+                     "architecture": None, "num_threads": None}]
+        except Exception:  # the layout of show_config varies across numpy versions
+            return []
     keys = ("internal_api", "version", "architecture", "num_threads")
     return [{k: info.get(k) for k in keys} for info in threadpoolctl.threadpool_info()
             if info.get("user_api") == "blas"]

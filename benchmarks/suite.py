@@ -7,6 +7,7 @@ import datetime
 import importlib
 import json
 import os
+import sys
 import time
 
 WORKLOADS = {"W0": "benchmarks.w0_seed", "W1": "benchmarks.w1_mnist",
@@ -14,13 +15,22 @@ WORKLOADS = {"W0": "benchmarks.w0_seed", "W1": "benchmarks.w1_mnist",
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "latest.json")
 
 
+def split_workloads(values) -> list[str]:
+    """``["W0,W1", "W3"]`` -> ``["W0", "W1", "W3"]``: both spellings of ``--workloads`` work."""
+    out = [w.strip().upper() for v in values for w in str(v).split(",") if w.strip()]
+    return list(dict.fromkeys(out))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds (same sizes): about a minute")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny sizes, a smoke test: the numbers mean nothing")
+                        help="tiny sizes and few steps: a smoke test (seconds; the numbers "
+                             "mean nothing)")
+    parser.add_argument("--short", action="store_true",
+                        help="full sizes, fewer rounds (about half the time of a full run)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # = --quick
     parser.add_argument("--workloads", nargs="+", metavar="W", default=list(WORKLOADS),
-                        help=f"which workloads (default: all of {' '.join(WORKLOADS)})")
+                        help=f"which workloads, e.g. W0,W1 or W0 W1 (default: all of "
+                             f"{','.join(WORKLOADS)})")
     parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
                         help="where to write the results (default: benchmarks/results/latest.json)")
 
@@ -124,7 +134,8 @@ def print_report(results: dict) -> None:
         for row in t_rows:
             print(" | ".join(row))
         return
-    console = Console()
+    # Piped output (a log, the docs) would wrap at 80 columns: give the table room.
+    console = Console(width=None if sys.stdout.isatty() else 150)
     table = Table(title="jaxbp benchmarks", caption=title)
     for h in HEADER:
         table.add_column(h)
@@ -166,11 +177,15 @@ def run_suite(workloads=None, *, quick=False, tiny=False, json_path=DEFAULT_JSON
             json.dump(results, f, indent=1, default=str)
     if echo:
         print_report(results)
+        if tiny:
+            print("--quick: tiny sizes and few steps, a smoke test; these verdicts mean nothing")
         if json_path:
             print(f"wrote {json_path} ({results['wall_s']:.0f} s)")
     return results
 
 
 def run(args) -> int:
-    run_suite(args.workloads, quick=args.quick, tiny=args.tiny, json_path=args.json)
+    tiny = args.quick or args.tiny
+    run_suite(split_workloads(args.workloads), quick=tiny or args.short, tiny=tiny,
+              json_path=args.json)
     return 0

@@ -145,7 +145,7 @@ def test_bench_command_writes_json(tmp_path, capsys):
     from jaxbp.cli import main
 
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--tiny", "--json", str(path)]) == 0
+    assert main(["bench", "--quick", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     for key in ("machine", "ceiling", "W0", "W1", "W2", "W3", "targets", "wall_s"):
         assert key in data, key
@@ -158,6 +158,9 @@ def test_bench_command_writes_json(tmp_path, capsys):
             assert v["median_s"] > 0 and v["gflops"] > 0
         assert ("PyTorch eager" in names) != ("PyTorch eager" in data[w]["skipped"])
     assert {"vmap(jaxbp manual backward)", "vmap(jax.grad)"} <= set(data["W3"]["variants"])
+    assert {"jaxbp fused loop check=off", "jaxbp fused loop check=report",
+            "numpy loop (seed style)"} <= set(data["W0"]["variants"])
+    assert data["machine"]["blas"], "the JSON names numpy's BLAS"
     assert len(data["targets"]) >= 8
     assert all({"what", "value", "target", "met"} <= set(t) for t in data["targets"])
     assert "targets" in capsys.readouterr().out
@@ -168,3 +171,10 @@ def test_bench_command_rejects_an_unknown_workload(capsys):
 
     assert main(["bench", "--workloads", "W9"]) == 2
     assert "W9" in capsys.readouterr().err
+
+
+def test_workloads_accept_commas_and_spaces():
+    from benchmarks.suite import split_workloads
+
+    assert split_workloads(["W0,w1", "W3", "W1"]) == ["W0", "W1", "W3"]
+    assert split_workloads(["W2"]) == ["W2"]

@@ -6,6 +6,7 @@ next to the ``jaxbp`` package (an editable install or a checkout) and runs it in
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -30,11 +31,13 @@ def _suite():
 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds (same sizes): about a minute")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny sizes, a smoke test: the numbers mean nothing")
+                        help="tiny sizes and few steps: a smoke test (seconds; the numbers "
+                             "mean nothing)")
+    parser.add_argument("--short", action="store_true",
+                        help="full sizes, fewer rounds (about half the time of a full run)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # = --quick
     parser.add_argument("--workloads", nargs="+", metavar="W", default=list(_WORKLOADS),
-                        choices=_WORKLOADS, help="which workloads (default: all)")
+                        help="which workloads, e.g. W0,W1 or W0 W1 (default: all)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="where to write the results (default: "
                              "benchmarks/results/latest.json)")
@@ -42,6 +45,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     suite = _suite()
-    suite.run_suite(args.workloads, quick=args.quick, tiny=args.tiny,
+    workloads = suite.split_workloads(args.workloads)
+    unknown = [w for w in workloads if w not in _WORKLOADS]
+    if unknown or not workloads:
+        raise UsageError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; "
+                         f"expected some of {','.join(_WORKLOADS)}")
+    tiny = args.quick or args.tiny
+    suite.run_suite(workloads, quick=tiny or args.short, tiny=tiny,
                     json_path=args.json or suite.DEFAULT_JSON)
     return 0
