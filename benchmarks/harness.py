@@ -25,12 +25,22 @@ def compile_timed(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
+# Seconds of idle time before each timed run. BLAS and OpenMP worker threads busy-wait for a
+# while after a call returns (OpenBLAS for up to ~0.1 s): a variant timed right after numpy or
+# PyTorch would share the cores with their spinning threads. Measured here: XLA's 1024^3 GEMM
+# ran at 128 GFLOP/s right after three numpy GEMMs, 182 alone or after a 0.2 s pause.
+SETTLE_S = 0.2
+
+
 def measure(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: int,
-            warmup: int = 1) -> dict[str, dict]:
+            warmup: int = 1, settle: float | None = None) -> dict[str, dict]:
     """Median seconds per step of each variant over ``rounds`` interleaved rounds.
 
-    ``steps`` is a dict name -> steps per round, or one number for all.
+    ``steps`` is a dict name -> steps per round, or one number for all. ``settle`` seconds of
+    idle time precede every timed run (default ``SETTLE_S``, read at call time so that a smoke
+    run can set it to 0); they are not part of the timing.
     """
+    settle = SETTLE_S if settle is None else settle
     names = list(variants)
     per = steps if isinstance(steps, dict) else {n: steps for n in names}
     for name in names:
@@ -40,6 +50,8 @@ def measure(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: i
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            if settle:
+                time.sleep(settle)
             start = time.perf_counter()
             variants[name](per[name])
             samples[name].append((time.perf_counter() - start) / per[name])

@@ -169,6 +169,40 @@ def _leaf_dtype(a, b):
     return da if np.finfo(da).eps >= np.finfo(db).eps else db
 
 
+def _leaf_stats(a, b, rtol, atol):
+    """``(max_abs_diff, rel_error, cosine, ok, a_finite)`` of one leaf pair.
+
+    This runs inside every checked train step, so it is shaped for speed: XLA on CPU gives each
+    reduction its own kernel and pass over the leaf (it does not merge sibling reductions), and
+    an ``isfinite`` reduction costs as much as any other. So finiteness is read off statistics
+    that are needed anyway: ``max |a|`` is ``inf`` when ``a`` holds an ``inf``, and ``sum a^2``
+    is NaN exactly when ``a`` holds a NaN (a sum of non-negative terms can overflow to ``inf``
+    but never becomes NaN by itself). ``max`` alone cannot be trusted with NaN: the vectorised
+    CPU reduction may drop it.
+
+    The element-wise test ``|a - b| <= atol * scale + rtol * |b|`` for every entry is
+    ``max(|a - b| - rtol * |b|) <= atol * scale``, which needs no second pass once ``scale``
+    is known.
+    """
+    tiny = jnp.finfo(a.dtype).tiny
+    diff = jnp.abs(a - b)
+    slack = diff - rtol * jnp.abs(b)
+    scale_a, scale_b = jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b))
+    max_diff, max_slack = jnp.max(diff), jnp.max(slack)
+    aa, bb, ab = jnp.sum(a * a), jnp.sum(b * b), jnp.sum(a * b)
+    scale = jnp.maximum(scale_a, scale_b)
+    a_finite = jnp.isfinite(scale_a) & ~jnp.isnan(aa)
+    finite = a_finite & jnp.isfinite(scale_b) & ~jnp.isnan(bb)
+    max_diff = jnp.where(jnp.isnan(aa + bb), jnp.nan, max_diff)
+    close = max_slack <= atol * scale
+    # A non-finite leaf is never "close", and its relative error reads as inf.
+    rel = jnp.where(finite, max_diff / jnp.maximum(scale, tiny), jnp.inf)
+    norm = jnp.sqrt(aa) * jnp.sqrt(bb)
+    cosine = jnp.where(norm > 0, ab / jnp.maximum(norm, tiny),
+                       jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype))
+    return max_diff, rel, cosine, finite & close, a_finite
+
+
 def compare_grads(manual, reference, *, rtol: float | None = None,
                   atol: float | None = None, tolerances: Callable = default_tolerance
                   ) -> GradReport:
@@ -176,6 +210,15 @@ def compare_grads(manual, reference, *, rtol: float | None = None,
 
     ``rtol``/``atol`` default per leaf dtype (:func:`default_tolerance`); ``atol`` is relative
     to the leaf's scale (see the module docstring).
+    """
+    return _compare(manual, reference, rtol=rtol, atol=atol, tolerances=tolerances)[0]
+
+
+def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance):
+    """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
+
+    The train step's non-finite guard reads the second result instead of making passes of
+    its own over the gradients.
     """
     paths, man, ref = _flatten_pair(manual, reference)
     if not paths:
@@ -188,32 +231,22 @@ def compare_grads(manual, reference, *, rtol: float | None = None,
         t = a_def if atol is None else atol
         a = jnp.asarray(a, dtype)
         b = jnp.asarray(b, dtype)
-        tiny = jnp.finfo(dtype).tiny
         if a.size == 0:
             zero = jnp.zeros((), dtype)
-            stats.append((zero, zero, jnp.ones((), dtype), jnp.array(True)))
+            stats.append((zero, zero, jnp.ones((), dtype), jnp.array(True), jnp.array(True)))
             continue
-        diff = jnp.abs(a - b)
-        scale = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
-        max_diff = jnp.max(diff)
-        rel = max_diff / jnp.maximum(scale, tiny)
-        norm = jnp.sqrt(jnp.sum(a * a)) * jnp.sqrt(jnp.sum(b * b))
-        cosine = jnp.where(norm > 0, jnp.sum(a * b) / jnp.maximum(norm, tiny),
-                           jnp.where(scale > 0, 0.0, 1.0).astype(dtype))
-        finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
-        close = jnp.all(diff <= t * scale + r * jnp.abs(b))
-        # A non-finite leaf is never "close", and its relative error reads as inf.
-        rel = jnp.where(finite, rel, jnp.inf)
-        stats.append((max_diff, rel, cosine, finite & close))
+        stats.append(_leaf_stats(a, b, r, t))
     f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
     max_abs, rel, cos = (f32([s[i] for s in stats]) for i in range(3))
     leaf_ok = jnp.stack([s[3] for s in stats])
+    manual_finite = jnp.all(jnp.stack([s[4] for s in stats]))
     rel = jnp.where(jnp.isnan(rel), jnp.inf, rel)
     # The worst leaf is the failing leaf of largest relative error, or if all pass, the leaf
     # of largest relative error.
     any_failed = ~jnp.all(leaf_ok)
     worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)), jnp.argmax(rel))
-    return GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths)
+    report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths)
+    return report, manual_finite
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,13 +66,18 @@ def _check_same_shape(name, out, target):
 
 def _half_sse_value(out, target):
     _check_same_shape("half_sse", out, target)
-    return 0.5 * jnp.sum((target - out) ** 2) / _num_examples(out)
+    # (out - target)^2 == (target - out)^2; this order makes jax.grad's operations the manual's.
+    return 0.5 * jnp.sum((out - target) ** 2) / _num_examples(out)
 
 
 def _half_sse_grad(out, target):
-    """``dE/dout_k = -(target_k - out_k) = out_k - target_k`` (divided by the batch size)."""
+    """``dE/dout_k = -(target_k - out_k) = out_k - target_k`` (divided by the batch size).
+
+    Computed as ``(0.5 / batch) * 2 (out - target)``, the operations ``jax.grad`` of the value
+    produces, so that XLA shares the backward pass between the two gradients of a checked step.
+    """
     _check_same_shape("half_sse", out, target)
-    return (out - target) / _num_examples(out)
+    return (0.5 / _num_examples(out)) * (2 * (out - target))
 
 
 half_sse = Loss(_half_sse_value, _half_sse_grad, "half_sse")
@@ -136,19 +141,36 @@ def _onehot_targets(logits, target):
     return target
 
 
+def _log_softmax_parts(logits):
+    """``(z - m, sum_k exp(z_k - m))`` with ``m`` the row max: never exponentiates a large logit.
+
+    The max is a constant for differentiation (``stop_gradient``), as in ``jax.nn.logsumexp``:
+    the result does not depend on it.
+    """
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exps = jnp.exp(shifted)
+    return shifted, exps, jnp.sum(exps, axis=-1, keepdims=True)
+
+
 def _softmax_ce_value(logits, target):
     onehot = _onehot_targets(logits, target)
-    # log softmax_k = z_k - logsumexp(z): never exponentiates a large logit.
-    log_softmax = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    return -jnp.sum(onehot * log_softmax) / _num_examples(logits)
+    shifted, _, total = _log_softmax_parts(logits)
+    # log softmax_k = (z_k - m) - log sum_j exp(z_j - m)
+    return -jnp.sum(onehot * (shifted - jnp.log(total))) / _num_examples(logits)
 
 
 def _softmax_ce_grad(logits, target):
-    """Fused softmax + cross-entropy: ``dE/dz = (softmax(z) - onehot) / batch``."""
+    """Fused softmax + cross-entropy, ``dE/dz_k = (softmax(z)_k sum_j t_j - t_k) / batch``.
+
+    Written as ``g_k + (-sum_j g_j) e^(z_k - m) / sum_j e^(z_j - m)`` with ``g = -t / batch``:
+    the same value, in the same operations that ``jax.grad`` of the loss produces, so that in a
+    checked step XLA computes the backward pass once for both gradients instead of twice.
+    ``sum_j t_j`` is 1 for a one-hot row; keeping it covers soft labels that sum to anything.
+    """
     onehot = _onehot_targets(logits, target)
-    p = jax.nn.softmax(logits, axis=-1)
-    # sum(onehot) is 1 for a one-hot row; keeping it covers soft labels that sum to anything.
-    return (p * jnp.sum(onehot, axis=-1, keepdims=True) - onehot) / _num_examples(logits)
+    _, exps, total = _log_softmax_parts(logits)
+    g = onehot * (-1 / _num_examples(logits))
+    return g + (-jnp.sum(g, axis=-1, keepdims=True) / total) * exps
 
 
 softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy")

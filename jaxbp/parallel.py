@@ -46,6 +46,7 @@ from .train import (
     REASON_MISMATCH,
     _check_mode,
     _check_optimizer,
+    _donate_argnums,
     _mismatch_error,
     _raw_step,
 )
@@ -224,7 +225,7 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
     mesh = data_parallel_mesh() if mesh is None else _check_mesh(mesh)
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
     raw = _raw_step(net, loss, optimizer, check, rtol, atol, guard)
-    donate_argnums = (0, 1) if donate and check != "raise" else ()
+    donate_argnums = _donate_argnums(donate, check)  # as make_train_step: see its docstring
     jitted = jax.jit(raw, in_shardings=(rep, rep, bat, bat), out_shardings=(rep, rep, rep),
                      donate_argnums=donate_argnums)
 

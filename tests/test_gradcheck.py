@@ -62,6 +62,69 @@ def test_nan_leaf_fails_and_is_worst():
     assert report.worst_path == "[2]['b']"
 
 
+_compare_internal_jit = jax.jit(jaxbp.gradcheck._compare)
+
+
+# Finiteness is read off max |.| (inf) and sum of squares (NaN), not from isfinite passes: every
+# kind of non-finite entry, on either side, at a big leaf (vectorised reductions) and a small one.
+@pytest.mark.parametrize("size", [7, 4099])
+@pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
+@pytest.mark.parametrize("where,value", [("manual", jnp.nan), ("reference", jnp.nan),
+                                         ("manual", jnp.inf), ("reference", -jnp.inf),
+                                         ("both", jnp.inf), ("both", jnp.nan)])
+def test_every_nonfinite_entry_is_caught(where, value, jit, size):
+    compare = _compare_internal_jit if jit else jaxbp.gradcheck._compare
+    for dtype in (jnp.float32, jnp.float64):
+        good = jnp.linspace(-1.0, 1.0, size, dtype=dtype)
+        bad = good.at[size // 2].set(value)
+        a = bad if where in ("manual", "both") else good
+        b = bad if where in ("reference", "both") else good
+        report, manual_finite = compare({"ok": good, "g": a}, {"ok": good, "g": b})
+        assert not bool(report.ok) and report.worst_path == "['g']"
+        assert np.isinf(float(report.worst_rel_error))
+        assert report.paths == ("['g']", "['ok']")
+        assert bool(report.leaf_ok[1]) and float(report.rel_error[1]) == 0.0
+        assert bool(manual_finite) == (where == "reference")
+        if np.isnan(value):
+            assert np.isnan(float(report.max_abs_diff[0]))
+
+
+def test_nan_in_a_large_float32_leaf_under_jit():
+    # The path where XLA CPU's vectorised max may drop a NaN (jax 0.10.2 returned the largest
+    # finite value for a (1024, 1024) float32 max): the comparison must not rely on it.
+    g = jax.random.normal(jax.random.key(0), (1024, 1024), jnp.float32)
+    for value in (jnp.nan, jnp.inf):
+        bad = g.at[513, 700].set(value)
+        for a, b, manual_ok in ((bad, g, False), (g, bad, True)):
+            report, manual_finite = _compare_internal_jit({"g": a}, {"g": b})
+            assert not bool(report.ok) and np.isinf(float(report.worst_rel_error))
+            assert bool(manual_finite) == manual_ok
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
+def test_huge_finite_gradients_are_finite(jit):
+    # float32 entries whose squares overflow: the sums read inf, which is not NaN, so the leaf
+    # still counts as finite and equal leaves agree.
+    compare = _compare_internal_jit if jit else jaxbp.gradcheck._compare
+    g = jnp.array([3e30, -1.0, 2e25], jnp.float32)
+    report, manual_finite = compare({"g": g}, {"g": g})
+    assert bool(report.ok) and bool(manual_finite) and float(report.worst_rel_error) == 0.0
+    report, _ = compare({"g": g}, {"g": g.at[0].set(3.1e30)})
+    assert not bool(report.ok) and float(report.rel_error[0]) == pytest.approx(0.1 / 3.1, rel=1e-5)
+
+
+def test_elementwise_tolerance_is_relative_to_the_entry_and_the_leaf():
+    # |a - b| <= atol * scale + rtol * |b| at every entry, scale = max(max|a|, max|b|).
+    b = jnp.array([100.0, 1.0])
+    a = jnp.array([100.1, 1.0])  # diff 0.1 on the big entry
+    assert bool(jaxbp.compare_grads({"g": a}, {"g": b}, rtol=2e-3, atol=0.0).ok)  # 0.1 <= 0.2
+    assert not bool(jaxbp.compare_grads({"g": a}, {"g": b}, rtol=5e-4, atol=0.0).ok)
+    assert bool(jaxbp.compare_grads({"g": a}, {"g": b}, rtol=0.0, atol=1.1e-3).ok)
+    a = jnp.array([100.0, 1.1])  # diff 0.1 on the small entry: rtol * |b| allows only 2e-3
+    assert not bool(jaxbp.compare_grads({"g": a}, {"g": b}, rtol=2e-3, atol=0.0).ok)
+    assert bool(jaxbp.compare_grads({"g": a}, {"g": b}, rtol=2e-3, atol=1e-3).ok)
+
+
 def test_structure_and_shape_mismatch_errors():
     a = tree()
     with pytest.raises(ValueError, match="two pytrees of the same structure"):

@@ -262,3 +262,97 @@ def test_bad_inputs():
         jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=0)
     with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, 4\]"):
         jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=2, batch_size=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Speed by construction: what XLA can share, and what is donated (no timings here: benchmarks/)
+# --------------------------------------------------------------------------------------------
+
+
+def _compiled_dots(net, loss, check, x, y):
+    params = init(jnp.float32, net=net) if net is NET else None
+    if params is None:
+        _, params = net.init(jax.random.key(0), (-1, x.shape[-1]))
+        params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
+    opt = jaxbp.sgd(0.1)
+    step = jaxbp.make_train_step(net, loss, opt, check=check)
+    return step.lower(params, opt.init(params), x, y).compile().as_text().count(" dot(")
+
+
+@pytest.mark.parametrize("loss", ["mse", "half_sse", "softmax_cross_entropy"])
+def test_checked_step_computes_the_backward_once(loss):
+    # The manual backward is written in the operations jax.grad emits, so XLA merges the two
+    # gradients' matmuls: a checked step has exactly the matmuls of an unchecked one (a forward
+    # and a backward), not a second backward.
+    net = jaxbp.serial(jaxbp.Dense(16), jaxbp.Relu, jaxbp.Dense(16), jaxbp.Relu, jaxbp.Dense(5))
+    x = jax.random.normal(jax.random.key(1), (8, 12), jnp.float32)
+    y = (jnp.arange(8) % 5 if loss == "softmax_cross_entropy"
+         else jax.random.normal(jax.random.key(2), (8, 5), jnp.float32))
+    off = _compiled_dots(net, loss, "off", x, y)
+    assert off == 8  # 3 forward, 3 dW, 2 dx
+    assert _compiled_dots(net, loss, "report", x, y) == off
+
+
+def _abs_layer():
+    """|x| written as sqrt(x^2): jax.grad gives NaN at 0 (0 * 1/0), the manual sign(x) gives 0."""
+    def forward(params, x):
+        return jnp.sqrt(x * x), x
+
+    def backward(params, x, dy):
+        return (), jnp.sign(x) * dy
+
+    return jaxbp.Layer(lambda key, shape: (shape, ()), forward, backward, "Abs", None)
+
+
+@pytest.mark.parametrize("check", ["report", "skip"])
+def test_nan_only_in_autodiff_is_a_mismatch_not_a_nonfinite_step(check):
+    # The guard reads the manual gradients' finiteness off the comparison: a NaN in jax.grad's
+    # gradient alone must still read as a disagreement, applied under "report" as before.
+    net = jaxbp.serial(jaxbp.Dense(3), _abs_layer(), jaxbp.Dense(1))
+    _, params = net.init(jax.random.key(0), (-1, 2))
+    params[0]["W"] = jnp.zeros_like(params[0]["W"])  # the Abs layer sees exact zeros
+    params[0]["b"] = jnp.zeros_like(params[0]["b"])
+    x, y = XOR_X, XOR_Y
+    opt = jaxbp.sgd(0.5)
+    for jit in (True, False):
+        new, _, m = jaxbp.make_train_step(net, LOSS, opt, check=check, jit=jit)(
+            params, opt.init(params), x, y)
+        assert int(m["reason"]) == jaxbp.REASON_MISMATCH and not bool(m["ok"])
+        assert np.isinf(float(m["rel_error"])) and m["report"].worst_path == "[0]['W']"
+        _, manual = jaxbp.backprop(net, LOSS, params, x, y)
+        if check == "report":
+            assert bool(m["applied"])
+            np.testing.assert_allclose(new[2]["W"], params[2]["W"] - 0.5 * manual[2]["W"],
+                                       rtol=1e-15)
+        else:
+            assert not bool(m["applied"]) and leaves_equal(new, params)
+
+
+@pytest.mark.parametrize("check", ["off", "report", "skip"])
+def test_donation_takes_params_only_when_unchecked(check):
+    opt = optax.adam(0.01)
+    params = init()
+    state = opt.init(params)
+    step = jaxbp.make_train_step(NET, LOSS, opt, check=check, donate=True)
+    new, new_state, m = step(params, state, XOR_X, XOR_Y)
+    assert bool(m["applied"])
+    # A checked step would make XLA copy donated params; it donates the optimizer state only.
+    assert all(leaf.is_deleted() == (check == "off") for leaf in jax.tree_util.tree_leaves(params))
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
+    ref_new, _, _ = jaxbp.make_train_step(NET, LOSS, opt, check=check)(
+        init(), opt.init(init()), XOR_X, XOR_Y)
+    assert leaves_equal(new, ref_new)
+
+
+def test_fit_reuses_its_compiled_loop():
+    opt = jaxbp.sgd(0.5)
+    params = init()
+    first = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=5)
+    hits = jaxbp.train._fit_loop_cached.cache_info().hits
+    again = jaxbp.fit(NET, LOSS, opt, params, XOR_X, XOR_Y, steps=5)
+    assert jaxbp.train._fit_loop_cached.cache_info().hits == hits + 1
+    assert leaves_equal(first.params, again.params)
+    # A layer whose config cannot be hashed still trains (compiled afresh each call).
+    odd = NET._replace(config={"unhashable": [1]})
+    third = jaxbp.fit(odd, LOSS, opt, params, XOR_X, XOR_Y, steps=5)
+    assert leaves_equal(first.params, third.params)
