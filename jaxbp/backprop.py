@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ._trees import tree_difference
 from .layers import InputShapeError, Layer, serial
 from .losses import Loss, get_loss
 
@@ -53,8 +54,10 @@ def check_params(net: Layer, params, input_shape) -> None:
         expected, expected_def = jax.tree_util.tree_flatten_with_path(shapes)
     got, got_def = jax.tree_util.tree_flatten_with_path(params)
     if got_def != expected_def:
-        raise ValueError(f"params do not match the network: expected a pytree of structure "
-                         f"{expected_def}, got {got_def}")
+        expected_tree = jax.tree_util.tree_unflatten(expected_def, [w for _, w in expected])
+        raise ValueError(f"params do not match the network: "
+                         f"{tree_difference(expected_tree, params)}; expected the tree that "
+                         f"net.init(key, input_shape) makes")
     for (path, want), (_, leaf) in zip(expected, got):
         if tuple(jnp.shape(leaf)) != tuple(want.shape):
             _raise_forward_shape_error(net, params, shape)

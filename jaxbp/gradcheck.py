@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._trees import tree_difference
+
 __all__ = [
     "GradReport",
     "GradientMismatchError",
@@ -149,8 +151,9 @@ def _flatten_pair(manual, reference):
     ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
     man_leaves, man_def = jax.tree_util.tree_flatten(manual)
     if man_def != ref_def:
-        raise ValueError(f"compare_grads expects two pytrees of the same structure, got "
-                         f"{man_def} and {ref_def}")
+        raise ValueError(f"compare_grads expects two pytrees of the same structure; in the "
+                         f"first, {tree_difference(reference, manual)} (taking the second as "
+                         f"the expected tree)")
     paths = tuple(_path_name(p) for p, _ in ref_leaves)
     refs = [leaf for _, leaf in ref_leaves]
     for path, a, b in zip(paths, man_leaves, refs):

@@ -628,6 +628,9 @@ def train(config: TrainConfig | None = None, dataset=None, *, progress: str = "n
     config = config or TrainConfig()
     _choice("progress mode", progress, ("auto", "bar", "lines", "none"))
     out = Path(config.out) if config.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {str(out)!r} is a file; expected a folder "
+                         f"(it is created if missing) to hold the checkpoint and results")
     ckpt_path = out / CHECKPOINT_FILE if out is not None else None
 
     saved_header = None

@@ -276,6 +276,18 @@ def test_lr_sweep_bad_flags(capsys, argv, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+def test_lr_sweep_bad_out_and_plot_folder_fail_before_anything_is_written(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(capsys, "lr-sweep", "--out", str(out), "--plot",
+                           str(tmp_path / "missing" / "curves.png"))
+    assert_one_line_error(code, err, "folder")
+    assert "does not exist" in err and not out.exists()
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "lr-sweep", "--out", str(f))
+    assert_one_line_error(code, err, "is a file; expected a folder")
+
+
 def test_lr_sweep_bad_plot_name(capsys, tmp_path):
     code, _, err = run_cli(capsys, "lr-sweep", "--out", str(tmp_path), "--plot",
                            str(tmp_path / "curves.txt"))

@@ -127,8 +127,11 @@ def test_elementwise_tolerance_is_relative_to_the_entry_and_the_leaf():
 
 def test_structure_and_shape_mismatch_errors():
     a = tree()
-    with pytest.raises(ValueError, match="two pytrees of the same structure"):
+    with pytest.raises(ValueError, match=r"same structure.*got unexpected leaves \[2\]\['W'\], "
+                                         r"\[2\]\['b'\]"):
         jaxbp.compare_grads(a, a[:2])
+    with pytest.raises(ValueError, match=r"got a list at the top level, expected a tuple"):
+        jaxbp.compare_grads(list(a), a)
     b = (a[0], (), {"W": a[2]["W"][:, :1], "b": a[2]["b"]})
     with pytest.raises(ValueError, match=r"leaf \[2\]\['W'\] has shape \(4, 1\) in the first"):
         jaxbp.compare_grads(b, a)
