@@ -13,6 +13,9 @@ Per leaf it measures
 - ``leaf_ok``: an ``allclose``-style test, ``|a - b| <= atol * scale + rtol * |b|`` element-wise,
   with ``scale = max(max |a|, max |b|)`` so that ``atol`` is relative to the leaf, and both
   leaves finite.
+
+A leaf holding a NaN or an inf on either side is never ok: its ``rel_error`` is inf, its
+``cosine`` NaN, and its ``max_abs_diff`` NaN if either side holds a NaN, else inf.
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ def _leaf_dtype(a, b):
     for d in (da, db):
         if not jnp.issubdtype(d, jnp.floating):
             raise TypeError(f"gradients must be floating point, got dtype {d}")
-    return da if np.finfo(da).eps >= np.finfo(db).eps else db
+    # jnp.finfo, not np.finfo: numpy does not know bfloat16.
+    return da if jnp.finfo(da).eps >= jnp.finfo(db).eps else db
 
 
 def _leaf_stats(a, b, rtol, atol):
@@ -196,13 +200,15 @@ def _leaf_stats(a, b, rtol, atol):
     scale = jnp.maximum(scale_a, scale_b)
     a_finite = jnp.isfinite(scale_a) & ~jnp.isnan(aa)
     finite = a_finite & jnp.isfinite(scale_b) & ~jnp.isnan(bb)
-    max_diff = jnp.where(jnp.isnan(aa + bb), jnp.nan, max_diff)
+    # A NaN anywhere reads NaN, an inf inf (the vectorised max may have dropped inf - inf).
+    max_diff = jnp.where(finite, max_diff, jnp.where(jnp.isnan(aa + bb), jnp.nan, jnp.inf))
     close = max_slack <= atol * scale
     # A non-finite leaf is never "close", and its relative error reads as inf.
     rel = jnp.where(finite, max_diff / jnp.maximum(scale, tiny), jnp.inf)
     norm = jnp.sqrt(aa) * jnp.sqrt(bb)
     cosine = jnp.where(norm > 0, ab / jnp.maximum(norm, tiny),
                        jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype))
+    cosine = jnp.where(finite, cosine, jnp.nan)
     return max_diff, rel, cosine, finite & close, a_finite
 
 
@@ -232,13 +238,18 @@ def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tole
         r_def, a_def = tolerances(dtype)
         r = r_def if rtol is None else rtol
         t = a_def if atol is None else atol
+        narrowed = jnp.result_type(a) != dtype
+        a_own = a
         a = jnp.asarray(a, dtype)
         b = jnp.asarray(b, dtype)
         if a.size == 0:
             zero = jnp.zeros((), dtype)
             stats.append((zero, zero, jnp.ones((), dtype), jnp.array(True), jnp.array(True)))
             continue
-        stats.append(_leaf_stats(a, b, r, t))
+        leaf = _leaf_stats(a, b, r, t)
+        if narrowed:  # finite in its own dtype may overflow in the reference's: ask the leaf
+            leaf = leaf[:4] + (jnp.all(jnp.isfinite(a_own)),)
+        stats.append(leaf)
     f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
     max_abs, rel, cos = (f32([s[i] for s in stats]) for i in range(3))
     leaf_ok = jnp.stack([s[3] for s in stats])

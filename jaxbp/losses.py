@@ -142,7 +142,7 @@ def _onehot_targets(logits, target):
 
 
 def _log_softmax_parts(logits):
-    """``(z - m, sum_k exp(z_k - m))`` with ``m`` the row max: never exponentiates a large logit.
+    """``(z - m, exp(z - m), sum_k exp(z_k - m))``, ``m`` the row max: no large logit is exponentiated.
 
     The max is a constant for differentiation (``stop_gradient``), as in ``jax.nn.logsumexp``:
     the result does not depend on it.

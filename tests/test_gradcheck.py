@@ -85,8 +85,28 @@ def test_every_nonfinite_entry_is_caught(where, value, jit, size):
         assert report.paths == ("['g']", "['ok']")
         assert bool(report.leaf_ok[1]) and float(report.rel_error[1]) == 0.0
         assert bool(manual_finite) == (where == "reference")
-        if np.isnan(value):
-            assert np.isnan(float(report.max_abs_diff[0]))
+        assert np.isnan(float(report.cosine[0]))
+        assert (np.isnan(float(report.max_abs_diff[0])) if np.isnan(value)
+                else float(report.max_abs_diff[0]) == np.inf)
+
+
+def test_manual_finiteness_is_judged_in_its_own_dtype():
+    # A float64 manual leaf beyond float32's range is finite, even though the comparison runs
+    # in the float32 reference's precision (where it reads inf, and so disagrees).
+    big = jnp.array([1e39, 1.0], jnp.float64)
+    for compare in (jaxbp.gradcheck._compare, _compare_internal_jit):
+        report, manual_finite = compare({"g": big}, {"g": jnp.array([3e38, 1.0], jnp.float32)})
+        assert bool(manual_finite) and not bool(report.ok)
+
+
+def test_bfloat16_and_float16_leaves():
+    for dtype in (jnp.bfloat16, jnp.float16):
+        a = jnp.array([1.0, -2.0, 0.5], dtype)
+        assert jaxbp.default_tolerance(dtype) == (1e-1, 1e-1)
+        assert bool(jaxbp.compare_grads({"g": a}, {"g": a * 1.01}).ok)
+        assert not bool(jaxbp.compare_grads({"g": a}, {"g": -a}).ok)
+        # Mixed with float32: the less precise dtype sets the tolerance.
+        assert bool(jaxbp.compare_grads({"g": a}, {"g": a.astype(jnp.float32) * 1.05}).ok)
 
 
 def test_nan_in_a_large_float32_leaf_under_jit():
