@@ -271,7 +271,9 @@ def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tole
     # The common case in a checked step: the manual backward is autodiff's arithmetic, XLA
     # computed it once, and the two trees are the same numbers. One pass per leaf proves it:
     # sum |a - b| is 0 exactly when every entry is equal and finite (NaN - NaN, inf - inf and
-    # finite - inf all make the sum NaN or inf). Only otherwise are the statistics computed.
+    # finite - inf all make the sum NaN or inf; a sum of non-negative terms cannot cancel, though
+    # a backend that flushes subnormals may read a difference below ~1e-38 as 0). Only
+    # otherwise are the statistics computed.
     same = jnp.all(jnp.stack([jnp.sum(jnp.abs(a - b)) == 0 for a, b, *_ in leaves]))
     stats = jax.lax.cond(same, identical, full, None)
     f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
