@@ -28,11 +28,25 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig, path) -> str:
+def _check_folder(path) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OSError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    return path
+
+
+def check_plot_path(path) -> str:
+    """For the commands' ``--plot``: fail before the work, not after it, when the plot cannot
+    be written (a missing folder, or a format other than .png, .pdf, .svg)."""
+    path = _check_folder(path)
+    if not path.lower().endswith((".png", ".pdf", ".svg")):
+        raise ValueError(f"--plot expects a file name ending in .png, .pdf or .svg, got {path!r}")
+    return path
+
+
+def _save(fig, path) -> str:
+    path = _check_folder(path)
     fig.savefig(path, dpi=150)
     return path
 

@@ -176,19 +176,14 @@ def summary(result: SweepResult) -> list[dict]:
 
 
 def run(args) -> int:
-    from ..plots import plot_loss_curves
+    from ..plots import check_plot_path, plot_loss_curves
 
+    if args.plot:  # checked before the sweep runs (and before --out is created)
+        check_plot_path(args.plot)
     plot_path = args.plot or os.path.join(args.out, "lr_sweep.png")
-    if not plot_path.lower().endswith((".png", ".pdf", ".svg")):
-        raise ValueError(f"--plot expects a file name ending in .png, .pdf or .svg, got "
-                         f"{plot_path!r}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file; expected a folder (it is created if "
                          f"missing)")
-    if args.plot:  # checked before the sweep runs (and before --out is created)
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            raise OSError(f"cannot write {args.plot!r}: folder {folder!r} does not exist")
     os.makedirs(args.out, exist_ok=True)
     result = sweep(args.dataset, args.lrs, args.steps, args.seed)
     rows = summary(result)

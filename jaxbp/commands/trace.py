@@ -8,7 +8,6 @@ seed's stated numbers are wrong. With ``--config FILE.json``: any small fully co
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..trace import FORMATS
@@ -49,7 +48,9 @@ def run(args) -> int:
 
     config = load_config(args.config) if args.config else seed_config()
     if args.plot:
-        _check_writable(args.plot)
+        from ..plots import check_plot_path
+
+        check_plot_path(args.plot)
     result = trace(config, steps=args.steps, freeze_bias=args.freeze_bias)
     sys.stdout.write(result.render(args.format))
     if args.format == "json":
@@ -60,12 +61,3 @@ def run(args) -> int:
         plot_network(result, args.plot)
         print(f"network diagram written to {args.plot}", file=sys.stderr)
     return 0
-
-
-def _check_writable(path: str) -> None:
-    """Fail before the work, not after it, when the plot cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OSError(f"cannot write the plot to {path!r}: folder {folder!r} does not exist")
-    if not path.lower().endswith((".png", ".pdf", ".svg")):
-        raise ValueError(f"--plot expects a file name ending in .png, .pdf or .svg, got {path!r}")
