@@ -17,6 +17,7 @@ from .gradcheck import (
     check_grads,
     check_layer,
     compare_grads,
+    unchecked_report,
     default_tolerance,
     fd_tolerance,
     finite_difference_grads,
@@ -34,12 +35,20 @@ from .layers import (
     Softplus,
     Tanh,
     activation,
-    describe,
+    Context,
+    apply,
+    concat,
+    init_state,
+    output_shape,
+    residual,
+    stateful,
     elementwise,
     glorot_uniform,
     he_normal,
     serial,
 )
+from .model import build, describe, layer_names, load_description, register_layer
+from .norm import BatchNorm, Dropout
 from .losses import (
     LOSSES,
     Loss,
@@ -58,11 +67,16 @@ from .train import (
     REASONS,
     FitResult,
     SgdState,
+    StepMetrics,
+    TrainState,
     biases,
     fit,
     freeze,
+    init_train_state,
+    make_loop,
     make_train_step,
     sgd,
+    train_step,
 )
 
 __version__ = "0.1.0"

@@ -12,21 +12,22 @@ import jax
 import jax.numpy as jnp
 
 from ._trees import tree_difference
-from .layers import InputShapeError, Layer, serial
+from .layers import InputShapeError, Layer, apply, init_state, serial
 from .losses import Loss, get_loss
 
 __all__ = ["forward", "backprop", "autodiff", "loss_fn", "check_inputs", "check_params"]
 
 
 def check_inputs(x) -> None:
-    """Trace-time checks on a batch of inputs: floating point, not empty."""
+    """Trace-time checks on a batch of inputs: floating point or integer ids, not empty."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # a list: result_type would fail
         raise TypeError(f"inputs must be an array of shape (batch, features), got "
                         f"{type(x).__name__} (convert with jnp.asarray(x))")
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"inputs must be floating point, got dtype {dtype} "
-                        f"(convert with x.astype(jnp.float32))")
+    # Integer inputs are token ids for an Embedding; a layer that needs floats says so itself.
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"inputs must be floating point (or integer token ids), got dtype "
+                        f"{dtype} (convert with x.astype(jnp.float32))")
     shape = jnp.shape(x)
     if len(shape) == 0:
         raise ValueError("inputs must have shape (features,) or (batch, features), got a scalar")
@@ -78,24 +79,28 @@ def _raise_forward_shape_error(net: Layer, params, input_shape) -> None:
     which reads better than a parameter shape derived from the wrong input.
     """
     x = jax.ShapeDtypeStruct(tuple(input_shape), jax.dtypes.canonicalize_dtype(jnp.float64))
+    state = init_state(net, input_shape)
     if (net.name == "serial" and isinstance(params, (tuple, list))
-            and len(params) == len(net.config)):
+            and len(params) == len(net.children)):
         # Only up to the first layer with parameters: that is where the inputs meet the params.
         # A mismatch further in is the params' own inconsistency, which the params message names.
         k = next((i for i, p in enumerate(params) if jax.tree_util.tree_leaves(p)),
                  len(params) - 1)
-        net, params = serial(*net.config[:k + 1]), tuple(params[:k + 1])
+        net, params = serial(*net.children[:k + 1]), tuple(params[:k + 1])
     try:
-        jax.eval_shape(net.forward, params, x)
+        jax.eval_shape(lambda p, xx: apply(net, p, state, xx, key=jax.random.key(0))[0], params, x)
     except InputShapeError as e:
         raise InputShapeError(str(e)) from None
     except Exception:  # the params' own inconsistency (a broadcast error): the params message
         pass
 
 
-def forward(net: Layer, params, x) -> jax.Array:
-    """The network's output (the cache is dropped)."""
-    return net.forward(params, x)[0]
+def forward(net: Layer, params, x, *, state=None, key=None, train: bool = True) -> jax.Array:
+    """The network's output (the cache and the new state are dropped)."""
+    if state is None and key is None and train:
+        return net.forward(params, x)[0]
+    state = init_state(net, jnp.shape(x)) if state is None else state
+    return apply(net, params, state, x, key=key, train=train)[0]
 
 
 def loss_fn(net: Layer, loss):
@@ -108,24 +113,44 @@ def loss_fn(net: Layer, loss):
     return value
 
 
-def backprop(net: Layer, loss: Loss | str, params, x, y, *, validate: bool = True):
+def _validate(net, params, x, validate):
+    if validate:
+        check_inputs(x)
+        check_params(net, params, jnp.shape(x))
+
+
+def _returned(value, grads, new_state, state_given):
+    return (value, grads, new_state) if state_given else (value, grads)
+
+
+def backprop(net: Layer, loss: Loss | str, params, x, y, *, state=None, key=None,
+             train: bool = True, validate: bool = True):
     """Manual chain rule: forward with caches, ``dE/dout`` from the loss, backward.
 
-    Returns ``(loss value, grads)``.
+    Returns ``(loss value, grads)``; with ``state`` given (a network with BatchNorm),
+    ``(loss value, grads, new state)``. ``key`` seeds the randomness (Dropout's masks);
+    ``train=False`` runs the evaluation forward (running statistics, no dropout).
     """
     loss = get_loss(loss)
-    if validate:
-        check_inputs(x)
-        check_params(net, params, jnp.shape(x))
-    out, cache = net.forward(params, x)
+    _validate(net, params, x, validate)
+    start = init_state(net, jnp.shape(x)) if state is None else state
+    out, cache, new_state = apply(net, params, start, x, key=key, train=train)
     value = loss.value(out, y)
     grads, _ = net.backward(params, cache, loss.grad(out, y))
-    return value, grads
+    return _returned(value, grads, new_state, state is not None)
 
 
-def autodiff(net: Layer, loss: Loss | str, params, x, y, *, validate: bool = True):
-    """``jax.value_and_grad`` of the same pure loss. Returns ``(loss value, grads)``."""
-    if validate:
-        check_inputs(x)
-        check_params(net, params, jnp.shape(x))
-    return jax.value_and_grad(loss_fn(net, loss))(params, x, y)
+def autodiff(net: Layer, loss: Loss | str, params, x, y, *, state=None, key=None,
+             train: bool = True, validate: bool = True):
+    """``jax.value_and_grad`` of the same pure loss, with the same state and key as
+    :func:`backprop` (so the same batch statistics and dropout masks). Returns what it does."""
+    loss = get_loss(loss)
+    _validate(net, params, x, validate)
+    start = init_state(net, jnp.shape(x)) if state is None else state
+
+    def value(p):
+        out, _, new_state = apply(net, p, start, x, key=key, train=train)
+        return loss.value(out, y), new_state
+
+    (value_, new_state), grads = jax.value_and_grad(value, has_aux=True)(params)
+    return _returned(value_, grads, new_state, state is not None)

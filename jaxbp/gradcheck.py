@@ -39,6 +39,8 @@ __all__ = [
     "GradReport",
     "GradientMismatchError",
     "compare_grads",
+    "compare_with_finiteness",
+    "unchecked_report",
     "default_tolerance",
     "finite_difference_grads",
     "fd_tolerance",
@@ -82,7 +84,21 @@ def fd_tolerance(dtype) -> tuple[float, float]:
 
 
 class GradientMismatchError(ValueError):
-    """Raised when a manual gradient disagrees with its reference."""
+    """A manual gradient disagrees with its reference; ``.report`` holds the comparison.
+
+    The message is built from the report: "manual gradient disagrees with jax.grad at step 7:
+    worst leaf [2]['W'], relative error 1.000e+00; nothing was updated", then the table.
+    """
+
+    def __init__(self, report: "GradReport", *, what: str = "manual gradient",
+                 reference: str = "jax.grad", step: int | None = None,
+                 note: str = "nothing was updated"):
+        self.report, self.step = report, step
+        where = f" at step {step}" if step is not None else ""
+        tail = f"; {note}" if note else ""
+        super().__init__(f"{what} disagrees with {reference}{where}: worst leaf "
+                         f"{report.worst_path}, relative error "
+                         f"{float(report.worst_rel_error):.3e}{tail}\n{report.table()}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +121,8 @@ class GradReport:
     @property
     def worst_path(self) -> str:
         """The path of the leaf with the largest relative error (forces a host sync)."""
-        return self.paths[int(np.asarray(self.worst))] if self.paths else ""
+        worst = int(np.asarray(self.worst))
+        return self.paths[worst] if self.paths and worst >= 0 else ""
 
     def to_dict(self) -> dict:
         """Plain Python numbers, for JSON and printing."""
@@ -139,9 +156,7 @@ class GradReport:
     def raise_if_failed(self, what: str = "manual gradient") -> None:
         """Raise :class:`GradientMismatchError` naming the worst leaf unless ``ok``."""
         if not bool(self.ok):
-            raise GradientMismatchError(
-                f"{what} disagrees with the reference at leaf {self.worst_path}: relative error "
-                f"{float(self.worst_rel_error):.3e}\n{self.table()}")
+            raise GradientMismatchError(self, what=what, reference="the reference", note="")
 
 
 jax.tree_util.register_dataclass(
@@ -215,7 +230,29 @@ def _leaf_stats(a, b, rtol, atol):
     cosine = jnp.where(norm > 0, ab / jnp.maximum(norm, tiny),
                        jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype))
     cosine = jnp.where(finite, cosine, jnp.nan)
-    return max_diff, rel, cosine, finite & close, a_finite
+    return max_diff, rel, cosine, finite & close, a_finite, scale
+
+
+# Differences below ROUNDING_FLOOR * eps * (the largest gradient entry of the whole tree) are
+# rounding, whatever the leaf: a gradient that is zero in exact arithmetic (a bias feeding a
+# BatchNorm, whose mean it removes) comes out as a sum of terms that cancel, a few eps of the
+# terms' size, which neither side computes "more correctly".
+ROUNDING_FLOOR = 1e3
+
+
+def _apply_rounding_floor(stats):
+    """Leaves whose difference is below the tree's rounding floor agree; their relative error
+    is taken relative to the tree's largest gradient entry instead of their own."""
+    scales = [jnp.where(jnp.isfinite(s[5]), s[5], 0).astype(jnp.result_type(float))
+              for s in stats]
+    tree_scale = jnp.max(jnp.stack(scales))
+    out = []
+    for max_diff, rel, cosine, ok, a_finite, scale in stats:
+        floor = ROUNDING_FLOOR * jnp.finfo(max_diff.dtype).eps * tree_scale
+        rounding = jnp.isfinite(rel) & (max_diff <= floor) & (tree_scale > 0)
+        rel = jnp.where(rounding, max_diff / jnp.where(tree_scale > 0, tree_scale, 1), rel)
+        out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite))
+    return out
 
 
 def compare_grads(manual, reference, *, rtol: float | None = None,
@@ -226,10 +263,21 @@ def compare_grads(manual, reference, *, rtol: float | None = None,
     ``rtol``/``atol`` default per leaf dtype (:func:`default_tolerance`); ``atol`` is relative
     to the leaf's scale (see the module docstring).
     """
-    return _compare(manual, reference, rtol=rtol, atol=atol, tolerances=tolerances)[0]
+    return compare_with_finiteness(manual, reference, rtol=rtol, atol=atol,
+                                   tolerances=tolerances)[0]
 
 
-def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance):
+def unchecked_report(grads) -> GradReport:
+    """The report of a step that compared nothing (``check="off"``): NaN statistics, ok, no
+    worst leaf (-1); the same pytree structure as a real report, so metrics keep one shape."""
+    paths = tuple(_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0])
+    nan = jnp.full((len(paths),), jnp.nan, jnp.result_type(float))
+    return GradReport(nan, nan, nan, jnp.ones((len(paths),), bool), jnp.array(True),
+                      jnp.array(-1, jnp.int32), jnp.array(jnp.nan, nan.dtype), paths)
+
+
+def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
+                            tolerances=default_tolerance):
     """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
 
     The train step's non-finite guard reads the second result instead of making passes of
@@ -250,7 +298,7 @@ def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tole
     def equal(dtype):
         # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite.
         zero = jnp.zeros((), dtype)
-        return zero, zero, jnp.ones((), dtype), jnp.array(True), jnp.array(True)
+        return zero, zero, jnp.ones((), dtype), jnp.array(True), jnp.array(True), zero
 
     def full(_):
         out = []
@@ -260,12 +308,12 @@ def _compare(manual, reference, *, rtol=None, atol=None, tolerances=default_tole
                 continue
             leaf = _leaf_stats(a, b, r, t)
             if a_own is not None:  # finite in its own dtype may overflow in the reference's
-                leaf = leaf[:4] + (jnp.all(jnp.isfinite(a_own)),)
+                leaf = leaf[:4] + (jnp.all(jnp.isfinite(a_own)), leaf[5])
             out.append(leaf)
-        return out
+        return _apply_rounding_floor(out)
 
     def identical(_):  # a NaN or inf never gets here
-        return [equal(a.dtype) for a, *_ in leaves]
+        return [equal(a.dtype)[:5] for a, *_ in leaves]
 
     # The common case in a checked step: the manual backward is autodiff's arithmetic, XLA
     # computed it once, and the two trees are the same numbers. One pass per leaf proves it:

@@ -15,15 +15,44 @@ A layer is a :class:`Layer`, a NamedTuple of three pure functions::
 ``dparams = dE/dparams`` (a pytree shaped exactly like ``params``) and ``dx = dE/dx``: the chain
 rule, written out. Layers without parameters use ``()``.
 
-Every layer works on a batch ``(batch, features)`` and on a single example ``(features,)``, so
-``jax.vmap`` over examples works. Shape problems raise ``ValueError`` while ``jit`` traces, so
-they surface under ``jit`` too.
+Every layer works on a batch ``(batch, ...)`` and on a single example, so ``jax.vmap`` over
+examples works. Shape problems raise ``ValueError`` while ``jit`` traces, so they surface under
+``jit`` too.
 
-``serial(*layers)`` is itself a layer: its forward keeps each layer's cache, its backward walks
-them in reverse.
+State and randomness
+--------------------
 
-The two remaining fields, ``name`` and ``config``, describe the layer (for error messages,
-checkpoints and the command line); they play no part in the computation.
+A layer with state (BatchNorm's running statistics) or randomness (Dropout's mask) has two
+more functions; every other layer leaves them ``None`` and stays as short as above::
+
+    init_state(input_shape)          -> state
+    apply(params, state, x, context) -> (y, cache, new_state)
+
+``context`` is a :class:`Context` ``(train, key)``: ``train`` a Python bool (training or
+evaluation: batch or running statistics, a random mask or none), ``key`` a PRNG key or
+``None``. State is a pytree beside params, returned, never mutated; keys are passed in, never
+stored. ``backward`` is unchanged: it reads what the forward used (the batch statistics, the
+mask) from the cache, so the manual gradient and ``jax.grad`` of one call are gradients of the
+same function. ``forward(params, x)`` of such a layer is ``apply`` in training mode from the
+initial state without a key (a layer that needs a key then says so).
+
+:func:`apply` and :func:`init_state` work on any layer: for a stateless layer the state is
+``()`` and ``apply`` is ``forward``. Combinators thread both: each child gets its own entry of
+the state (a tuple, like params) and its own key ``fold_in(key, i)``.
+
+Composition
+-----------
+
+``serial(*layers)``, ``residual(*layers)`` (``y = x + f(x)``) and ``concat(*layers)``
+(``y = [f_1(x), f_2(x), ...]`` joined on the last axis) are themselves layers: their forward
+keeps each child's cache, their backward walks them in reverse.
+
+Description
+-----------
+
+``name`` is the layer's registered name and ``config`` the ``(argument, value)`` pairs its
+factory was called with, so :func:`jaxbp.model.build` rebuilds it from
+:func:`jaxbp.model.describe`'s JSON. Neither plays a part in the computation.
 """
 
 from __future__ import annotations
@@ -49,27 +78,91 @@ __all__ = [
     "elementwise",
     "ACTIVATIONS",
     "activation",
-    "describe",
+    "Context",
+    "init_state",
+    "apply",
+    "output_shape",
+    "stateful",
+    "residual",
+    "concat",
     "glorot_uniform",
     "he_normal",
 ]
 
 
+class Context(NamedTuple):
+    """What a layer with state or randomness is told about one call (module docstring)."""
+
+    train: bool = True
+    key: Any = None
+
+
 class Layer(NamedTuple):
-    """A layer: three pure functions plus a description. See the module docstring."""
+    """A layer: three pure functions plus a description; see the module docstring.
+
+    ``init_state`` and ``apply`` are ``None`` unless the layer has state or randomness.
+    """
 
     init: Callable[[Any, tuple], tuple[tuple, Any]]
     forward: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
     backward: Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
     name: str = "layer"
     config: tuple = ()
+    init_state: Callable[[tuple], Any] | None = None
+    apply: Callable[[Any, Any, jax.Array, Context], tuple[jax.Array, Any, Any]] | None = None
+
+    @property
+    def children(self) -> tuple:
+        """The layers a combinator holds (``serial``, ``residual``, ``concat``), else ``()``."""
+        return tuple(dict(self.config).get("layers", ()))
+
+    @property
+    def has_state(self) -> bool:
+        """Does the layer (or any layer inside it) have state or randomness?"""
+        return self.apply is not None
 
 
-def describe(layer: Layer) -> dict:
-    """A JSON-friendly description of a layer (or a whole network)."""
-    if layer.name == "serial":
-        return {"name": "serial", "layers": [describe(child) for child in layer.config]}
-    return {"name": layer.name, **dict(layer.config)}
+def init_state(layer: Layer, input_shape) -> Any:
+    """The initial state of ``layer`` for inputs of ``input_shape`` (``()`` if it has none)."""
+    return layer.init_state(tuple(input_shape)) if layer.init_state is not None else ()
+
+
+def apply(layer: Layer, params, state, x, *, key=None, train: bool = True):
+    """Run ``layer`` with explicit state and randomness: ``(y, cache, new_state)``.
+
+    For a stateless layer this is ``forward``, and the state passes through unchanged.
+    """
+    if layer.apply is None:
+        y, cache = layer.forward(params, x)
+        return y, cache, state
+    return layer.apply(params, state, x, Context(bool(train), key))
+
+
+def output_shape(layer: Layer, input_shape) -> tuple:
+    """The output shape ``layer.init`` reports for ``input_shape`` (no arrays are made)."""
+    found = []
+
+    def shapes_only():
+        shape, params = layer.init(jax.random.key(0), tuple(input_shape))
+        found.append(tuple(shape))
+        return params
+
+    jax.eval_shape(shapes_only)
+    return found[0]
+
+
+def stateful(init, apply_fn, backward, init_state_fn, name: str, config: tuple = ()) -> Layer:
+    """A :class:`Layer` with state or randomness, from its four functions.
+
+    Its ``forward`` is ``apply`` in training mode, from the initial state, without a key.
+    """
+
+    def forward(params, x):
+        state = init_state_fn(tuple(jnp.shape(x)))
+        y, cache, _ = apply_fn(params, state, x, Context(True, None))
+        return y, cache
+
+    return Layer(init, forward, backward, name, config, init_state_fn, apply_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +231,7 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         in_dim = int(input_shape[-1])
         if in_dim < 1:
             raise ValueError(f"Dense expects at least one input feature, got shape {tuple(input_shape)}")
-        dt = dtype or _default_float()
+        dt = jnp.dtype(dtype) if dtype is not None else _default_float()
         wi = _INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
         w = jnp.asarray(wi(key, (in_dim, out_dim), dt), dt)
         b_shape = () if shared_bias else (out_dim,)
@@ -169,11 +262,10 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         dx = dy @ w.T
         return {"W": dw, "b": db}, dx
 
-    config = (("out_dim", out_dim), ("shared_bias", shared_bias),
-              ("w_init", w_init if isinstance(w_init, str) else getattr(w_init, "__name__", "custom")))
-    # serial() resolves w_init="auto" by rebuilding the layer: with every other argument
-    # (dtype, b_init) kept, which the config alone does not record.
-    init.with_w_init = lambda new_w_init: Dense(out_dim, shared_bias, new_w_init, b_init, dtype)
+    # The arguments as given (a function stays a function; describe() writes its name), so
+    # that Dense(**dict(config)) rebuilds this very layer: serial() does, to resolve "auto".
+    config = (("out_dim", out_dim), ("shared_bias", shared_bias), ("w_init", w_init),
+              ("b_init", b_init), ("dtype", None if dtype is None else jnp.dtype(dtype).name))
     return Layer(init, forward, backward, "Dense", config)
 
 
@@ -305,68 +397,218 @@ def activation(name: str) -> Layer:
 # --------------------------------------------------------------------------------------------
 
 
-def _with_init(layer: Layer, w_init: str) -> Layer:
-    rebuild = getattr(layer.init, "with_w_init", None)
-    if rebuild is not None:
-        return rebuild(w_init)._replace(forward=layer.forward, backward=layer.backward)
-    cfg = dict(layer.config)
-    return Dense(cfg["out_dim"], cfg["shared_bias"], w_init=w_init)._replace(
-        forward=layer.forward, backward=layer.backward)
+def _resolve_auto_init(layers: tuple) -> list:
+    """Layers whose config says ``w_init="auto"``, rebuilt with He initialisation when a
+    ReLU-like activation follows them, Glorot otherwise.
+
+    The rebuild goes through the layer's registered factory with its own config (which is
+    what the config is for); only ``init`` is taken from it, so a layer whose forward or
+    backward was replaced (a fault, a custom rule) keeps them.
+    """
+    from .model import factory  # model imports this module: a late import, not a cycle
+
+    resolved = list(layers)
+    for i, layer in enumerate(layers):
+        config = dict(layer.config)
+        if config.get("w_init") != "auto":
+            continue
+        following = layers[i + 1].name if i + 1 < len(layers) else None
+        config["w_init"] = "he" if following in _RELU_LIKE else "glorot"
+        resolved[i] = layer._replace(init=factory(layer.name)(**config).init)
+    return resolved
+
+
+def _check_children(who: str, layers: tuple) -> None:
+    if not layers:
+        raise ValueError(f"{who} expects at least one layer, got none")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            hint = " (did you forget to call it, e.g. Dense(10)?)" if callable(layer) else ""
+            raise TypeError(f"{who}: argument {i} is not a Layer, got {layer!r}{hint}")
+
+
+def _check_entries(who: str, what: str, entries, count: int) -> None:
+    if not isinstance(entries, (tuple, list)) or len(entries) != count:
+        got = len(entries) if isinstance(entries, (tuple, list)) else type(entries).__name__
+        raise ValueError(f"{who} of {count} layers expects a tuple of {count} {what} entries, "
+                         f"got {got}")
+
+
+def _child_key(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def _child_error(who: str, i: int, layer: Layer, error: Exception) -> Exception:
+    # One prefix per level: "layer 2 (residual): layer 0 (Dense): Dense expects ..."
+    return type(error)(f"{who} {i} ({layer.name}): {error}")
+
+
+def _chain_apply(layers, params, state, x, context: Context):
+    """Run ``layers`` one after the other: ``(y, caches, new_states)``."""
+    caches, states = [], []
+    for i, (layer, p, s) in enumerate(zip(layers, params, state)):
+        try:
+            x, c, s = apply(layer, p, s, x, key=_child_key(context.key, i), train=context.train)
+        except (ValueError, TypeError) as e:
+            raise _child_error("layer", i, layer, e) from None
+        caches.append(c)
+        states.append(s)
+    return x, tuple(caches), tuple(states)
+
+
+def _chain_backward(layers, params, caches, dy):
+    """The reverse walk: each layer maps ``dE/d(its output)`` to ``dE/d(its input)``."""
+    grads = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        grads[i], dy = layers[i].backward(params[i], caches[i], dy)
+    return tuple(grads), dy
+
+
+def _chain_init(who: str, layers, key, input_shape):
+    params, shape = [], tuple(input_shape)
+    for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
+        try:
+            shape, p = layer.init(k, shape)
+        except ValueError as e:
+            raise ValueError(f"{who} {i} ({layer.name}): {e}") from None
+        params.append(p)
+    return shape, tuple(params)
+
+
+def _chain_init_state(layers, input_shape) -> tuple:
+    states, shape = [], tuple(input_shape)
+    for layer in layers:
+        states.append(init_state(layer, shape))
+        shape = output_shape(layer, shape)
+    return tuple(states)
+
+
+def _combinator(name: str, layers: tuple, init, run, backward, init_state_fn) -> Layer:
+    """A layer built from children: with ``apply`` and ``init_state`` only if a child has state.
+
+    ``run(params, state, x, context) -> (y, cache, new_state)`` is the one forward.
+    """
+    config = (("layers", tuple(layers)),)
+    if any(layer.has_state for layer in layers):
+        return Layer(init, lambda p, x: _stateless_forward(run, layers, p, x), backward, name,
+                     config, init_state_fn, run)
+
+    def forward(params, x):
+        y, cache, _ = run(params, tuple(() for _ in layers), x, Context())
+        return y, cache
+
+    return Layer(init, forward, backward, name, config)
+
+
+def _stateless_forward(run, layers, params, x):
+    y, cache, _ = run(params, _chain_init_state(layers, jnp.shape(x)), x, Context())
+    return y, cache
 
 
 def serial(*layers: Layer) -> Layer:
     """Compose layers in sequence; the result is itself a layer.
 
-    Its params are a tuple, one entry per layer (``()`` for parameter-free layers).
-    A ``Dense`` left at ``w_init="auto"`` gets He initialisation when a ReLU-like activation
-    follows it, Glorot otherwise.
+    Its params (and state) are a tuple, one entry per layer (``()`` for parameter-free
+    layers). A layer left at ``w_init="auto"`` gets He initialisation when a ReLU-like
+    activation follows it, Glorot otherwise.
     """
-    if not layers:
-        raise ValueError("serial expects at least one layer, got none")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            hint = " (did you forget to call it, e.g. Dense(10)?)" if callable(layer) else ""
-            raise TypeError(f"serial: argument {i} is not a Layer, got {layer!r}{hint}")
-    init_layers = list(layers)
-    for i, layer in enumerate(layers):
-        if layer.name == "Dense" and dict(layer.config).get("w_init") == "auto":
-            nxt = layers[i + 1].name if i + 1 < len(layers) else None
-            init_layers[i] = _with_init(layer, "he" if nxt in _RELU_LIKE else "glorot")
-
-    def where(i):
-        return f"layer {i} ({layers[i].name})"
+    _check_children("serial", layers)
+    init_layers = _resolve_auto_init(layers)
 
     def init(key, input_shape):
-        keys = jax.random.split(key, len(layers))
-        params = []
-        shape = tuple(input_shape)
-        for i, (layer, k) in enumerate(zip(init_layers, keys)):
-            try:
-                shape, p = layer.init(k, shape)
-            except ValueError as e:
-                raise ValueError(f"{where(i)}: {e}") from None
-            params.append(p)
-        return shape, tuple(params)
+        return _chain_init("layer", init_layers, key, input_shape)
 
-    def forward(params, x):
-        if not isinstance(params, (tuple, list)) or len(params) != len(layers):
-            got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
-            raise ValueError(f"serial network of {len(layers)} layers expects a tuple of "
-                             f"{len(layers)} parameter entries, got {got}")
-        caches = []
-        for i, (layer, p) in enumerate(zip(layers, params)):
-            try:
-                x, c = layer.forward(p, x)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"{where(i)}: {e}") from None
-            caches.append(c)
-        return x, tuple(caches)
+    def run(params, state, x, context):
+        _check_entries("serial network", "parameter", params, len(layers))
+        _check_entries("serial network", "state", state, len(layers))
+        return _chain_apply(layers, params, state, x, context)
 
     def backward(params, caches, dy):
         """Walk the layers in reverse: each maps ``dE/d(its output)`` to ``dE/d(its input)``."""
-        grads = [None] * len(layers)
-        for i in reversed(range(len(layers))):
-            grads[i], dy = layers[i].backward(params[i], caches[i], dy)
-        return tuple(grads), dy
+        return _chain_backward(layers, params, caches, dy)
 
-    return Layer(init, forward, backward, "serial", tuple(layers))
+    return _combinator("serial", layers, init, run, backward,
+                       lambda shape: _chain_init_state(layers, shape))
+
+
+def residual(*layers: Layer) -> Layer:
+    """``y = x + f(x)``, with ``f = serial(*layers)``; the output must have the input's shape.
+
+    Backward: ``dE/dx = dy + (dE/dx through f)``, the sum of both paths (the skip connection
+    passes ``dy`` through unchanged); ``dE/dparams`` are ``f``'s.
+    """
+    _check_children("residual", layers)
+    body = serial(*layers)
+
+    def init(key, input_shape):
+        shape, params = body.init(key, input_shape)
+        if tuple(shape) != tuple(input_shape):
+            raise ValueError(f"residual: the branch maps shape {tuple(input_shape)} to "
+                             f"{tuple(shape)}; y = x + f(x) needs f to keep the shape")
+        return shape, params
+
+    def run(params, state, x, context):
+        y, cache, new_state = apply(body, params, state, x, key=context.key, train=context.train)
+        if jnp.shape(y) != jnp.shape(x):
+            raise ValueError(f"residual: the branch maps shape {tuple(jnp.shape(x))} to "
+                             f"{tuple(jnp.shape(y))}; y = x + f(x) needs f to keep the shape")
+        return x + y, cache, new_state
+
+    def backward(params, cache, dy):
+        """``dE/dx = dy + f.backward(dy)``: the skip path and the branch path, summed."""
+        grads, dx = body.backward(params, cache, dy)
+        return grads, dy + dx
+
+    return _combinator("residual", layers, init, run, backward,
+                       lambda shape: init_state(body, shape))
+
+
+def concat(*layers: Layer) -> Layer:
+    """Branches on the same input, joined on the last axis: ``y = [f_1(x), f_2(x), ...]``.
+
+    Params (and state) are a tuple, one entry per branch. Backward: ``dy`` is split along the
+    last axis into each branch's part; ``dE/dx`` is the sum of the branches' input gradients
+    (``x`` feeds every branch).
+    """
+    _check_children("concat", layers)
+
+    def init(key, input_shape):
+        keys = jax.random.split(key, len(layers))
+        shapes, params = [], []
+        for i, (layer, k) in enumerate(zip(layers, keys)):
+            shape, p = _chain_init("branch", (layer,), k, input_shape)
+            shapes.append(shape)
+            params.append(p[0])
+        if len({s[:-1] for s in shapes}) > 1:
+            raise ValueError(f"concat: the branches' outputs differ before the last axis: "
+                             f"{', '.join(map(str, shapes))}")
+        return (*shapes[0][:-1], sum(s[-1] for s in shapes)), tuple(params)
+
+    def run(params, state, x, context):
+        _check_entries("concat", "parameter", params, len(layers))
+        outs, caches, states = [], [], []
+        for i, (layer, p, s) in enumerate(zip(layers, params, state)):
+            try:
+                y, c, s = apply(layer, p, s, x, key=_child_key(context.key, i),
+                                train=context.train)
+            except (ValueError, TypeError) as e:
+                raise _child_error("branch", i, layer, e) from None
+            outs.append(y)
+            caches.append((c, y.shape[-1]))
+            states.append(s)
+        return jnp.concatenate(outs, axis=-1), tuple(caches), tuple(states)
+
+    def backward(params, caches, dy):
+        """``dy_i = dy[..., offset_i : offset_i + width_i]``; ``dE/dx = sum_i dx_i``."""
+        grads, dx, offset = [], None, 0
+        for layer, p, (c, width) in zip(layers, params, caches):
+            g, d = layer.backward(p, c, dy[..., offset:offset + width])
+            grads.append(g)
+            dx = d if dx is None else dx + d
+            offset += width
+        return tuple(grads), dx
+
+    def init_state_fn(shape):
+        return tuple(init_state(layer, shape) for layer in layers)
+
+    return _combinator("concat", layers, init, run, backward, init_state_fn)

@@ -1,23 +1,29 @@
-"""The verified train step, plain SGD, and a fused multi-step training loop.
+"""The verified train step, plain SGD, and the training loop.
 
 ``make_train_step(net, loss, optimizer, check=...)`` returns a jitted
-``step(params, opt_state, x, y) -> (params, opt_state, metrics)``. Each step computes the manual
-chain-rule gradients and, unless ``check="off"``, ``jax.grad``'s, compares them leaf by leaf on
-device and only then applies the update through ``optimizer`` (``jaxbp.sgd`` or any optax
-``GradientTransformation``).
+``step(train_state, x, y) -> (train_state, metrics)`` (a :class:`TrainState` in, a
+:class:`StepMetrics` out; :func:`init_train_state` makes the first state). Each step computes
+the manual chain-rule gradients and, unless ``check="off"``, ``jax.grad``'s of the same
+function (same layer state, same dropout key), compares them leaf by leaf on device and only
+then applies the update through ``optimizer`` (``jaxbp.sgd`` or any optax
+``GradientTransformation``). :func:`train_step` is the same step as a pure function.
 
 Check modes:
 
 - ``"off"``: manual gradients only, the fastest.
 - ``"report"``: both gradients; the comparison lands in ``metrics``; the update is applied.
 - ``"skip"``: the update is applied only when the gradients agree and are finite; otherwise
-  params and optimizer state come back bit-for-bit unchanged and ``metrics["reason"]`` says why.
-- ``"raise"``: as ``"skip"``, then a disagreement raises :class:`GradientMismatchError` naming
-  the worst leaf (this reads one flag back to the host each step).
+  params, optimizer state and layer state come back bit-for-bit unchanged and
+  ``metrics.reason`` says why.
+- ``"raise"``: as ``"skip"``, then a disagreement raises :class:`GradientMismatchError`, which
+  carries the report and names the worst leaf (this reads one flag back to the host each step).
 
 In every mode a step whose loss, gradients or updated parameters are not finite is not applied
-(``metrics["applied"]`` is false, ``metrics["reason"]`` is ``REASON_NONFINITE``): a NaN in the
-data or a learning rate that blows up never corrupts the parameters.
+(``metrics.applied`` is false, ``metrics.reason`` is ``REASON_NONFINITE``): a NaN in the data
+or a learning rate that blows up never corrupts the parameters.
+
+:func:`make_loop` runs many steps, fused in one ``lax.scan`` or as one jitted call per step;
+:func:`fit`, the trainer and the data-parallel path all train through it.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ import math
 import numpy as np
 import optax
 
-from .backprop import autodiff, backprop, check_inputs, check_params
-from .gradcheck import GradientMismatchError, _compare
-from .layers import Layer
+from .backprop import autodiff, backprop, check_inputs, check_params, forward
+from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness as _compare
+from .gradcheck import unchecked_report
+from .layers import Layer, init_state
 from .losses import get_loss
 
 __all__ = [
@@ -41,7 +48,16 @@ __all__ = [
     "SgdState",
     "freeze",
     "biases",
+    "TrainState",
+    "StepMetrics",
+    "init_train_state",
+    "train_step",
     "make_train_step",
+    "make_loop",
+    "gather_batch",
+    "raise_first_mismatch",
+    "select_tree",
+    "check_mode",
     "fit",
     "FitResult",
     "CHECK_MODES",
@@ -132,6 +148,53 @@ def freeze(optimizer: optax.GradientTransformation, frozen) -> optax.GradientTra
 # --------------------------------------------------------------------------------------------
 
 
+class TrainState(NamedTuple):
+    """Everything a step changes: params, optimizer state, layer state (BatchNorm's running
+    statistics; ``()`` for a network without), and the PRNG key of the randomness (Dropout's
+    masks; ``None`` for a network without). Make one with :func:`init_train_state`."""
+
+    params: Any
+    opt_state: Any
+    state: Any = ()
+    key: Any = None
+
+
+class StepMetrics(NamedTuple):
+    """What one step reports; the same fields whatever the check mode.
+
+    ``loss`` (before the update); ``rel_error`` (the worst leaf's relative error, NaN with
+    ``check="off"``); ``worst_leaf`` (its index, -1 with ``"off"``); ``leaf_rel_error`` (one per
+    leaf, NaN with ``"off"``); ``ok`` (finite, and agreeing when checked); ``applied``;
+    ``reason`` (``REASON_APPLIED``, ``REASON_NONFINITE`` or ``REASON_MISMATCH``); ``report``,
+    the full :class:`~jaxbp.GradReport` (NaN statistics with ``"off"``).
+    """
+
+    loss: jax.Array
+    rel_error: jax.Array
+    worst_leaf: jax.Array
+    leaf_rel_error: jax.Array
+    ok: jax.Array
+    applied: jax.Array
+    reason: jax.Array
+    report: GradReport
+
+
+def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params, *,
+                     input_shape=None, state=None, key=None) -> TrainState:
+    """The first :class:`TrainState`: ``optimizer.init(params)``, and the network's initial
+    layer state (``init_state(net, input_shape)``) unless ``state`` is given.
+
+    ``key`` (a PRNG key) is needed for networks with randomness (Dropout).
+    """
+    _check_optimizer(optimizer)
+    if state is None:
+        if net.has_state and input_shape is None:
+            raise ValueError(f"init_train_state: the network ({net.name}) has state; pass "
+                             f"input_shape= (the batch's shape) or state=")
+        state = init_state(net, input_shape) if net.has_state else ()
+    return TrainState(params, optimizer.init(params), state, key)
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves \
@@ -155,14 +218,17 @@ def _guard_finite(value, grads, new_params, grads_finite=None) -> jax.Array:
     return jnp.isfinite(value) & jnp.all(jnp.stack(oks)) if oks else jnp.isfinite(value)
 
 
-def _select(pred, new, old):
+def select_tree(pred, new, old):
+    """``new`` where the scalar ``pred`` holds, else ``old``, leaf by leaf (jit-friendly)."""
     return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def _check_mode(check):
+def check_mode(check: str) -> str:
+    """``check`` if it is one of :data:`CHECK_MODES`, else a ``ValueError`` naming them."""
     if check not in CHECK_MODES:
         raise ValueError(f"unknown check mode {check!r}; expected one of: "
                          f"{', '.join(CHECK_MODES)}")
+    return check
 
 
 def _check_optimizer(optimizer):
@@ -171,120 +237,189 @@ def _check_optimizer(optimizer):
                         f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}")
 
 
-def _raw_step(net: Layer, loss, optimizer, check: str, rtol, atol, guard: bool):
-    """The un-jitted step: ``(params, opt_state, x, y) -> (params, opt_state, metrics)``."""
-    loss = get_loss(loss)
+def _check_train_state(ts) -> None:
+    if not isinstance(ts, TrainState):
+        raise TypeError(f"a train step takes a jaxbp.TrainState (see jaxbp.init_train_state), "
+                        f"got {type(ts).__name__}")
 
-    def step(params, opt_state, x, y):
-        check_inputs(x)
-        check_params(net, params, jnp.shape(x))
-        value, grads = backprop(net, loss, params, x, y, validate=False)
-        metrics: dict[str, Any] = {"loss": value}
-        grads_finite = None  # unknown yet: the guard makes its own pass
-        if check == "off":
-            agree = jnp.array(True)
-            metrics["rel_error"] = jnp.array(jnp.nan, jnp.result_type(float))
-            metrics["worst_leaf"] = jnp.array(-1, jnp.int32)
-        else:
-            _, grads_ad = autodiff(net, loss, params, x, y, validate=False)
-            report, grads_finite = _compare(grads, grads_ad, rtol=rtol, atol=atol)
-            agree = report.ok
-            metrics["rel_error"] = report.worst_rel_error
-            metrics["worst_leaf"] = report.worst.astype(jnp.int32)
-            metrics["report"] = report
-        updates, new_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        if guard:
-            finite = _guard_finite(value, grads, new_params, grads_finite)
-        else:
-            finite = jnp.array(True)
-        mismatch = finite & ~agree
-        applied = finite & ~mismatch if check in ("skip", "raise") else finite
-        metrics["ok"] = finite & agree
-        metrics["applied"] = applied
-        metrics["reason"] = jnp.where(~finite, REASON_NONFINITE,
-                                      jnp.where(mismatch, REASON_MISMATCH, REASON_APPLIED)
-                                      ).astype(jnp.int32)
-        if guard or check in ("skip", "raise"):
-            new_params = _select(applied, new_params, params)
-            new_state = _select(applied, new_state, opt_state)
-        return new_params, new_state, metrics
 
-    return step
+def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
+    """Loss, manual gradients, new layer state, and (when checked) the comparison."""
+    step_key, next_key = (None, None) if ts.key is None else tuple(jax.random.split(ts.key))
+    value, grads, new_state = backprop(net, loss, ts.params, x, y, state=ts.state,
+                                       key=step_key, validate=False)
+    if check == "off":
+        return value, grads, new_state, next_key, None, None
+    # The same state and key: the same batch statistics and dropout masks as the manual pass.
+    _, grads_ad, _ = autodiff(net, loss, ts.params, x, y, state=ts.state, key=step_key,
+                              validate=False)
+    report, grads_finite = _compare(grads, grads_ad, rtol=rtol, atol=atol)
+    return value, grads, new_state, next_key, report, grads_finite
+
+
+def _decide(check, value, grads, new_params, report, grads_finite, guard):
+    """``(applied, metrics fields)`` of one step from its numbers."""
+    finite = _guard_finite(value, grads, new_params, grads_finite) if guard else jnp.array(True)
+    agree = jnp.array(True) if report is None else report.ok
+    mismatch = finite & ~agree
+    applied = finite & ~mismatch if check in ("skip", "raise") else finite
+    reason = jnp.where(~finite, REASON_NONFINITE,
+                       jnp.where(mismatch, REASON_MISMATCH, REASON_APPLIED)).astype(jnp.int32)
+    return applied, finite & agree, reason
+
+
+def train_step(net: Layer, loss, optimizer: optax.GradientTransformation, ts: TrainState, x, y,
+               *, check: str = "report", rtol: float | None = None, atol: float | None = None,
+               guard: bool = True) -> tuple[TrainState, StepMetrics]:
+    """One verified step, as a pure function: ``(new train state, metrics)``.
+
+    Manual gradients (and, unless ``check="off"``, ``jax.grad``'s of the same function: same
+    layer state, same key), compared leaf by leaf; the update goes through ``optimizer``. With
+    ``check`` ``"skip"`` or ``"raise"`` a disagreement leaves params, optimizer state and layer
+    state bit for bit as they were; a non-finite loss, gradient or update does so in every mode
+    (``guard=False`` turns that off). The key advances every step.
+    ``make_train_step`` jits this; ``jax.jit`` it yourself to compose it.
+    """
+    _check_train_state(ts)
+    check_inputs(x)
+    check_params(net, ts.params, jnp.shape(x))
+    inner = "skip" if check == "raise" else check
+    value, grads, new_state, next_key, report, grads_finite = _gradients(
+        net, loss, ts, x, y, inner, rtol, atol)
+    updates, new_opt = optimizer.update(grads, ts.opt_state, ts.params)
+    new_params = optax.apply_updates(ts.params, updates)
+    applied, ok, reason = _decide(inner, value, grads, new_params, report, grads_finite, guard)
+    if guard or inner == "skip":
+        new_params, new_opt, new_state = select_tree(
+            applied, (new_params, new_opt, new_state), (ts.params, ts.opt_state, ts.state))
+    report = unchecked_report(grads) if report is None else report
+    metrics = StepMetrics(value, report.worst_rel_error if check != "off" else report.rel_error[0],
+                          report.worst.astype(jnp.int32) if check != "off"
+                          else jnp.array(-1, jnp.int32),
+                          report.rel_error, ok, applied, reason, report)
+    return TrainState(new_params, new_opt, new_state, next_key), metrics
 
 
 def _donate_argnums(donate: bool, check: str) -> tuple:
-    """Which of ``(params, opt_state, x, y)`` a jitted step donates (see make_train_step).
+    """Whether a jitted step donates its train state (see make_train_step).
 
     A checked step's second gradient reads the params after the update could be written, so
     XLA copies donated params first: measured slower than not donating them (W2 of the
-    benchmarks: 1.27x vs 1.03x the plain step). The optimizer state is donated either way.
+    benchmarks: 1.27x vs 1.03x the plain step). So only unchecked steps donate.
     """
-    if not donate or check == "raise":
-        return ()
-    return (0, 1) if check == "off" else (1,)
-
-
-def _mismatch_error(metrics, step_index=None) -> GradientMismatchError:
-    report = metrics["report"]
-    where = f" at step {step_index}" if step_index is not None else ""
-    return GradientMismatchError(
-        f"manual gradient disagrees with jax.grad{where}: worst leaf {report.worst_path}, "
-        f"relative error {float(report.worst_rel_error):.3e}; nothing was updated\n"
-        f"{report.table()}")
+    return (0,) if donate and check == "off" else ()
 
 
 def make_train_step(net: Layer, loss, optimizer: optax.GradientTransformation,
                     check: str = "report", *, rtol: float | None = None,
                     atol: float | None = None, jit: bool = True, guard: bool = True,
                     donate: bool = False) -> Callable:
-    """A verified train step ``step(params, opt_state, x, y) -> (params, opt_state, metrics)``.
+    """The verified step, jitted: ``step(train_state, x, y) -> (train_state, metrics)``.
 
-    ``check`` is ``"off"``, ``"report"``, ``"skip"`` or ``"raise"`` (module docstring).
-    ``rtol``/``atol`` override the per-dtype tolerances of :func:`compare_grads`. ``guard``
-    (default on) refuses non-finite updates. ``jit=False`` returns the plain Python function
-    (same numbers, for debugging). ``donate=True`` lets XLA reuse buffers in place (the arrays
-    donated are invalid after the call): the optimizer state always, the params with
-    ``check="off"`` only (a checked step's second gradient reads them again after the update
-    could be written, so XLA would copy them first, which is slower than not donating them);
-    ignored with ``check="raise"``, whose callers must keep their params.
-
-    ``metrics``: ``loss``; ``rel_error`` (worst leaf relative error, NaN with ``"off"``);
-    ``worst_leaf`` (its index, -1 with ``"off"``); ``ok`` (finite and agreeing); ``applied``;
-    ``reason`` (``REASON_APPLIED``, ``REASON_NONFINITE`` or ``REASON_MISMATCH``); and with a
-    check, ``report``, the full :class:`~jaxbp.GradReport`.
+    See :func:`train_step` and :class:`StepMetrics`. ``check`` is ``"off"``, ``"report"``,
+    ``"skip"`` or ``"raise"`` (module docstring); ``"raise"`` reads one flag back each step
+    and raises :class:`GradientMismatchError` (carrying the report) after a disagreement,
+    nothing updated. ``rtol``/``atol`` override :func:`compare_grads`'s per-dtype tolerances.
+    ``jit=False`` returns the plain function (same numbers, for debugging). ``donate=True``
+    with ``check="off"`` lets XLA update the train state in place (the one passed in is then
+    invalid).
     """
-    _check_mode(check)
+    check_mode(check)
     _check_optimizer(optimizer)
-    raw = _raw_step(net, loss, optimizer, check, rtol, atol, guard)
-    fn = raw
-    if jit:
-        donate_argnums = _donate_argnums(donate, check)
-        fn = jax.jit(raw, donate_argnums=donate_argnums)
+    loss = get_loss(loss)
+
+    def raw(ts, x, y):
+        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
+                          guard=guard)
+
+    fn = jax.jit(raw, donate_argnums=_donate_argnums(donate, check)) if jit else raw
     if check != "raise":
         return fn
 
-    def step(params, opt_state, x, y):
-        new_params, new_state, metrics = fn(params, opt_state, x, y)
-        if int(metrics["reason"]) == REASON_MISMATCH:
-            raise _mismatch_error(metrics)
-        return new_params, new_state, metrics
+    def step(ts, x, y):
+        new_ts, metrics = fn(ts, x, y)
+        if int(metrics.reason) == REASON_MISMATCH:
+            raise GradientMismatchError(metrics.report)
+        return new_ts, metrics
 
     step.__doc__ = make_train_step.__doc__
     return step
 
 
 # --------------------------------------------------------------------------------------------
-# The fused loop: many steps inside one compiled lax.scan
+# The training loop: many steps, fused in one lax.scan or one jitted call per step
 # --------------------------------------------------------------------------------------------
 
 
-class FitResult(NamedTuple):
-    """What :func:`fit` returns: final params and optimizer state, and per-step metrics."""
+def gather_batch(data, idx):
+    """The default batch function: the rows ``idx`` of every array in ``data``."""
+    return tuple(a[idx] for a in data)
 
-    params: Any
-    opt_state: Any
-    history: dict
+
+def _stop_after_mismatch(ts, new_ts, metrics, stopped):
+    # check="raise" inside a loop: after the first disagreement nothing changes any more, so
+    # the caller can raise naming that step, with the train state from just before it.
+    stopped_now = stopped | (metrics.reason == REASON_MISMATCH)
+    return select_tree(stopped_now, ts, new_ts), stopped_now
+
+
+def make_loop(step: Callable, *, fused: bool = True, stop_on_mismatch: bool = False,
+              batch_fn: Callable = gather_batch, jit: bool = True) -> Callable:
+    """Many steps of ``step(ts, x, y) -> (ts, metrics)`` (a :func:`train_step`, un-jitted).
+
+    Returns ``run(ts, data, order) -> (ts, metrics)``: step ``t`` trains on
+    ``batch_fn(data, order[t])`` (``data`` a tuple of arrays, ``order`` a ``(steps, batch)``
+    array of example indices); the metrics come back stacked along a leading axis.
+
+    ``fused=True`` compiles the whole run as one ``lax.scan``: no Python between steps, the
+    fastest for small dense networks. ``fused=False`` makes one jitted call per step: on XLA
+    CPU a scan whose body holds convolutions ran about 23x slower than the same steps called
+    one by one. ``stop_on_mismatch`` (``check="raise"``) freezes the train state from the
+    first disagreement on. ``batch_fn`` is where a data-parallel run constrains the batch's
+    sharding and augmentation transforms it.
+    """
+    def body(carry, idx, data):
+        ts, stopped = carry
+        new_ts, metrics = step(ts, *batch_fn(data, idx))
+        if stop_on_mismatch:
+            new_ts, stopped = _stop_after_mismatch(ts, new_ts, metrics, stopped)
+        return (new_ts, stopped), metrics
+
+    if fused:
+        def run_fused(ts, data, order):
+            (ts, _), metrics = jax.lax.scan(lambda c, i: body(c, i, data),
+                                            (ts, jnp.array(False)), order)
+            return ts, metrics
+
+        return jax.jit(run_fused) if jit else run_fused
+
+    one = jax.jit(body) if jit else body
+
+    def run_stepwise(ts, data, order):
+        carry, history = (ts, jnp.array(False)), []
+        for idx in order:
+            carry, metrics = one(carry, idx, data)
+            history.append(metrics)
+        return carry[0], jax.tree_util.tree_map(lambda *ms: jnp.stack(ms), *history)
+
+    return run_stepwise
+
+
+def raise_first_mismatch(metrics: StepMetrics, *, first_step: int = 0, note: str = "") -> None:
+    """Raise :class:`GradientMismatchError` for the first disagreeing step of stacked
+    ``metrics`` (a loop's), if any, naming its global index ``first_step + t``."""
+    bad = np.flatnonzero(np.asarray(metrics.reason) == REASON_MISMATCH)
+    if bad.size:
+        t = int(bad[0])
+        report = jax.tree_util.tree_map(lambda h: h[t], metrics.report)
+        raise GradientMismatchError(report, step=first_step + t, note=note)
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns: the final train state and the stacked per-step metrics."""
+
+    state: TrainState
+    history: StepMetrics
 
 
 def _batch_indices(key, n, batch_size, steps):
@@ -306,29 +441,11 @@ def _check_labels_now(net, loss, params, x, y):
             or not jnp.issubdtype(jnp.result_type(y), jnp.integer)):
         return
     check_params(net, params, jnp.shape(x))
-    out = jax.eval_shape(lambda p, xx: net.forward(p, xx)[0], params, x)
+    out = jax.eval_shape(lambda p, xx: forward(net, p, xx, train=False), params, x)
     get_loss(loss).value(jnp.zeros(out.shape, out.dtype), jnp.asarray(y))
 
 
-def fit(net: Layer, loss, optimizer: optax.GradientTransformation, params, x, y, *,
-        steps: int, batch_size: int | None = None, key=None, check: str = "off",
-        opt_state=None, rtol: float | None = None, atol: float | None = None,
-        guard: bool = True) -> FitResult:
-    """Train for ``steps`` steps inside one compiled ``lax.scan``: no Python in the loop.
-
-    Full-batch by default; with ``batch_size``, each step takes a batch of shuffled examples,
-    epoch after epoch (``key`` seeds the shuffling). ``history`` holds each step's metrics
-    stacked along a leading axis (``history["loss"][t]`` is the loss *before* step ``t``'s
-    update). With ``check="raise"`` a disagreement stops the updates at that step and raises
-    :class:`GradientMismatchError` naming the step and the leaf.
-
-    The compiled loop is cached: calling ``fit`` again with the same ``net``, ``loss`` and
-    ``optimizer`` objects and settings reuses it (the 32 most recent). As with ``jax.jit``,
-    values those objects close over are read when the loop is first compiled; a changed
-    learning rate needs a new optimizer object.
-    """
-    _check_mode(check)
-    _check_optimizer(optimizer)
+def _check_fit_arguments(steps, batch_size, x, y) -> int | None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"fit: steps must be a positive integer, got {steps!r}")
     check_inputs(x)
@@ -344,55 +461,55 @@ def fit(net: Layer, loss, optimizer: optax.GradientTransformation, params, x, y,
         # silently pair examples with the wrong targets.
         raise ValueError(f"fit: targets must have one entry per example ({n} examples), "
                          f"got shape {tuple(np.shape(y))}")
-    _check_labels_now(net, loss, params, x, y)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
-    key = jax.random.key(0) if key is None else key
-    spec = (net, get_loss(loss), optimizer, check, rtol, atol, guard, steps, batch_size, n)
+    return n
+
+
+def fit(net: Layer, loss, optimizer: optax.GradientTransformation, ts: TrainState, x, y, *,
+        steps: int, batch_size: int | None = None, key=None, check: str = "off",
+        rtol: float | None = None, atol: float | None = None, guard: bool = True,
+        fused: bool = True) -> FitResult:
+    """Train ``ts`` for ``steps`` steps of :func:`train_step` through :func:`make_loop`.
+
+    Full-batch by default; with ``batch_size``, each step takes a batch of shuffled examples,
+    epoch after epoch (``key`` seeds the shuffling). ``history.loss[t]`` is the loss *before*
+    step ``t``'s update. With ``check="raise"`` a disagreement stops the updates at that step
+    and raises :class:`GradientMismatchError` naming the step and the leaf.
+
+    The compiled loop is cached: calling ``fit`` again with the same ``net``, ``loss`` and
+    ``optimizer`` objects and settings reuses it (the 32 most recent). As with ``jax.jit``,
+    values those objects close over are read when the loop is first compiled.
+    """
+    check_mode(check)
+    _check_optimizer(optimizer)
+    _check_train_state(ts)
+    n = _check_fit_arguments(steps, batch_size, x, y)
+    _check_labels_now(net, loss, ts.params, x, y)
+    if batch_size is None:
+        order = jnp.zeros((steps, 0), jnp.int32)  # every step the whole data set
+    else:
+        order = _batch_indices(jax.random.key(0) if key is None else key, n, batch_size, steps)
+    spec = (net, get_loss(loss), optimizer, check, rtol, atol, guard, batch_size is None, fused)
     try:
         run = _fit_loop_cached(*spec)
     except TypeError:  # something in the spec is unhashable (a custom layer's config, say)
         run = _fit_loop(*spec)
-    params_out, state_out, history = run(params, opt_state, x, y, key)
+    ts, history = run(ts, (x, y), order)
     if check == "raise":
-        bad = jnp.nonzero(history["reason"] == REASON_MISMATCH, size=1, fill_value=-1)[0]
-        first = int(bad[0])
-        if first >= 0:
-            at = jax.tree_util.tree_map(lambda h: h[first], history)
-            raise _mismatch_error(at, step_index=first)
-    return FitResult(params_out, state_out, history)
+        raise_first_mismatch(history)
+    return FitResult(ts, history)
 
 
-def _fit_loop(net, loss, optimizer, check, rtol, atol, guard, steps, batch_size, n):
-    """The jitted ``run(params, opt_state, x, y, key)`` of :func:`fit` for one configuration."""
-    inner_check = "skip" if check == "raise" else check
-    raw = _raw_step(net, loss, optimizer, inner_check, rtol, atol, guard)
+def _whole_data(data, idx):
+    return data
 
-    def _stop_after_mismatch(p, s, stopped, new_p, new_s, m):
-        if check != "raise":
-            return new_p, new_s, stopped
-        stopped = stopped | (m["reason"] == REASON_MISMATCH)
-        return _select(stopped, p, new_p), _select(stopped, s, new_s), stopped
 
-    @jax.jit
-    def run(params, opt_state, x, y, key):
-        if batch_size is None:
-            def body(carry, _):
-                p, s, stopped = carry
-                new_p, new_s, m = raw(p, s, x, y)
-                return _stop_after_mismatch(p, s, stopped, new_p, new_s, m), m
-            xs = None
-        else:
-            def body(carry, idx):
-                p, s, stopped = carry
-                new_p, new_s, m = raw(p, s, x[idx], y[idx])
-                return _stop_after_mismatch(p, s, stopped, new_p, new_s, m), m
-            xs = _batch_indices(key, n, batch_size, steps)
-        (p, s, _), history = jax.lax.scan(body, (params, opt_state, jnp.array(False)), xs,
-                                          length=steps)
-        return p, s, history
+def _fit_loop(net, loss, optimizer, check, rtol, atol, guard, full_batch, fused):
+    def step(ts, x, y):
+        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
+                          guard=guard)
 
-    return run
+    return make_loop(step, fused=fused, stop_on_mismatch=check == "raise",
+                     batch_fn=_whole_data if full_batch else gather_batch)
 
 
 # Calling fit again with the same network, loss, optimizer and settings reuses the compiled
