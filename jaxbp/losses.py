@@ -1,9 +1,11 @@
 """Losses: pure functions of ``(output, target)`` with hand-derived gradients.
 
-A :class:`Loss` is a NamedTuple ``(value, grad, name)``: ``value(out, target)`` is the scalar
-error and ``grad(out, target)`` is ``dE/d(out)``, written out. A loss is also callable, so
-``loss(out, target)`` is its value. ``backprop`` uses ``grad``; ``autodiff`` differentiates
-``value`` with ``jax.grad``; the two therefore check the same mathematics.
+A :class:`Loss` is a NamedTuple ``(value, grad, name, terms)``: ``value(out, target)`` is the
+scalar error and ``grad(out, target)`` is ``dE/d(out)``, written out; the optional
+``terms(out, target)`` gives each output's share of the value (``jaxbp trace`` prints them as
+the seed's ``E_o1``, ``E_o2``). A loss is also callable, so ``loss(out, target)`` is its value.
+``backprop`` uses ``grad``; ``autodiff`` differentiates ``value`` with ``jax.grad``; the two
+therefore check the same mathematics.
 
 Batches: an output of shape ``(features,)`` is one example; ``(batch, features)`` is a batch,
 and every loss averages over the examples of a batch.
@@ -29,11 +31,16 @@ __all__ = [
 
 
 class Loss(NamedTuple):
-    """A loss: ``value(out, target) -> scalar`` and its gradient ``grad(out, target) -> dE/dout``."""
+    """A loss: ``value(out, target) -> scalar`` and its gradient ``grad(out, target) -> dE/dout``.
+
+    ``terms(out, target)``, when given, is an array shaped like ``out``: each output's
+    contribution, normalised as the value normalises, so that ``terms(...).sum() == value(...)``.
+    """
 
     value: Callable
     grad: Callable
     name: str = "loss"
+    terms: Callable | None = None
 
     def __call__(self, out, target):
         return self.value(out, target)
@@ -80,7 +87,13 @@ def _half_sse_grad(out, target):
     return (0.5 / _num_examples(out)) * (2 * (out - target))
 
 
-half_sse = Loss(_half_sse_value, _half_sse_grad, "half_sse")
+def _half_sse_terms(out, target):
+    """``E_k = 1/2 (target_k - out_k)^2`` (divided by the batch size)."""
+    _check_same_shape("half_sse", out, target)
+    return 0.5 * (out - target) ** 2 / _num_examples(out)
+
+
+half_sse = Loss(_half_sse_value, _half_sse_grad, "half_sse", _half_sse_terms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +112,13 @@ def _mse_grad(out, target):
     return 2 * (out - target) / out.size
 
 
-mse = Loss(_mse_value, _mse_grad, "mse")
+def _mse_terms(out, target):
+    """``E_k = (out_k - target_k)^2 / N``."""
+    _check_same_shape("mse", out, target)
+    return (out - target) ** 2 / out.size
+
+
+mse = Loss(_mse_value, _mse_grad, "mse", _mse_terms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +192,15 @@ def _softmax_ce_grad(logits, target):
     return g + (-jnp.sum(g, axis=-1, keepdims=True) / total) * exps
 
 
-softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy")
+def _softmax_ce_terms(logits, target):
+    """``E_k = -t_k log softmax(z)_k`` (divided by the batch size)."""
+    onehot = _onehot_targets(logits, target)
+    shifted, _, total = _log_softmax_parts(logits)
+    return -onehot * (shifted - jnp.log(total)) / _num_examples(logits)
+
+
+softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy",
+                             _softmax_ce_terms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +208,19 @@ softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross
 # --------------------------------------------------------------------------------------------
 
 
-def _bce_value(logits, target):
+def _bce_elements(logits, target):
     _check_same_shape("sigmoid_binary_cross_entropy", logits, target)
     # -t log s(z) - (1-t) log(1-s(z)) = max(z, 0) - z t + log(1 + e^-|z|): stable for any z.
-    per = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    return jnp.mean(per)
+    return jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def _bce_value(logits, target):
+    return jnp.mean(_bce_elements(logits, target))
+
+
+def _bce_terms(logits, target):
+    """``E_k = BCE(z_k, t_k) / N``, ``N`` the number of elements."""
+    return _bce_elements(logits, target) / logits.size
 
 
 def _bce_grad(logits, target):
@@ -194,7 +229,8 @@ def _bce_grad(logits, target):
     return (jax.nn.sigmoid(logits) - target) / logits.size
 
 
-sigmoid_binary_cross_entropy = Loss(_bce_value, _bce_grad, "sigmoid_binary_cross_entropy")
+sigmoid_binary_cross_entropy = Loss(_bce_value, _bce_grad, "sigmoid_binary_cross_entropy",
+                                    _bce_terms)
 
 
 LOSSES = {

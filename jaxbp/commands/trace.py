@@ -2,7 +2,7 @@
 
 With no arguments: the seed tutorial's 2-2-2 example in its own notation, then where the
 seed's stated numbers are wrong. With ``--config FILE.json``: any small fully connected network
-(format in :mod:`jaxbp.trace`).
+(format in :mod:`jaxbp.trace.config`).
 """
 
 from __future__ import annotations
