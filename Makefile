@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,18 @@ demo: $(STAMP)
 	$(BIN)/jaxbp trace
 	$(BIN)/jaxbp train
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+# Everything: lint, types, then every test (CI runs this through .ci/run).
+test: lint
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+# The quick loop while working: everything not marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check jaxbp tests benchmarks examples
+	$(BIN)/ruff format --check jaxbp tests benchmarks examples
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m benchmarks

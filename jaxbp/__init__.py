@@ -47,6 +47,7 @@ from .layers import (
     he_normal,
     serial,
 )
+from .interop import as_custom_vjp, check_vjp, check_vjp_fd, from_custom_vjp
 from .model import build, describe, layer_names, load_description, register_layer
 from .norm import BatchNorm, Dropout
 from .losses import (

@@ -1,0 +1,220 @@
+"""``jaxbp check --vjp MODULE:NAME --shapes 4,3 3``: check a user's ``jax.custom_vjp`` function.
+
+Three opinions on every argument's gradient, on random inputs of the given shapes: the
+function's own ``bwd``, ``jax.vjp`` of its undecorated primal, and central finite differences
+(:func:`jaxbp.interop.check_vjp_fd`). One row per array of every differentiable argument,
+named by argument. Exit code 0 when all three agree, 1 when they do not; a bad target, a shape
+list that does not fit, a ``bwd`` of the wrong structure or non-float arguments raise
+``ValueError``/``TypeError``, which ``jaxbp.cli`` prints as one line with exit code 2.
+
+``check.py`` wires it in: :func:`add_arguments` adds ``--vjp`` and ``--shapes``, and ``run``
+calls :func:`run_vjp` when ``--vjp`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "parse_shape", "load_target", "random_arguments", "run_vjp"]
+
+
+def parse_shape(text: str) -> tuple:
+    """``"4,3"`` -> ``(4, 3)``; ``"scalar"`` or ``"()"`` -> ``()`` (an argparse type)."""
+    if text.strip() in ("scalar", "()"):
+        return ()
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape such as 4,3 (or 'scalar'), got {text!r}") from None
+    if any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
+    return shape
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--vjp`` and ``--shapes``; ``--seed``, ``--eps``, ``--dtype``, ``--format`` are check's."""
+    parser.add_argument("--vjp", metavar="MODULE:NAME",
+                        help="check a jax.custom_vjp function instead of a network: "
+                             "mypkg.ops:linear or path/to/file.py:linear")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="SHAPE",
+                        help="with --vjp: one comma-separated shape per differentiable "
+                             "argument, such as 4,3 3 (random inputs)")
+
+
+def _import_module(spec: str):
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--vjp: file {spec!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)  # pickling, dataclasses look it up
+        module_spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path:  # as `python -m` would: modules beside the user resolve
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(spec)
+    except ImportError as e:
+        raise ValueError(f"--vjp: cannot import module {spec!r}: {e}") from None
+
+
+def load_target(target: str):
+    """The object ``MODULE:NAME`` (or ``path/file.py:NAME``) names."""
+    module_spec, sep, name = target.rpartition(":")
+    if not sep or not module_spec or not name:
+        raise ValueError(f"--vjp expects MODULE:NAME (such as mypkg.ops:linear), got "
+                         f"{target!r}")
+    obj = _import_module(module_spec)
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--vjp: {module_spec!r} has no {name!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def random_arguments(fn, shapes, seed: int, dtype) -> tuple:
+    """Arguments for ``fn``: a random normal array of each shape for its differentiable
+    arguments, in order (extra shapes go to ``*args``); every other argument (those in
+    ``nondiff_argnums``, and trailing ones with a default) takes its default."""
+    import inspect
+
+    import jax
+
+    try:
+        signature = list(inspect.signature(fn.fun).parameters.values())
+    except (TypeError, ValueError):
+        signature = []
+    params = [p for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    star = any(p.kind == p.VAR_POSITIONAL for p in signature) or not signature
+    nondiff = set(fn.nondiff_argnums)
+    keys = iter(jax.random.split(jax.random.key(seed), max(len(shapes), 1)))
+    remaining = list(shapes)
+    args = []
+    for index, p in enumerate(params):
+        if index in nondiff:
+            if p.default is p.empty:
+                raise ValueError(f"--vjp: argument {p.name!r} of {fn.__name__} is in "
+                                 f"nondiff_argnums without a default; the command line can "
+                                 f"only give it arrays")
+            args.append(p.default)
+        elif remaining:
+            args.append(jax.random.normal(next(keys), remaining.pop(0), dtype))
+        elif p.default is not p.empty:
+            args.append(p.default)
+        else:
+            raise ValueError(_count_message(fn, params, nondiff, len(shapes)))
+    if remaining and not star:
+        raise ValueError(_count_message(fn, params, nondiff, len(shapes)))
+    args += [jax.random.normal(next(keys), shape, dtype) for shape in remaining]
+    return tuple(args)
+
+
+def _count_message(fn, params, nondiff, given) -> str:
+    diff = [p for i, p in enumerate(params) if i not in nondiff]
+    required = [p for p in diff if p.default is p.empty]
+    want = (f"{len(required)}" if len(required) == len(diff)
+            else f"{len(required)} to {len(diff)}")
+    return (f"--shapes: {fn.__name__} takes {want} array arguments "
+            f"({', '.join(p.name for p in diff)}), got {given} "
+            f"shape{'s' if given != 1 else ''}")
+
+
+def run_vjp(target, shapes, seed: int = 0, *, eps: float | None = None,
+            dtype: str = "float64", format: str = "text") -> int:
+    """Check the custom_vjp function ``target`` (``MODULE:NAME`` or the function itself) on
+    random inputs of ``shapes``; print the table (or JSON); 0 when all agree, else 1."""
+    import jax
+
+    with jax.enable_x64(dtype == "float64"):
+        return _run_vjp(target, shapes, seed, eps, dtype, format)
+
+
+def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from ..interop import argument_names, check_vjp_fd
+
+    fn = load_target(target) if isinstance(target, str) else target
+    if not isinstance(fn, jax.custom_vjp):
+        raise TypeError(f"--vjp expects a jax.custom_vjp function (decorated with "
+                        f"@jax.custom_vjp, then given .defvjp(fwd, bwd)); {target} is a "
+                        f"{type(fn).__name__}")
+    if not shapes:
+        raise ValueError("--vjp needs --shapes: one comma-separated shape per array argument, "
+                         "such as --shapes 4,3 3")
+    args = random_arguments(fn, shapes, seed, jnp.dtype(dtype))
+    names = argument_names(fn, len(args))
+    key = jax.random.key(seed + 1)
+    result = jax.jit(lambda *a: check_vjp_fd(fn, *a, key=key, eps=eps))(*args)
+    diff = [a for i, a in enumerate(args) if i not in set(fn.nondiff_argnums)]
+    rows = _rows(result, diff)
+    ok = result.ok
+    label = target if isinstance(target, str) else fn.__name__
+    header = (f"custom_vjp {label}({', '.join(names)}), shapes "
+              f"{' '.join(','.join(map(str, s)) or 'scalar' for s in shapes)}, {dtype}, "
+              f"seed {seed}")
+    worst = result.manual_vs_autodiff
+    verdict = ("all arguments agree: bwd = jax.vjp of the primal = finite differences" if ok
+               else f"MISMATCH: worst argument {worst.worst_path} (bwd vs jax.vjp relative "
+                    f"error {float(worst.worst_rel_error):.3e})")
+    if format == "json":
+        print(json.dumps({"function": label, "dtype": dtype, "seed": seed, "ok": ok,
+                          "arguments": rows,
+                          "reports": {n: getattr(result, n).to_dict()
+                                      for n in result._fields}}, indent=2))
+    else:
+        _print_table(header, rows, verdict, ok, dtype)
+    return 0 if ok else 1
+
+
+def _rows(result, diff_args) -> list[dict]:
+    import jax
+    import numpy as np
+
+    leaves = [leaf for arg in diff_args for leaf in jax.tree_util.tree_leaves(arg)]
+    rows = []
+    for index, path in enumerate(result.manual_vs_autodiff.paths):
+        reports = (result.manual_vs_autodiff, result.manual_vs_fd, result.autodiff_vs_fd)
+        rows.append({
+            "argument": path,
+            "shape": list(np.shape(leaves[index])),
+            "bwd_vs_vjp": float(reports[0].rel_error[index]),
+            "bwd_vs_fd": float(reports[1].rel_error[index]),
+            "vjp_vs_fd": float(reports[2].rel_error[index]),
+            "ok": all(bool(r.leaf_ok[index]) for r in reports),
+        })
+    return rows
+
+
+def _print_table(header, rows, verdict, ok, dtype) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..gradcheck import default_tolerance, fd_tolerance
+
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
+    console.print(header, highlight=False)
+    table = Table(title="relative error per argument: max|a - b| / max(|a|, |b|)",
+                  title_justify="left")
+    for name in ("argument", "shape", "bwd vs jax.vjp", "bwd vs finite diff",
+                 "jax.vjp vs finite diff", "ok"):
+        table.add_column(name, justify="left" if name == "argument" else "right")
+    for r in rows:
+        table.add_row(r["argument"], "x".join(map(str, r["shape"])) or "scalar",
+                      f"{r['bwd_vs_vjp']:.2e}", f"{r['bwd_vs_fd']:.2e}", f"{r['vjp_vs_fd']:.2e}",
+                      "[green]yes[/]" if r["ok"] else "[red bold]NO[/]")
+    console.print(table)
+    rtol, _ = default_tolerance(dtype)
+    fd_rtol, _ = fd_tolerance(dtype)
+    console.print(f"tolerances ({dtype}): bwd vs jax.vjp {rtol:g}, against finite "
+                  f"differences {fd_rtol:g}", highlight=False)
+    console.print(("[green]" if ok else "[red bold]") + verdict + "[/]", highlight=False)
