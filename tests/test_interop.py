@@ -622,3 +622,23 @@ def test_example_framework_models(name, model):
     assert "hand-written backward vs autodiff: all leaves agree (8 leaves" in out
     assert f"{model} model with a jaxbp block: mse" in out
     assert out.strip().endswith("trained") and "did not train" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, code", [("recurrent_cell", 1), ("recurrent_cell_fixed", 0)])
+def test_check_vjp_command_exit_codes(name, code):
+    """``jaxbp check --vjp FILE:NAME --shapes ...``: exit 1 names W for the buggy cell, 0 when
+    fixed; --shapes without --vjp is a usage error (exit 2, one line)."""
+    target = f"{EXAMPLES / 'buggy_custom_vjp.py'}:{name}"
+    result = subprocess.run([sys.executable, "-m", "jaxbp.cli", "check", "--vjp", target,
+                             "--shapes", "5,4", "4,4", "scalar", "--format", "json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == code, result.stderr
+    report = json.loads(result.stdout)
+    verdicts = {row["argument"]: row["ok"] for row in report["arguments"]}
+    assert verdicts == {"x": True, "W": code == 0, "s": True}
+    assert report["ok"] is (code == 0)
+    bad = subprocess.run([sys.executable, "-m", "jaxbp.cli", "check", "--shapes", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--shapes needs --vjp" in bad.stderr

@@ -8,55 +8,14 @@ for small networks), compared with :func:`jaxbp.check_grads`. Exit code 0 when a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from . import args as types
+
 DTYPES = ("float64", "float32")
-
-
-def _widths(text: str) -> tuple:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected layer widths such as 2,3,2 (inputs, hidden..., outputs), got "
-            f"{text!r}") from None
-    if len(values) < 2 or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected at least two positive widths such as 2,3,2 (inputs, hidden..., "
-            f"outputs), got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:  # as jaxbp train; a huge int would overflow jax.random.key
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
+_widths = types.widths(2, "2,3,2 (inputs, hidden..., outputs)",
+                       "at least two positive widths")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,107 +24,167 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--layers", type=_widths, default=(2, 3, 2), metavar="W0,W1,...",
                         help="widths: inputs, hidden layers, outputs (default: 2,3,2)")
+    parser.add_argument("--model", type=types.model, metavar="NAME|FILE.json",
+                        help="check this model instead of an MLP: a preset (its outputs: the "
+                             "last --layers width) or a JSON model description")
+    parser.add_argument("--input-shape", type=types.widths(1, "40,1", "comma-separated positive dimensions"),
+                        metavar="D,D,...",
+                        help="one example's shape for --model (default: the preset's, else "
+                             "the first --layers width)")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh",
                         help="activation after every hidden layer (default: tanh)")
     parser.add_argument("--output-activation", choices=sorted(ACTIVATIONS), default="identity",
                         help="activation after the last layer (default: identity)")
     parser.add_argument("--loss", choices=sorted(LOSSES), default="mse",
                         help="loss (default: mse)")
-    parser.add_argument("--batch", type=_positive_int, default=4, metavar="N",
+    parser.add_argument("--batch", type=types.positive_int, default=4, metavar="N",
                         help="examples in the random batch (default: 4)")
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=types.seed, default=0, help="random seed (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64",
                         help="precision of params and data (default: float64)")
     parser.add_argument("--shared-bias", action="store_true",
                         help="one bias per layer, as in the seed tutorial")
-    parser.add_argument("--eps", type=_positive_float,
+    parser.add_argument("--eps", type=types.positive_number,
                         help="finite-difference step (default: 1e-5 in float64, 1e-2 in float32)")
     parser.add_argument("--entries", type=int, default=40, metavar="N",
                         help="list every parameter entry when the network has at most N "
                              "(default: 40; 0 never)")
     parser.add_argument("--format", choices=("text", "json"), default="text",
                         help="text tables (default) or JSON")
+    from .check_vjp import add_arguments as add_vjp_arguments
+
+    add_vjp_arguments(parser)
 
 
 def build(widths, activation, output_activation, shared_bias=False, dtype=None):
-    """``serial(Dense, act, ..., Dense, output_act)`` for ``widths = (inputs, ..., outputs)``."""
-    from ..layers import Dense, activation as act, serial
+    """The MLP ``widths = (inputs, hidden..., outputs)`` as a network (built from its
+    description, as every command builds)."""
+    from ..model import build as build_model
 
-    layers = []
-    for index, width in enumerate(widths[1:]):
-        last = index == len(widths) - 2
-        layers += [Dense(width, shared_bias=shared_bias, dtype=dtype),
-                   act(output_activation if last else activation)]
-    return serial(*layers)
+    return build_model(mlp_description(widths, activation, output_activation, shared_bias,
+                                       dtype))
 
 
-def random_problem(widths, loss, batch, seed, dtype):
-    """A random input batch and targets that suit ``loss``."""
+def mlp_description(widths, activation, output_activation, shared_bias=False, dtype=None):
+    """``serial(Dense, act, ..., Dense, output_act)`` for ``widths``, as a description."""
+    from ..presets import mlp_description as mlp
+
+    description = mlp(widths[1:-1], activation, widths[-1], output=output_activation,
+                      dtype=None if dtype is None else str(dtype))
+    for layer in description["layers"]:
+        if layer["name"] == "Dense" and shared_bias:
+            layer["shared_bias"] = True
+    return description
+
+
+def model_problem(args, dtype):
+    """``(net, input shape of one example, header)`` for ``--model`` or the ``--layers`` MLP."""
+    from ..model import build as build_model, describe, load_description
+    from ..presets import get_preset
+
+    if args.model is None:
+        net = build(args.layers, args.activation, args.output_activation, args.shared_bias,
+                    dtype)
+        return net, (args.layers[0],), (
+            f"network {'-'.join(map(str, args.layers))}, {args.activation} hidden, "
+            f"{args.output_activation} output")
+    if args.model.lstrip().startswith("{") or args.model.endswith(".json"):
+        description, shape = load_description(args.model), None
+    else:
+        preset = get_preset(args.model)
+        description, shape = preset.description(args.layers[-1]), preset.input_shape
+    shape = tuple(args.input_shape or shape or (args.layers[0],))
+    net = build_model(_with_dtype(description, str(dtype)))
+    return net, shape, f"model {describe(net)['name']} ({args.model}), inputs {shape}"
+
+
+def _with_dtype(description, dtype: str):
+    # Every layer that takes a dtype gets --dtype (the description's own wins).
+    from ..model import factory
+    import inspect
+
+    out = dict(description)
+    if "dtype" in inspect.signature(factory(out["name"])).parameters:
+        out.setdefault("dtype", dtype)
+    if "layers" in out:
+        out["layers"] = [_with_dtype(d, dtype) for d in out["layers"]]
+    return out
+
+
+def random_problem(net, input_shape, loss, batch, seed, dtype):
+    """A random input batch of ``input_shape`` examples and targets that suit ``loss``."""
     import jax
 
+    from ..layers import output_shape
+
     kx, ky = jax.random.split(jax.random.key(seed + 1))
-    x = jax.random.normal(kx, (batch, widths[0]), dtype)
-    out = widths[-1]
+    x = jax.random.normal(kx, (batch, *input_shape), dtype)
+    out_shape = output_shape(net, (batch, *input_shape))
     if loss == "softmax_cross_entropy":
-        y = jax.random.randint(ky, (batch,), 0, out)
+        if out_shape[-1] < 2:
+            raise ValueError(f"softmax_cross_entropy needs at least 2 outputs; the network "
+                             f"has {out_shape[-1]}")
+        y = jax.random.randint(ky, out_shape[:-1], 0, out_shape[-1])
     elif loss == "sigmoid_binary_cross_entropy":
-        y = jax.random.bernoulli(ky, 0.5, (batch, out)).astype(dtype)
+        y = jax.random.bernoulli(ky, 0.5, out_shape).astype(dtype)
     else:
-        y = jax.random.normal(ky, (batch, out), dtype)
+        y = jax.random.normal(ky, out_shape, dtype)
     return x, y
 
 
 def run(args) -> int:
     import jax
 
+    if args.vjp is not None:  # a user's jax.custom_vjp instead of a network
+        from .check_vjp import run_vjp
+
+        return run_vjp(args.vjp, args.shapes, args.seed, eps=args.eps, dtype=args.dtype,
+                       format=args.format)
+    if args.shapes is not None:
+        raise ValueError("--shapes needs --vjp MODULE:NAME (the function the shapes are for)")
+
     # float64 needs x64 switched on; float32 runs with it off so that nothing is promoted.
     with jax.enable_x64(args.dtype == "float64"):
         return _run(args)
 
 
-def _run(args) -> int:
+def _three_ways(net, loss, eps):
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from ..backprop import autodiff, backprop, loss_fn
     from ..gradcheck import check_grads, finite_difference_grads
-    from ..layers import describe
-
-    dtype = jnp.dtype(args.dtype)
-    if args.loss == "softmax_cross_entropy" and args.layers[-1] < 2:
-        raise ValueError("softmax_cross_entropy needs at least 2 outputs; got --layers "
-                         f"{','.join(map(str, args.layers))} (1 output)")
-    net = build(args.layers, args.activation, args.output_activation, args.shared_bias, dtype)
-    _, params = net.init(jax.random.key(args.seed), (-1, args.layers[0]))
-    x, y = random_problem(args.layers, args.loss, args.batch, args.seed, dtype)
 
     @jax.jit
     def three_ways(params, x, y):
         # check_grads decides; the three gradients themselves are for the per-entry table.
         # One compiled program: op-by-op dispatch of the same work is several times slower.
-        result = check_grads(net, args.loss, params, x, y, eps=args.eps)
-        grads = (backprop(net, args.loss, params, x, y)[1],
-                 autodiff(net, args.loss, params, x, y)[1],
-                 finite_difference_grads(lambda p: loss_fn(net, args.loss)(p, x, y), params,
-                                         eps=args.eps))
+        result = check_grads(net, loss, params, x, y, eps=eps)
+        grads = (backprop(net, loss, params, x, y)[1], autodiff(net, loss, params, x, y)[1],
+                 finite_difference_grads(lambda p: loss_fn(net, loss)(p, x, y), params,
+                                         eps=eps))
         return result, grads
 
-    result, grads = three_ways(params, x, y)
-    ok = result.ok
-    leaves_m, leaves_a, leaves_f = (jax.tree_util.tree_leaves(g) for g in grads)
-    paths = result.manual_vs_autodiff.paths
-    layer_names = [layer.name for layer in net.config]
-    total = sum(int(np.size(leaf)) for leaf in leaves_m)
+    return three_ways
 
-    leaf_rows = []
-    for index, path in enumerate(paths):
-        layer = int(path[1:path.index("]")])  # paths look like "[2]['W']"
-        leaf_rows.append({
-            "parameter": path,
-            "layer": f"{layer_names[layer]} {layer}",
-            "shape": list(np.shape(leaves_m[index])),
-            "max_abs_manual": float(np.max(np.abs(leaves_m[index]))) if np.size(leaves_m[index]) else 0.0,
+
+def _layer_label(net, path: str) -> str:
+    children = net.children
+    if not children or not path.startswith("[") or not path[1].isdigit():
+        return net.name
+    index = int(path[1:path.index("]")])  # paths look like "[2]['W']"
+    return f"{children[index].name} {index}"
+
+
+def _leaf_rows(net, result, leaves_m) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    for index, path in enumerate(result.manual_vs_autodiff.paths):
+        leaf = leaves_m[index]
+        rows.append({
+            "parameter": path, "layer": _layer_label(net, path),
+            "shape": list(np.shape(leaf)),
+            "max_abs_manual": float(np.max(np.abs(leaf))) if np.size(leaf) else 0.0,
             "manual_vs_autodiff": float(result.manual_vs_autodiff.rel_error[index]),
             "manual_vs_fd": float(result.manual_vs_fd.rel_error[index]),
             "autodiff_vs_fd": float(result.autodiff_vs_fd.rel_error[index]),
@@ -173,19 +192,42 @@ def _run(args) -> int:
                        and result.manual_vs_fd.leaf_ok[index]
                        and result.autodiff_vs_fd.leaf_ok[index]),
         })
-    entry_rows = []
-    if total <= args.entries:
-        for index, path in enumerate(paths):
-            m, a, f = (np.asarray(leaves[index], np.float64)
-                       for leaves in (leaves_m, leaves_a, leaves_f))
-            for where in np.ndindex(m.shape):
-                suffix = "[" + ",".join(map(str, where)) + "]" if where else ""
-                entry_rows.append({"parameter": path + suffix, "manual": float(m[where]),
-                                   "jax_grad": float(a[where]), "finite_diff": float(f[where])})
+    return rows
 
-    header = (f"network {'-'.join(map(str, args.layers))}, {args.activation} hidden, "
-              f"{args.output_activation} output, loss {args.loss}, batch {args.batch}, "
-              f"{args.dtype}, seed {args.seed}")
+
+def _entry_rows(paths, leaves_m, leaves_a, leaves_f) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    for index, path in enumerate(paths):
+        m, a, f = (np.asarray(leaves[index], np.float64)
+                   for leaves in (leaves_m, leaves_a, leaves_f))
+        for where in np.ndindex(m.shape):
+            suffix = "[" + ",".join(map(str, where)) + "]" if where else ""
+            rows.append({"parameter": path + suffix, "manual": float(m[where]),
+                         "jax_grad": float(a[where]), "finite_diff": float(f[where])})
+    return rows
+
+
+def _run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ..model import describe
+
+    dtype = jnp.dtype(args.dtype)
+    net, input_shape, what = model_problem(args, dtype)
+    _, params = net.init(jax.random.key(args.seed), (-1, *input_shape))
+    x, y = random_problem(net, input_shape, args.loss, args.batch, args.seed, dtype)
+    result, grads = _three_ways(net, args.loss, args.eps)(params, x, y)
+    ok = result.ok
+    leaves_m, leaves_a, leaves_f = (jax.tree_util.tree_leaves(g) for g in grads)
+    total = sum(int(np.size(leaf)) for leaf in leaves_m)
+    leaf_rows = _leaf_rows(net, result, leaves_m)
+    entry_rows = (_entry_rows(result.manual_vs_autodiff.paths, leaves_m, leaves_a, leaves_f)
+                  if total <= args.entries else [])
+    header = (f"{what}, loss {args.loss}, batch {args.batch}, {args.dtype}, seed {args.seed}")
     verdict = (f"all {total} parameters agree: manual = jax.grad = finite differences"
                if ok else
                f"MISMATCH: worst leaf {result.manual_vs_autodiff.worst_path} (manual vs "
