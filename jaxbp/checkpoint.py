@@ -34,7 +34,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -43,9 +43,13 @@ __all__ = [
     "Checkpoint",
     "FORMAT",
     "VERSION",
+    "atomic_write",
+    "write_json",
     "save_checkpoint",
     "load_checkpoint",
     "read_header",
+    "train_state_groups",
+    "restore_train_state",
 ]
 
 FORMAT = "jaxbp-checkpoint"
@@ -112,12 +116,21 @@ def save_checkpoint(path, state: Mapping[str, Any], header: Mapping[str, Any] | 
     text = json.dumps(full, sort_keys=True, allow_nan=True)
     members = {"header": np.array(text)}
     members.update({f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
+    # A file object: savez adds no ".npz".
+    return atomic_write(path, lambda f: np.savez(f, **members))
 
+
+def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> Path:
+    """Write a file atomically: ``write(f)`` fills a temporary file in the same folder, which
+    is flushed, ``fsync``-ed and moved over ``path`` (``os.replace``); the folder is then
+    ``fsync``-ed. A reader, or a process killed at any moment, sees the old file or the new
+    one, never a mix. The one writer of jaxbp's files (checkpoints, metrics, cached data)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **members)  # a file object: savez adds no ".npz"
+        with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -130,6 +143,16 @@ def save_checkpoint(path, state: Mapping[str, Any], header: Mapping[str, Any] | 
             except OSError:
                 pass
     return path
+
+
+def write_json(path, obj, *, indent: int | None = 2, allow_nan: bool = False) -> Path:
+    """``obj`` as JSON, written with :func:`atomic_write` (strict JSON, no NaN, unless
+    ``allow_nan``)."""
+    def write(f):
+        json.dump(obj, f, indent=indent, allow_nan=allow_nan)
+        f.write("\n")
+
+    return atomic_write(path, write, text=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -275,3 +298,34 @@ def load_checkpoint(path, like: Mapping[str, Any] | None = None, *,
     if extra:
         raise CheckpointError(f"checkpoint {path} holds unexpected groups: {', '.join(extra)}")
     return Checkpoint(state, header)
+
+
+# --------------------------------------------------------------------------------------------
+# A jaxbp.TrainState as checkpoint groups, and back
+# --------------------------------------------------------------------------------------------
+
+
+def train_state_groups(ts) -> dict:
+    """``ts`` (a :class:`jaxbp.TrainState`) as checkpoint groups: ``params``, ``opt_state``,
+    ``state`` (layer state, e.g. BatchNorm's running statistics) and ``key`` (the PRNG key as
+    its raw ``key_data``: typed keys are not NumPy arrays). A network without state or
+    randomness stores nothing in the last two, so such a checkpoint reads like an old one."""
+    import jax
+
+    key = () if ts.key is None else {"key_data": jax.random.key_data(ts.key)}
+    return {"params": ts.params, "opt_state": ts.opt_state, "state": ts.state, "key": key}
+
+
+def restore_train_state(path, like, *, network: dict | None = None):
+    """The :class:`jaxbp.TrainState` stored at ``path`` by :func:`train_state_groups`, shaped
+    like the template ``like`` (a fresh TrainState of the same run), with the checkpoint.
+
+    Returns ``(train_state, checkpoint)``; every mismatch is a :class:`CheckpointError`."""
+    import jax
+    import jax.numpy as jnp
+
+    ckpt = load_checkpoint(path, train_state_groups(like), network=network)
+    st = jax.tree_util.tree_map(jnp.asarray, ckpt.state)
+    key = None if like.key is None else jax.random.wrap_key_data(st["key"]["key_data"])
+    return like._replace(params=st["params"], opt_state=st["opt_state"], state=st["state"],
+                         key=key), ckpt

@@ -9,6 +9,10 @@ exposes
 Command modules are imported only when their command runs, so ``jaxbp --help`` stays fast and
 heavy extras (matplotlib, scikit-learn) load only where they are used.
 
+A missing optional extra (scikit-learn, mnist1d, matplotlib, rich) is one line too, naming the
+package and the extra that installs it: ``jaxbp train --dataset digits needs scikit-learn: pip
+install 'jaxbp[data]'``, exit code 2.
+
 Errors a user can fix (a bad flag, a bad config file, a wrong shape) are raised as
 :class:`UsageError` (or ``ValueError``/``TypeError``/``OSError`` from the library) and printed as
 one line, ``jaxbp <command>: error: ...``, with exit code 2: never a traceback
@@ -32,6 +36,15 @@ COMMANDS = {
     "check": ("jaxbp.commands.check", "manual vs jax.grad vs finite differences, per parameter"),
     "lr-sweep": ("jaxbp.commands.lr_sweep", "one network at several learning rates, one plot"),
     "bench": ("jaxbp.commands.bench", "speed: manual vs autodiff vs numpy, as ratios"),
+}
+
+
+# top-level module -> (package to install, the jaxbp extra that brings it)
+EXTRAS = {
+    "sklearn": ("scikit-learn", "data"),
+    "mnist1d": ("mnist1d", "data"),
+    "matplotlib": ("matplotlib", "plot"),
+    "rich": ("rich", "cli"),
 }
 
 
@@ -63,6 +76,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _missing_extra(error: ImportError) -> str | None:
+    """``"scikit-learn: pip install 'jaxbp[data]'"`` if ``error`` is a missing optional extra."""
+    seen = set()
+    while error is not None and id(error) not in seen:  # MissingDependencyError wraps it
+        seen.add(id(error))
+        name = (getattr(error, "name", None) or "").split(".")[0]
+        if name in EXTRAS:
+            package, extra = EXTRAS[name]
+            return f"{package}: pip install 'jaxbp[{extra}]'"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _what(argv: list[str], command: str) -> str:
+    """``"jaxbp train --dataset digits"``: the command and the flag that chose the extra."""
+    flags = [a for a in argv if a.startswith("--dataset") or a.startswith("--plot")]
+    if flags and "=" not in flags[0] and argv.index(flags[0]) + 1 < len(argv):
+        flags = [flags[0], argv[argv.index(flags[0]) + 1]]
+    return " ".join(["jaxbp", command, *flags[:2]])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxbp`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -85,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("JAXBP_DEBUG"):  # developers: the full traceback
             raise
         print(f"jaxbp {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        missing = _missing_extra(e)
+        if missing is None or os.environ.get("JAXBP_DEBUG"):
+            raise
+        print(f"{_what(argv, args.command)} needs {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxbp {args.command}: interrupted", file=sys.stderr)

@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -375,27 +374,16 @@ def _generate_mnist1d() -> dict[str, np.ndarray]:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` via a temp file + ``os.replace`` so that a
-    concurrent or interrupted writer never leaves a half-written cache file.
-    Failure to cache (read-only home, full disk) only warns: the data is in
-    memory already."""
-    tmp = None
+    """Cache ``arrays`` at ``path`` with jaxbp's one atomic writer, so a concurrent or
+    interrupted writer never leaves a half-written cache file. Failure to cache (read-only
+    home, full disk) only warns: the data is in memory already."""
+    from .checkpoint import atomic_write
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # file object: savez does not append ".npz"
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: no ".npz" added
     except OSError as e:
         warnings.warn(f"could not cache mnist1d data at {path}: {e}", RuntimeWarning,
                       stacklevel=3)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------

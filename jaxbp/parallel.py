@@ -10,8 +10,8 @@ all-reduces itself::
 
     mesh = jaxbp.parallel.data_parallel_mesh()            # all devices, axis "batch"
     step = jaxbp.parallel.make_parallel_train_step(net, loss, optax.adam(1e-3), mesh=mesh)
-    params, opt_state = jaxbp.parallel.replicate(mesh, (params, optimizer.init(params)))
-    params, opt_state, metrics = step(params, opt_state, x, y)   # x: the *global* batch
+    ts = jaxbp.parallel.replicate(mesh, jaxbp.init_train_state(net, optimizer, params))
+    ts, metrics = step(ts, x, y)                          # x: the *global* batch
 
 Why this is the same computation as on one device: every jaxbp loss is a mean over the
 examples of the batch, so the loss, its ``dE/dout`` and therefore every parameter gradient
@@ -41,15 +41,10 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from .gradcheck import GradientMismatchError
 from .layers import Layer
-from .train import (
-    REASON_MISMATCH,
-    _check_mode,
-    _check_optimizer,
-    _donate_argnums,
-    _mismatch_error,
-    _raw_step,
-)
+from .losses import get_loss
+from .train import REASON_MISMATCH, check_mode, gather_batch, make_loop, train_step
 
 __all__ = [
     "data_parallel_mesh",
@@ -62,6 +57,8 @@ __all__ = [
     "check_batch_size",
     "constrain_batch",
     "jit_replicated",
+    "sharded_batch_fn",
+    "make_parallel_loop",
 ]
 
 BATCH_AXIS = "batch"
@@ -207,36 +204,44 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
                              check: str = "report", *, mesh: Mesh | None = None,
                              rtol: float | None = None, atol: float | None = None,
                              guard: bool = True, donate: bool = False) -> Callable:
-    """:func:`jaxbp.make_train_step`, with the batch split over ``mesh`` and params replicated.
+    """:func:`jaxbp.make_train_step`, with the batch split over ``mesh`` and the train state
+    replicated: ``step(train_state, x, y) -> (train_state, metrics)``.
 
-    Same signature, same ``metrics``, same check modes, same guard: the step is jaxbp's own
-    (``jaxbp.train._raw_step``), jitted with ``in_shardings=(replicated, replicated, batch,
-    batch)`` and replicated ``out_shardings``. ``mesh`` defaults to
-    :func:`data_parallel_mesh()` (every device). ``x`` and ``y`` are the *global* batch; arrays
-    not yet on the mesh are placed there on each call (placing them once with
-    :func:`shard_batch` / :func:`replicate` saves that copy). A batch the device count does
-    not divide raises ``ValueError``.
+    Same signature, same :class:`jaxbp.StepMetrics`, same check modes, same guard: the step is
+    :func:`jaxbp.train_step`, jitted with ``in_shardings=(replicated, batch, batch)`` and
+    replicated ``out_shardings``. ``mesh`` defaults to :func:`data_parallel_mesh()` (every
+    device). ``x`` and ``y`` are the *global* batch; arrays not yet on the mesh are placed
+    there on each call (placing them once with :func:`shard_batch` / :func:`replicate` saves
+    that copy). A batch the device count does not divide raises ``ValueError``.
+    ``donate=True`` (with ``check="off"``) lets XLA reuse the train state's buffers.
 
     The returned function also carries ``step.mesh`` and ``step.jitted`` (the jitted step, e.g.
     for ``step.jitted.lower(...).compile().cost_analysis()``: per-device FLOPs).
     """
-    _check_mode(check)
-    _check_optimizer(optimizer)
+    check_mode(check)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax GradientTransformation (such as "
+                        f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}")
     mesh = data_parallel_mesh() if mesh is None else _check_mesh(mesh)
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    raw = _raw_step(net, loss, optimizer, check, rtol, atol, guard)
-    donate_argnums = _donate_argnums(donate, check)  # as make_train_step: see its docstring
-    jitted = jax.jit(raw, in_shardings=(rep, rep, bat, bat), out_shardings=(rep, rep, rep),
+    loss = get_loss(loss)
+
+    def raw(ts, x, y):
+        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
+                          guard=guard)
+
+    # As make_train_step: only an unchecked step donates (a checked one re-reads the params).
+    donate_argnums = (0,) if donate and check == "off" else ()
+    jitted = jax.jit(raw, in_shardings=(rep, bat, bat), out_shardings=(rep, rep),
                      donate_argnums=donate_argnums)
 
-    def step(params, opt_state, x, y):
+    def step(ts, x, y):
         x, y = shard_batch(mesh, x, y)
-        params, opt_state = replicate(mesh, (params, opt_state))
-        new_params, new_state, metrics = jitted(params, opt_state, x, y)
+        new_ts, metrics = jitted(replicate(mesh, ts), x, y)
         # metrics are replicated, so this read is the same global decision on every host.
-        if check == "raise" and int(metrics["reason"]) == REASON_MISMATCH:
-            raise _mismatch_error(metrics)
-        return new_params, new_state, metrics
+        if check == "raise" and int(metrics.reason) == REASON_MISMATCH:
+            raise GradientMismatchError(metrics.report)
+        return new_ts, metrics
 
     step.__doc__ = make_parallel_train_step.__doc__
     step.mesh = mesh
@@ -245,7 +250,7 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks for whole compiled loops (the trainer's lax.scan over an epoch)
+# Whole compiled loops (the trainer's epochs): jaxbp.train.make_loop on a mesh
 # --------------------------------------------------------------------------------------------
 
 
@@ -277,3 +282,36 @@ def jit_replicated(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
     """
     rep = replicated_sharding(mesh)
     return jax.jit(fn, in_shardings=rep, out_shardings=rep, **jit_kwargs)
+
+
+def sharded_batch_fn(mesh: Mesh, batch_fn: Callable = gather_batch) -> Callable:
+    """A ``make_loop`` batch function: ``batch_fn``'s batch, then split over ``mesh``
+    (:func:`constrain_batch`)."""
+    def batch(data, idx):
+        return constrain_batch(mesh, *batch_fn(data, idx))
+
+    return batch
+
+
+def make_parallel_loop(step: Callable, mesh: Mesh | int | None = None, *, fused: bool = True,
+                       stop_on_mismatch: bool = False,
+                       batch_fn: Callable = gather_batch) -> Callable:
+    """:func:`jaxbp.train.make_loop` on ``mesh`` (or a mesh over that many devices):
+    ``run(train_state, data, order) -> (train_state, stacked metrics)``.
+
+    The train state and the (small) dataset are replicated on every device; each batch that
+    ``batch_fn`` makes is split over the devices (:func:`sharded_batch_fn`), so every loss and
+    gradient is all-reduced by XLA. ``fused`` as in ``make_loop``.
+    """
+    if not isinstance(mesh, Mesh):
+        mesh = data_parallel_mesh(mesh)
+    options = dict(fused=fused, stop_on_mismatch=stop_on_mismatch,
+                   batch_fn=sharded_batch_fn(mesh, batch_fn))
+    if fused:
+        return jit_replicated(make_loop(step, jit=False, **options), mesh)
+    run = make_loop(step, jit=True, **options)
+
+    def run_replicated(ts, data, order):
+        return run(replicate(mesh, ts), replicate(mesh, data), order)
+
+    return run_replicated

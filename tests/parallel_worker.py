@@ -55,13 +55,15 @@ def broken_net(dtype: str):
     import jaxbp
 
     net, params, x, y = problem(dtype)
-    first, act, last = net.config
+    first, act, last = net.children
+
     def backward(p, cache, dy):
         dparams, _ = last.backward(p, cache, dy.at[-1].set(0))
         _, dx = last.backward(p, cache, dy)  # earlier layers stay right: one leaf pair is wrong
         return dparams, dx
 
-    bad_last = jaxbp.Layer(last.init, last.forward, backward, "ForgetfulDense", last.config)
+    # Still named "Dense": serial rebuilds each layer's init from its registered name.
+    bad_last = last._replace(backward=backward)
     return jaxbp.serial(first, act, bad_last), params, x, y
 
 
@@ -77,13 +79,15 @@ def train(step, opt, params, x, y, steps=STEPS):
     """``steps`` steps from ``params``; returns (final params, losses, applied flags)."""
     import numpy as np
 
-    state = opt.init(params)
+    import jaxbp
+
+    ts = jaxbp.TrainState(params, opt.init(params))
     losses, applied = [], []
     for _ in range(steps):
-        params, state, metrics = step(params, state, x, y)
-        losses.append(float(metrics["loss"]))
-        applied.append(bool(metrics["applied"]))
-    return params, np.array(losses), np.array(applied)
+        ts, metrics = step(ts, x, y)
+        losses.append(float(metrics.loss))
+        applied.append(bool(metrics.applied))
+    return ts.params, np.array(losses), np.array(applied)
 
 
 def _flat(params):
@@ -112,12 +116,13 @@ def _broken_skip(out, mesh, tag):
     opt = optimizer("sgd")
     step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "skip",
                                              mesh=mesh)
-    new_params, _, metrics = step(params, opt.init(params), x, y)
-    shards = [np.asarray(s.data) for s in metrics["applied"].addressable_shards]
+    new_ts, metrics = step(jaxbp.TrainState(params, opt.init(params)), x, y)
+    new_params = new_ts.params
+    shards = [np.asarray(s.data) for s in metrics.applied.addressable_shards]
     out[f"{tag}broken/applied_shards"] = np.array(shards)
-    out[f"{tag}broken/reason"] = np.asarray(metrics["reason"])
-    out[f"{tag}broken/worst_path"] = np.array(metrics["report"].worst_path)
-    out[f"{tag}broken/rel_error"] = np.asarray(metrics["rel_error"])
+    out[f"{tag}broken/reason"] = np.asarray(metrics.reason)
+    out[f"{tag}broken/worst_path"] = np.array(metrics.report.worst_path)
+    out[f"{tag}broken/rel_error"] = np.asarray(metrics.rel_error)
     out[f"{tag}broken/unchanged"] = np.array(all(
         np.array_equal(a, b) for a, b in zip(_flat(new_params), _flat(params))))
 
@@ -148,7 +153,8 @@ def run_single(path):
     out["x_shards"] = np.array([s.data.shape[0] for s in xs.addressable_shards])
     _record(out, key_of("float64", "adam", "report", "mesh4/"),
             *train(step, opt, parallel.replicate(mesh4, params), xs, ys))
-    out["loss_sharding"] = np.array(str(step(params, opt.init(params), xs, ys)[2]["loss"].sharding))
+    first = jaxbp.TrainState(params, opt.init(params))
+    out["loss_sharding"] = np.array(str(step(first, xs, ys)[1].loss.sharding))
 
     _broken_skip(out, mesh, "")
     # check="raise": the same global decision, raised on the host; params untouched.
@@ -157,13 +163,13 @@ def run_single(path):
     step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "raise",
                                              mesh=mesh)
     try:
-        step(params, opt.init(params), x, y)
+        step(jaxbp.TrainState(params, opt.init(params)), x, y)
         out["raise_message"] = np.array("")
     except jaxbp.GradientMismatchError as e:
         out["raise_message"] = np.array(str(e))
     # A batch the device count does not divide.
     try:
-        step(params, opt.init(params), x[:30], y[:30])
+        step(jaxbp.TrainState(params, opt.init(params)), x[:30], y[:30])
         out["indivisible_message"] = np.array("")
     except ValueError as e:
         out["indivisible_message"] = np.array(str(e))

@@ -202,10 +202,15 @@ def test_check_json_float32(capsys):
 def test_check_catches_a_wrong_backward(capsys, monkeypatch):
     import jax.numpy as jnp
 
-    # a tanh whose backward forgets the derivative: dE/dx = dy
-    broken = layers.elementwise("Tanh", jnp.tanh, lambda y, dy: dy, cache_output=True)
-    monkeypatch.setitem(layers.ACTIVATIONS, "tanh", lambda: broken)
-    code, out, _ = run_cli(capsys, "check", "--layers", "2,4,1", "--entries", "0")
+    from jaxbp.model import register_layer
+
+    # a tanh whose backward forgets the derivative: dE/dx = dy; registered, so --model builds it
+    broken = layers.elementwise("ForgetfulTanh", jnp.tanh, lambda y, dy: dy, cache_output=True)
+    register_layer("ForgetfulTanh", broken)
+    model = ('{"name": "serial", "layers": [{"name": "Dense", "out_dim": 4}, '
+             '{"name": "ForgetfulTanh"}, {"name": "Dense", "out_dim": 1}]}')
+    code, out, _ = run_cli(capsys, "check", "--model", model, "--input-shape", "2",
+                           "--entries", "0")
     assert code == 1
     assert "MISMATCH: worst leaf [0]['" in out
     assert "NO" in out

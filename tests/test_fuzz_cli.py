@@ -344,6 +344,10 @@ TRAIN_FLAGS = {
     "--checkpoint-every": not_positive_int,
     "--seed": bad_seed,
     "--hidden": bad_hidden,
+    "--model": st.sampled_from(["no-such-preset", "missing.json", "{not json",
+                                '{"name": "Conv9D"}', '{"name": "Dense", "out_dim": 0}',
+                                '{"name": "serial", "layers": [{"name": "Dense", "out_dim": 7}]}',
+                                '{"model": {"name": "Tanh"}, "colour": 1}', ""]),
     "--devices": not_positive_int,
 }
 
@@ -372,6 +376,7 @@ LR_SWEEP_FLAGS = {
     "--steps": not_positive_int,
     "--format": _not_in({"text", "json"}),
     "--seed": bad_seed,
+    "--model": st.sampled_from(["missing.json", "{not json", '{"name": "Conv9D"}']),
 }
 
 TRACE_FLAGS = {
@@ -427,10 +432,16 @@ def test_trace_bad_flags(case, capsys, workdir):
     _flag_test("trace", ["trace"], TRACE_FLAGS, capsys, workdir, case)
 
 
-def test_fuzz_tried_enough(fuzz_summary):
-    """Runs last in this module (pytest keeps file order) when the module runs on one worker."""
-    tried = sum(v for k, v in fuzz_summary.items() if k != "FAILED")
-    if not tried:
-        pytest.skip("the fuzz tests ran on another xdist worker")
-    assert fuzz_summary["FAILED"] == 0
-    assert tried >= 100
+STRUCTURAL = [["--bogus"], ["--lr-rate", "0.1"], ["extra"], ["two\nlines"]]
+
+
+@pytest.mark.parametrize("base", [TRAIN_BASE, CHECK_BASE, LR_SWEEP_BASE, ["trace"]],
+                         ids=lambda b: b[0])
+def test_structural_mistakes_every_command(base, capsys, workdir):
+    """A fixed table, so this asserts the contract on every run, whichever tests ran before."""
+    kind = f"{base[0]} structural"
+    before = FUZZ_COUNTS[kind]
+    for extra in STRUCTURAL:
+        _flag_test(base[0], base, {}, capsys, workdir, ("structural", [*base, *extra]))
+    assert FUZZ_COUNTS[kind] - before == len(STRUCTURAL)
+    assert FUZZ_COUNTS["FAILED"] == 0

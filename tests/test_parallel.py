@@ -216,14 +216,13 @@ def test_metrics_and_outputs_are_replicated(mesh1):
     net, params, x, y = worker.problem("float64")
     opt = jaxbp.sgd(0.5)
     step = parallel.make_parallel_train_step(net, "softmax_cross_entropy", opt, mesh=mesh1)
-    new_params, state, metrics = step(params, opt.init(params), x, y)
+    new_ts, metrics = step(jaxbp.TrainState(params, opt.init(params)), x, y)
     assert step.mesh is mesh1
     rep = parallel.replicated_sharding(mesh1)
-    for leaf in jax.tree_util.tree_leaves((new_params, state, metrics)):
+    for leaf in jax.tree_util.tree_leaves((new_ts, metrics)):
         assert leaf.sharding.is_equivalent_to(rep, leaf.ndim)
-    assert set(metrics) >= {"loss", "rel_error", "worst_leaf", "ok", "applied", "reason",
-                            "report"}
-    assert bool(metrics["ok"]) and float(metrics["rel_error"]) < 1e-12
+    assert isinstance(metrics, jaxbp.StepMetrics)
+    assert bool(metrics.ok) and float(metrics.rel_error) < 1e-12
 
 
 def test_raise_on_one_device_names_the_leaf(mesh1):
@@ -231,8 +230,9 @@ def test_raise_on_one_device_names_the_leaf(mesh1):
     opt = jaxbp.sgd(0.5)
     step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "raise",
                                              mesh=mesh1)
-    with pytest.raises(jaxbp.GradientMismatchError, match=r"worst leaf \[2\]"):
-        step(params, opt.init(params), x, y)
+    with pytest.raises(jaxbp.GradientMismatchError) as info:
+        step(jaxbp.TrainState(params, opt.init(params)), x, y)
+    assert info.value.report.worst_path.startswith("[2]")
 
 
 def test_donate_reuses_buffers(mesh1):
@@ -241,9 +241,9 @@ def test_donate_reuses_buffers(mesh1):
     ref = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, opt, "off")
     step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "off",
                                              mesh=mesh1, donate=True)
-    expected = ref(params, opt.init(params), x, y)[0]
-    placed = parallel.replicate(mesh1, params)
-    new_params = step(placed, opt.init(params), x, y)[0]
+    expected = ref(jaxbp.TrainState(params, opt.init(params)), x, y)[0].params
+    placed = parallel.replicate(mesh1, jaxbp.TrainState(params, opt.init(params)))
+    new_params = step(placed, x, y)[0].params
     assert jax.tree_util.tree_leaves(placed)[0].is_deleted()
     for a, b in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)

@@ -14,13 +14,9 @@ import pytest
 import jaxbp
 from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
 from jaxbp.data import Dataset
-from jaxbp.trainer import (
-    TrainConfig,
-    build_network,
-    build_optimizer,
-    resolve_config,
-    train,
-)
+from jaxbp.model import register_layer
+from jaxbp.presets import get_preset, mlp_description, preset_names, register_preset
+from jaxbp.trainer import TrainConfig, build_optimizer, finish, prepare, resolve_config, run, train
 
 DEFAULTS = dict(hidden=(8,), activation="tanh", loss="softmax_cross_entropy",
                 optimizer="adam", lr=0.05, epochs=6, batch_size=8)
@@ -109,8 +105,11 @@ def test_regression_task_has_no_accuracy_and_seed_style_network():
     net_desc = jaxbp.describe(result.net)
     assert [l["name"] for l in net_desc["layers"]] == ["Dense", "Sigmoid", "Dense", "Sigmoid"]
     assert result.metrics["test_accuracy"] is None and result.metrics["train_accuracy"] is None
-    assert result.metrics["final_loss"] < result.history[0]["train_loss"] or \
-        result.metrics["final_loss"] < 0.05
+    # 5 epochs of 4 sgd steps from a fixed seed (deterministic): the loss falls every epoch
+    # (measured 0.0389 -> 0.0332), so demand exactly that, and a fall of at least 10%.
+    losses = [r["train_loss"] for r in result.history]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0], losses
     assert result.checkpoint is None  # no out: nothing written
 
 
@@ -134,7 +133,7 @@ def test_optimizers_and_schedules_train(data, optimizer, wd, schedule):
 
 def test_weight_decay_spares_biases(data):
     cfg = resolve_config(TrainConfig(weight_decay=0.5, lr=0.1), data.defaults)
-    net = build_network(cfg, 3)
+    net = jaxbp.model.build(mlp_description(cfg.hidden, cfg.activation, 3))
     _, params = net.init(jax.random.key(0), (-1, 4))
     opt = build_optimizer(cfg, 10)
     zero = jax.tree_util.tree_map(np.zeros_like, params)
@@ -157,7 +156,8 @@ def test_same_seed_bit_identical_other_seed_different(full_run, data):
 
 
 def test_without_jit_same_numbers(data):
-    cfg = TrainConfig(epochs=1, batch_size=12, hidden=(5,))
+    # check="off": op by op, the comparison's many small ops would dominate the time.
+    cfg = TrainConfig(epochs=1, batch_size=12, hidden=(5,), check="off")
     jitted = train(cfg, data)
     eager = train(dataclasses.replace(cfg, jit=False), data)
     eager2 = train(dataclasses.replace(cfg, jit=False), data)
@@ -258,35 +258,37 @@ def test_learning_rate_that_blows_up_is_skipped_not_applied(data):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(result.params))
 
 
-def test_check_raise_names_step_and_leaf(data, monkeypatch):
-    # A wrong backward: the Dense weight gradient doubled.
-    from jaxbp import trainer as trainer_mod
+def _doubled_dense(out_dim: int, dtype=None):
+    """A Dense whose backward doubles the weight gradient: a wrong backward."""
+    dense = jaxbp.Dense(out_dim, dtype=dtype)
 
-    real = trainer_mod.build_network
+    def backward(params, cache, dy):
+        grads, dx = dense.backward(params, cache, dy)
+        return {"W": 2 * grads["W"], "b": grads["b"]}, dx
 
-    def broken(cfg, num_outputs, dtype=np.float32):
-        net = real(cfg, num_outputs, dtype)
-        first = net.config[0]
+    return dense._replace(backward=backward, name="DoubledDense",
+                          config=(("out_dim", out_dim), ("dtype", dtype)))
 
-        def backward(params, cache, dy):
-            grads, dx = first.backward(params, cache, dy)
-            return {"W": 2 * grads["W"], "b": grads["b"]}, dx
 
-        layers = (first._replace(backward=backward),) + tuple(net.config[1:])
-        return jaxbp.serial(*layers)
+register_layer("DoubledDense", _doubled_dense)
+BROKEN = {"name": "serial", "layers": [{"name": "DoubledDense", "out_dim": 8, "dtype": "float32"},
+                                       {"name": "Tanh"},
+                                       {"name": "Dense", "out_dim": 3, "dtype": "float32"}]}
 
-    monkeypatch.setattr(trainer_mod, "build_network", broken)
-    with pytest.raises(jaxbp.GradientMismatchError,
-                       match=r"at step 0 \(epoch 1\): worst leaf \[0\]\['W'\], relative error "
-                             r"5\.0\d*e-01"):
-        train(TrainConfig(check="raise", epochs=2), data)
-    skipped = train(TrainConfig(check="skip", epochs=2), data)
+
+def test_check_raise_names_step_and_leaf(data):
+    # A registered layer is trainable the moment it is registered: a model description.
+    with pytest.raises(jaxbp.GradientMismatchError) as info:
+        train(TrainConfig(model=BROKEN, check="raise", epochs=2), data)
+    assert info.value.step == 0 and info.value.report.worst_path == "[0]['W']"
+    assert math.isclose(float(info.value.report.worst_rel_error), 0.5, rel_tol=1e-3)
+    assert "epoch 1: that update was not applied" in str(info.value)
+    skipped = train(TrainConfig(model=BROKEN, check="skip", epochs=2), data)
     assert skipped.metrics["applied_steps"] == 0
     assert skipped.metrics["skipped_mismatch"] == skipped.metrics["steps"] == 8
-    init = build_network(skipped.config, 3).init(
-        jax.random.split(jax.random.key(0))[0], (-1, 4))[1]
+    init = skipped.net.init(jax.random.split(jax.random.key(0))[0], (-1, 4))[1]
     assert leaves_bytes(skipped.params) == leaves_bytes(init)  # nothing was ever applied
-    reported = train(TrainConfig(check="report", epochs=1), data)
+    reported = train(TrainConfig(model=BROKEN, check="report", epochs=1), data)
     assert reported.metrics["worst_grad_leaf"] == "[0]['W']"
     assert math.isclose(reported.metrics["max_grad_rel_error"], 0.5, rel_tol=1e-3)
 
@@ -331,6 +333,11 @@ def test_bad_datasets_are_named(data):
         train(TrainConfig(), dataset=(data.x_train, data.y_train))
     with pytest.raises(ValueError, match="unknown progress mode"):
         train(TrainConfig(), data, progress="fancy")
+    with pytest.raises(ValueError, match=r"produces outputs of shape \(-1, 5\), but the "
+                                         r"dataset needs \(batch, 3\)"):
+        train(TrainConfig(model=mlp_description((4,), "tanh", 5)), data)
+    with pytest.raises(ValueError, match="hidden shapes the default MLP; it cannot be combined"):
+        train(TrainConfig(model=mlp_description((4,), "tanh", 3), hidden=(4,)), data)
 
 
 @pytest.mark.slow
@@ -339,3 +346,87 @@ def test_digits_default_reaches_97_percent():
     result = train(TrainConfig(dataset="digits"))
     assert result.metrics["test_accuracy"] >= 0.97, result.metrics["test_accuracy"]
     assert result.metrics["max_grad_rel_error"] < 2e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: one register_preset call; input reshape, per-step loop, augmentation, resume
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten_layer():
+    """(batch, a, b) -> (batch, a * b): a stand-in so these tests need no conv module."""
+    def init(key, shape):
+        return (shape[0], int(np.prod(shape[1:]))), ()
+
+    def forward(params, x):
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(params, shape, dy):
+        """dx = dy reshaped back to x's shape."""
+        return (), dy.reshape(shape)
+
+    return jaxbp.Layer(init, forward, backward, "TestFlatten", ())
+
+
+register_layer("TestFlatten", _flatten_layer)
+
+
+def _sequence_model(num_outputs):
+    return {"name": "serial", "layers": [{"name": "Dense", "out_dim": 6, "dtype": "float32"},
+                                         {"name": "Tanh"}, {"name": "TestFlatten"},
+                                         {"name": "Dense", "out_dim": num_outputs,
+                                          "dtype": "float32"}]}
+
+
+SEQ = dict(input_shape=(4, 1), fused=False, optimizer="adam", lr=0.05, epochs=4, batch_size=8,
+           loss="softmax_cross_entropy")
+register_preset("test-seq", _sequence_model, augment={"shift": 1}, **SEQ)
+register_preset("test-seq-plain", _sequence_model, **SEQ)
+
+
+def test_preset_reshapes_runs_per_step_and_records_itself(data, tmp_path):
+    assert {"mlp", "test-seq"} <= set(preset_names())
+    assert get_preset("mlp", "mnist1d").defaults["hidden"] == (256, 256, 256)
+    result = train(TrainConfig(model="test-seq", out=str(tmp_path)), data)
+    m = result.metrics
+    assert m["preset"] == "test-seq" and m["fused"] is False and m["augment"] == {"shift": 1}
+    assert m["input_shape"] == [4, 1] and m["config"]["model"] == "test-seq"
+    assert m["config"]["hidden"] is None and m["epochs"] == 4
+    assert m["network"]["layers"][2] == {"name": "TestFlatten"}
+    assert np.shape(result.params[0]["W"]) == (1, 6)  # Dense over the channel axis of (4, 1)
+    assert 0.0 <= m["max_grad_rel_error"] < 2e-3
+    header = read_header(tmp_path / "checkpoint.npz")
+    assert header["preset"] == {"name": "test-seq", "input_shape": [4, 1], "fused": False,
+                                "augment": {"shift": 1}}
+
+
+def test_augmentation_changes_the_run_and_resumes_bit_identically(data, tmp_path):
+    straight = train(TrainConfig(model="test-seq"), data)
+    plain = train(TrainConfig(model="test-seq-plain"), data)
+    assert leaves_bytes(straight.params) != leaves_bytes(plain.params)  # the shifts matter
+    train(TrainConfig(model="test-seq", out=str(tmp_path), epochs=2), data)
+    resumed = train(TrainConfig(out=str(tmp_path), resume=True, epochs=4), data)
+    assert resumed.metrics["preset"] == "test-seq"  # from the checkpoint alone
+    assert leaves_bytes(resumed.params) == leaves_bytes(straight.params)
+    assert leaves_bytes(resumed.opt_state) == leaves_bytes(straight.opt_state)
+
+
+def test_prepare_run_finish_and_on_epoch_stops(data, tmp_path):
+    session = prepare(TrainConfig(out=str(tmp_path), epochs=5), data)
+    rows = []
+    status, message = run(session, on_epoch=lambda row: rows.append(row) or len(rows) == 2)
+    assert status == "interrupted" and message.startswith("interrupted at epoch 2/5")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert read_header(tmp_path / "checkpoint.npz")["epoch"] == 2
+    result = finish(session, status, message)
+    assert result.status == "interrupted" and result.metrics["epochs"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_bad_presets_are_named():
+    with pytest.raises(ValueError, match="unknown setting"):
+        register_preset("x", {"name": "Tanh"}, colour="red")
+    with pytest.raises(ValueError, match="augment expects"):
+        register_preset("x", {"name": "Tanh"}, augment={"flip": True})
+    with pytest.raises(ValueError, match="unknown model 'nope'; expected a preset"):
+        get_preset("nope")

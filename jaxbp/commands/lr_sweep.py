@@ -10,12 +10,11 @@ over the learning rate, passed to :func:`jaxbp.sgd` as a constant schedule so it
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
 from typing import NamedTuple
+
+from . import args as types
 
 # dataset -> (default learning rates, default steps, what is trained)
 PROBLEMS = {
@@ -36,51 +35,25 @@ class SweepResult(NamedTuple):
     description: str
 
 
-def _lrs(text: str) -> tuple:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated learning rates such as 0.05,0.5,5, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one learning rate, got {text!r}")
-    bad = [v for v in values if not math.isfinite(v) or v <= 0]
-    if bad:
-        raise argparse.ArgumentTypeError(
-            f"learning rates must be positive finite numbers, got {bad[0]!r} in {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:  # as jaxbp train; a huge int would overflow jax.random.key
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
+# XOR's network, as a model description (--model replaces it).
+XOR_MODEL = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 3}, {"name": "Tanh"},
+                                          {"name": "Dense", "out_dim": 1},
+                                          {"name": "Sigmoid"}]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=sorted(PROBLEMS), default="seed",
                         help="seed: the seed's 2-2-2 example (default); xor: a 2-3-1 net on XOR")
-    parser.add_argument("--lrs", type=_lrs, metavar="LR,LR,...",
+    parser.add_argument("--lrs", type=types.numbers, metavar="LR,LR,...",
                         help="learning rates (default: seed 0.05,0.5,5,50,500; "
                              "xor 0.1,1,10,100)")
-    parser.add_argument("--steps", type=_positive_int, metavar="N",
+    parser.add_argument("--steps", type=types.positive_int, metavar="N",
                         help="full-batch gradient-descent steps (default: seed 200, xor 1000)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=types.seed, default=0,
                         help="initialisation seed for xor (the seed problem has fixed weights)")
+    parser.add_argument("--model", type=types.model, metavar="FILE.json",
+                        help="train this model description instead (JSON file or string; "
+                             "initialised from --seed; it must take 2 inputs)")
     parser.add_argument("--out", default=os.path.join("runs", "lr-sweep"), metavar="DIR",
                         help="folder for lr_sweep.png and lr_sweep.json (default: runs/lr-sweep)")
     parser.add_argument("--plot", metavar="FILE.png",
@@ -89,30 +62,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the table as text (default) or JSON on stdout")
 
 
-def problem(dataset: str, seed: int = 0):
+def problem(dataset: str, seed: int = 0, model=None):
     """``(net, loss, params, x, y)`` in float64 for ``"seed"`` or ``"xor"`` (call inside
-    ``jax.enable_x64(True)``)."""
+    ``jax.enable_x64(True)``). ``model`` (a description, file or JSON string) replaces the
+    network, initialised from ``seed``; without it the seed problem keeps its exact weights."""
     import jax
     import jax.numpy as jnp
 
-    from .. import layers
-    from ..seed import seed_problem
+    from ..model import build, load_description
+    from ..seed import SEED_INPUTS, SEED_TARGETS, seed_problem
 
-    if dataset == "seed":
+    if dataset not in PROBLEMS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of: {', '.join(PROBLEMS)}")
+    if dataset == "seed" and model is None:
         p = seed_problem(jnp.float64)
         return p.net, "half_sse", p.params, p.x, p.y
-    if dataset == "xor":
-        net = layers.serial(layers.Dense(3), layers.Tanh, layers.Dense(1), layers.Sigmoid)
-        _, params = net.init(jax.random.key(seed), (-1, 2))
-        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    if dataset == "seed":
+        x, y = jnp.asarray(SEED_INPUTS, jnp.float64), jnp.asarray(SEED_TARGETS, jnp.float64)
+    else:
         x = jnp.asarray([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.float64)
         y = jnp.asarray([[0], [1], [1], [0]], jnp.float64)
-        return net, "half_sse", params, x, y
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of: {', '.join(PROBLEMS)}")
+    net = build(load_description(XOR_MODEL if model is None else model))
+    _, params = net.init(jax.random.key(seed), (-1, 2))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    return net, "half_sse", params, x, y
 
 
-def sweep(dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0
-          ) -> SweepResult:
+def sweep(dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0,
+          model=None) -> SweepResult:
     """Train ``dataset``'s network from the same start at every learning rate in ``lrs``
     (float64, full batch, plain SGD; each run is :func:`jaxbp.fit`, vmapped over the rates)."""
     import jax
@@ -120,19 +97,22 @@ def sweep(dataset: str = "seed", lrs=None, steps: int | None = None, seed: int =
     import numpy as np
 
     from ..backprop import loss_fn
-    from ..train import fit, sgd
+    from ..train import fit, init_train_state, sgd
 
     default_lrs, default_steps, description = PROBLEMS[dataset]
+    if model is not None:
+        description = f"{dataset} with the model {model if len(model) < 40 else 'given'}"
     lrs = tuple(float(v) for v in (lrs or default_lrs))
     steps = steps or default_steps
     with jax.enable_x64(True):
-        net, loss, params, x, y = problem(dataset, seed)
+        net, loss, params, x, y = problem(dataset, seed, model)
 
         def one(lr):
             # A schedule that ignores the step count: sgd takes it without float(), so the
             # learning rate can be a traced value and vmap runs every rate in one program.
-            result = fit(net, loss, sgd(lambda count: lr), params, x, y, steps=steps)
-            return result.history["loss"], loss_fn(net, loss)(result.params, x, y)
+            opt = sgd(lambda count: lr)
+            result = fit(net, loss, opt, init_train_state(net, opt, params), x, y, steps=steps)
+            return result.history.loss, loss_fn(net, loss)(result.state.params, x, y)
 
         history, final = jax.vmap(one)(jnp.asarray(lrs, jnp.float64))
         losses = np.concatenate([np.asarray(history), np.asarray(final)[:, None]], axis=1)
@@ -176,6 +156,7 @@ def summary(result: SweepResult) -> list[dict]:
 
 
 def run(args) -> int:
+    from ..checkpoint import write_json
     from ..plots import check_plot_path, plot_loss_curves
 
     if args.plot:  # checked before the sweep runs (and before --out is created)
@@ -185,7 +166,7 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out!r} is a file; expected a folder (it is created if "
                          f"missing)")
     os.makedirs(args.out, exist_ok=True)
-    result = sweep(args.dataset, args.lrs, args.steps, args.seed)
+    result = sweep(args.dataset, args.lrs, args.steps, args.seed, args.model)
     rows = summary(result)
     steps = result.losses.shape[1] - 1
     from ..seed import SEED_LEARNING_RATE
@@ -201,9 +182,10 @@ def run(args) -> int:
     record = {"dataset": args.dataset, "description": result.description, "steps": steps,
               "runs": [{**r, "losses": curve.tolist()} for r, curve in zip(rows, result.losses)]}
     json_path = os.path.join(args.out, "lr_sweep.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    write_json(json_path, record, indent=1, allow_nan=True)  # diverged runs: NaN
     if args.format == "json":
+        import json
+
         print(json.dumps({"dataset": args.dataset, "steps": steps, "runs": rows,
                           "plot": plot_path}, indent=2))
     else:

@@ -1,8 +1,11 @@
-"""``jaxbp train``: a fully connected network on real data, every step checked against jax.grad.
+"""``jaxbp train``: a network on real data, every step checked against jax.grad.
 
-With no flags: scikit-learn's handwritten digits (no download), the digits defaults of
-:data:`jaxbp.data.DATASET_DEFAULTS`, ``--check report``. Every flag left out takes the
-dataset's default (or, with ``--resume``, the value the checkpoint's run used).
+With no flags: scikit-learn's handwritten digits (no download), the digits MLP preset,
+``--check report``. ``--model NAME|FILE.json`` trains a preset (:mod:`jaxbp.presets`) or any
+model description; ``--hidden``/``--activation`` shape the default MLP. Every flag left out
+takes the preset's (dataset's) default, or with ``--resume``, the value the checkpoint's run
+used. The library does the work (:mod:`jaxbp.training`); this command adds the progress
+display and Ctrl-C, through ``run``'s ``on_epoch`` callback.
 
 Exit codes: 0 done; 2 a bad flag, bad data or an unusable checkpoint (one line); 3 the run was
 stopped by a fault (too many non-finite steps, or a gradient disagreement with
@@ -14,55 +17,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
+
+from . import args as types
 
 EXIT_FAULT = 3
 EXIT_INTERRUPTED = 130
-
-
-def _hidden(text: str) -> tuple:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        widths = tuple(int(p) for p in parts)
-    except ValueError:
-        widths = ()
-    if not widths or any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive layer widths such as 128,128, got {text!r}")
-    return widths
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
-
-
-def _number(positive: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-            need = "a positive finite number" if positive else "a finite number >= 0"
-            raise argparse.ArgumentTypeError(f"expected {need}, got {text!r}")
-        return value
-    return parse
+_hidden = types.widths(1, "128,128")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("xor", "seed", "digits", "iris", "breast_cancer",
                                               "mnist1d"),
                         help="what to train on (default: digits)")
+    parser.add_argument("--model", type=types.model, metavar="NAME|FILE.json",
+                        help="a preset (mlp: the dataset's MLP, the default) or a JSON model "
+                             "description (see jaxbp.model)")
     parser.add_argument("--hidden", type=_hidden, metavar="W,W,...",
                         help="hidden-layer widths, e.g. 128,128")
     parser.add_argument("--activation", choices=("gelu", "identity", "leaky_relu", "relu",
@@ -86,14 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"),
                         help="sgd: jaxbp.sgd; momentum: optax.sgd(lr, momentum=0.9); "
                              "adam: optax.adam (adamw with --weight-decay)")
-    parser.add_argument("--lr", type=_number(True), metavar="LR", help="(peak) learning rate")
+    parser.add_argument("--lr", type=types.positive_number, metavar="LR",
+                        help="(peak) learning rate")
     parser.add_argument("--schedule", choices=("constant", "cosine", "warmup_cosine"),
                         help="learning-rate schedule over the run")
-    parser.add_argument("--weight-decay", type=_number(False), metavar="WD",
+    parser.add_argument("--weight-decay", type=types.nonnegative_number, metavar="WD",
                         help="decoupled weight decay of the weights (not the biases)")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N")
-    parser.add_argument("--seed", type=_seed, metavar="N",
+    parser.add_argument("--epochs", type=types.positive_int, metavar="N")
+    parser.add_argument("--batch-size", type=types.positive_int, metavar="N")
+    parser.add_argument("--seed", type=types.seed, metavar="N",
                         help="initialisation and data-order seed (default 0)")
     parser.add_argument("--check", choices=("off", "report", "skip", "raise"),
                         help="compare each step's manual gradients with jax.grad: off, report "
@@ -103,11 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: runs/<dataset>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR's checkpoint (flags left out: as that run)")
-    parser.add_argument("--max-bad-steps", type=_positive_int, default=10, metavar="N",
+    parser.add_argument("--max-bad-steps", type=types.positive_int, default=10, metavar="N",
                         help="stop after N non-finite (skipped) steps (default 10)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, metavar="EPOCHS",
+    parser.add_argument("--checkpoint-every", type=types.positive_int, metavar="EPOCHS",
                         help="epochs between checkpoints (default: about 20 per run)")
-    parser.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--devices", type=types.positive_int, default=1, metavar="N",
                         help="data parallel over N devices: each batch split across them, "
                              "params replicated (default 1; see docs/scaling.md)")
     parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
@@ -116,19 +83,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..gradcheck import GradientMismatchError
-    from ..trainer import TrainConfig, train
+    from ..training import TrainConfig, finish, prepare
+    from ..training import run as run_training
 
-    dataset = args.dataset
-    out = args.out or os.path.join("runs", dataset or "digits")
+    out = args.out or os.path.join("runs", args.dataset or "digits")
     config = TrainConfig(
-        dataset=dataset, hidden=args.hidden, activation=args.activation,
+        dataset=args.dataset, model=args.model, hidden=args.hidden, activation=args.activation,
         output_activation=args.output_activation, loss=args.loss, optimizer=args.optimizer,
         lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, check=args.check,
         out=out, resume=args.resume, max_bad_steps=args.max_bad_steps,
         checkpoint_every=args.checkpoint_every, devices=args.devices)
+    session = prepare(config)
+    bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
+    for note in session.notes if bar.mode != "none" else ():
+        print(f"note: {note}", file=bar.stream)
     try:
-        result = train(config, progress=args.progress)
+        with SigintFlag() as sigint:
+            status, message = run_training(session, on_epoch=lambda row: bar.update(row)
+                                           or sigint.set)
     except GradientMismatchError as e:
         print(f"jaxbp train: stopped: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_FAULT
@@ -136,15 +109,21 @@ def run(args) -> int:
         print(f"jaxbp train: interrupted; the last complete checkpoint is in {out}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-
-    m = result.metrics
-    cfg = result.config
-    if result.status == "interrupted":
-        print(f"jaxbp train: {result.message}", file=sys.stderr)
+    finally:
+        bar.close()
+    result = finish(session, status, message)
+    if status == "interrupted":
+        print(f"jaxbp train: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if result.status == "nonfinite":
-        print(f"jaxbp train: stopped: {result.message}", file=sys.stderr)
+    if status == "nonfinite":
+        print(f"jaxbp train: stopped: {message}", file=sys.stderr)
         return EXIT_FAULT
+    _print_summary(result, out)
+    return 0
+
+
+def _print_summary(result, out: str) -> None:
+    m, cfg = result.metrics, result.config
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -153,18 +132,94 @@ def run(args) -> int:
     check = ("gradient check off" if cfg.check == "off" else
              f"manual vs jax.grad: worst relative error {err:.2e} ({m['worst_grad_leaf']})"
              if err is not None else "manual vs jax.grad: no finite step to compare")
-    print(f"{m['dataset']}: {'-'.join(map(str, cfg.hidden))} {cfg.activation}, "
-          f"{cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, {m['steps']} steps "
-          f"in {m['seconds']:.1f}s")
+    model = (f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}" if cfg.hidden is not None
+             else m["preset"])
+    print(f"{m['dataset']}: {model}, {cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, "
+          f"{m['steps']} steps in {m['seconds']:.1f}s")
     if m["test_accuracy"] is not None:
         print(f"test accuracy {pct(m['test_accuracy'])}  train accuracy "
               f"{pct(m['train_accuracy'])}  final loss {m['final_loss']:.4g}")
     else:
         print(f"final loss {m['final_loss']:.4g}  test loss {m['test_loss']:.4g}")
-    skipped = m["skipped_nonfinite"] + m["skipped_mismatch"]
-    if skipped:
+    if m["skipped_nonfinite"] + m["skipped_mismatch"]:
         check += (f"; {m['skipped_nonfinite']} non-finite and {m['skipped_mismatch']} "
                   f"disagreeing steps skipped")
     print(check)
     print(f"wrote {out}/metrics.json, curves.png, checkpoint.npz")
-    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Progress display and Ctrl-C: the command's side of run()'s on_epoch callback
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain lines (about ten per run) otherwise."""
+
+    def __init__(self, mode: str, total: int, start: int, title: str, stream=None):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+        self.mode, self.total, self.title = mode, total, title
+        self.every = max(1, total // 10)
+        self.bar = self._start_bar(start) if mode == "bar" else None
+
+    def _start_bar(self, start: int):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                       MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(),
+                       console=Console(file=self.stream), transient=False)
+        self.task = bar.add_task(self.title, total=self.total, completed=start, stats="")
+        bar.start()
+        return bar
+
+    def update(self, row: dict) -> None:
+        stats = (f"loss {_fmt(row['loss'])}  acc {_fmt(row['train_accuracy'], '.3f')}/"
+                 f"{_fmt(row['test_accuracy'], '.3f')}  grad err "
+                 f"{_fmt(row['max_grad_rel_error'], '.1e')}")
+        if row["skipped_nonfinite"] or row["skipped_mismatch"]:
+            stats += f"  skipped {row['skipped_nonfinite']}+{row['skipped_mismatch']}"
+        if self.mode == "bar":
+            self.bar.update(self.task, completed=row["epoch"], stats=stats)
+        elif self.mode == "lines":
+            e = row["epoch"]
+            if e % self.every == 0 or e == self.total or row["skipped_nonfinite"]:
+                print(f"{self.title} epoch {e}/{self.total}  {stats}", file=self.stream,
+                      flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class SigintFlag:
+    """First Ctrl-C sets a flag read between epochs; the second raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.set = False
+        self.previous = None
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+        return False

@@ -1,0 +1,174 @@
+"""Named model presets: a model description plus the settings that train it well.
+
+``jaxbp train --model NAME`` trains preset ``NAME``; ``--model FILE.json`` (or a JSON string)
+trains any description (:mod:`jaxbp.model`) with the dataset's MLP training settings. A preset
+is registered with one call::
+
+    register_preset(
+        "cnn",
+        lambda num_outputs: {"name": "serial", "layers": [..., {"name": "Dense",
+                                                             "out_dim": num_outputs}]},
+        dataset="mnist1d",          # the dataset it trains on by default
+        input_shape=(40, 1),        # each example reshaped to this (None: flat features)
+        fused=False,                # one jitted call per step (convolutions: see make_loop)
+        augment={"shift": 4},       # random circular shifts of the training batches
+        optimizer="adam", lr=3e-3, epochs=30, batch_size=64, loss="softmax_cross_entropy")
+
+``model`` is a description or a function ``num_outputs -> description`` (the output width
+comes from the dataset). A preset may be registered again for one dataset
+(``dataset=..., for_dataset=True``): ``get_preset(name, dataset)`` prefers that variant. The
+per-dataset MLPs of :data:`jaxbp.data.DATASET_DEFAULTS` are the ``"mlp"`` preset's variants;
+an MLP preset has ``model=None``: its description is built by :func:`mlp_description` from
+the ``hidden`` and ``activation`` settings (which ``--hidden``/``--activation`` override).
+
+Registering imports no JAX (descriptions are plain data); only :func:`mlp_description` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "Preset",
+    "TRAINING_KEYS",
+    "register_preset",
+    "get_preset",
+    "preset_names",
+    "mlp_description",
+    "output_activation",
+]
+
+# Settings a preset may carry (the rest of TrainConfig is about the run, not the model).
+TRAINING_KEYS = ("hidden", "activation", "output_activation", "loss", "optimizer", "lr",
+                 "schedule", "weight_decay", "epochs", "batch_size")
+AUGMENTS = ("shift",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model and how to train it (see the module docstring)."""
+
+    name: str
+    model: Mapping | Callable[[int], Mapping] | None
+    dataset: str | None = None
+    input_shape: tuple | None = None
+    fused: bool = True
+    augment: Mapping | None = None
+    defaults: Mapping = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_mlp(self) -> bool:
+        """Built from ``hidden``/``activation`` (:func:`mlp_description`), not a fixed model."""
+        return self.model is None
+
+    def description(self, num_outputs: int) -> dict:
+        """The model's description for ``num_outputs`` outputs (not for MLP presets)."""
+        if self.model is None:
+            raise ValueError(f"preset {self.name!r} is an MLP: use mlp_description")
+        model = self.model(num_outputs) if callable(self.model) else self.model
+        return dict(model)
+
+
+# (name, dataset or None) -> Preset
+_PRESETS: dict[tuple[str, str | None], Preset] = {}
+
+
+def _check_preset(name, input_shape, augment, defaults) -> None:
+    if not isinstance(name, str) or not name or name.endswith(".json") or "{" in name:
+        raise ValueError(f"a preset name must be a plain word, got {name!r}")
+    unknown = sorted(set(defaults) - set(TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown setting(s) {', '.join(unknown)}; expected "
+                         f"some of: {', '.join(TRAINING_KEYS)}")
+    if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or not all(
+            isinstance(d, int) and d >= 1 for d in input_shape)):
+        raise ValueError(f"preset {name!r}: input_shape must be a tuple of positive integers "
+                         f"such as (40, 1), got {input_shape!r}")
+    for key, value in dict(augment or {}).items():
+        if key not in AUGMENTS or not isinstance(value, int) or value < 0:
+            raise ValueError(f"preset {name!r}: augment expects {{'shift': N}} with N >= 0, "
+                             f"got {dict(augment)!r}")
+
+
+def register_preset(name: str, model, *, dataset: str | None = None,
+                    input_shape: tuple | None = None, fused: bool = True,
+                    augment: Mapping | None = None, for_dataset: bool = False,
+                    **defaults: Any) -> Preset:
+    """Register preset ``name`` (see the module docstring); returns it.
+
+    ``for_dataset=True`` registers the variant used when training on ``dataset`` (as the
+    ``"mlp"`` preset has one per dataset); otherwise this is the preset itself, and ``dataset``
+    is the one it trains on when ``--dataset`` is not given.
+    """
+    _check_preset(name, input_shape, augment, defaults)
+    if for_dataset and dataset is None:
+        raise ValueError(f"preset {name!r}: for_dataset=True needs dataset=")
+    preset = Preset(name, model, dataset, None if input_shape is None else tuple(input_shape),
+                    bool(fused), None if augment is None else dict(augment), dict(defaults))
+    _PRESETS[(name, dataset if for_dataset else None)] = preset
+    return preset
+
+
+def preset_names() -> list[str]:
+    """Every registered preset name, sorted."""
+    return sorted({name for name, _ in _PRESETS})
+
+
+def get_preset(name: str, dataset: str | None = None) -> Preset:
+    """Preset ``name``: its variant for ``dataset`` if there is one, else the preset itself."""
+    for key in ((name, dataset), (name, None)):
+        if key in _PRESETS:
+            return _PRESETS[key]
+    if any(n == name for n, _ in _PRESETS):
+        known = sorted(d for n, d in _PRESETS if n == name and d)
+        raise ValueError(f"preset {name!r} has no variant for dataset {dataset!r}; expected "
+                         f"one of: {', '.join(known)}")
+    raise ValueError(f"unknown model {name!r}; expected a preset ({', '.join(preset_names())}) "
+                     f"or a JSON file holding a model description")
+
+
+def output_activation(activation: str, output: str, loss: str) -> str | None:
+    """The activation after the last layer: ``output`` unless it is ``"auto"``, which means
+    none (logits), except a sigmoid for a sigmoid network trained on a squared error (the seed
+    tutorial's all-sigmoid network)."""
+    if output != "auto":
+        return None if output == "identity" else output
+    if activation == "sigmoid" and loss in ("half_sse", "mse"):
+        return "sigmoid"
+    return None
+
+
+def _activation_description(name: str) -> dict:
+    # Activations register under their layer names ("Relu", "LeakyRelu", ...).
+    from .layers import activation
+    from .model import describe
+
+    return describe(activation(name))
+
+
+def mlp_description(hidden, activation: str, num_outputs: int, *,
+                    output: str | None = None, dtype: str | None = "float32") -> dict:
+    """``Dense(h) -> activation`` for each width of ``hidden``, then ``Dense(num_outputs)``
+    and ``output`` (an activation name, or ``None``): the description of a plain MLP."""
+    def dense(width):
+        return {"name": "Dense", "out_dim": int(width), **({"dtype": dtype} if dtype else {})}
+
+    layers = []
+    for width in hidden:
+        layers += [dense(width), _activation_description(activation)]
+    layers.append(dense(num_outputs))
+    if output is not None:
+        layers.append(_activation_description(output))
+    return {"name": "serial", "layers": layers}
+
+
+def _register_dataset_mlps() -> None:
+    from .data import DATASET_DEFAULTS
+
+    for dataset, settings in DATASET_DEFAULTS.items():
+        register_preset("mlp", None, dataset=dataset, for_dataset=True, **settings)
+    register_preset("mlp", None, dataset="digits", **DATASET_DEFAULTS["digits"])
+
+
+_register_dataset_mlps()

@@ -1,0 +1,178 @@
+"""Which model a run trains, on which data, in which shape.
+
+:func:`choose_model` turns ``TrainConfig.model`` (a preset name, a JSON file, a JSON string or
+a description dict) and the dataset into a :class:`jaxbp.presets.Preset`; on resume the
+checkpoint's header decides (its description and preset settings), so the network is rebuilt
+from the checkpoint alone. :func:`targets` puts the data in the shape the model takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import load_description
+from ..presets import TRAINING_KEYS, Preset, get_preset
+from .config import FALLBACK, MLP_FIELDS, TrainConfig
+
+__all__ = ["TrainData", "choose_model", "targets", "model_label", "PRESET_FILE_KEYS"]
+
+# A model file holds a description ({"name": ...}) or a preset: {"model": description, ...}.
+PRESET_FILE_KEYS = ("model", "dataset", "input_shape", "fused", "augment", *TRAINING_KEYS)
+
+
+class TrainData(NamedTuple):
+    """The data on device: inputs in the model's shape, the loss's targets ``t`` and the
+    labels ``y`` accuracy is measured against (``None`` for regression). ``loop_data`` is what
+    the training loop gathers batches from (with the augmentation key, if any)."""
+
+    x_train: Any
+    t_train: Any
+    y_train: Any
+    x_test: Any
+    t_test: Any
+    y_test: Any
+    num_outputs: int
+    loop_data: tuple
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+def _is_file_model(model) -> bool:
+    return isinstance(model, dict) or (isinstance(model, str) and (
+        model.lstrip().startswith("{") or model.endswith(".json") or Path(model).is_file()))
+
+
+def _file_preset(model, defaults: dict) -> Preset:
+    """A preset for a description (or preset file): the dataset's MLP training settings,
+    overridden by the file's own."""
+    spec = load_description(model)
+    if "name" in spec:
+        spec = {"model": spec}
+    unknown = sorted(set(spec) - set(PRESET_FILE_KEYS))
+    if unknown or not isinstance(spec.get("model"), dict):
+        raise ValueError(f"model {_short(model)}: expected a layer description "
+                         f"({{\"name\": ...}}) or {{\"model\": description, ...}} with keys "
+                         f"among {', '.join(PRESET_FILE_KEYS)}"
+                         + (f"; got unknown keys {', '.join(unknown)}" if unknown else ""))
+    settings = {k: v for k, v in defaults.items() if k in TRAINING_KEYS and k not in MLP_FIELDS}
+    settings.update({k: spec[k] for k in TRAINING_KEYS if k in spec})
+    shape = spec.get("input_shape")
+    return Preset("file", spec["model"], spec.get("dataset"),
+                  None if shape is None else tuple(shape), bool(spec.get("fused", True)),
+                  spec.get("augment"), settings)
+
+
+def _short(model) -> str:
+    text = model if isinstance(model, str) else json.dumps(model)
+    return repr(text if len(text) < 60 else text[:57] + "...")
+
+
+def _load(name: str, dataset):
+    if dataset is not None:
+        for field in ("x_train", "y_train", "x_test", "y_test", "task", "num_classes"):
+            if not hasattr(dataset, field):
+                raise TypeError(f"dataset must look like jaxbp.data.Dataset (missing "
+                                f"{field!r}), got {type(dataset).__name__}")
+        return dataset
+    from ..data import load_dataset
+
+    return load_dataset(name, seed=0)
+
+
+def _from_header(header: dict, config: TrainConfig, dataset):
+    saved = header["config"]
+    info = header.get("preset") or {"name": "mlp"}  # checkpoints before presets: MLPs
+    dataset = _load(config.dataset or saved.get("dataset") or FALLBACK["dataset"], dataset)
+    shape = info.get("input_shape")
+    preset = Preset(info["name"], header["network"], None,
+                    None if shape is None else tuple(shape), bool(info.get("fused", True)),
+                    info.get("augment"), {})
+    # An MLP run keeps its MLP fields (so --hidden on resume is compared with them).
+    if saved.get("hidden") is not None:
+        preset = Preset(preset.name, None, None, preset.input_shape, preset.fused,
+                        preset.augment, {})
+    return dataset, preset, config.model or saved.get("model") or "mlp"
+
+
+def choose_model(config: TrainConfig, dataset, header: dict | None):
+    """``(dataset, preset, model key)`` for a run: the key is what the config records."""
+    if header is not None:
+        return _from_header(header, config, dataset)
+    model = config.model if config.model is not None else "mlp"
+    named = not _is_file_model(model)
+    preset = get_preset(model) if named and model != "mlp" else None
+    name = (config.dataset or (getattr(dataset, "name", None) if dataset is not None else None)
+            or (preset.dataset if preset else None) or FALLBACK["dataset"])
+    dataset = _load(name, dataset)
+    defaults = dict(getattr(dataset, "defaults", None) or get_preset("mlp", name).defaults)
+    if model == "mlp":
+        return dataset, Preset("mlp", None, name, defaults=defaults), model
+    if named:
+        return dataset, get_preset(model, dataset.name), model
+    return dataset, _file_preset(model, defaults), model
+
+
+def model_label(cfg: TrainConfig, preset: Preset) -> str:
+    """``"256 relu"`` for an MLP, else the preset's (or file's) name."""
+    if cfg.hidden is not None:
+        return f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}"
+    return preset.name if preset.name != "file" else _short(cfg.model)
+
+
+def _classification(dataset, loss_name: str, x_tr, x_te):
+    c = int(dataset.num_classes)
+    y_tr = np.asarray(dataset.y_train).astype(np.int32)
+    y_te = np.asarray(dataset.y_test).astype(np.int32)
+    for name, y, x in (("y_train", y_tr, x_tr), ("y_test", y_te, x_te)):
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"dataset {name} must hold one label per example, shape "
+                             f"({x.shape[0]},), got {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= c):
+            raise ValueError(f"dataset {name} has labels outside [0, {c})")
+    if loss_name == "softmax_cross_entropy":
+        return y_tr, y_tr, y_te, y_te, c
+    # squared errors and sigmoid cross-entropy regress one-hot targets
+    eye = np.eye(c, dtype=np.float32)
+    return eye[y_tr], y_tr, eye[y_te], y_te, c
+
+
+def _inputs(dataset, input_shape):
+    out = []
+    for name in ("x_train", "x_test"):
+        x = np.asarray(getattr(dataset, name), np.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"dataset {name} must have shape (examples, features) with at "
+                             f"least one example, got {x.shape}")
+        if input_shape is not None:
+            if math.prod(input_shape) != x.shape[1]:
+                raise ValueError(f"the model takes examples of shape {tuple(input_shape)}, "
+                                 f"but {dataset.name} has {x.shape[1]} features")
+            x = x.reshape(x.shape[0], *input_shape)
+        out.append(x)
+    return out
+
+
+def targets(dataset, loss_name: str, input_shape=None, augment_key=None) -> TrainData:
+    """The dataset on device, inputs reshaped to ``input_shape`` (per example)."""
+    x_tr, x_te = _inputs(dataset, input_shape)
+    if dataset.task == "classification":
+        t_tr, y_tr, t_te, y_te, num_outputs = _classification(dataset, loss_name, x_tr, x_te)
+    else:
+        if loss_name == "softmax_cross_entropy":
+            raise ValueError(f"loss softmax_cross_entropy needs a classification dataset; "
+                             f"{dataset.name!r} is a regression task (use half_sse or mse)")
+        t_tr = np.asarray(dataset.y_train, np.float32)
+        t_te = np.asarray(dataset.y_test, np.float32)
+        y_tr = y_te = None
+        num_outputs = int(t_tr.shape[1])
+    arrays = [None if a is None else jnp.asarray(a) for a in (x_tr, t_tr, y_tr, x_te, t_te, y_te)]
+    loop_data = (arrays[0], arrays[1]) + (() if augment_key is None else (augment_key,))
+    return TrainData(*arrays, num_outputs, loop_data)

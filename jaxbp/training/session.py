@@ -1,0 +1,430 @@
+"""A training run in three steps: :func:`prepare`, :func:`run`, :func:`finish`.
+
+::
+
+    session = prepare(TrainConfig(dataset="digits", out="runs/digits"))
+    status, message = run(session, on_epoch=lambda row: False)   # True: stop after this epoch
+    result = finish(session, status, message)                    # metrics.json, curves.png
+
+:func:`train` does all three. Each epoch is one call of the loop of
+:func:`jaxbp.train.make_loop` (a fused ``lax.scan`` over the epoch's batches, or one jitted
+call per step for presets that ask for it) over the verified step :func:`jaxbp.train_step`,
+then an evaluation of the train and test sets (``jaxbp.forward(..., train=False)``: BatchNorm's
+running statistics, no dropout). Python runs only between epochs.
+
+Determinism. The initial params come from ``split(key(seed))[0]``; epoch ``e``'s order is
+``permutation(fold_in(split(key(seed))[1], e), n)``; Dropout's key lives in the
+:class:`jaxbp.TrainState` (and in the checkpoint); augmentation draws from ``fold_in(aug_key,
+step)``. A run resumed from a checkpoint written after epoch ``e`` therefore sees exactly the
+batches the uninterrupted run saw, goes through the same compiled loop, and ends with
+bit-identical params.
+
+Faults. A step whose loss, gradients or update are not finite is not applied and is counted;
+after ``max_bad_steps`` of them the run stops (``"nonfinite"``) without writing a new checkpoint.
+``check="raise"`` stops at the first disagreement with :class:`jaxbp.GradientMismatchError`
+(carrying the report and the step). ``on_epoch`` returning true (the command's Ctrl-C) writes
+a checkpoint and stops (``"interrupted"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..checkpoint import (CheckpointError, read_header, restore_train_state, save_checkpoint,
+                          train_state_groups, write_json)
+from ..layers import Layer, output_shape
+from ..model import describe
+from ..presets import Preset
+from ..train import REASON_MISMATCH, REASON_NONFINITE, TrainState, init_train_state
+from ..train import raise_first_mismatch
+from . import compiled
+from .config import TrainConfig, config_dict, resolve_config
+from .model import TrainData, choose_model, model_label, targets
+
+__all__ = ["TrainResult", "Session", "prepare", "run", "finish", "train", "CHECKPOINT_FILE",
+           "METRICS_FILE", "CURVES_FILE"]
+
+CHECKPOINT_FILE = "checkpoint.npz"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.png"
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns.
+
+    ``status``: ``"completed"``, ``"nonfinite"`` (stopped after ``max_bad_steps`` non-finite
+    steps) or ``"interrupted"`` (``on_epoch`` asked to stop; a checkpoint was written).
+    ``metrics`` is what ``metrics.json`` holds; ``history`` one dict per epoch;
+    ``train_state`` the final :class:`jaxbp.TrainState` (``params``/``opt_state`` are its).
+    """
+
+    params: Any
+    opt_state: Any
+    net: Layer
+    config: TrainConfig
+    metrics: dict
+    history: list
+    status: str
+    checkpoint: Path | None
+    message: str
+    train_state: TrainState | None = None
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything :func:`prepare` decided, and the run's progress (``ts``, ``epoch``,
+    ``history``), which :func:`run` advances."""
+
+    cfg: TrainConfig
+    dataset: Any
+    preset: Preset
+    description: dict
+    net: Layer
+    data: TrainData
+    loop: Callable
+    evaluate: Callable
+    data_key: Any
+    ts: TrainState
+    out: Path | None
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    seconds_before: float = 0.0
+    last_saved: int = 0
+    resumed: bool = False
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out is None else self.out / CHECKPOINT_FILE
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.n_train // self.cfg.batch_size
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+def _output_folder(config: TrainConfig) -> tuple[Path | None, dict | None, list]:
+    """The output folder, the checkpoint header to resume from (or None), and notes."""
+    out = Path(config.out) if config.out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {str(out)!r} is a file; expected a folder "
+                         f"(it is created if missing) to hold the checkpoint and results")
+    ckpt = None if out is None else out / CHECKPOINT_FILE
+    if config.resume and ckpt is None:
+        raise ValueError("resume needs an output folder (--out) holding a checkpoint")
+    if config.resume and ckpt.exists():
+        return out, read_header(ckpt), []
+    if config.resume:
+        return out, None, [f"no checkpoint in {out}; starting from scratch"]
+    if ckpt is not None and ckpt.exists():
+        return out, None, [f"starting a new run in {out}: its old checkpoint will be replaced "
+                           f"(--resume continues it instead)"]
+    return out, None, []
+
+
+def _network(description: dict, from_checkpoint: Path | None) -> Layer:
+    try:
+        return compiled.network(description)
+    except (ValueError, TypeError) as e:
+        if from_checkpoint is None:
+            raise
+        raise CheckpointError(f"checkpoint {from_checkpoint} describes a network this jaxbp "
+                              f"cannot build ({e}); it was probably written by an older "
+                              f"jaxbp: start a new run with another --out") from None
+
+
+def _check_output(net: Layer, data: TrainData, description_source: str) -> None:
+    shape = output_shape(net, (-1, *data.x_train.shape[1:]))
+    if tuple(shape[1:]) != (data.num_outputs,):
+        raise ValueError(f"{description_source} produces outputs of shape {tuple(shape)}, but "
+                         f"the dataset needs (batch, {data.num_outputs})")
+
+
+def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer):
+    """The step-0 train state (params from ``split(key(seed))[0]``) and the data key."""
+    init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
+    example_shape = (-1, *data.x_train.shape[1:])
+    _, params = net.init(init_key, example_shape)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2) if net.has_state else None
+    ts = init_train_state(net, optimizer, params,
+                          input_shape=(cfg.batch_size, *data.x_train.shape[1:]), key=key)
+    return ts, data_key
+
+
+def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
+    """Resolve ``config`` (see :class:`TrainConfig`), load the data, build (or, on resume,
+    rebuild from the checkpoint's description) the network, and restore the train state.
+
+    ``dataset``: a :class:`jaxbp.data.Dataset` (or any object with its fields) to train on
+    instead of loading ``config.dataset``; its ``defaults`` are its MLP's settings.
+    """
+    config = config or TrainConfig()
+    out, header, notes = _output_folder(config)
+    saved = header["config"] if header else None
+    dataset, preset, model_key = choose_model(config, dataset, header)
+    cfg = resolve_config(dataclasses.replace(config, dataset=dataset.name, model=model_key),
+                         preset.defaults, saved, mlp=preset.is_mlp)
+    augment_key = jax.random.fold_in(jax.random.key(cfg.seed), 3) if preset.augment else None
+    data = targets(dataset, cfg.loss, preset.input_shape, augment_key)
+    if cfg.batch_size > data.n_train:
+        raise ValueError(f"batch_size must be between 1 and the number of training examples "
+                         f"({data.n_train}), got {cfg.batch_size}")
+    if cfg.devices > 1:
+        from ..parallel import check_batch_size, data_parallel_mesh
+
+        check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
+    ckpt = out / CHECKPOINT_FILE if header else None
+    description = header["network"] if header else _description(preset, cfg, data)
+    net = _network(description, ckpt)
+    _check_output(net, data, f"model {model_label(cfg, preset)}")
+    optimizer = compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size))
+    ts, data_key = _first_train_state(cfg, net, data, optimizer)
+    session = Session(cfg, dataset, preset, describe(net), net, data,
+                      compiled.epoch_loop(net, cfg.loss, optimizer, cfg.check, preset.fused,
+                                          int((preset.augment or {}).get("shift", 0)),
+                                          cfg.devices, cfg.jit),
+                      compiled.evaluator(net, cfg.loss, cfg.jit), data_key, ts, out,
+                      notes=notes)
+    if header:
+        _restore(session, ckpt)
+    return session
+
+
+def _description(preset: Preset, cfg: TrainConfig, data: TrainData) -> dict:
+    if not preset.is_mlp:
+        return preset.description(data.num_outputs)
+    from ..presets import mlp_description, output_activation
+
+    return mlp_description(cfg.hidden, cfg.activation, data.num_outputs,
+                           output=output_activation(cfg.activation, cfg.output_activation,
+                                                    cfg.loss))
+
+
+def _restore(session: Session, path: Path) -> None:
+    session.ts, ckpt = restore_train_state(path, session.ts, network=session.description)
+    session.epoch = session.last_saved = int(ckpt.header["epoch"])
+    session.history = list(ckpt.header["history"])
+    session.seconds_before = float(ckpt.header.get("seconds", 0.0))
+    session.resumed = True
+    if session.epoch > session.cfg.epochs:
+        raise ValueError(f"--resume: the checkpoint is at epoch {session.epoch}, past the "
+                         f"requested {session.cfg.epochs} epochs")
+
+
+# --------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------
+
+
+def _header(s: Session, at_epoch: int) -> dict:
+    p = s.preset
+    return {"network": s.description, "config": config_dict(s.cfg), "epoch": at_epoch,
+            "step": at_epoch * s.steps_per_epoch, "dataset": s.dataset.name,
+            "preset": {"name": p.name, "input_shape": None if p.input_shape is None else
+                       list(p.input_shape), "fused": p.fused, "augment": p.augment},
+            "rng": {"seed": s.cfg.seed, "init": "split(key(seed))[0]",
+                    "data_order": "permutation(fold_in(split(key(seed))[1], epoch), n)",
+                    "dropout": "fold_in(key(seed), 2), split every step",
+                    "augment": "fold_in(fold_in(key(seed), 3), step)"},
+            "history": [_json_row(r) for r in s.history], "seconds": s.seconds()}
+
+
+def _checkpoint(s: Session, at_epoch: int) -> None:
+    if s.out is None:
+        return
+    if at_epoch == 0:  # a fresh run: clear temporaries left by a killed writer
+        s.out.mkdir(parents=True, exist_ok=True)
+        for stale in s.out.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    save_checkpoint(s.checkpoint_path, train_state_groups(s.ts), _header(s, at_epoch))
+    s.last_saved = at_epoch
+
+
+def _train_epoch(s: Session) -> dict:
+    """One epoch: the loop over its batches, the mismatch check, the evaluation; its row."""
+    d, cfg = s.data, s.cfg
+    order = compiled.epoch_order(s.data_key, jnp.asarray(s.epoch, jnp.int32), d.n_train,
+                                 cfg.batch_size, bool(s.preset.augment))
+    ts, metrics = s.loop(s.ts, d.loop_data, order)
+    metrics = jax.device_get(metrics)
+    if cfg.check == "raise":
+        raise_first_mismatch(metrics, first_step=s.epoch * s.steps_per_epoch,
+                             note=f"epoch {s.epoch + 1}: that update was not applied and the "
+                                  f"checkpoint on disk is from epoch {s.last_saved}")
+    evals = jax.device_get((s.evaluate(ts.params, ts.state, d.x_train, d.t_train, d.y_train),
+                            s.evaluate(ts.params, ts.state, d.x_test, d.t_test, d.y_test)))
+    s.ts = ts
+    return _epoch_row(s.epoch + 1, metrics, evals, cfg.check)
+
+
+def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tuple[str, str]:
+    """Train ``session`` to its last epoch; returns ``(status, message)``.
+
+    ``on_epoch(row)`` is called after each epoch with its row (the command's progress bar);
+    a true return stops the run after writing a checkpoint (the command's Ctrl-C).
+    """
+    s, cfg = session, session.cfg
+    if not s.resumed:
+        _checkpoint(s, 0)  # from the first moment on, a last good state is on disk
+    while s.epoch < cfg.epochs:
+        row = _train_epoch(s)
+        s.history.append(row)
+        s.epoch += 1
+        stop = bool(on_epoch(row)) if on_epoch is not None else False
+        bad = sum(r["skipped_nonfinite"] for r in s.history)
+        if bad >= cfg.max_bad_steps:
+            where = (f"; the last good checkpoint (epoch {s.last_saved}) is in "
+                     f"{s.checkpoint_path}" if s.out is not None else "")
+            return "nonfinite", (
+                f"stopped after {bad} non-finite steps (limit --max-bad-steps "
+                f"{cfg.max_bad_steps}) at epoch {s.epoch}: the loss, a gradient or an update "
+                f"was NaN or inf (too large a learning rate, or bad data); none of those steps "
+                f"touched the parameters{where}")
+        if stop:
+            _checkpoint(s, s.epoch)
+            return "interrupted", (f"interrupted at epoch {s.epoch}/{cfg.epochs}" + (
+                f"; checkpoint saved to {s.checkpoint_path}, continue with --resume"
+                if s.out is not None else ""))
+        if s.epoch % cfg.checkpoint_every == 0 or s.epoch == cfg.epochs:
+            _checkpoint(s, s.epoch)
+    return "completed", ""
+
+
+def _epoch_row(epoch: int, m, evals, check: str) -> dict:
+    loss = np.asarray(m.loss, np.float64)
+    finite = loss[np.isfinite(loss)]
+    reason = np.asarray(m.reason)
+    rel = np.asarray(m.rel_error, np.float64)
+    # A non-finite step has an infinite "relative error" that says nothing about the backward.
+    usable = (reason != REASON_NONFINITE) & ~np.isnan(rel)
+    checked = rel[usable] if check != "off" else rel[:0]
+    (train_loss, train_acc), (test_loss, test_acc) = evals
+    row = {"epoch": epoch, "loss": float(finite.mean()) if finite.size else float("nan"),
+           "train_loss": float(train_loss), "train_accuracy": float(train_acc),
+           "test_loss": float(test_loss), "test_accuracy": float(test_acc),
+           "max_grad_rel_error": float(checked.max()) if checked.size else None,
+           "steps": int(loss.size), "applied_steps": int(np.sum(np.asarray(m.applied))),
+           "skipped_nonfinite": int(np.sum(reason == REASON_NONFINITE)),
+           "skipped_mismatch": int(np.sum(reason == REASON_MISMATCH))}
+    if check != "off" and np.any(reason != REASON_NONFINITE):
+        leaf = np.asarray(m.leaf_rel_error, np.float64)[reason != REASON_NONFINITE]
+        row["grad_rel_error_by_leaf"] = {p: float(v) for p, v in
+                                         zip(m.report.paths, np.max(leaf, axis=0))}
+    return row
+
+
+def _nan_to_none(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def _json_row(row: dict) -> dict:
+    return {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# finish
+# --------------------------------------------------------------------------------------------
+
+
+def finish(session: Session, status: str = "completed", message: str = "") -> TrainResult:
+    """Summarise the run; with an output folder, write ``metrics.json`` and ``curves.png``."""
+    s = session
+    metrics = _summary(s, status)
+    if s.out is not None:
+        s.out.mkdir(parents=True, exist_ok=True)
+        write_json(s.out / METRICS_FILE, metrics)
+        if s.history:
+            _write_curves(s.history, s.out / CURVES_FILE,
+                          f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
+                          f"{s.cfg.optimizer} lr {s.cfg.lr:g}")
+    ckpt = s.checkpoint_path
+    return TrainResult(s.ts.params, s.ts.opt_state, s.net, s.cfg, metrics, s.history, status,
+                       ckpt if ckpt is not None and ckpt.exists() else None, message, s.ts)
+
+
+def train(config: TrainConfig | None = None, dataset=None, *,
+          on_epoch: Callable[[dict], bool] | None = None, progress: str = "none",
+          stream=None) -> TrainResult:
+    """:func:`prepare`, :func:`run`, :func:`finish`: train as ``config`` says.
+
+    ``progress`` (``"auto"``, ``"bar"``, ``"lines"``, ``"none"``) shows the command's progress
+    display on ``stream`` (default stderr), for scripts; ``on_epoch`` is the general hook.
+    """
+    if progress not in ("auto", "bar", "lines", "none"):
+        raise ValueError(f"unknown progress mode {progress!r}; expected one of: auto, bar, "
+                         f"lines, none")
+    session = prepare(config, dataset)
+    bar = None
+    if progress != "none":
+        from ..commands.train import Progress
+
+        bar = Progress(progress, session.cfg.epochs, session.epoch, session.dataset.name, stream)
+    hook = on_epoch if bar is None else (
+        lambda row: bar.update(row) or bool(on_epoch and on_epoch(row)))
+    try:
+        status, message = run(session, hook)
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish(session, status, message)
+
+
+def _summary(s: Session, status: str) -> dict:
+    history, last = s.history, (s.history[-1] if s.history else {})
+    checked = [r["max_grad_rel_error"] for r in history if r.get("max_grad_rel_error") is not None]
+    by_leaf: dict[str, float] = {}
+    for r in history:
+        for p, v in r.get("grad_rel_error_by_leaf", {}).items():
+            by_leaf[p] = max(by_leaf.get(p, 0.0), v)
+    totals = {k: sum(r[k] for r in history)
+              for k in ("steps", "applied_steps", "skipped_nonfinite", "skipped_mismatch")}
+    metrics = {
+        "dataset": s.dataset.name, "status": status,
+        "train_accuracy": last.get("train_accuracy"), "test_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("train_loss"), "test_loss": last.get("test_loss"),
+        "max_grad_rel_error": max(checked) if checked else None,
+        "worst_grad_leaf": max(by_leaf, key=by_leaf.get) if by_leaf else None,
+        "grad_rel_error_by_leaf": by_leaf, **totals, "epochs": len(history),
+        "steps_per_epoch": s.steps_per_epoch, "seconds": s.seconds(), "check": s.cfg.check,
+        "config": config_dict(s.cfg), "network": s.description, "preset": s.preset.name,
+        "input_shape": None if s.preset.input_shape is None else list(s.preset.input_shape),
+        "augment": s.preset.augment, "fused": s.preset.fused,
+        "num_params": int(sum(np.size(l) for l in jax.tree_util.tree_leaves(s.ts.params))),
+        "checkpoint": str(s.checkpoint_path) if s.out is not None else None,
+        "history": [{k: v for k, v in _json_row(r).items() if k != "grad_rel_error_by_leaf"}
+                    for r in history],
+    }
+    return {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _write_curves(history, path, title):
+    try:
+        from ..plots import plot_training_curves
+    except ImportError:  # matplotlib is an optional extra: the run itself is complete
+        return None
+
+    keys = ("epoch", "train_loss", "test_loss", "train_accuracy", "test_accuracy",
+            "max_grad_rel_error")
+    series = {k: [np.nan if r.get(k) is None else r[k] for r in history] for k in keys}
+    for key, also in (("train_accuracy", "test_accuracy"), ("max_grad_rel_error", None)):
+        if all(isinstance(v, float) and math.isnan(v) for v in series[key]):
+            series.pop(key)
+            if also:
+                series.pop(also)
+    return plot_training_curves(series, path, title=title)
