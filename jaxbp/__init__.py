@@ -10,6 +10,16 @@ Every layer carries a hand-derived backward pass; every train step can check it 
 """
 
 from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
+from .conv import (
+    AvgPool1D,
+    AvgPool2D,
+    Conv1D,
+    Conv2D,
+    Flatten,
+    GlobalAvgPool,
+    MaxPool1D,
+    MaxPool2D,
+)
 from .gradcheck import (
     GradCheck,
     GradientMismatchError,

@@ -87,6 +87,8 @@ __all__ = [
     "concat",
     "glorot_uniform",
     "he_normal",
+    "default_float",
+    "check_float",
 ]
 
 
@@ -186,8 +188,8 @@ def he_normal(key, shape, dtype):
 _INITIALISERS = {"glorot": glorot_uniform, "he": he_normal}
 
 
-def _default_float():
-    # float64 when the user enabled jax_enable_x64, else float32: JAX's own default.
+def default_float():
+    """float64 when the user enabled ``jax_enable_x64``, else float32: JAX's own default."""
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -199,7 +201,8 @@ class InputShapeError(ValueError):
     """
 
 
-def _check_float(x, where):
+def check_float(x, where: str) -> None:
+    """``TypeError`` naming the layer ``where`` unless ``x`` is floating point."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"{where} expects floating-point inputs, got dtype {jnp.result_type(x)}")
 
@@ -231,7 +234,7 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         in_dim = int(input_shape[-1])
         if in_dim < 1:
             raise ValueError(f"Dense expects at least one input feature, got shape {tuple(input_shape)}")
-        dt = jnp.dtype(dtype) if dtype is not None else _default_float()
+        dt = jnp.dtype(dtype) if dtype is not None else default_float()
         wi = _INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
         w = jnp.asarray(wi(key, (in_dim, out_dim), dt), dt)
         b_shape = () if shared_bias else (out_dim,)
@@ -241,7 +244,7 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
 
     def forward(params, x):
         w = params["W"]
-        _check_float(x, "Dense")
+        check_float(x, "Dense")
         if x.ndim < 1 or x.shape[-1] != w.shape[0]:
             raise InputShapeError(
                 f"Dense expects inputs of width {w.shape[0]}, got shape {tuple(x.shape)}")
@@ -286,7 +289,7 @@ def elementwise(name: str, fn: Callable, backward: Callable, *, cache_output: bo
         return tuple(input_shape), ()
 
     def forward(params, x):
-        _check_float(x, name)
+        check_float(x, name)
         y = fn(x)
         return y, (y if cache_output else x)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layers import Context, Layer, _default_float, stateful
+from .layers import Context, Layer, default_float, stateful
 from .model import register_layer
 
 __all__ = ["BatchNorm", "Dropout"]
@@ -47,11 +47,11 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
         return int(input_shape[-1])
 
     def init(key, input_shape):
-        n, dt = features(input_shape), jnp.dtype(dtype) if dtype else _default_float()
+        n, dt = features(input_shape), jnp.dtype(dtype) if dtype else default_float()
         return tuple(input_shape), {"scale": jnp.ones((n,), dt), "bias": jnp.zeros((n,), dt)}
 
     def init_state(input_shape):
-        n, dt = features(input_shape), jnp.dtype(dtype) if dtype else _default_float()
+        n, dt = features(input_shape), jnp.dtype(dtype) if dtype else default_float()
         return {"mean": jnp.zeros((n,), dt), "var": jnp.ones((n,), dt)}
 
     def apply(params, state, x, context: Context):

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from .backprop import autodiff, backprop, check_inputs, check_params, forward
-from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness as _compare
+from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness
 from .gradcheck import unchecked_report
 from .layers import Layer, init_state
 from .losses import get_loss
@@ -253,7 +253,7 @@ def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
     # The same state and key: the same batch statistics and dropout masks as the manual pass.
     _, grads_ad, _ = autodiff(net, loss, ts.params, x, y, state=ts.state, key=step_key,
                               validate=False)
-    report, grads_finite = _compare(grads, grads_ad, rtol=rtol, atol=atol)
+    report, grads_finite = compare_with_finiteness(grads, grads_ad, rtol=rtol, atol=atol)
     return value, grads, new_state, next_key, report, grads_finite
 
 
