@@ -10,6 +10,7 @@ Every layer carries a hand-derived backward pass; every train step can check it 
 """
 
 from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
+from .attention import Embedding, LayerNorm, MultiHeadAttention, PositionalEmbedding
 from .conv import (
     AvgPool1D,
     AvgPool2D,

@@ -172,3 +172,63 @@ def _register_dataset_mlps() -> None:
 
 
 _register_dataset_mlps()
+
+
+def _conv1d(channels: int, kernel: int, stride: int = 1, padding="SAME") -> dict:
+    return {"name": "Conv1D", "out_channels": channels, "kernel_size": kernel, "stride": stride,
+            "padding": padding}
+
+
+def mnist1d_cnn(num_outputs: int) -> dict:
+    """The MNIST-1D paper's ConvBase: three Conv1D of 25 channels (kernels 5, 3, 3, stride 2,
+    padding 1) with ReLU, flattened into Dense; 5,210 params for 10 classes."""
+    layers = []
+    for kernel in (5, 3, 3):
+        layers += [_conv1d(25, kernel, 2, 1), {"name": "Relu"}]
+    return {"name": "serial", "layers": [*layers, {"name": "Flatten"},
+                                         {"name": "Dense", "out_dim": num_outputs}]}
+
+
+def mnist1d_resnet(num_outputs: int, channels: int = 32, blocks: int = 4) -> dict:
+    """A small residual 1-D network: a stride-2 stem, ``blocks`` residual blocks of two 3-wide
+    convolutions with BatchNorm (``y = relu(x + bn(conv(relu(bn(conv(x))))))``), global
+    average pooling, Dense; about 26k params with 32 channels and 4 blocks."""
+    def block():
+        return {"name": "residual", "layers": [
+            _conv1d(channels, 3), {"name": "BatchNorm"}, {"name": "Relu"},
+            _conv1d(channels, 3), {"name": "BatchNorm"}]}
+
+    body = []
+    for _ in range(blocks):
+        body += [block(), {"name": "Relu"}]
+    return {"name": "serial", "layers": [
+        _conv1d(channels, 3, 2), {"name": "BatchNorm"}, {"name": "Relu"}, *body,
+        {"name": "GlobalAvgPool"}, {"name": "Dense", "out_dim": num_outputs}]}
+
+
+def digits_cnn(num_outputs: int) -> dict:
+    """scikit-learn's 8x8 digits as images: two 3x3 Conv2D + ReLU + 2x2 max-pool stages (16
+    and 32 channels), flattened into Dense."""
+    def stage(channels):
+        return [{"name": "Conv2D", "out_channels": channels, "kernel_size": 3,
+                 "padding": "SAME"}, {"name": "Relu"}, {"name": "MaxPool2D", "window": 2}]
+
+    return {"name": "serial", "layers": [*stage(16), *stage(32), {"name": "Flatten"},
+                                         {"name": "Dense", "out_dim": num_outputs}]}
+
+
+def _register_network_presets() -> None:
+    # Convolutions train one jitted call per step (fused=False): on XLA CPU a lax.scan whose
+    # body holds convolutions is many times slower than the same steps called one by one.
+    common = dict(loss="softmax_cross_entropy", optimizer="adam", fused=False)
+    register_preset("cnn", mnist1d_cnn, dataset="mnist1d", input_shape=(40, 1),
+                    augment={"shift": 4}, lr=1e-2, schedule="cosine", epochs=200,
+                    batch_size=100, **common)
+    register_preset("resnet", mnist1d_resnet, dataset="mnist1d", input_shape=(40, 1),
+                    augment={"shift": 4}, lr=3e-3, schedule="warmup_cosine",
+                    weight_decay=1e-4, epochs=60, batch_size=128, **common)
+    register_preset("cnn", digits_cnn, dataset="digits", for_dataset=True, input_shape=(8, 8, 1),
+                    lr=3e-3, schedule="cosine", epochs=40, batch_size=32, **common)
+
+
+_register_network_presets()
