@@ -23,6 +23,33 @@ def _check_rate(rate) -> float:
     return float(rate)
 
 
+def _check_batchnorm_arguments(momentum, eps) -> None:
+    for name, value, ok, expect in (
+            ("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("eps", eps, lambda v: v > 0, "> 0")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"BatchNorm expects {name} {expect}, got {value!r}")
+
+
+def _batchnorm_backward(params, cache, dy):
+    """``dscale = sum(dy * xhat)``, ``dbias = sum(dy)`` over every axis but the last.
+
+    Training (the batch statistics depend on every example), with ``dxhat = dy * scale``
+    and means over the ``m`` normalised positions:
+    ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
+    Evaluation (constant statistics): ``dx = dxhat * rstd``.
+    """
+    train = isinstance(cache, tuple)
+    xhat, rstd = cache if train else (cache["xhat"], cache["rstd"])
+    axes = tuple(range(dy.ndim - 1))
+    grads = {"scale": jnp.sum(dy * xhat, axis=axes), "bias": jnp.sum(dy, axis=axes)}
+    dxhat = dy * params["scale"]
+    if not train:
+        return grads, dxhat * rstd
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=axes) - xhat * jnp.mean(dxhat * xhat, axis=axes))
+    return grads, dx
+
+
 def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
     """Batch normalisation over every axis but the last (the features / channels).
 
@@ -34,11 +61,7 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
     params ``{"scale", "bias"}`` (ones, zeros), state ``{"mean", "var"}`` (zeros, ones), each
     of shape ``(features,)``.
     """
-    for name, value, low, high in (("momentum", momentum, 0.0, 1.0), ("eps", eps, 0.0, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                value >= low and (high is None or value <= high)) or (name == "eps" and value <= 0):
-            expect = "in [0, 1]" if name == "momentum" else "> 0"
-            raise ValueError(f"BatchNorm expects {name} {expect}, got {value!r}")
+    _check_batchnorm_arguments(momentum, eps)
 
     def features(input_shape):
         if len(input_shape) < 1 or int(input_shape[-1]) < 1:
@@ -75,28 +98,9 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
         cache = (xhat, rstd) if context.train else {"xhat": xhat, "rstd": rstd}
         return params["scale"] * xhat + params["bias"], cache, new_state
 
-    def backward(params, cache, dy):
-        """``dscale = sum(dy * xhat)``, ``dbias = sum(dy)`` over every axis but the last.
-
-        Training (the batch statistics depend on every example), with ``dxhat = dy * scale``
-        and means over the ``m`` normalised positions:
-        ``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``.
-        Evaluation (constant statistics): ``dx = dxhat * rstd``.
-        """
-        train = isinstance(cache, tuple)
-        xhat, rstd = cache if train else (cache["xhat"], cache["rstd"])
-        axes = tuple(range(dy.ndim - 1))
-        grads = {"scale": jnp.sum(dy * xhat, axis=axes), "bias": jnp.sum(dy, axis=axes)}
-        dxhat = dy * params["scale"]
-        if not train:
-            return grads, dxhat * rstd
-        dx = rstd * (dxhat - jnp.mean(dxhat, axis=axes)
-                     - xhat * jnp.mean(dxhat * xhat, axis=axes))
-        return grads, dx
-
     config = (("momentum", momentum), ("eps", eps),
               ("dtype", None if dtype is None else jnp.dtype(dtype).name))
-    return stateful(init, apply, backward, init_state, "BatchNorm", config)
+    return stateful(init, apply, _batchnorm_backward, init_state, "BatchNorm", config)
 
 
 def Dropout(rate: float) -> Layer:
