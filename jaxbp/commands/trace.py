@@ -2,7 +2,8 @@
 
 With no arguments: the seed tutorial's 2-2-2 example in its own notation, then where the
 seed's stated numbers are wrong. With ``--config FILE.json``: any small fully connected network
-(format in :mod:`jaxbp.trace.config`).
+(format in :mod:`jaxbp.trace.config`). With ``--example conv|attention`` or ``--model FILE.json``:
+one Conv1D or one attention head (format in :mod:`jaxbp.trace.layer_traces`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs/targets are one example or a list of examples.")
     parser.add_argument("--config", metavar="FILE.json",
                         help="the network to trace (default: the seed tutorial's 2-2-2 example)")
+    parser.add_argument("--example", choices=("conv", "attention"),
+                        help="a built-in layer example: a Conv1D (5 inputs, kernel 3, stride 2) "
+                             "or one causal attention head (3 tokens of dimension 2)")
+    parser.add_argument("--model", metavar="FILE.json",
+                        help="one layer to trace (Conv1D, MultiHeadAttention) with its numbers: "
+                             "{\"model\": {\"name\": \"Conv1D\", ...}, \"params\": {...}, "
+                             "\"inputs\": [...], \"targets\": [...]}")
     parser.add_argument("--steps", type=_positive_int, metavar="N",
                         help="train N full-batch steps; report the loss after each and the last "
                              "weights")
@@ -43,9 +51,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also draw the network with its weights, activations and gradients")
 
 
+def _layer_trace(args):
+    """The traced layer of ``--example`` / ``--model``; flags of the network trace are errors."""
+    from ..trace.layer_traces import trace_example, trace_file
+
+    chosen = [flag for flag, value in (("--config", args.config), ("--steps", args.steps),
+                                       ("--freeze-bias", args.freeze_bias),
+                                       ("--example", args.example), ("--model", args.model))
+              if value]
+    if len(chosen) > 1:
+        raise ValueError(f"{chosen[0]} and {chosen[1]} cannot be combined; --example and "
+                         f"--model trace one layer, --config/--steps/--freeze-bias a network")
+    return trace_example(args.example) if args.example else trace_file(args.model)
+
+
+def _run_layer_trace(args) -> int:
+    if args.plot:
+        from ..plots import check_plot_path
+
+        check_plot_path(args.plot)
+    traced = _layer_trace(args)
+    sys.stdout.write(traced.render(args.format))
+    if args.format == "json":
+        sys.stdout.write("\n")
+    if args.plot:
+        from ..plots_layers import plot_layer_trace
+
+        plot_layer_trace(traced, args.plot)
+        print(f"{traced.kind} diagram written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def run(args) -> int:
     from ..trace import load_config, seed_config, trace
 
+    if args.example or args.model:
+        return _run_layer_trace(args)
     config = load_config(args.config) if args.config else seed_config()
     if args.plot:
         from ..plots import check_plot_path
