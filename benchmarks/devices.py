@@ -53,10 +53,9 @@ def _worker(devices: int, batch: int, steps: int) -> dict:
     from jaxbp import parallel
 
     assert jax.device_count() == devices, (jax.device_count(), devices)
-    layers = []
-    for width in HIDDEN:
-        layers += [jaxbp.Dense(width, dtype=jnp.float32), jaxbp.Tanh]
-    net = jaxbp.serial(*layers, jaxbp.Dense(OUT_DIM, dtype=jnp.float32))
+    from benchmarks.mlp import mlp_description
+
+    net = jaxbp.model.build(mlp_description((IN_DIM, *HIDDEN, OUT_DIM), "tanh"))
     _, params = net.init(jax.random.key(0), (-1, IN_DIM))
     x = jax.random.normal(jax.random.key(1), (batch, IN_DIM), jnp.float32)
     y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (batch,), 0, OUT_DIM), OUT_DIM,
@@ -66,20 +65,20 @@ def _worker(devices: int, batch: int, steps: int) -> dict:
     step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "report",
                                              mesh=mesh)
     x, y = parallel.shard_batch(mesh, x, y)
-    params, state = parallel.replicate(mesh, (params, opt.init(params)))
+    ts = parallel.replicate(mesh, jaxbp.init_train_state(net, opt, params))
     t0 = time.perf_counter()
-    compiled = step.jitted.lower(params, state, x, y).compile()
+    compiled = step.jitted.lower(ts, x, y).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     for _ in range(3):  # warm-up
-        params, state, m = step(params, state, x, y)
-    jax.block_until_ready(params)
+        ts, m = step(ts, x, y)
+    jax.block_until_ready(ts)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        params, state, m = step(params, state, x, y)
-        jax.block_until_ready((params, m))
+        ts, m = step(ts, x, y)
+        jax.block_until_ready((ts, m))
         times.append(time.perf_counter() - t0)
     times.sort()
     dims = (IN_DIM, *HIDDEN, OUT_DIM)
@@ -87,7 +86,7 @@ def _worker(devices: int, batch: int, steps: int) -> dict:
             "median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0],
             "compile_s": compile_s, "xla_flops_per_device": float(cost.get("flops", "nan")),
             "matmul_flops_per_device": matmul_flops(batch // devices, dims)["total"],
-            "final_loss": float(m["loss"]), "ok": bool(m["ok"])}
+            "final_loss": float(m.loss), "ok": bool(m.ok)}
 
 
 def _run_count(devices: int, batch: int, steps: int, timeout: float) -> dict:

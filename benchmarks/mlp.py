@@ -14,13 +14,19 @@ from .reference import NumpyMLP, TorchMLP, jax_grad_step, torch_available
 LEARNING_RATE = 0.01
 
 
-def build(sizes, act: str, loss: str, batch: int, seed: int = 0):
-    """``(net, params, x, y)`` in float32: Dense layers of ``sizes`` with ``act`` between."""
+def mlp_description(sizes, act: str, dtype: str = "float32") -> dict:
+    """The model description of an MLP: Dense layers of ``sizes[1:]`` with ``act`` between."""
+    activation = jaxbp.describe(jaxbp.activation(act))
     layers = []
     for width in sizes[1:-1]:
-        layers += [jaxbp.Dense(width, dtype=jnp.float32), jaxbp.activation(act)]
-    layers.append(jaxbp.Dense(sizes[-1], dtype=jnp.float32))
-    net = jaxbp.serial(*layers)
+        layers += [{"name": "Dense", "out_dim": width, "dtype": dtype}, activation]
+    layers.append({"name": "Dense", "out_dim": sizes[-1], "dtype": dtype})
+    return {"name": "serial", "layers": layers}
+
+
+def build(sizes, act: str, loss: str, batch: int, seed: int = 0):
+    """``(net, params, x, y)`` in float32: Dense layers of ``sizes`` with ``act`` between."""
+    net = jaxbp.model.build(mlp_description(sizes, act))
     k_init, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
     _, params = net.init(k_init, (-1, sizes[0]))
     x = jax.random.normal(k_x, (batch, sizes[0]), jnp.float32)
@@ -38,9 +44,21 @@ def matmul_flops(sizes, batch: int) -> float:
     return 3 * sum(one) - one[0]
 
 
-def _copy(tree):
+def copy_tree(tree):
     # Fresh buffers for each variant: the donating steps consume what they are given.
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def fused_loop(net, loss, opt, x, y, *, check: str, steps: int):
+    """``steps`` verified steps on ``(x, y)`` in one compiled ``lax.scan`` (what ``jaxbp.fit``
+    runs: :func:`jaxbp.train.make_loop` over :func:`jaxbp.train_step`), donating the train
+    state: ``run(ts) -> (ts, stacked metrics)``, not yet compiled."""
+    def step(ts, xb, yb):
+        return jaxbp.train_step(net, loss, opt, ts, xb, yb, check=check)
+
+    loop = jaxbp.make_loop(step, fused=True, batch_fn=lambda data, idx: data, jit=False)
+    order = jnp.zeros((steps, 0), jnp.int32)  # every step the whole batch
+    return jax.jit(lambda ts: loop(ts, (x, y), order), donate_argnums=0)
 
 
 def jax_step_variants(net, params, x, y, loss: str, *, fused_steps: int):
@@ -51,22 +69,22 @@ def jax_step_variants(net, params, x, y, loss: str, *, fused_steps: int):
     # step without the guard: the same work as the plain jax.grad step, like for like.
     for check, guard in (("off", True), ("report", True), ("off", False)):
         step = jaxbp.make_train_step(net, loss, opt, check=check, donate=True, guard=guard)
-        compiled, secs = compile_timed(step, params, opt.init(params), x, y)
-        state = [_copy(params), opt.init(params)]
+        compiled, secs = compile_timed(step, jaxbp.init_train_state(net, opt, params), x, y)
+        state = [jaxbp.init_train_state(net, opt, copy_tree(params))]
 
         def run(n, compiled=compiled, state=state):
-            p, s = state
+            ts = state[0]
             for _ in range(n):
-                p, s, _ = compiled(p, s, x, y)
-            jax.block_until_ready(p)
-            state[:] = [p, s]
+                ts, _ = compiled(ts, x, y)
+            jax.block_until_ready(ts.params)
+            state[0] = ts
 
         name = f"jaxbp step check={check}" if guard else f"jaxbp unguarded step check={check}"
         variants[name] = (run, secs)
 
     plain = jax.jit(jax_grad_step(net, loss, LEARNING_RATE), donate_argnums=0)
     compiled, secs = compile_timed(plain, params, x, y)
-    pstate = [_copy(params)]
+    pstate = [copy_tree(params)]
 
     def run_plain(n):
         p = pstate[0]
@@ -79,22 +97,15 @@ def jax_step_variants(net, params, x, y, loss: str, *, fused_steps: int):
 
     # jaxbp's fused loop: the unjitted verified step inside one compiled lax.scan (what
     # jaxbp.fit does), compiled once and reused across rounds.
-    raw = jaxbp.make_train_step(net, loss, opt, check="off", jit=False)
-
-    def many(p, s):
-        def body(carry, _):
-            p, s, m = raw(*carry, x, y)
-            return (p, s), m["loss"]
-        return jax.lax.scan(body, (p, s), None, length=fused_steps)
-
-    fused, secs = compile_timed(jax.jit(many, donate_argnums=(0, 1)), params, opt.init(params))
-    fstate = [_copy(params), opt.init(params)]
+    many = fused_loop(net, loss, opt, x, y, check="off", steps=fused_steps)
+    fused, secs = compile_timed(many, jaxbp.init_train_state(net, opt, params))
+    fstate = [jaxbp.init_train_state(net, opt, copy_tree(params))]
 
     def run_fused(n):
         assert n == fused_steps
-        (p, s), _ = fused(*fstate)
-        jax.block_until_ready(p)
-        fstate[:] = [p, s]
+        ts, _ = fused(fstate[0])
+        jax.block_until_ready(ts.params)
+        fstate[0] = ts
 
     variants[f"jaxbp fused loop ({fused_steps} steps/call)"] = (run_fused, secs)
     return variants

@@ -20,7 +20,7 @@ def dense_params(params) -> list[tuple]:
 
 def activation_names(net) -> list[str]:
     """The activation after each Dense layer (``"identity"`` when none follows)."""
-    names, layers = [], net.config
+    names, layers = [], net.children
     for i, layer in enumerate(layers):
         if layer.name == "Dense":
             nxt = layers[i + 1].name if i + 1 < len(layers) else "Identity"

@@ -16,6 +16,7 @@ import numpy as np
 import jaxbp
 
 from .harness import compile_timed, measure
+from .mlp import copy_tree, fused_loop
 from .reference import NumpyMLP, TorchMLP, torch_available
 
 
@@ -29,32 +30,26 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
     # jaxbp.fit's loop (the unjitted verified step inside one lax.scan), compiled once here so
     # that rounds time the run, not fit's per-call tracing (measured separately below).
     for check in ("off", "report"):
-        raw = jaxbp.make_train_step(net, "half_sse", opt, check=check, jit=False)
-
-        def many(p, s, raw=raw):
-            def body(carry, _):
-                p, s, m = raw(*carry, x, y)
-                return (p, s), m["loss"]
-            return jax.lax.scan(body, (p, s), None, length=steps)
-
+        many = fused_loop(net, "half_sse", opt, x, y, check=check, steps=steps)
         name = f"jaxbp fused loop check={check}"
-        fused, compile_s[name] = compile_timed(jax.jit(many), params, opt.init(params))
+        fused, compile_s[name] = compile_timed(many, jaxbp.init_train_state(net, opt, params))
 
         def run_fused(n, fused=fused):
-            (p, _), _ = fused(params, opt.init(params))
-            jax.block_until_ready(p)
+            # A fresh train state per call: the compiled loop donates the one it is given.
+            ts, _ = fused(jaxbp.init_train_state(net, opt, copy_tree(params)))
+            jax.block_until_ready(ts.params)
 
         variants[name] = run_fused
 
     step = jaxbp.make_train_step(net, "half_sse", opt, check="off")
     compiled, compile_s["jaxbp step loop check=off"] = compile_timed(
-        step, params, opt.init(params), x, y)
+        step, jaxbp.init_train_state(net, opt, params), x, y)
 
     def run_steps(n):
-        p, s = params, opt.init(params)
+        ts = jaxbp.init_train_state(net, opt, params)
         for _ in range(steps):
-            p, s, _ = compiled(p, s, x, y)
-        jax.block_until_ready(p)
+            ts, _ = compiled(ts, x, y)
+        jax.block_until_ready(ts.params)
 
     variants["jaxbp step loop check=off"] = run_steps
 
@@ -84,7 +79,8 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
 
     # jaxbp.fit as a user calls it: tracing and compiling are part of every call.
     start = time.perf_counter()
-    jax.block_until_ready(jaxbp.fit(net, "half_sse", opt, params, x, y, steps=steps).params)
+    ts = jaxbp.init_train_state(net, opt, params)
+    jax.block_until_ready(jaxbp.fit(net, "half_sse", opt, ts, x, y, steps=steps).state.params)
     fit_first_s = time.perf_counter() - start
 
     rounds = 2 if tiny else (2 if quick else 5)

@@ -51,7 +51,13 @@ def Swish(beta_init: float = 1.0, wrong: bool = False) -> jaxbp.Layer:
         dbeta = jnp.sum((dy * x * x * ds).reshape(-1, x.shape[-1]), axis=0)
         return {"beta": dbeta}, dx
 
-    return jaxbp.Layer(init, forward, backward, "Swish", (("beta_init", beta_init),))
+    # name and config: Swish(**dict(config)) rebuilds this layer, so once registered it can be
+    # written into a model description (jaxbp.describe) and built back (jaxbp.build).
+    return jaxbp.Layer(init, forward, backward, "Swish",
+                       (("beta_init", beta_init), ("wrong", wrong)))
+
+
+jaxbp.register_layer("Swish", Swish)
 
 
 # The checks are jit-safe; compiled, they run much faster than op by op.
@@ -74,12 +80,15 @@ assert checks.ok
 
 # 3. Train it, every step verified against jax.grad before the update: 200 steps of Adam in
 #    one compiled loop; check="raise" would stop at the first step whose gradients disagree.
-result = jaxbp.fit(net, jaxbp.softmax_cross_entropy, optax.adam(0.03), params, x, labels,
-                   steps=200, check="raise")
-params = result.params
+optimizer = optax.adam(0.03)
+result = jaxbp.fit(net, jaxbp.softmax_cross_entropy, optimizer,
+                   jaxbp.init_train_state(net, optimizer, params), x, labels, steps=200,
+                   check="raise")
+params = result.state.params
 accuracy = float(jnp.mean(jnp.argmax(jaxbp.forward(net, params, x), -1) == labels))
-print(f"\ntrained 200 checked steps: loss {float(result.history['loss'][-1]):.4f}, "
-      f"training accuracy {accuracy:.2f}, learned beta {np.round(np.asarray(params[1]['beta']), 2)}")
+beta = np.round(np.asarray(params[1]["beta"]), 2)
+print(f"\ntrained 200 checked steps: loss {float(result.history.loss[-1]):.4f}, "
+      f"training accuracy {accuracy:.2f}, learned beta {beta}")
 assert accuracy > 0.9
 
 # 4. A wrong backward does not get past the check.
@@ -87,3 +96,8 @@ bad = check_layer(Swish(0.7, wrong=True), jax.random.key(0), (5, 4))
 print("\nThe wrong backward:\n" + bad.table())
 assert not bool(bad.ok) and bad.worst_path == "['x']"
 print("caught: the input gradient ['x'] is wrong, the parameter gradient is right")
+
+# 5. Registered, the layer is part of the model description: written out and built back.
+description = jaxbp.describe(net)
+print(f"\nthe network as a description: {description}")
+assert jaxbp.describe(jaxbp.build(description)) == description

@@ -29,22 +29,23 @@ net = jaxbp.serial(jaxbp.Dense(256), jaxbp.Relu, jaxbp.Dense(10))
 _, params = net.init(jax.random.key(0), (-1, data.num_features))
 loss = jaxbp.softmax_cross_entropy
 optimizer = optax.adam(1e-3)
-opt_state = optimizer.init(params)
+ts = jaxbp.init_train_state(net, optimizer, params)  # params + optimizer state (+ layer state)
 
 # 3. Train: jaxbp.fit runs all the verified steps in one compiled lax.scan (shuffled batches,
 #    epoch after epoch). With check="report" every step computes the manual gradients *and*
 #    jax.grad's and compares them leaf by leaf; history holds each step's numbers.
 batch, epochs = 64, 60
 steps = epochs * (len(x_train) // batch)
-result = jaxbp.fit(net, loss, optimizer, params, x_train, y_train, opt_state=opt_state,
-                   steps=steps, batch_size=batch, key=jax.random.key(1), check="report")
-params, opt_state, history = result
-losses = np.asarray(history["loss"])
+result = jaxbp.fit(net, loss, optimizer, ts, x_train, y_train, steps=steps, batch_size=batch,
+                   key=jax.random.key(1), check="report")
+ts, history = result
+params = ts.params
+losses = np.asarray(history.loss)
 for t in (0, steps // 4, steps // 2, steps - 1):
     print(f"step {t:5d}  loss {losses[t]:.4f}")
 print(f"worst manual-vs-autodiff relative error over {steps} steps: "
-      f"{float(jnp.max(history['rel_error'])):.1e}; all applied: "
-      f"{bool(jnp.all(history['applied']))}")
+      f"{float(jnp.max(history.rel_error)):.1e}; all applied: "
+      f"{bool(jnp.all(history.applied))}")
 
 
 def accuracy(params, x, y):

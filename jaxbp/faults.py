@@ -6,7 +6,8 @@ on purpose, so that researchers (and jaxbp's own tests) can watch each check mod
     net = jaxbp.serial(jaxbp.Dense(3), jaxbp.Tanh, jaxbp.Dense(3))
     bad = jaxbp.faults.inject(net, 0, "sign")      # layer 0's dE/dW has the wrong sign
     step = jaxbp.make_train_step(bad, "mse", jaxbp.sgd(0.1), check="skip")
-    # every step: metrics["ok"] False, metrics["reason"] REASON_MISMATCH, params unchanged
+    ts, metrics = step(jaxbp.init_train_state(bad, jaxbp.sgd(0.1), params), x, y)
+    # every step: metrics.ok False, metrics.reason REASON_MISMATCH, the train state unchanged
 
 Fault kinds (:data:`FAULT_KINDS`), and what each one means:
 
@@ -29,9 +30,11 @@ checker's worst leaf is that leaf. An activation fault changes ``dx``, which flo
 parameter *upstream* of the activation (and none downstream): the worst leaf is one of those.
 ``Identity`` has derivative 1, so ``"missing_term"`` does not apply to it either.
 
-The faulty layer keeps its name and gains ``("fault", kind)`` in its config, so
-``jaxbp.describe`` shows it; ``init`` and ``forward`` are untouched, so a faulty network has
-exactly the parameters and outputs of the correct one.
+A faulty layer is a registered layer of its own, ``Fault(layer, kind)``: ``jaxbp.describe``
+shows it as ``{"name": "Fault", "kind": "sign", "layer": {...the correct layer...}}`` and
+``jaxbp.model.build`` rebuilds it, so a faulty network travels as a description like any
+other. ``init``, ``forward`` (and ``init_state``/``apply``) are the wrapped layer's, so a
+faulty network has exactly the parameters, state and outputs of the correct one.
 
 ``python -m jaxbp.faults`` runs the fault-injection matrix (every fault x every check mode) and
 prints it as a Markdown table: the table in ``docs/reliability.md`` comes from it.
@@ -39,15 +42,14 @@ prints it as a Markdown table: the table in ``docs/reliability.md`` comes from i
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 
-from .layers import Layer, serial
+from .layers import Layer, init_state, serial
+from .model import build, register_layer
 
-__all__ = ["FAULT_KINDS", "wrong_backward", "inject", "poison", "fault_matrix", "format_matrix",
-           "nonfinite_matrix", "format_nonfinite"]
+__all__ = ["FAULT_KINDS", "MATRIX_MODEL", "Fault", "wrong_backward", "inject", "poison",
+           "fault_matrix", "format_matrix", "nonfinite_matrix", "format_nonfinite"]
 
 FAULT_KINDS = ("sign", "transpose", "missing_term", "factor2")
 
@@ -107,34 +109,42 @@ def wrong_backward(layer: Layer, kind: str) -> Layer:
 
     ``layer`` is a ``Dense`` (the fault hits one parameter gradient) or any other single
     layer, meant for the element-wise activations (the fault hits ``dx``); ``kind`` is one of
-    :data:`FAULT_KINDS` (see the module docstring for what each does to each layer).
+    :data:`FAULT_KINDS` (see the module docstring for what each does to each layer). The
+    result is named ``"Fault"`` with config ``(("layer", layer), ("kind", kind))``.
     """
     _check_kind(kind)
     if not isinstance(layer, Layer):
         raise TypeError(f"wrong_backward expects a Layer, got {layer!r}")
     if layer.name == "Dense":
         faulty = _wrong_dense(layer, kind)
-    elif layer.name == "serial":
-        raise ValueError("wrong_backward expects a single layer, got a serial network; "
-                         "use jaxbp.faults.inject(net, index, kind)")
+    elif layer.children:
+        raise ValueError(f"wrong_backward expects a single layer, got a {layer.name} network; "
+                         f"use jaxbp.faults.inject(net, index, kind)")
     else:
         faulty = _wrong_elementwise(layer, kind)
-    return faulty._replace(config=tuple(layer.config) + (("fault", kind),))
+    return faulty._replace(name="Fault", config=(("layer", layer), ("kind", kind)))
+
+
+def Fault(layer: Layer, kind: str) -> Layer:
+    """The registered factory of faulty layers: ``wrong_backward(layer, kind)``."""
+    return wrong_backward(layer, kind)
 
 
 def inject(net: Layer, index: int, kind: str) -> Layer:
     """The ``serial`` network ``net`` with layer ``index`` replaced by ``wrong_backward(...)``.
 
-    Negative indices count from the end (``-1`` is the last layer).
+    Negative indices count from the end (``-1`` is the last layer). The faulty network keeps
+    ``net``'s ``init``: a ``Dense`` left at ``w_init="auto"`` is initialised as ``serial``
+    chose for it in ``net`` (He before a ReLU), not as a ``Fault`` alone would be.
     """
     if not isinstance(net, Layer) or net.name != "serial":
         raise TypeError(f"inject expects a network built with jaxbp.serial, got {net!r}")
-    layers = list(net.config)
+    layers = list(net.children)
     if not isinstance(index, int) or not -len(layers) <= index < len(layers):
         raise ValueError(f"inject: layer index must be an integer in "
                          f"[{-len(layers)}, {len(layers)}), got {index!r}")
     layers[index] = wrong_backward(layers[index], kind)
-    return serial(*layers)
+    return serial(*layers)._replace(init=net.init)
 
 
 def poison(x, where=0, value=float("nan")):
@@ -154,20 +164,25 @@ def poison(x, where=0, value=float("nan")):
 # The fault-injection matrix: python -m jaxbp.faults
 # --------------------------------------------------------------------------------------------
 
-_POSITIONS = (("first Dense", 0), ("activation (Tanh)", 1), ("last Dense", 2))
+# The matrix's network, as a model description: square weights (3 -> 3 -> 3) so that
+# "transpose" is an exact transpose, and a BatchNorm, whose running statistics are layer
+# state that a skipped step must leave bit for bit as it was.
+MATRIX_MODEL = {"name": "serial", "layers": [
+    {"name": "Dense", "out_dim": 3}, {"name": "Tanh"}, {"name": "BatchNorm"},
+    {"name": "Dense", "out_dim": 3}]}
+
+_POSITIONS = (("first Dense", 0), ("activation (Tanh)", 1), ("last Dense", 3))
 
 
 def _matrix_problem(dtype):
-    # Square weights (3 -> 3 -> 3) so that "transpose" is an exact transpose.
-    from .layers import Dense, Tanh
-
-    net = serial(Dense(3), Tanh, Dense(3))
+    net = build(MATRIX_MODEL)
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (16, 3), dtype)
     y = jax.random.normal(ky, (16, 3), dtype)
     _, params = net.init(kp, (-1, 3))
     params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    return net, params, x, y
+    state = jax.tree_util.tree_map(lambda s: s.astype(dtype), init_state(net, x.shape))
+    return net, params, state, x, y
 
 
 def _same(a, b) -> bool:
@@ -176,35 +191,44 @@ def _same(a, b) -> bool:
         bool(jnp.array_equal(u, v, equal_nan=True)) for u, v in zip(la, lb))
 
 
-def _run_cell(net, params, x, y, check, optimizer, jit=True):
+def _unchanged(new_ts, ts) -> dict:
+    """Which parts of a train state came back bit for bit as they were."""
+    return {"params": _same(new_ts.params, ts.params),
+            "opt_state": _same(new_ts.opt_state, ts.opt_state),
+            "state": _same(new_ts.state, ts.state)}
+
+
+def _run_cell(net, params, state, x, y, check, optimizer, jit=True):
     """One step in one check mode; a dict of what happened."""
     from .gradcheck import GradientMismatchError
-    from .train import make_train_step
+    from .train import init_train_state, make_train_step
 
-    state = optimizer.init(params)
+    ts = init_train_state(net, optimizer, params, state=state)
     step = make_train_step(net, "mse", optimizer, check=check, jit=jit)
     try:
-        new_params, new_state, m = step(params, state, x, y)
-    except GradientMismatchError as e:
-        return {"raised": True, "message": str(e).splitlines()[0], "unchanged": True,
-                "applied": False}
-    report = m.get("report")
+        new_ts, m = step(ts, x, y)
+    except GradientMismatchError as e:  # the report travels with the error: no parsing
+        return {"raised": True, "worst_leaf": e.report.worst_path, "applied": False,
+                "rel_error": float(e.report.worst_rel_error), "unchanged": True}
+    kept = _unchanged(new_ts, ts)
     return {
         "raised": False,
-        "ok": bool(m["ok"]),
-        "applied": bool(m["applied"]),
-        "reason": int(m["reason"]),
-        "rel_error": float(m["rel_error"]),
-        "worst_leaf": report.worst_path if report is not None else None,
-        "unchanged": _same(new_params, params) and _same(new_state, state),
+        "ok": bool(m.ok),
+        "applied": bool(m.applied),
+        "reason": int(m.reason),
+        "rel_error": float(m.rel_error),
+        "worst_leaf": m.report.worst_path if check != "off" else None,
+        "unchanged": all(kept.values()),
+        "state_moved": not kept["state"],  # BatchNorm's running statistics, when applied
     }
 
 
 def fault_matrix(dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS,
                  positions=_POSITIONS) -> list[dict]:
     """Run every fault in every position under every check mode (one step each, ``jaxbp.sgd``
-    and ``optax.adam``). Returns one row per (position, kind): ``{"position", "index", "kind",
-    "modes": {mode: {"sgd": cell, "adam": cell}}}``, or ``"na"`` with the reason.
+    and ``optax.adam``) on the network of :data:`MATRIX_MODEL`. Returns one row per
+    (position, kind): ``{"position", "index", "kind", "modes": {mode: {"sgd": cell, "adam":
+    cell}}}``, or ``"na"`` with the reason.
 
     ``jit=False`` runs the steps eagerly: the same numbers, without one compilation per cell.
     ``kinds`` and ``positions`` (``(label, layer index)`` pairs) select part of the matrix.
@@ -213,7 +237,7 @@ def fault_matrix(dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS,
 
     from .train import CHECK_MODES, sgd
 
-    net, params, x, y = _matrix_problem(dtype)
+    net, params, state, x, y = _matrix_problem(dtype)
     rows = []
     for label, index in positions:
         for kind in kinds:
@@ -225,7 +249,7 @@ def fault_matrix(dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS,
                 rows.append(row)
                 continue
             row["modes"] = {
-                mode: {name: _run_cell(bad, params, x, y, mode, opt, jit)
+                mode: {name: _run_cell(bad, params, state, x, y, mode, opt, jit)
                        for name, opt in (("sgd", sgd(0.1)), ("adam", optax.adam(1e-2)))}
                 for mode in CHECK_MODES
             }
@@ -239,10 +263,7 @@ def _cell_text(mode, cells) -> str:
     if mode == "raise":
         if not (s["raised"] and a["raised"]):
             return "NOT RAISED"
-        leaf = re.search(r"worst leaf (\S+),", s["message"])
-        rel = re.search(r"relative error ([0-9.e+-]+)", s["message"])
-        return (f"raised: `{leaf.group(1) if leaf else '?'}`, rel "
-                f"{rel.group(1) if rel else '?'}; params unchanged")
+        return f"raised: `{s['worst_leaf']}`, rel {s['rel_error']:.3e}; params unchanged"
     if mode == "off":
         return "applied; not detected" if s["applied"] and s["ok"] else \
             f"UNEXPECTED ok={s['ok']} applied={s['applied']}"
@@ -250,10 +271,11 @@ def _cell_text(mode, cells) -> str:
         return "NOT DETECTED"
     detail = f"`{s['worst_leaf']}`, rel {s['rel_error']:.2e}"
     if mode == "report":
-        return f"{detail}; applied" if s["applied"] and a["applied"] else \
-            f"{detail}; NOT APPLIED"
+        applied = s["applied"] and a["applied"] and s["state_moved"] and a["state_moved"]
+        return f"{detail}; applied" if applied else f"{detail}; NOT APPLIED"
     same = s["unchanged"] and a["unchanged"]
-    return (f"{detail}; skipped, params+state bit-identical" if same and not s["applied"]
+    return (f"{detail}; skipped, params+opt+layer state bit-identical"
+            if same and not (s["applied"] or a["applied"])
             else f"UNEXPECTED applied={s['applied']} unchanged={same}")
 
 
@@ -288,9 +310,9 @@ def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 
     """
     import optax
 
-    from .train import CHECK_MODES, REASON_NONFINITE, make_train_step, sgd
+    from .train import CHECK_MODES, REASON_NONFINITE, init_train_state, make_train_step, sgd
 
-    net, params, x, y = _matrix_problem(dtype)
+    net, params, state, x, y = _matrix_problem(dtype)
     rows = []
     for label, fn in _POISONS:
         px, py = fn(x, y)
@@ -298,25 +320,24 @@ def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 
         for mode in CHECK_MODES:
             cells = {}
             for name, opt in (("sgd", sgd(0.1)), ("adam", optax.adam(1e-2))):
-                state = opt.init(params)
-                new_p, new_s, m = make_train_step(net, "mse", opt, check=mode, jit=jit)(
-                    params, state, px, py)
-                cells[name] = {"applied": bool(m["applied"]), "reason": int(m["reason"]),
-                               "unchanged": _same(new_p, params) and _same(new_s, state)}
+                ts = init_train_state(net, opt, params, state=state)
+                new_ts, m = make_train_step(net, "mse", opt, check=mode, jit=jit)(ts, px, py)
+                cells[name] = {"applied": bool(m.applied), "reason": int(m.reason),
+                               "unchanged": all(_unchanged(new_ts, ts).values())}
             modes[mode] = cells
         rows.append({"what": label, "modes": modes})
     modes = {}
     for mode in CHECK_MODES:
         opt = sgd(blowup_lr)
-        p, state = params, opt.init(params)
+        ts = init_train_state(net, opt, params, state=state)
         step = make_train_step(net, "mse", opt, check=mode, jit=jit)
         applied, reasons, finite = [], [], True
         for _ in range(blowup_steps):
-            p, state, m = step(p, state, x, y)
-            applied.append(bool(m["applied"]))
-            reasons.append(int(m["reason"]))
+            ts, m = step(ts, x, y)
+            applied.append(bool(m.applied))
+            reasons.append(int(m.reason))
             finite &= all(bool(jnp.all(jnp.isfinite(leaf)))
-                          for leaf in jax.tree_util.tree_leaves(p))
+                          for leaf in jax.tree_util.tree_leaves((ts.params, ts.state)))
         first_bad = reasons.index(REASON_NONFINITE) if REASON_NONFINITE in reasons else None
         modes[mode] = {"applied": sum(applied), "first_skipped": first_bad, "finite": finite,
                        "all_skipped_after": first_bad is not None and not any(
@@ -339,15 +360,18 @@ def format_nonfinite(rows) -> str:
             if row.get("blowup"):
                 cells.append(
                     f"{c['applied']} steps applied, then every step skipped (non-finite); "
-                    f"params {'finite' if c['finite'] else 'NOT FINITE'}"
+                    f"params and state {'finite' if c['finite'] else 'NOT FINITE'}"
                     if c["all_skipped_after"] else f"applied {c['applied']}, finite {c['finite']}")
                 continue
             ok = all(not v["applied"] and v["reason"] == REASON_NONFINITE and v["unchanged"]
                      for v in c.values())
-            cells.append("skipped (non-finite); params+state bit-identical" if ok
+            cells.append("skipped (non-finite); params+opt+layer state bit-identical" if ok
                          else f"UNEXPECTED: {c}")
         lines.append(f"| {row['what']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+register_layer("Fault", Fault)
 
 
 def _main(argv=None):
@@ -360,8 +384,8 @@ def _main(argv=None):
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     for dtype in (jnp.float64, jnp.float32):
-        print(f"\n### {jnp.dtype(dtype).name}: 3-3-3 Dense/Tanh/Dense, mse, 16 examples, one "
-              f"step (jaxbp.sgd(0.1) and optax.adam(1e-2)), "
+        print(f"\n### {jnp.dtype(dtype).name}: 3-3-3 Dense/Tanh/BatchNorm/Dense, mse, 16 "
+              f"examples, one step (jaxbp.sgd(0.1) and optax.adam(1e-2)), "
               f"{'eager' if args.eager else 'jit'}\n")
         print(format_matrix(fault_matrix(dtype, jit=not args.eager)))
         print(f"\n### {jnp.dtype(dtype).name}: non-finite numbers, correct network\n")

@@ -248,7 +248,10 @@ def _apply_rounding_floor(stats):
     tree_scale = jnp.max(jnp.stack(scales))
     out = []
     for max_diff, rel, cosine, ok, a_finite, scale in stats:
-        floor = ROUNDING_FLOOR * jnp.finfo(max_diff.dtype).eps * tree_scale
+        # Never looser than a tenth of the dtype's own tolerance: in bfloat16, 1e3 eps is 8.
+        relative_floor = min(ROUNDING_FLOOR * float(jnp.finfo(max_diff.dtype).eps),
+                             0.1 * default_tolerance(max_diff.dtype)[1])
+        floor = relative_floor * tree_scale
         rounding = jnp.isfinite(rel) & (max_diff <= floor) & (tree_scale > 0)
         rel = jnp.where(rounding, max_diff / jnp.where(tree_scale > 0, tree_scale, 1), rel)
         out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite))
@@ -331,7 +334,8 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
     # The worst leaf is the failing leaf of largest relative error, or if all pass, the leaf
     # of largest relative error.
     any_failed = ~jnp.all(leaf_ok)
-    worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)), jnp.argmax(rel))
+    worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)),
+                      jnp.argmax(rel)).astype(jnp.int32)
     report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths)
     return report, manual_finite
 

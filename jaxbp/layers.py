@@ -116,7 +116,7 @@ class Layer(NamedTuple):
     @property
     def children(self) -> tuple:
         """The layers a combinator holds (``serial``, ``residual``, ``concat``), else ``()``."""
-        return tuple(dict(self.config).get("layers", ()))
+        return tuple(dict(self.config or ()).get("layers", ()))
 
     @property
     def has_state(self) -> bool:
@@ -412,7 +412,7 @@ def _resolve_auto_init(layers: tuple) -> list:
 
     resolved = list(layers)
     for i, layer in enumerate(layers):
-        config = dict(layer.config)
+        config = dict(layer.config or ())
         if config.get("w_init") != "auto":
             continue
         following = layers[i + 1].name if i + 1 < len(layers) else None

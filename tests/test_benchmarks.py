@@ -13,7 +13,8 @@ import jaxbp
 
 # benchmarks/ is a top-level folder of the checkout, not part of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.mlp import LEARNING_RATE, build, matmul_flops
+from benchmarks.mlp import (LEARNING_RATE, build, copy_tree, fused_loop, matmul_flops,  # noqa: E402
+                            mlp_description)
 from benchmarks.reference import NumpyMLP, TorchMLP, jax_grad_step, torch_available
 from benchmarks.w3_per_example import per_example_fns
 
@@ -49,7 +50,9 @@ def test_numpy_mlp_matches_jaxbp_gradients(problem):
 def test_numpy_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, _, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
-    new, _, _ = jaxbp.make_train_step(net, loss, opt, check="off")(params, opt.init(params), x, y)
+    ts, _ = jaxbp.make_train_step(net, loss, opt, check="off")(
+        jaxbp.init_train_state(net, opt, params), x, y)
+    new = ts.params
     model = NumpyMLP(net, params, loss, LEARNING_RATE)
     model.step(np.asarray(x), np.asarray(y))
     for (w, b), (jw, jb) in zip(model.layers, _dense_grads(new), strict=True):
@@ -60,9 +63,10 @@ def test_numpy_step_matches_jaxbp_step(problem):
 def test_plain_jax_grad_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, value, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
-    new, _, m = jaxbp.make_train_step(net, loss, opt, check="report")(
-        params, opt.init(params), x, y)
-    assert bool(m["ok"]) and bool(m["applied"])
+    ts, m = jaxbp.make_train_step(net, loss, opt, check="report")(
+        jaxbp.init_train_state(net, opt, params), x, y)
+    new = ts.params
+    assert bool(m.ok) and bool(m.applied)
     plain, plain_value = jax.jit(jax_grad_step(net, loss, LEARNING_RATE))(params, x, y)
     np.testing.assert_allclose(plain_value, value, **F32)
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(new), strict=True):
@@ -70,24 +74,30 @@ def test_plain_jax_grad_step_matches_jaxbp_step(problem):
 
 
 def test_fused_loop_matches_repeated_steps(problem):
-    """The fused variant (unjitted step inside lax.scan) equals the same steps one by one."""
+    """The fused variant (train_step inside one lax.scan) equals the same steps one by one."""
     net, params, x, y, loss, _, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
     step = jaxbp.make_train_step(net, loss, opt, check="off")
-    raw = jaxbp.make_train_step(net, loss, opt, check="off", jit=False)
-
-    def body(carry, _):
-        p, s, m = raw(*carry, x, y)
-        return (p, s), m["loss"]
-
-    (fused, _), losses = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=3))(
-        params, opt.init(params))
-    p, s = params, opt.init(params)
+    many = fused_loop(net, loss, opt, x, y, check="off", steps=3)
+    fused, metrics = many(jaxbp.init_train_state(net, opt, copy_tree(params)))
+    ts = jaxbp.init_train_state(net, opt, params)
     for t in range(3):
-        p, s, m = step(p, s, x, y)
-        np.testing.assert_allclose(losses[t], m["loss"], **F32)
-    for a, b in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(p), strict=True):
+        ts, m = step(ts, x, y)
+        np.testing.assert_allclose(metrics.loss[t], m.loss, **F32)
+    for a, b in zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(ts), strict=True):
         np.testing.assert_allclose(a, b, **F32)
+
+
+def test_mlp_is_built_from_its_description():
+    desc = mlp_description((5, 4, 3), "leaky_relu")
+    assert desc == {"name": "serial", "layers": [
+        {"name": "Dense", "out_dim": 4, "dtype": "float32"},
+        {"name": "LeakyRelu", "slope": 0.01},
+        {"name": "Dense", "out_dim": 3, "dtype": "float32"}]}
+    net, params, _, _ = build((5, 4, 3), "leaky_relu", "mse", 2)
+    described = jaxbp.describe(net)
+    assert [layer["name"] for layer in described["layers"]] == ["Dense", "LeakyRelu", "Dense"]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
 
 
 @pytest.mark.skipif(torch_available() is not None, reason="PyTorch is optional")

@@ -52,6 +52,9 @@ def test_custom_layer():
     assert "[1]['beta']" in out  # the new layer's parameter, checked in a network
     assert "training accuracy 1.00" in out
     assert "caught: the input gradient ['x'] is wrong" in out
+    # registered, the layer is part of the model description
+    assert "the network as a description: {'name': 'serial', 'layers': [{'name': 'Dense'" in out
+    assert "{'name': 'Swish', 'beta_init': 1.0, 'wrong': False}" in out
 
 
 @pytest.mark.parametrize("name", ["seed_example.py", "xor.py", "per_example_grads.py",

@@ -6,7 +6,6 @@ Non-finite data and a learning rate that blows up must never reach the params.
 """
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -73,31 +72,32 @@ def test_fault_matrix_row(index, kind, dtype, jit=False):
     _, g_true = jaxbp.autodiff(NET, "mse", params, x, y)
     assert not same(g_bad, g_true)
     for name, opt in optimizers().items():
-        state = opt.init(params)
-        keep_params = jax.tree_util.tree_map(np.array, params)
-        keep_state = jax.tree_util.tree_map(np.array, state)
+        ts = jaxbp.init_train_state(bad, opt, params)
+        keep = jax.tree_util.tree_map(np.array, ts)
         for mode in jaxbp.CHECK_MODES:
             step = jaxbp.make_train_step(bad, "mse", opt, check=mode, jit=jit)
             if mode == "raise":
                 with pytest.raises(jaxbp.GradientMismatchError) as info:
-                    step(params, state, x, y)
+                    step(ts, x, y)
+                report = info.value.report  # the error carries its report: no parsing
+                leaf, rel = report.worst_path, float(report.worst_rel_error)
                 first = str(info.value).splitlines()[0]
-                leaf = re.search(r"worst leaf (\S+),", first).group(1)
-                rel = float(re.search(r"relative error ([0-9.e+-]+)", first).group(1))
                 assert leaf in expected_leaves, first
                 assert rel > 0.1, first
+                assert f"worst leaf {leaf}, relative error {rel:.3e}" in first
                 if kind in EXACT_REL and index != 1:
                     assert rel == pytest.approx(EXACT_REL[kind], rel=1e-3)
-                assert "nothing was updated" in first
-                assert same(params, keep_params) and same(state, keep_state)
+                assert "nothing was updated" in first and info.value.step is None
+                assert same(ts, keep)
                 continue
-            new_params, new_state, m = step(params, state, x, y)
-            assert math.isfinite(float(m["loss"]))
+            new_ts, m = step(ts, x, y)
+            new_params, new_state = new_ts.params, new_ts.opt_state
+            assert math.isfinite(float(m.loss))
             if mode == "off":
                 # Honest: with nothing to compare against, a wrong backward is not detected.
-                assert bool(m["ok"]) and bool(m["applied"])
-                assert int(m["reason"]) == jaxbp.REASON_APPLIED
-                assert math.isnan(float(m["rel_error"])) and int(m["worst_leaf"]) == -1
+                assert bool(m.ok) and bool(m.applied)
+                assert int(m.reason) == jaxbp.REASON_APPLIED
+                assert math.isnan(float(m.rel_error)) and int(m.worst_leaf) == -1
                 # ... and the update follows the faulty gradient, not the true one.
                 ref_updates, _ = opt.update(g_bad, opt.init(params), params)
                 jax.tree_util.tree_map(
@@ -105,23 +105,22 @@ def test_fault_matrix_row(index, kind, dtype, jit=False):
                                                             atol=tol(dtype)),
                     new_params, optax.apply_updates(params, ref_updates))
                 continue
-            report = m["report"]
-            assert not bool(m["ok"]), mode
-            assert int(m["reason"]) == jaxbp.REASON_MISMATCH
+            report = m.report
+            assert not bool(m.ok), mode
+            assert int(m.reason) == jaxbp.REASON_MISMATCH
             assert report.worst_path in expected_leaves
-            assert report.paths[int(m["worst_leaf"])] == report.worst_path
-            assert float(m["rel_error"]) == float(report.worst_rel_error) > 0.1
+            assert report.paths[int(m.worst_leaf)] == report.worst_path
+            assert float(m.rel_error) == float(report.worst_rel_error) > 0.1
             if kind in EXACT_REL and index != 1:
-                assert float(m["rel_error"]) == pytest.approx(EXACT_REL[kind], rel=1e-3)
+                assert float(m.rel_error) == pytest.approx(EXACT_REL[kind], rel=1e-3)
             failing = {p for p, ok in zip(report.paths, np.asarray(report.leaf_ok)) if not ok}
             assert failing == expected_leaves, (mode, failing)
             if mode == "report":
-                assert bool(m["applied"]) and not same(new_params, params)
+                assert bool(m.applied) and not same(new_params, params)
             else:  # skip: bit-for-bit nothing
-                assert not bool(m["applied"])
-                assert same(new_params, keep_params), (name, mode)
-                assert same(new_state, keep_state), (name, mode)
-        assert same(params, keep_params)  # no mode touched the caller's arrays
+                assert not bool(m.applied)
+                assert same(new_ts, keep), (name, mode)
+        assert same(ts, keep)  # no mode touched the caller's arrays
 
 
 # A diagonal of the matrix again under jit: (index, kind, mode), every mode and kind once.
@@ -134,30 +133,32 @@ def test_fault_under_jit_matches_eager(index, kind, mode):
     params, x, y = PARAMS64, X64, Y64
     bad = faults.inject(NET, index, kind)
     opt = optax.adam(1e-2) if mode == "skip" else jaxbp.sgd(0.1)
-    state = opt.init(params)
+    ts = jaxbp.init_train_state(bad, opt, params)
     outs = {}
     for jit in (False, True):
         step = jaxbp.make_train_step(bad, "mse", opt, check=mode, jit=jit)
         if mode == "raise":
             with pytest.raises(jaxbp.GradientMismatchError) as info:
-                step(params, state, x, y)
-            outs[jit] = str(info.value).splitlines()[0]
+                step(ts, x, y)
+            outs[jit] = (str(info.value).splitlines()[0], info.value.report)
         else:
-            outs[jit] = step(params, state, x, y)
+            outs[jit] = step(ts, x, y)
     if mode == "raise":
-        assert outs[True] == outs[False]
-        assert "[2]['W']" in outs[True] and "relative error 2.000e+00" in outs[True]
+        assert outs[True][0] == outs[False][0]
+        report = outs[True][1]
+        assert report.worst_path == "[2]['W']" and float(report.worst_rel_error) == 2.0
         return
-    (p0, s0, m0), (p1, s1, m1) = outs[False], outs[True]
-    for key in ("ok", "applied", "reason", "worst_leaf"):
-        assert int(m0[key]) == int(m1[key]), key
-    np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-12)
+    (t0, m0), (t1, m1) = outs[False], outs[True]
+    for field in ("ok", "applied", "reason", "worst_leaf"):
+        assert int(getattr(m0, field)) == int(getattr(m1, field)), field
+    np.testing.assert_allclose(float(m1.loss), float(m0.loss), rtol=1e-12)
     if mode != "off":
-        np.testing.assert_allclose(float(m1["rel_error"]), float(m0["rel_error"]), rtol=1e-9)
-        assert m1["report"].worst_path in faulty_leaves(index, kind)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), p1, p0)
+        np.testing.assert_allclose(float(m1.rel_error), float(m0.rel_error), rtol=1e-9)
+        assert m1.report.worst_path in faulty_leaves(index, kind)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+                           t1.params, t0.params)
     if mode == "skip":
-        assert same(p1, params) and same(s1, state)
+        assert same(t1, ts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,33 +169,37 @@ def test_fault_under_jit_matches_eager(index, kind, mode):
 def test_fit_raise_names_step_and_leaf_and_keeps_params():
     bad = faults.inject(NET, 0, "sign")
     keep = jax.tree_util.tree_map(np.array, PARAMS64)
+    ts = jaxbp.init_train_state(bad, jaxbp.sgd(0.1), PARAMS64)
     with pytest.raises(jaxbp.GradientMismatchError,
-                       match=r"at step 0: worst leaf \[0\]\['W'\], relative error 2\.000e\+00"):
-        jaxbp.fit(bad, "mse", jaxbp.sgd(0.1), PARAMS64, X64, Y64, steps=4, check="raise")
+                       match=r"at step 0: worst leaf \[0\]\['W'\], relative error 2\.000e\+00"
+                       ) as info:
+        jaxbp.fit(bad, "mse", jaxbp.sgd(0.1), ts, X64, Y64, steps=4, check="raise")
+    assert info.value.step == 0 and info.value.report.worst_path == "[0]['W']"
     assert same(PARAMS64, keep)
 
 
 def test_fit_skip_leaves_everything_bit_identical():
     opt = optax.adam(1e-2)  # a state with moments, not only a counter
     bad = faults.inject(NET, 2, "missing_term")
-    state = opt.init(PARAMS64)
-    res = jaxbp.fit(bad, "mse", opt, PARAMS64, X64, Y64, steps=5, batch_size=8, check="skip",
+    ts = jaxbp.init_train_state(bad, opt, PARAMS64)
+    res = jaxbp.fit(bad, "mse", opt, ts, X64, Y64, steps=5, batch_size=8, check="skip",
                     key=jax.random.key(3))
-    assert not np.asarray(res.history["applied"]).any()
-    assert (np.asarray(res.history["reason"]) == jaxbp.REASON_MISMATCH).all()
-    assert same(res.params, PARAMS64) and same(res.opt_state, state)
+    assert not np.asarray(res.history.applied).any()
+    assert (np.asarray(res.history.reason) == jaxbp.REASON_MISMATCH).all()
+    assert same(res.state, ts)
 
 
 def test_fit_report_applies_and_reports_every_step():
     bad = faults.inject(NET, 1, "factor2")
-    res = jaxbp.fit(bad, "mse", jaxbp.sgd(0.1), PARAMS64, X64, Y64, steps=5, check="report")
+    ts = jaxbp.init_train_state(bad, jaxbp.sgd(0.1), PARAMS64)
+    res = jaxbp.fit(bad, "mse", jaxbp.sgd(0.1), ts, X64, Y64, steps=5, check="report")
     h = res.history
-    assert np.asarray(h["applied"]).all() and not np.asarray(h["ok"]).any()
-    assert (np.asarray(h["reason"]) == jaxbp.REASON_MISMATCH).all()
-    paths = h["report"].paths
-    assert {paths[i] for i in np.asarray(h["worst_leaf"])} <= faulty_leaves(1, "factor2")
-    assert (np.asarray(h["rel_error"]) > 0.1).all()
-    assert not same(res.params, PARAMS64)
+    assert np.asarray(h.applied).all() and not np.asarray(h.ok).any()
+    assert (np.asarray(h.reason) == jaxbp.REASON_MISMATCH).all()
+    paths = h.report.paths
+    assert {paths[i] for i in np.asarray(h.worst_leaf)} <= faulty_leaves(1, "factor2")
+    assert (np.asarray(h.rel_error) > 0.1).all()
+    assert not same(res.state.params, PARAMS64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,45 +218,46 @@ POISONS = {
 def test_nonfinite_data_skips_the_step_in_every_mode(poison):
     x, y = POISONS[poison](X64, Y64)
     for name, opt in optimizers().items():
-        state = opt.init(PARAMS64)
+        ts = jaxbp.init_train_state(NET, opt, PARAMS64)
         for mode in jaxbp.CHECK_MODES:  # "raise" raises on mismatches only: this is skipped
             step = jaxbp.make_train_step(NET, "mse", opt, check=mode, jit=False)
-            params, new_state, m = step(PARAMS64, state, x, y)
-            assert not math.isfinite(float(m["loss"]))
-            assert not bool(m["applied"]) and not bool(m["ok"])
-            assert int(m["reason"]) == jaxbp.REASON_NONFINITE, (name, mode)
-            assert same(params, PARAMS64) and same(new_state, state), (name, mode)
+            new_ts, m = step(ts, x, y)
+            assert not math.isfinite(float(m.loss))
+            assert not bool(m.applied) and not bool(m.ok)
+            assert int(m.reason) == jaxbp.REASON_NONFINITE, (name, mode)
+            assert same(new_ts, ts), (name, mode)
 
 
 def test_nonfinite_data_under_jit_and_fit():
     x = faults.poison(X64, 2)  # one bad example among 16
     step = jaxbp.make_train_step(NET, "mse", optax.adam(1e-2), check="skip")
-    state = optax.adam(1e-2).init(PARAMS64)
-    params, new_state, m = step(PARAMS64, state, x, Y64)
-    assert int(m["reason"]) == jaxbp.REASON_NONFINITE
-    assert same(params, PARAMS64) and same(new_state, state)
+    ts = jaxbp.init_train_state(NET, optax.adam(1e-2), PARAMS64)
+    new_ts, m = step(ts, x, Y64)
+    assert int(m.reason) == jaxbp.REASON_NONFINITE
+    assert same(new_ts, ts)
     # Mini-batches of 4: only the batches holding example 2 are skipped; the rest train.
-    res = jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), PARAMS64, x, Y64, steps=12, batch_size=4,
-                    check="report", key=jax.random.key(5))
-    reasons = np.asarray(res.history["reason"])
+    res = jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), jaxbp.init_train_state(NET, jaxbp.sgd(0.1),
+                    PARAMS64), x, Y64, steps=12, batch_size=4, check="report",
+                    key=jax.random.key(5))
+    reasons = np.asarray(res.history.reason)
     assert (reasons == jaxbp.REASON_NONFINITE).sum() == 3  # one batch per epoch, 3 epochs
     assert (reasons == jaxbp.REASON_APPLIED).sum() == 9
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(
-        res.params))
+        res.state.params))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 def test_learning_rate_that_blows_up_never_corrupts_params(dtype):
     params, x, y = problem(dtype)
     opt = jaxbp.sgd(1e12)
-    state = opt.init(params)
+    ts = jaxbp.init_train_state(NET, opt, params)
     step = jaxbp.make_train_step(NET, "mse", opt, check="report")
     reasons = []
     for _ in range(40):
-        params, state, m = step(params, state, x, y)
-        reasons.append(int(m["reason"]))
+        ts, m = step(ts, x, y)
+        reasons.append(int(m.reason))
         assert all(np.isfinite(np.asarray(leaf)).all()
-                   for leaf in jax.tree_util.tree_leaves(params))
+                   for leaf in jax.tree_util.tree_leaves(ts.params))
     # It diverges (some steps applied, then the loss or update overflows) and from then on
     # every step is refused.
     assert reasons[0] == jaxbp.REASON_APPLIED
@@ -260,9 +266,11 @@ def test_learning_rate_that_blows_up_never_corrupts_params(dtype):
     first_bad = reasons.index(jaxbp.REASON_NONFINITE)
     assert set(reasons[first_bad:]) == {jaxbp.REASON_NONFINITE}
     if dtype == jnp.float32:  # the same inside fit's compiled loop (one compile is enough)
-        res = jaxbp.fit(NET, "mse", jaxbp.sgd(1e12), problem(dtype)[0], x, y, steps=40)
-        np.testing.assert_array_equal(np.asarray(res.history["reason"]), reasons)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, res.params, params)
+        opt = jaxbp.sgd(1e12)
+        res = jaxbp.fit(NET, "mse", opt, jaxbp.init_train_state(NET, opt, problem(dtype)[0]),
+                        x, y, steps=40)
+        np.testing.assert_array_equal(np.asarray(res.history.reason), reasons)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, res.state.params, ts.params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +284,24 @@ def test_faulty_network_has_the_same_params_and_outputs():
         _, p = bad.init(jax.random.key(0), (-1, 3))
         assert same(p, PARAMS64)
         np.testing.assert_array_equal(jaxbp.forward(bad, p, X64), jaxbp.forward(NET, p, X64))
-        assert jaxbp.describe(bad)["layers"][index]["fault"] == kind
+        described = jaxbp.describe(bad)["layers"][index]
+        assert described == {"name": "Fault", "kind": kind,
+                             "layer": jaxbp.describe(NET.children[index])}
+        # The faulty network travels as a description: rebuilt, it is still faulty.
+        rebuilt = jaxbp.model.build(jaxbp.describe(bad))
+        assert jaxbp.describe(rebuilt) == jaxbp.describe(bad)
+        _, g_bad = jaxbp.backprop(bad, "mse", p, X64, Y64)
+        _, g_rebuilt = jaxbp.backprop(rebuilt, "mse", p, X64, Y64)
+        assert same(g_bad, g_rebuilt)
+
+
+def test_inject_keeps_the_networks_initialisation():
+    # Dense before a Relu is He-initialised by serial; its Fault keeps that init.
+    net = jaxbp.serial(jaxbp.Dense(4), jaxbp.Relu, jaxbp.Dense(2))
+    bad = faults.inject(net, 0, "sign")
+    _, p = net.init(jax.random.key(0), (-1, 3))
+    _, p_bad = bad.init(jax.random.key(0), (-1, 3))
+    assert same(p, p_bad)
 
 
 def test_dense_faults_exactly():
@@ -336,6 +361,10 @@ def test_toolkit_errors():
         faults.wrong_backward(jaxbp.Identity, "missing_term")
     with pytest.raises(ValueError, match="single layer, got a serial network.*inject"):
         faults.wrong_backward(NET, "sign")
+    with pytest.raises(ValueError, match="single layer, got a residual network.*inject"):
+        faults.wrong_backward(jaxbp.residual(jaxbp.Dense(3)), "sign")
+    with pytest.raises(ValueError, match=r"model: unknown fault kind 'flip'"):
+        jaxbp.model.build({"name": "Fault", "layer": {"name": "Tanh"}, "kind": "flip"})
     with pytest.raises(TypeError, match="expects a Layer"):
         faults.wrong_backward("Dense", "sign")
     with pytest.raises(ValueError, match=r"layer index must be an integer in \[-3, 3\), got 3"):
@@ -344,7 +373,7 @@ def test_toolkit_errors():
         faults.inject(jaxbp.Dense(2), 0, "sign")
     with pytest.raises(TypeError, match="floating-point data.*int32"):
         faults.poison(jnp.zeros(3, jnp.int32))
-    assert faults.inject(NET, -1, "sign").config[2].config[-1] == ("fault", "sign")
+    assert faults.inject(NET, -1, "sign").children[2].config[-1] == ("kind", "sign")
 
 
 def test_poison():
@@ -362,20 +391,26 @@ def test_poison():
 
 
 def test_matrix_tables():
+    # The matrix's network comes from a description and holds a BatchNorm (layer state).
+    assert faults.MATRIX_MODEL["layers"][2] == {"name": "BatchNorm"}
     rows = faults.fault_matrix(jnp.float64, jit=False, kinds=("sign", "transpose"),
-                               positions=(("last Dense", 2), ("activation (Tanh)", 1)))
+                               positions=(("last Dense", 3), ("activation (Tanh)", 1)))
+    skip = rows[0]["modes"]["skip"]["adam"]
+    assert not skip["applied"] and skip["unchanged"] and not skip["state_moved"]
+    assert rows[0]["modes"]["report"]["adam"]["state_moved"]  # applied: the statistics move
+    assert rows[0]["modes"]["raise"]["sgd"]["worst_leaf"] == "[3]['W']"
     lines = faults.format_matrix(rows).splitlines()
     assert lines[0] == "| fault | where | `off` | `report` | `skip` | `raise` |"
     assert lines[2] == (
-        "| sign | last Dense (layer 2) | applied; not detected | `[2]['W']`, rel 2.00e+00; "
-        "applied | `[2]['W']`, rel 2.00e+00; skipped, params+state bit-identical | raised: "
-        "`[2]['W']`, rel 2.000e+00; params unchanged |")
+        "| sign | last Dense (layer 3) | applied; not detected | `[3]['W']`, rel 2.00e+00; "
+        "applied | `[3]['W']`, rel 2.00e+00; skipped, params+opt+layer state bit-identical | "
+        "raised: `[3]['W']`, rel 2.000e+00; params unchanged |")
     assert lines[5].startswith("| transpose | activation (Tanh) (layer 1) | n/a: a diagonal")
     assert "NOT" not in "\n".join(lines) and "UNEXPECTED" not in "\n".join(lines)
     table = faults.format_nonfinite(faults.nonfinite_matrix(jnp.float32, jit=False,
                                                             blowup_steps=6))
     body = table.splitlines()[2:]
     assert len(body) == 5 and "UNEXPECTED" not in table and "NOT FINITE" not in table
-    assert body[0].count("skipped (non-finite); params+state bit-identical") == 4
-    assert body[-1].count("2 steps applied, then every step skipped (non-finite); "
-                          "params finite") == 4
+    assert body[0].count("skipped (non-finite); params+opt+layer state bit-identical") == 4
+    assert body[-1].count(" steps applied, then every step skipped (non-finite); "
+                          "params and state finite") == 4

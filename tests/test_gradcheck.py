@@ -44,8 +44,9 @@ def test_perturbed_leaf_is_named_with_its_relative_error(jit):
     assert float(report.worst_rel_error) == pytest.approx(1e-3 / scale, rel=1e-9)
     assert float(report.max_abs_diff[2]) == pytest.approx(1e-3, rel=1e-9)
     np.testing.assert_array_equal(report.leaf_ok, [True, True, False, True])
-    with pytest.raises(jaxbp.GradientMismatchError, match=r"at leaf \[2\]\['W'\]"):
+    with pytest.raises(jaxbp.GradientMismatchError, match=r"worst leaf \[2\]\['W'\]") as info:
         report.raise_if_failed()
+    assert info.value.report is report and info.value.step is None
     assert "MISMATCH: worst leaf [2]['W']" in report.table()
 
 
@@ -62,7 +63,7 @@ def test_nan_leaf_fails_and_is_worst():
     assert report.worst_path == "[2]['b']"
 
 
-_compare_internal_jit = jax.jit(jaxbp.gradcheck._compare)
+_compare_internal_jit = jax.jit(jaxbp.gradcheck.compare_with_finiteness)
 
 
 # Finiteness is read off max |.| (inf) and sum of squares (NaN), not from isfinite passes: every
@@ -73,7 +74,7 @@ _compare_internal_jit = jax.jit(jaxbp.gradcheck._compare)
                                          ("manual", jnp.inf), ("reference", -jnp.inf),
                                          ("both", jnp.inf), ("both", jnp.nan)])
 def test_every_nonfinite_entry_is_caught(where, value, jit, size):
-    compare = _compare_internal_jit if jit else jaxbp.gradcheck._compare
+    compare = _compare_internal_jit if jit else jaxbp.gradcheck.compare_with_finiteness
     for dtype in (jnp.float32, jnp.float64):
         good = jnp.linspace(-1.0, 1.0, size, dtype=dtype)
         bad = good.at[size // 2].set(value)
@@ -94,7 +95,7 @@ def test_manual_finiteness_is_judged_in_its_own_dtype():
     # A float64 manual leaf beyond float32's range is finite, even though the comparison runs
     # in the float32 reference's precision (where it reads inf, and so disagrees).
     big = jnp.array([1e39, 1.0], jnp.float64)
-    for compare in (jaxbp.gradcheck._compare, _compare_internal_jit):
+    for compare in (jaxbp.gradcheck.compare_with_finiteness, _compare_internal_jit):
         report, manual_finite = compare({"g": big}, {"g": jnp.array([3e38, 1.0], jnp.float32)})
         assert bool(manual_finite) and not bool(report.ok)
 
@@ -104,9 +105,15 @@ def test_bfloat16_and_float16_leaves():
         a = jnp.array([1.0, -2.0, 0.5], dtype)
         assert jaxbp.default_tolerance(dtype) == (1e-1, 1e-1)
         assert bool(jaxbp.compare_grads({"g": a}, {"g": a * 1.01}).ok)
-        assert not bool(jaxbp.compare_grads({"g": a}, {"g": -a}).ok)
         # Mixed with float32: the less precise dtype sets the tolerance.
         assert bool(jaxbp.compare_grads({"g": a}, {"g": a.astype(jnp.float32) * 1.05}).ok)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_bfloat16_and_float16_catch_a_sign_flip(dtype):
+    a = jnp.array([1.0, -2.0, 0.5], dtype)
+    assert not bool(jaxbp.compare_grads({"g": a}, {"g": -a}).ok)
+    assert not bool(jaxbp.compare_grads({"g": a}, {"g": 2 * a}).ok)
 
 
 def test_nan_in_a_large_float32_leaf_under_jit():
@@ -125,7 +132,7 @@ def test_nan_in_a_large_float32_leaf_under_jit():
 def test_huge_finite_gradients_are_finite(jit):
     # float32 entries whose squares overflow: the sums read inf, which is not NaN, so the leaf
     # still counts as finite and equal leaves agree.
-    compare = _compare_internal_jit if jit else jaxbp.gradcheck._compare
+    compare = _compare_internal_jit if jit else jaxbp.gradcheck.compare_with_finiteness
     g = jnp.array([3e30, -1.0, 2e25], jnp.float32)
     report, manual_finite = compare({"g": g}, {"g": g})
     assert bool(report.ok) and bool(manual_finite) and float(report.worst_rel_error) == 0.0

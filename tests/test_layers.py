@@ -276,8 +276,10 @@ def test_describe():
     d = jaxbp.describe(net)
     assert d["name"] == "serial" and len(d["layers"]) == 3
     assert d["layers"][0] == {"name": "Dense", "out_dim": 4, "shared_bias": True,
-                              "w_init": "auto"}
+                              "w_init": "auto", "b_init": 0.0, "dtype": None}
     assert d["layers"][1] == {"name": "LeakyRelu", "slope": 0.2}
+    assert jaxbp.describe(jaxbp.build(d)) == d  # the description builds the same network
+    assert jaxbp.describe(jaxbp.Dense(2, dtype=jnp.float32))["dtype"] == "float32"
 
 
 def test_activation_by_name():

@@ -101,7 +101,7 @@ def _case_impl(net, loss, in_dim, n, key):
     sq = lambda t: jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(t)))
     _, caches = net.forward(params, x)
     kink = jnp.asarray(jnp.inf)
-    for layer, cache in zip(net.config, caches):
+    for layer, cache in zip(net.children, caches):
         if layer.name in KINKED:
             kink = jnp.minimum(kink, jnp.min(jnp.abs(cache)))
     return value, value_ad, report, fd, dot, sq(manual), sq(v), kink

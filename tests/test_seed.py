@@ -80,7 +80,7 @@ def seed_numpy_program():
 def seed_values(problem):
     """Every number of the worked example, computed by jaxbp's layers one at a time."""
     net, params, x, y = problem.net, problem.params, problem.x, problem.y
-    dense1, sig1, dense2, sig2 = net.config
+    dense1, sig1, dense2, sig2 = net.children
     in_h, _ = dense1.forward(params[0], x)
     out_h, _ = sig1.forward(params[1], in_h)
     in_o, _ = dense2.forward(params[2], out_h)
@@ -192,11 +192,12 @@ def test_autodiff_agrees_on_the_seed(problem):
 def test_one_sgd_step_updates_w7_and_biases(problem, jit):
     opt = jaxbp.sgd(problem.learning_rate)
     step = jaxbp.make_train_step(problem.net, jaxbp.half_sse, opt, check="raise", jit=jit)
-    params, state, metrics = step(problem.params, opt.init(problem.params), problem.x,
-                                  problem.y)
-    assert bool(metrics["applied"]) and bool(metrics["ok"])
-    assert int(metrics["reason"]) == jaxbp.REASON_APPLIED
-    assert float(metrics["loss"]) == pytest.approx(0.35396085, abs=1e-8)
+    ts, metrics = step(jaxbp.init_train_state(problem.net, opt, problem.params), problem.x,
+                       problem.y)
+    params, state = ts.params, ts.opt_state
+    assert bool(metrics.applied) and bool(metrics.ok)
+    assert int(metrics.reason) == jaxbp.REASON_APPLIED
+    assert float(metrics.loss) == pytest.approx(0.35396085, abs=1e-8)
     assert round(float(params[2]["W"][1, 0]), 4) == 0.5680
     _, grads = jaxbp.backprop(problem.net, jaxbp.half_sse, problem.params, problem.x,
                               problem.y)
@@ -220,9 +221,11 @@ def test_parity_with_the_seed_numpy_program(problem, jit):
 
     opt = jaxbp.freeze(jaxbp.sgd(0.5), jaxbp.biases)
     step = jaxbp.make_train_step(problem.net, jaxbp.half_sse, opt, check="skip", jit=jit)
-    params, _, metrics = step(problem.params, opt.init(problem.params), problem.x, problem.y)
-    assert bool(metrics["applied"])
-    assert float(metrics["loss"]) == pytest.approx(float(np.sum(error)), rel=1e-14)
+    ts, metrics = step(jaxbp.init_train_state(problem.net, opt, problem.params), problem.x,
+                       problem.y)
+    params = ts.params
+    assert bool(metrics.applied)
+    assert float(metrics.loss) == pytest.approx(float(np.sum(error)), rel=1e-14)
     np.testing.assert_allclose(params[0]["W"], w_ih, rtol=0, atol=1e-8)
     np.testing.assert_allclose(params[2]["W"], w_ho, rtol=0, atol=1e-8)
     # Same arithmetic, so far closer than 1e-8 in fact.
@@ -252,12 +255,13 @@ def test_seed_in_float32(problem):
 
 def test_seed_trains_with_the_fused_loop(problem):
     opt = jaxbp.sgd(problem.learning_rate)
-    result = jaxbp.fit(problem.net, jaxbp.half_sse, opt, problem.params, problem.x, problem.y,
+    ts = jaxbp.init_train_state(problem.net, opt, problem.params)
+    result = jaxbp.fit(problem.net, jaxbp.half_sse, opt, ts, problem.x, problem.y,
                        steps=2000, check="report")
-    losses = np.asarray(result.history["loss"])
+    losses = np.asarray(result.history.loss)
     assert losses.shape == (2000,)
     assert losses[0] == pytest.approx(0.35396085, abs=1e-8)
     assert losses[-1] < 1e-3 and np.all(np.diff(losses) < 0)
-    assert bool(np.all(result.history["ok"])) and bool(np.all(result.history["applied"]))
-    out = jaxbp.forward(problem.net, result.params, problem.x)
+    assert bool(np.all(result.history.ok)) and bool(np.all(result.history.applied))
+    out = jaxbp.forward(problem.net, result.state.params, problem.x)
     np.testing.assert_allclose(out, [0.02, 0.98], atol=0.05)

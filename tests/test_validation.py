@@ -47,8 +47,14 @@ def run_route(route, loss, params, x, y):
     if route == "autodiff":
         return jaxbp.autodiff(NET, loss, params, x, y)
     if route in ("step", "step-jit"):
-        return _step(loss, route == "step-jit")(params, jaxbp.sgd(0.1).init(PARAMS), x, y)
-    return jaxbp.fit(NET, loss, jaxbp.sgd(0.1), params, x, y, steps=2)
+        return _step(loss, route == "step-jit")(train_state(params), x, y)
+    return jaxbp.fit(NET, loss, jaxbp.sgd(0.1), train_state(params), x, y, steps=2)
+
+
+def train_state(params, opt=jaxbp.sgd(0.1)):
+    # Not init_train_state: the bad params must reach the step (the optimizer state is the
+    # good params' one, as a caller's would be).
+    return jaxbp.TrainState(params, opt.init(PARAMS))
 
 
 def _params_with(index, key, value):
@@ -65,8 +71,9 @@ CASES = {
                                  ["layer 0 (Dense)", "width 2", "(5,)"]),
     "input scalar": (jnp.array(1.0), Y, "mse", PARAMS, ValueError, ["scalar", "(features,)"]),
     "input list": ([[0.1, 0.2]] * 8, Y, "mse", PARAMS, TypeError, ["inputs", "array", "list"]),
+    # Integer inputs are token ids to check_inputs; Dense itself asks for floats.
     "input int": (jnp.ones((8, 2), jnp.int32), Y, "mse", PARAMS, TypeError,
-                  ["inputs", "floating point", "int32"]),
+                  ["layer 0 (Dense)", "floating-point inputs", "int32"]),
     "input bool": (jnp.ones((8, 2), bool), Y, "mse", PARAMS, TypeError,
                    ["inputs", "floating point", "bool"]),
     "empty batch": (jnp.ones((0, 2)), jnp.ones((0, 3)), "mse", PARAMS, ValueError,
@@ -150,8 +157,8 @@ def test_bad_input_message_float32():
     step = jaxbp.make_train_step(NET, "mse", jaxbp.sgd(0.1), check="skip")
     with pytest.raises(jaxbp.InputShapeError, match=r"layer 0 \(Dense\): Dense expects inputs "
                                                    r"of width 2, got shape \(8, 5\)"):
-        step(params32, jaxbp.sgd(0.1).init(params32), jnp.ones((8, 5), jnp.float32),
-             Y.astype(jnp.float32))
+        step(jaxbp.init_train_state(NET, jaxbp.sgd(0.1), params32),
+             jnp.ones((8, 5), jnp.float32), Y.astype(jnp.float32))
 
 
 def test_first_layer_without_params_still_names_the_input():
@@ -165,24 +172,24 @@ def test_first_layer_without_params_still_names_the_input():
 def test_labels_under_jit_turn_the_loss_nan_and_skip_the_step():
     """A value cannot raise inside jit: the bad example poisons the loss, the guard refuses."""
     opt = jaxbp.sgd(0.1)
-    state = opt.init(PARAMS)
+    ts = jaxbp.init_train_state(NET, opt, PARAMS)
     for mode in ("off", "skip"):
         step = jaxbp.make_train_step(NET, "softmax_cross_entropy", opt, check=mode)
-        params, new_state, m = step(PARAMS, state, X, LABELS.at[3].set(7))
-        assert math.isnan(float(m["loss"]))
-        assert not bool(m["applied"]) and not bool(m["ok"])
-        assert int(m["reason"]) == jaxbp.REASON_NONFINITE
-        jax.tree_util.tree_map(np.testing.assert_array_equal, params, PARAMS_NP)
-        assert int(new_state.count) == 0
+        new_ts, m = step(ts, X, LABELS.at[3].set(7))
+        assert math.isnan(float(m.loss))
+        assert not bool(m.applied) and not bool(m.ok)
+        assert int(m.reason) == jaxbp.REASON_NONFINITE
+        jax.tree_util.tree_map(np.testing.assert_array_equal, new_ts.params, PARAMS_NP)
+        assert int(new_ts.opt_state.count) == 0
         # The good labels train as usual with the same compiled step.
-        _, _, m = step(PARAMS, state, X, LABELS)
-        assert bool(m["applied"]) and math.isfinite(float(m["loss"]))
+        _, m = step(ts, X, LABELS)
+        assert bool(m.applied) and math.isfinite(float(m.loss))
 
 
 def test_fit_checks_labels_before_compiling():
     with pytest.raises(ValueError, match=r"labels in \[0, 3\), got values \[5\]"):
-        jaxbp.fit(NET, "softmax_cross_entropy", jaxbp.sgd(0.1), PARAMS, X, LABELS.at[1].set(5),
-                  steps=3, batch_size=4)
+        jaxbp.fit(NET, "softmax_cross_entropy", jaxbp.sgd(0.1), train_state(PARAMS), X,
+                  LABELS.at[1].set(5), steps=3, batch_size=4)
 
 
 @pytest.mark.parametrize("kwargs, exc, fragments", [
@@ -194,7 +201,7 @@ def test_fit_checks_labels_before_compiling():
 ])
 def test_fit_arguments(kwargs, exc, fragments):
     with pytest.raises(exc) as info:
-        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), PARAMS, X, Y, **kwargs)
+        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), train_state(PARAMS), X, Y, **kwargs)
     for fragment in fragments:
         assert fragment in str(info.value)
 
@@ -203,7 +210,8 @@ def test_fit_rejects_targets_of_another_length():
     """Batched fit gathers x[idx] and y[idx]; a short y would be clamped silently by JAX."""
     with pytest.raises(ValueError, match=r"one entry per example \(8 examples\), got shape "
                                          r"\(5, 3\)"):
-        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), PARAMS, X, Y[:5], steps=2, batch_size=2)
+        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), train_state(PARAMS), X, Y[:5], steps=2,
+                  batch_size=2)
 
 
 @pytest.mark.parametrize("lr, exc", [
@@ -226,22 +234,22 @@ def test_sgd_accepts_good_learning_rates():
 def test_optax_nonfinite_learning_rate_is_refused_by_the_guard(lr):
     """jaxbp cannot look inside optax; a non-finite rate still never reaches the params."""
     opt = optax.adam(lr)
-    state = opt.init(PARAMS)
+    ts = jaxbp.init_train_state(NET, opt, PARAMS)
     step = jaxbp.make_train_step(NET, "mse", opt, check="off")
-    params, new_state, m = step(PARAMS, state, X, Y)
-    assert not bool(m["applied"]) and int(m["reason"]) == jaxbp.REASON_NONFINITE
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, PARAMS_NP)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new_state, state)
+    new_ts, m = step(ts, X, Y)
+    assert not bool(m.applied) and int(m.reason) == jaxbp.REASON_NONFINITE
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new_ts.params, PARAMS_NP)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new_ts.opt_state, ts.opt_state)
 
 
 def test_optax_negative_learning_rate_is_not_detected():
     """Documented limit: a negative optax rate is gradient ascent, a legal transformation."""
     opt = optax.sgd(-0.1)
     step = jaxbp.make_train_step(NET, "mse", opt, check="skip")
-    params, _, m = step(PARAMS, opt.init(PARAMS), X, Y)
-    assert bool(m["applied"]) and bool(m["ok"])
-    after = jaxbp.mse(jaxbp.forward(NET, params, X), Y)
-    assert float(after) > float(m["loss"])  # the loss went up, as asked
+    new_ts, m = step(jaxbp.init_train_state(NET, opt, PARAMS), X, Y)
+    assert bool(m.applied) and bool(m.ok)
+    after = jaxbp.mse(jaxbp.forward(NET, new_ts.params, X), Y)
+    assert float(after) > float(m.loss)  # the loss went up, as asked
 
 
 @pytest.mark.parametrize("name", ["Relu", "bogus", "", None, 3])
@@ -279,25 +287,29 @@ def test_net_that_is_not_a_layer():
         jaxbp.serial(jaxbp.Dense(3), jaxbp.Dense)
 
 
-def test_failed_step_loses_nothing_even_with_donation(check="skip"):
-    """A step that raises (while tracing) has not run: the donated buffers are still alive."""
+def test_failed_step_loses_nothing_even_with_donation(check="off"):
+    """A step that raises (while tracing) has not run: the donated buffers are still alive.
+
+    ``check="off"``: the one mode whose jitted step donates the train state.
+    """
     opt = jaxbp.sgd(0.1)
     params = jax.tree_util.tree_map(jnp.array, PARAMS)  # own copies: donation would eat them
-    state = opt.init(params)
+    ts = jaxbp.init_train_state(NET, opt, params)
     step = jaxbp.make_train_step(NET, "mse", opt, check=check, donate=True)
     for bad_x, bad_y in ((jnp.ones((8, 5)), Y), (X, jnp.ones((8, 4))),
                          (jnp.ones((8, 2), jnp.int32), Y)):
         with pytest.raises((ValueError, TypeError)):
-            step(params, state, bad_x, bad_y)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, params, PARAMS_NP)
+            step(ts, bad_x, bad_y)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, ts.params, PARAMS_NP)
     # Still usable: the very same arrays train, and give the reference step's numbers.
-    ref_params, _, ref_m = jaxbp.make_train_step(NET, "mse", opt, check=check, jit=False)(
-        PARAMS, opt.init(PARAMS), X, Y)
-    new_params, _, m = step(params, state, X, Y)
-    assert bool(m["applied"])
-    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-12)
+    ref_ts, ref_m = jaxbp.make_train_step(NET, "mse", opt, check=check, jit=False)(
+        jaxbp.init_train_state(NET, opt, PARAMS), X, Y)
+    new_ts, m = step(ts, X, Y)
+    assert bool(m.applied)
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(ts))  # now donated
+    np.testing.assert_allclose(float(m.loss), float(ref_m.loss), rtol=1e-12)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
-                           new_params, ref_params)
+                           new_ts.params, ref_ts.params)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
