@@ -11,7 +11,10 @@ import sys
 import time
 
 WORKLOADS = {"W0": "benchmarks.w0_seed", "W1": "benchmarks.w1_mnist",
-             "W2": "benchmarks.w2_wide", "W3": "benchmarks.w3_per_example"}
+             "W2": "benchmarks.w2_wide", "W3": "benchmarks.w3_per_example",
+             "W4": "benchmarks.w4_resnet", "W5": "benchmarks.w5_conv2d"}
+# Network workloads: the manual step against the plain step, checked against unchecked.
+NETWORK_WORKLOADS = ("W4", "W5")
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "latest.json")
 
 
@@ -61,6 +64,17 @@ def targets(results: dict) -> list[dict]:
                                "at most"))
             out.append(_target(f"{w} checked (report) / unchecked (off)", rep / off,
                                1.15 if w == "W2" else 1.4, "at most"))
+    for w in NETWORK_WORKLOADS:
+        if w in results:
+            r = results[w]
+            off, rep = _median(r, "jaxbp step check=off"), _median(r, "jaxbp step check=report")
+            grad, fused = _median(r, "jax.value_and_grad"), _median(r, "jaxbp fused")
+            out.append(_target(f"{w} manual step (off) / jax.grad step", off / grad, 1.0,
+                               "at most"))
+            out.append(_target(f"{w} checked (report) / unchecked (off)", rep / off, 1.3,
+                               "at most"))
+            out.append(_target(f"{w} fused scan / one call per step (why conv models train "
+                               f"step by step)", fused / off, 1.0, "at least"))
     if "W0" in results:
         r = results["W0"]
         out.append(_target("W0 numpy loop / jaxbp fused loop (speed-up)",

@@ -70,6 +70,7 @@ from .losses import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
 )
+from .recurrent import GRU, LSTM, bidirectional, from_torch_state_dict
 from .seed import seed_network, seed_problem
 from .train import (
     CHECK_MODES,
