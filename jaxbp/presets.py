@@ -217,6 +217,16 @@ def digits_cnn(num_outputs: int) -> dict:
                                          {"name": "Dense", "out_dim": num_outputs}]}
 
 
+def mnist1d_rnn(num_outputs: int, kind: str = "GRU", hidden: int = 6) -> dict:
+    """The MNIST-1D paper's recurrent model: a bidirectional ``kind`` (GRU or LSTM) over the
+    40 steps of one input each, every step's output flattened into Dense; 5,134 params for a
+    GRU of hidden 6 and 10 classes."""
+    cell = {"name": kind, "hidden": hidden, "return_sequences": True}
+    return {"name": "serial", "layers": [{"name": "bidirectional", "layer": cell},
+                                         {"name": "Flatten"},
+                                         {"name": "Dense", "out_dim": num_outputs}]}
+
+
 def _register_network_presets() -> None:
     # Convolutions train one jitted call per step (fused=False): on XLA CPU a lax.scan whose
     # body holds convolutions is many times slower than the same steps called one by one.
@@ -227,8 +237,47 @@ def _register_network_presets() -> None:
     register_preset("resnet", mnist1d_resnet, dataset="mnist1d", input_shape=(40, 1),
                     augment={"shift": 4}, lr=3e-3, schedule="warmup_cosine",
                     weight_decay=1e-4, epochs=60, batch_size=128, **common)
+    for name, kind in (("gru", "GRU"), ("lstm", "LSTM")):
+        register_preset(name, lambda n, kind=kind: mnist1d_rnn(n, kind), dataset="mnist1d",
+                        input_shape=(40, 1), augment={"shift": 4}, lr=1e-2, schedule="cosine",
+                        epochs=200, batch_size=100, **common)
     register_preset("cnn", digits_cnn, dataset="digits", for_dataset=True, input_shape=(8, 8, 1),
                     lr=3e-3, schedule="cosine", epochs=40, batch_size=32, **common)
 
 
 _register_network_presets()
+
+
+def gpt_description(vocab_size: int, *, layers: int = 4, heads: int = 4, width: int = 128,
+                    context: int = 128) -> dict:
+    """A character-level GPT (GPT-2's pre-norm block, as llm.c and nanoGPT): token and learned
+    position embeddings, ``layers`` blocks of ``x + attention(layernorm(x))`` (causal, ``heads``
+    heads) and ``x + mlp(layernorm(x))`` (``Dense(4 width) -> Gelu -> Dense(width)``), a final
+    LayerNorm and ``Dense(vocab_size)`` logits. 836k params with the defaults and 103
+    characters."""
+    def block():
+        attention = {"name": "residual", "layers": [
+            {"name": "LayerNorm"}, {"name": "MultiHeadAttention", "num_heads": heads,
+                                    "causal": True}]}
+        mlp = {"name": "residual", "layers": [
+            {"name": "LayerNorm"}, {"name": "Dense", "out_dim": 4 * width}, {"name": "Gelu"},
+            {"name": "Dense", "out_dim": width}]}
+        return [attention, mlp]
+
+    body = [layer for _ in range(layers) for layer in block()]
+    return {"name": "serial", "layers": [
+        {"name": "Embedding", "vocab_size": vocab_size, "dim": width},
+        {"name": "PositionalEmbedding", "max_len": context, "dim": width}, *body,
+        {"name": "LayerNorm"}, {"name": "Dense", "out_dim": vocab_size}]}
+
+
+def _register_gpt() -> None:
+    from .data import TEXT_DEFAULTS
+
+    # input_shape=(context,): each example is a window of that many characters. Measured in
+    # docs of the text dataset (jaxbp.text): per-step calls beat a fused scan on CPU here.
+    register_preset("gpt", gpt_description, dataset="text", input_shape=(128,), fused=False,
+                    **TEXT_DEFAULTS)
+
+
+_register_gpt()

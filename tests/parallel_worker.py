@@ -196,6 +196,23 @@ def _cli_devices(out, folder):
             metrics = json.load(f)
         out[f"cli{devices}/losses"] = np.array([row["loss"] for row in metrics["history"]])
         out[f"cli{devices}/devices"] = np.array(metrics["config"]["devices"])
+    # Convolution, BatchNorm (statistics over the global batch) and a GRU, one call per step.
+    model = os.path.join(folder, "conv_bn_gru.json")
+    with open(model, "w") as f:
+        json.dump({"model": {"name": "serial", "layers": [
+            {"name": "Conv1D", "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1},
+            {"name": "BatchNorm"}, {"name": "Relu"},
+            {"name": "GRU", "hidden": 3}, {"name": "Flatten"}, {"name": "Dense", "out_dim": 10}]},
+            "input_shape": [40, 1], "fused": False, "augment": {"shift": 2}}, f)
+    for devices in (1, 4):
+        run = os.path.join(folder, f"bn{devices}")
+        code = main(["train", "--dataset", "mnist1d", "--model", model, "--epochs", "1",
+                     "--batch-size", "200", "--devices", str(devices), "--progress", "none",
+                     "--out", run])
+        out[f"bn{devices}/code"] = np.array(code)
+        with open(os.path.join(run, "metrics.json")) as f:
+            metrics = json.load(f)
+        out[f"bn{devices}/test_loss"] = np.array(metrics["test_loss"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["train", "--dataset", "xor", "--batch-size", "3", "--devices", "4",

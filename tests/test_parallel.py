@@ -124,6 +124,11 @@ def test_eight_devices_match_one(eight):
         assert int(eight[f"cli{devices}/devices"]) == devices
     np.testing.assert_allclose(eight["cli4/losses"], eight["cli1/losses"], **TOL["float32"])
     assert eight["cli1/losses"][-1] < eight["cli1/losses"][0]
+    # A conv + BatchNorm + GRU model file: BatchNorm's statistics are the global batch's, so
+    # 4 devices train exactly as 1.
+    for devices in (1, 4):
+        assert int(eight[f"bn{devices}/code"]) == 0
+    np.testing.assert_allclose(eight["bn4/test_loss"], eight["bn1/test_loss"], rtol=1e-5)
     code, err = eight["cli_indivisible"]
     assert code == "2"
     assert err.startswith("jaxbp train: error: data parallel over 4 devices: a batch of 3")
