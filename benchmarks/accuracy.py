@@ -26,6 +26,8 @@ ROWS = {
     "mlp-mnist1d": ("mlp", "mnist1d"),
     "cnn-mnist1d": ("cnn", "mnist1d"),
     "resnet-mnist1d": ("resnet", "mnist1d"),
+    "gru-mnist1d": ("gru", "mnist1d"),
+    "lstm-mnist1d": ("lstm", "mnist1d"),
 }
 RESULTS = Path(__file__).parent / "results" / "accuracy.json"
 

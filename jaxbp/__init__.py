@@ -71,6 +71,14 @@ from .losses import (
     softmax_cross_entropy,
 )
 from .recurrent import GRU, LSTM, bidirectional, from_torch_state_dict
+from . import rules
+from .rules import (
+    DirectFeedbackAlignment,
+    FeedbackAlignment,
+    KolenPollack,
+    SignSymmetry,
+    apply_rule,
+)
 from .seed import seed_network, seed_problem
 from .train import (
     CHECK_MODES,

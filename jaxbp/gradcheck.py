@@ -10,6 +10,8 @@ Per leaf it measures
 - ``rel_error = max |a - b| / max(max |a|, max |b|, tiny)``: the error relative to the leaf as a
   whole, so entries that are tiny through cancellation do not read as failures in float32;
 - ``cosine``: the cosine similarity of the two leaves (1 for two all-zero leaves);
+- ``norm_ratio = ||a|| / ||b||`` (Frobenius norms; 1 for two all-zero leaves, inf when only
+  ``b`` is zero): with ``cosine``, how far a learning rule's update is from the gradient;
 - ``leaf_ok``: an ``allclose``-style test, ``|a - b| <= atol * scale + rtol * |b|`` element-wise,
   with ``scale = max(max |a|, max |b|)`` so that ``atol`` is relative to the leaf, and both
   leaves finite.
@@ -117,6 +119,7 @@ class GradReport:
     worst: jax.Array
     worst_rel_error: jax.Array
     paths: tuple = ()
+    norm_ratio: jax.Array | None = None
 
     @property
     def worst_path(self) -> str:
@@ -132,18 +135,24 @@ class GradReport:
                 "max_abs_diff": float(self.max_abs_diff[i]),
                 "rel_error": float(self.rel_error[i]),
                 "cosine": float(self.cosine[i]),
+                "norm_ratio": self._norm_ratio(i),
                 "ok": bool(self.leaf_ok[i]),
             }
         return {"ok": bool(self.ok), "worst_leaf": self.worst_path,
                 "worst_rel_error": float(self.worst_rel_error), "leaves": leaves}
 
+    def _norm_ratio(self, i: int) -> float:
+        return float("nan") if self.norm_ratio is None else float(self.norm_ratio[i])
+
     def table(self) -> str:
         """A fixed-width table, one row per leaf."""
         width = max([len("leaf")] + [len(p) for p in self.paths])
-        rows = [f"{'leaf':<{width}}  {'max|a-b|':>10}  {'rel error':>10}  {'cosine':>10}  ok"]
+        rows = [f"{'leaf':<{width}}  {'max|a-b|':>10}  {'rel error':>10}  {'cosine':>10}  "
+                f"{'|a|/|b|':>10}  ok"]
         for i, path in enumerate(self.paths):
             rows.append(f"{path:<{width}}  {float(self.max_abs_diff[i]):>10.3e}  "
                         f"{float(self.rel_error[i]):>10.3e}  {float(self.cosine[i]):>10.6f}  "
+                        f"{self._norm_ratio(i):>10.4g}  "
                         f"{'yes' if bool(self.leaf_ok[i]) else 'NO'}")
         verdict = "all leaves agree" if bool(self.ok) else (
             f"MISMATCH: worst leaf {self.worst_path}, relative error "
@@ -162,7 +171,7 @@ class GradReport:
 jax.tree_util.register_dataclass(
     GradReport,
     data_fields=["max_abs_diff", "rel_error", "cosine", "leaf_ok", "ok", "worst",
-                 "worst_rel_error"],
+                 "worst_rel_error", "norm_ratio"],
     meta_fields=["paths"],
 )
 
@@ -198,7 +207,7 @@ def _leaf_dtype(a, b):
 
 
 def _leaf_stats(a, b, rtol, atol):
-    """``(max_abs_diff, rel_error, cosine, ok, a_finite)`` of one leaf pair.
+    """``(max_abs_diff, rel_error, cosine, ok, a_finite, scale, norm_ratio)`` of one leaf pair.
 
     This runs inside every checked train step, so it is shaped for speed: XLA on CPU gives each
     reduction its own kernel and pass over the leaf (it does not merge sibling reductions), and
@@ -230,7 +239,11 @@ def _leaf_stats(a, b, rtol, atol):
     cosine = jnp.where(norm > 0, ab / jnp.maximum(norm, tiny),
                        jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype))
     cosine = jnp.where(finite, cosine, jnp.nan)
-    return max_diff, rel, cosine, finite & close, a_finite, scale
+    # From the sums above: no extra pass over the leaf.
+    ratio = jnp.where(bb > 0, jnp.sqrt(aa) / jnp.sqrt(jnp.maximum(bb, tiny)),
+                      jnp.where(aa > 0, jnp.inf, 1.0).astype(a.dtype))
+    ratio = jnp.where(finite, ratio, jnp.nan)
+    return max_diff, rel, cosine, finite & close, a_finite, scale, ratio
 
 
 # Differences below ROUNDING_FLOOR * eps * (the largest gradient entry of the whole tree) are
@@ -247,14 +260,15 @@ def _apply_rounding_floor(stats):
               for s in stats]
     tree_scale = jnp.max(jnp.stack(scales))
     out = []
-    for max_diff, rel, cosine, ok, a_finite, scale in stats:
+    for max_diff, rel, cosine, ok, a_finite, scale, ratio in stats:
         # Never looser than a tenth of the dtype's own tolerance: in bfloat16, 1e3 eps is 8.
         relative_floor = min(ROUNDING_FLOOR * float(jnp.finfo(max_diff.dtype).eps),
                              0.1 * default_tolerance(max_diff.dtype)[1])
         floor = relative_floor * tree_scale
         rounding = jnp.isfinite(rel) & (max_diff <= floor) & (tree_scale > 0)
         rel = jnp.where(rounding, max_diff / jnp.where(tree_scale > 0, tree_scale, 1), rel)
-        out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite))
+        out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite,
+                    ratio))
     return out
 
 
@@ -276,7 +290,7 @@ def unchecked_report(grads) -> GradReport:
     paths = tuple(_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0])
     nan = jnp.full((len(paths),), jnp.nan, jnp.result_type(float))
     return GradReport(nan, nan, nan, jnp.ones((len(paths),), bool), jnp.array(True),
-                      jnp.array(-1, jnp.int32), jnp.array(jnp.nan, nan.dtype), paths)
+                      jnp.array(-1, jnp.int32), jnp.array(jnp.nan, nan.dtype), paths, nan)
 
 
 def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
@@ -299,9 +313,10 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
                        a if narrowed else None))
 
     def equal(dtype):
-        # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite.
-        zero = jnp.zeros((), dtype)
-        return zero, zero, jnp.ones((), dtype), jnp.array(True), jnp.array(True), zero
+        # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite,
+        # scale 0 (unused), norm ratio 1.
+        zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+        return zero, zero, one, jnp.array(True), jnp.array(True), zero, one
 
     def full(_):
         out = []
@@ -311,12 +326,12 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
                 continue
             leaf = _leaf_stats(a, b, r, t)
             if a_own is not None:  # finite in its own dtype may overflow in the reference's
-                leaf = leaf[:4] + (jnp.all(jnp.isfinite(a_own)), leaf[5])
+                leaf = leaf[:4] + (jnp.all(jnp.isfinite(a_own)),) + leaf[5:]
             out.append(leaf)
         return _apply_rounding_floor(out)
 
     def identical(_):  # a NaN or inf never gets here
-        return [equal(a.dtype)[:5] for a, *_ in leaves]
+        return [equal(a.dtype)[:5] + equal(a.dtype)[6:] for a, *_ in leaves]
 
     # The common case in a checked step: the manual backward is autodiff's arithmetic, XLA
     # computed it once, and the two trees are the same numbers. One pass per leaf proves it:
@@ -327,7 +342,7 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
     same = jnp.all(jnp.stack([jnp.sum(jnp.abs(a - b)) == 0 for a, b, *_ in leaves]))
     stats = jax.lax.cond(same, identical, full, None)
     f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
-    max_abs, rel, cos = (f32([s[i] for s in stats]) for i in range(3))
+    max_abs, rel, cos, ratio = (f32([s[i] for s in stats]) for i in (0, 1, 2, 5))
     leaf_ok = jnp.stack([s[3] for s in stats])
     manual_finite = jnp.all(jnp.stack([s[4] for s in stats]))
     rel = jnp.where(jnp.isnan(rel), jnp.inf, rel)
@@ -336,7 +351,7 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
     any_failed = ~jnp.all(leaf_ok)
     worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)),
                       jnp.argmax(rel)).astype(jnp.int32)
-    report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths)
+    report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths, ratio)
     return report, manual_finite
 
 

@@ -57,7 +57,7 @@ def factory(name: str) -> Callable[..., Layer]:
 
 
 # The modules whose layers register themselves when imported (after this module exists).
-_LAYER_MODULES = ("norm", "conv", "recurrent", "attention", "interop", "faults")
+_LAYER_MODULES = ("norm", "conv", "recurrent", "attention", "interop", "faults", "rules")
 
 
 def _load_layer_modules() -> None:
