@@ -235,8 +235,8 @@ def _register_network_presets() -> None:
                     augment={"shift": 4}, lr=1e-2, schedule="cosine", epochs=200,
                     batch_size=100, **common)
     register_preset("resnet", mnist1d_resnet, dataset="mnist1d", input_shape=(40, 1),
-                    augment={"shift": 4}, lr=3e-3, schedule="warmup_cosine",
-                    weight_decay=1e-4, epochs=60, batch_size=128, **common)
+                    augment={"shift": 4}, lr=1e-2, schedule="warmup_cosine",
+                    weight_decay=0.2, epochs=150, batch_size=128, **common)
     for name, kind in (("gru", "GRU"), ("lstm", "LSTM")):
         register_preset(name, lambda n, kind=kind: mnist1d_rnn(n, kind), dataset="mnist1d",
                         input_shape=(40, 1), augment={"shift": 4}, lr=1e-2, schedule="cosine",
