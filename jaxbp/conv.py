@@ -181,6 +181,9 @@ def _spatial_shape(layer: str, shape, rank: int, what: str) -> tuple[int, ...]:
     shape = tuple(shape)
     if len(shape) not in (rank + 1, rank + 2):
         raise InputShapeError(f"{layer} expects {what} of shape {layout}, got shape {shape}")
+    if len(shape) == rank + 1 and shape[0] == -1:  # -1 is only ever the batch placeholder
+        raise InputShapeError(f"{layer} expects {what} of shape {layout}, got shape {shape}: "
+                              f"a batch whose examples lack an axis")
     dims = shape[1:] if len(shape) == rank + 2 and shape[0] == -1 else shape
     if any(d < 1 for d in dims):
         raise InputShapeError(f"{layer} expects {what} of shape {layout} with no empty "

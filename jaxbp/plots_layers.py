@@ -1,4 +1,4 @@
-"""Pictures of the single-layer traces (``jaxbp trace --example conv|attention --plot F.png``).
+"""Pictures of the single-layer traces (``jaxbp trace --example conv|attention|gru --plot F.png``).
 
 matplotlib is imported inside each function and drawn through ``matplotlib.figure.Figure``
 (no pyplot, no GUI backend), as in :mod:`jaxbp.plots`. The format follows the extension.
@@ -10,7 +10,7 @@ import numpy as np
 
 from .plots import check_plot_path
 
-__all__ = ["plot_attention_trace", "plot_conv_trace", "plot_layer_trace"]
+__all__ = ["plot_attention_trace", "plot_conv_trace", "plot_gru_trace", "plot_layer_trace"]
 
 _READ, _IDLE, _MASKED = "#dff0d8", "#f4f4f4", "#d9d9d9"
 
@@ -111,9 +111,67 @@ def plot_attention_trace(traced, path) -> str:
     return str(path)
 
 
+def _short(values) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def _gru_step(ax, numbers: dict, spec: dict, s: int, column: float) -> None:
+    """Step ``s`` (1-based) of the unrolled GRU: ``x_s`` below, ``h_s`` with its gates and
+    ``dE/dh_s`` above, the forward arrows into ``h_s`` and the backward arrow out of it."""
+    forward, worked = numbers["forward"], numbers["gradients"]["intermediate"]
+    i = s - 1
+    _box(ax, column, 0.0, f"x{s}\n{_short(spec['inputs'][i])}", _IDLE, 7)
+    gates = (f"r = {_short(forward['r'][i])}\nz = {_short(forward['z'][i])}\n"
+             f"n = {_short(forward['n'][i])}")
+    ax.text(column + 0.55, 1.0, gates, ha="left", va="center", fontsize=6, color="0.3")
+    _box(ax, column, 2.0, f"h{s}\n{_short(forward['h'][i])}", _READ, 7)
+    ax.annotate("", xy=(column, 1.6), xytext=(column, 0.4),
+                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    ax.text(column - 0.08, 1.0, "Wi, bi", ha="right", va="center", fontsize=7)
+    ax.annotate("", xy=(column - 0.45, 2.05), xytext=(column - 1.55, 2.05),
+                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    ax.text(column - 1.0, 2.2, "Wh, bh", ha="center", va="bottom", fontsize=7)
+    ax.annotate("", xy=(column - 1.55, 1.8), xytext=(column - 0.45, 1.8),
+                arrowprops={"arrowstyle": "->", "color": "#b22222", "linestyle": "--"})
+    ax.text(column, 2.55, f"dE/dh{s} = {_short(worked['h'][i])}", ha="center", va="bottom",
+            fontsize=7, color="#b22222")
+    terms = numbers["gradients"]["per_step"]["bh"][i]
+    ax.text(column, -0.6, f"step {s}'s term of dE/dbh:\n{_short(terms)}", ha="center",
+            va="top", fontsize=6)
+
+
+def plot_gru_trace(traced, path) -> str:
+    """The GRU unrolled over its steps: ``x_t`` under ``h_t`` (gates ``r, z, n`` beside it),
+    the shared weights on every forward arrow, ``dE/dh_t`` flowing back along the red dashed
+    arrows, and each step's term of ``dE/dbh`` (they add up to the total in the title)."""
+    spec, numbers = traced.spec, traced.numbers
+    steps = len(spec["inputs"])
+    fig = _figure(max(6.0, 2.6 * steps + 2.5), 4.6)
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    _box(ax, 0.0, 2.0, "h0\n0", _IDLE, 7)
+    for s in range(1, steps + 1):
+        _gru_step(ax, numbers, spec, s, 2.2 * s)
+    last = 2.2 * steps
+    loss = (f"E = {numbers['loss']:.4f}\ntargets {_short(np.ravel(spec['targets']))}"
+            + ("\n(on every h_t)" if np.ndim(spec["targets"]) == 2 else f"\n(on h{steps})"))
+    ax.text(last + 1.9, 2.0, loss, ha="left", va="center", fontsize=7,
+            bbox={"facecolor": "#fff3c4", "edgecolor": "0.5"})
+    ax.annotate("", xy=(last + 1.85, 2.0), xytext=(last + 0.95, 2.0),
+                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    total = _short(numbers["gradients"]["bh"])
+    ax.set_title(f"GRU unrolled over {steps} steps: the same Wi, Wh, bi, bh at every step; "
+                 f"dE/dh flows back (red)\neach shared gradient is the sum of its per-step "
+                 f"terms, e.g. dE/dbh = {total}", fontsize=8)
+    ax.set_xlim(-0.8, last + 3.6)
+    ax.set_ylim(-1.6, 3.0)
+    fig.savefig(check_plot_path(path), dpi=150)
+    return str(path)
+
+
 def plot_layer_trace(traced, path) -> str:
     """Draw a :class:`jaxbp.trace.layer_traces.TracedLayer` by its kind."""
-    plots = {"conv": plot_conv_trace, "attention": plot_attention_trace}
+    plots = {"conv": plot_conv_trace, "attention": plot_attention_trace, "gru": plot_gru_trace}
     if traced.kind not in plots:
         raise ValueError(f"no plot for a {traced.kind} trace; expected one of: "
                          f"{', '.join(plots)}")

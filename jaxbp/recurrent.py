@@ -210,6 +210,9 @@ def _init_params(key, name, gates, hidden, input_shape, dtype):
     shape = tuple(input_shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}")
+    if len(shape) == 2 and shape[0] == -1:  # -1 is only ever the batch placeholder
+        raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}: "
+                         f"a batch of vectors, without a time or features axis")
     in_dim = int(shape[-1])
     if in_dim < 1:
         raise ValueError(f"{name} expects at least one input feature, got shape {shape}")

@@ -445,3 +445,85 @@ def test_structural_mistakes_every_command(base, capsys, workdir):
         _flag_test(base[0], base, {}, capsys, workdir, ("structural", [*base, *extra]))
     assert FUZZ_COUNTS[kind] - before == len(STRUCTURAL)
     assert FUZZ_COUNTS["FAILED"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Model files with conv / recurrent layers that are wrong: train --model and check --model
+# --------------------------------------------------------------------------------------------
+
+
+def _net(*layers):
+    return {"name": "serial", "layers": [*layers, {"name": "Flatten"},
+                                         {"name": "Dense", "out_dim": 10}]}
+
+
+def _conv1d(**arguments):
+    return {"name": "Conv1D", "out_channels": 2, "kernel_size": 3, **arguments}
+
+
+def _gru(**arguments):
+    return {"name": "GRU", "hidden": 4, "return_sequences": False, **arguments}
+
+
+# (case, description, check --input-shape or None, train's input_shape or None (mnist1d flat),
+#  what the one line must say). check runs when its shape is given; train always runs.
+BAD_LAYER_MODELS = [
+    ("conv kernel > padded input", _net(_conv1d(kernel_size=45, padding=2)), "40,1", [40, 1],
+     "Conv1D: kernel 45 is larger than the padded input length 44"),
+    ("conv kernel > input", _net(_conv1d(kernel_size=41)), "40,1", [40, 1],
+     "Conv1D: kernel 41 is larger than the padded input length 40"),
+    ("conv out_channels 0", _net(_conv1d(out_channels=0)), "40,1", [40, 1],
+     "Conv1D expects a positive out_channels, got 0"),
+    ("conv kernel_size -1", _net(_conv1d(kernel_size=-1)), "40,1", [40, 1],
+     "Conv1D expects a positive kernel_size, got -1"),
+    ("conv without channel axis", _net(_conv1d()), None, None,
+     "Conv1D expects inputs of shape (batch, length, channels) or (length, channels), got "
+     "shape (-1, 40): a batch whose examples lack an axis"),
+    ("conv2d on 1-D data", _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
+     "40,1", [40, 1], "Conv2D expects inputs of shape (batch, height, width, channels) or "
+                      "(height, width, channels), got shape (-1, 40, 1)"),
+    ("conv2d on flat data", _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
+     None, None, "Conv2D expects inputs of shape (batch, height, width, channels) or "
+                 "(height, width, channels), got shape (-1, 40)"),
+    ("dropout rate 1.5", _net(_conv1d(), {"name": "Dropout", "rate": 1.5}), "40,1", [40, 1],
+     "Dropout expects a rate in [0, 1), got 1.5"),
+    ("unknown layer Conv3D", _net({"name": "Conv3D", "out_channels": 2}), "40,1", [40, 1],
+     "unknown layer 'Conv3D'; expected one of: "),
+    ("wrong argument name", _net({"name": "Conv1D", "out_channels": 2, "kernel": 3}), "40,1",
+     [40, 1], "Conv1D got an unexpected keyword argument 'kernel'"),
+    ("gru hidden 0", _net(_gru(hidden=0)), "40,1", [40, 1],
+     "GRU expects a positive integer hidden size, got 0"),
+    ("lstm hidden -2", _net({"name": "LSTM", "hidden": -2}), "40,1", [40, 1],
+     "LSTM expects a positive integer hidden size, got -2"),
+    ("gru sequence of rank 4", _net(_gru()), "40,1,1", [40, 1, 1],
+     "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
+     "(-1, 40, 1, 1)"),
+    ("gru on flat vectors", _net(_gru()), None, None,
+     "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
+     "(-1, 40): a batch of vectors"),
+    ("bidirectional of a reversed gru", _net({"name": "bidirectional", "layer": _gru(
+        reverse=True)}), "40,1", [40, 1], "bidirectional expects a layer built with "
+                                          "reverse=False"),
+    # A PyTorch state_dict is read by jaxbp.from_torch_state_dict only (no CLI flag): no row.
+]
+
+
+@pytest.mark.parametrize("case, description, check_shape, train_shape, fragment",
+                         BAD_LAYER_MODELS, ids=[row[0] for row in BAD_LAYER_MODELS])
+def test_bad_layer_model_files(case, description, check_shape, train_shape, fragment, capsys,
+                               workdir):
+    path = workdir / f"model-{case.replace(' ', '-')}.json"
+    runs = []
+    if check_shape is not None:
+        path.write_text(json.dumps(description))
+        runs.append(("check", ["check", "--model", str(path), "--input-shape", check_shape]))
+    train_file = workdir / f"train-{case.replace(' ', '-')}.json"
+    wrapped = description if train_shape is None else {"model": description,
+                                                        "input_shape": train_shape}
+    train_file.write_text(json.dumps(wrapped))
+    runs.append(("train", ["train", "--out", str(workdir / "out-layers"), "--model",
+                           str(train_file), "--dataset", "mnist1d", "--epochs", "1",
+                           "--progress", "none"]))
+    for command, argv in runs:
+        line = assert_one_line_error(capsys, command, argv, f"{command} layer model ({case})")
+        assert fragment in line, (argv, line)

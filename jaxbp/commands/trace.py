@@ -2,8 +2,9 @@
 
 With no arguments: the seed tutorial's 2-2-2 example in its own notation, then where the
 seed's stated numbers are wrong. With ``--config FILE.json``: any small fully connected network
-(format in :mod:`jaxbp.trace.config`). With ``--example conv|attention`` or ``--model FILE.json``:
-one Conv1D or one attention head (format in :mod:`jaxbp.trace.layer_traces`).
+(format in :mod:`jaxbp.trace.config`). With ``--example conv|attention|gru`` or ``--model
+FILE.json``: one Conv1D, one attention head or a GRU unrolled through time (format in
+:mod:`jaxbp.trace.layer_traces`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs/targets are one example or a list of examples.")
     parser.add_argument("--config", metavar="FILE.json",
                         help="the network to trace (default: the seed tutorial's 2-2-2 example)")
-    parser.add_argument("--example", choices=("conv", "attention"),
-                        help="a built-in layer example: a Conv1D (5 inputs, kernel 3, stride 2) "
-                             "or one causal attention head (3 tokens of dimension 2)")
+    parser.add_argument("--example", choices=("conv", "attention", "gru"),
+                        help="a built-in layer example: a Conv1D (5 inputs, kernel 3, stride 2), "
+                             "one causal attention head (3 tokens of dimension 2) or a GRU "
+                             "(3 steps of one input, hidden 2: backpropagation through time)")
     parser.add_argument("--model", metavar="FILE.json",
-                        help="one layer to trace (Conv1D, MultiHeadAttention) with its numbers: "
+                        help="one layer to trace (Conv1D, MultiHeadAttention, GRU) with its "
+                             "numbers: "
                              "{\"model\": {\"name\": \"Conv1D\", ...}, \"params\": {...}, "
                              "\"inputs\": [...], \"targets\": [...]}")
     parser.add_argument("--steps", type=_positive_int, metavar="N",

@@ -264,10 +264,21 @@ def spec_params(spec: dict, layer, input_shape: tuple) -> dict:
     import jax
     import jax.numpy as jnp
 
-    _, expected = layer.init(jax.random.PRNGKey(0), input_shape)
     if "params" not in spec:
+        _, initial = layer.init(jax.random.PRNGKey(0), input_shape)
         return {k: jnp.asarray(np.round(np.asarray(v, np.float64), 2)) for k, v in
-                expected.items()}
+                initial.items()}
+    # Only the shapes: eval_shape traces init without running (compiling) it; the keys are
+    # noted while it traces, since eval_shape returns a dict in sorted order, not init's.
+    order = []
+
+    def init_params(key):
+        _, params = layer.init(key, input_shape)
+        order.extend(params)
+        return params
+
+    shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    expected = {k: shapes[k] for k in order}
     given = spec["params"]
     if not isinstance(given, dict) or set(given) != set(expected):
         raise ConfigError(f"trace file: params must be an object with keys "
