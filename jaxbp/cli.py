@@ -36,6 +36,7 @@ COMMANDS = {
     "check": ("jaxbp.commands.check", "manual vs jax.grad vs finite differences, per parameter"),
     "lr-sweep": ("jaxbp.commands.lr_sweep", "one network at several learning rates, one plot"),
     "bench": ("jaxbp.commands.bench", "speed: manual vs autodiff vs numpy, as ratios"),
+    "generate": ("jaxbp.commands.generate", "sample text from a trained character-level GPT"),
 }
 
 

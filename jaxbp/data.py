@@ -35,6 +35,10 @@ Datasets (see :data:`DATASETS`):
     published split). Generation takes about a second; the raw arrays are
     cached as ``.npz`` under :func:`cache_dir` so later loads are instant.
     Standardised per feature with training-split statistics.
+``text``
+    Characters, for the ``gpt`` preset (a sequence task; see :func:`load_text`): the
+    ``pydoc_data.topics`` reference text every Python ships (465k characters, 103 distinct),
+    or any UTF-8 file (``text=PATH``); first 90% train, last 10% validation.
 
 Splits of the scikit-learn datasets are stratified (each class keeps its
 proportion in both halves) and deterministic given ``seed``; we do the split
@@ -57,17 +61,28 @@ import numpy as np
 __all__ = [
     "DATASETS",
     "DATASET_DEFAULTS",
+    "SEQUENCE_DATASETS",
+    "TEXT_DEFAULTS",
     "Dataset",
     "MissingDependencyError",
     "batches",
     "cache_dir",
     "epoch_permutations",
     "load_dataset",
+    "load_text",
     "standardize",
 ]
 
 DATASETS: tuple[str, ...] = ("breast_cancer", "digits", "iris", "mnist1d", "seed", "xor")
-"""Names accepted by :func:`load_dataset`, sorted."""
+"""Names accepted by :func:`load_dataset` with ``(examples, features)`` inputs, sorted."""
+
+SEQUENCE_DATASETS: tuple[str, ...] = ("text",)
+"""Sequence datasets :func:`load_dataset` also accepts (token ids, task ``"sequence"``)."""
+
+# The gpt preset's training settings (jaxbp.presets), also used for a model file on text.
+TEXT_DEFAULTS: dict[str, Any] = dict(loss="softmax_cross_entropy", optimizer="adam", lr=2e-3,
+                                     schedule="warmup_cosine", weight_decay=0.1, epochs=5,
+                                     batch_size=32)
 
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -119,8 +134,9 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int | None
-    task: str  # "classification" | "regression"
+    task: str  # "classification" | "regression" | "sequence"
     defaults: dict[str, Any]
+    vocabulary: str | None = None  # "sequence": character i of the string has id i
 
     @property
     def num_features(self) -> int:
@@ -220,7 +236,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None =
 
 
 def load_dataset(name: str, *, seed: int = 0, test_fraction: float | None = None,
-                 standardize: bool = True) -> Dataset:
+                 standardize: bool = True, text: str | None = None) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`).
 
     ``seed`` drives the stratified train/test split of the scikit-learn
@@ -232,8 +248,14 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float | None = None
 
     Raises ``ValueError`` for an unknown name and
     :class:`MissingDependencyError` (an ``ImportError``) when scikit-learn or
-    mnist1d is needed but not installed.
+    mnist1d is needed but not installed. ``text`` (a UTF-8 file) applies to ``"text"`` only.
     """
+    if name in SEQUENCE_DATASETS:
+        if test_fraction is not None:
+            raise ValueError(f"dataset {name!r} has a fixed train/validation split (90/10)")
+        return load_text(text)
+    if text is not None:
+        raise ValueError(f"a text file applies only to dataset 'text', not {name!r}")
     loader = _LOADERS.get(name)
     if loader is None:
         raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
@@ -253,6 +275,24 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float | None = None
     return Dataset(name=name, x_train=x_tr.astype(np.float32), y_train=y_tr,
                    x_test=x_te.astype(np.float32), y_test=y_te, num_classes=num_classes,
                    task=task, defaults=dict(DATASET_DEFAULTS[name]))
+
+
+def load_text(path: str | None = None) -> Dataset:
+    """Dataset ``"text"``: the characters of ``path`` (UTF-8), or of the ``pydoc_data.topics``
+    reference text when ``path`` is ``None`` (:mod:`jaxbp.text` states the rules).
+
+    A sequence task: ``x_*`` are int32 character ids of a split but its last, ``y_*`` the
+    character after each (``y[i] = ids[i + 1]``), so each split's every character but its first
+    is one prediction; ``num_classes`` and ``vocabulary`` give the characters.
+    """
+    from . import text as corpus
+
+    source = corpus.pydoc_corpus() if path is None else corpus.read_text_file(path)
+    vocabulary = corpus.make_vocabulary(source)
+    train, valid = corpus.split_ids(corpus.encode(source, vocabulary))
+    return Dataset(name="text", x_train=train[:-1], y_train=train[1:], x_test=valid[:-1],
+                   y_test=valid[1:], num_classes=len(vocabulary), task="sequence",
+                   defaults=dict(TEXT_DEFAULTS), vocabulary=vocabulary)
 
 
 # --------------------------------------------------------------------------

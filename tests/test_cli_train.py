@@ -161,14 +161,14 @@ def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
 
 def test_flag_choices_match_the_library():
     from jaxbp.commands import train as cmd
-    from jaxbp.data import DATASETS
+    from jaxbp.data import DATASETS, SEQUENCE_DATASETS
     from jaxbp.trainer import OPTIMIZERS, SCHEDULES
     import argparse
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
     choices = {a.dest: a.choices for a in p._actions if a.choices}
-    assert sorted(choices["dataset"]) == sorted(DATASETS)
+    assert sorted(choices["dataset"]) == sorted(DATASETS + SEQUENCE_DATASETS)
     assert sorted(choices["activation"]) == sorted(jaxbp.ACTIVATIONS)
     assert sorted(choices["loss"]) == sorted(jaxbp.LOSSES)
     assert sorted(choices["check"]) == sorted(jaxbp.CHECK_MODES)

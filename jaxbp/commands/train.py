@@ -32,8 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Choices are listed here rather than imported, so `jaxbp train --help` stays light; a test
     # checks they match the library's tables.
     parser.add_argument("--dataset", choices=("xor", "seed", "digits", "iris", "breast_cancer",
-                                              "mnist1d"),
-                        help="what to train on (default: digits)")
+                                              "mnist1d", "text"),
+                        help="what to train on (default: digits; text: a character-level GPT)")
+    parser.add_argument("--text", metavar="FILE",
+                        help="with --dataset text: a UTF-8 file to train on (default: the "
+                             "pydoc_data.topics reference text every Python ships)")
     parser.add_argument("--model", type=types.model, metavar="NAME|FILE.json",
                         help="a preset (mlp: the dataset's MLP, the default) or a JSON model "
                              "description (see jaxbp.model)")
@@ -65,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", choices=("off", "report", "skip", "raise"),
                         help="compare each step's manual gradients with jax.grad: off, report "
                              "(default), skip disagreeing updates, or raise")
+    parser.add_argument("--rule", choices=("bp", "fa", "kp", "sign", "dfa"),
+                        help="learning rule: bp (backprop, the default), fa (feedback "
+                             "alignment), kp (Kolen-Pollack), sign (sign symmetry), dfa (direct "
+                             "feedback alignment); the angle of each layer's update to jax.grad "
+                             "goes to metrics.json and alignment.png (see jaxbp.rules)")
     parser.add_argument("--out", metavar="DIR",
                         help="folder for checkpoint.npz, metrics.json, curves.png "
                              "(default: runs/<dataset>)")
@@ -93,7 +101,8 @@ def run(args) -> int:
         lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, check=args.check,
         out=out, resume=args.resume, max_bad_steps=args.max_bad_steps,
-        checkpoint_every=args.checkpoint_every, devices=args.devices)
+        checkpoint_every=args.checkpoint_every, devices=args.devices, text=args.text,
+        rule=getattr(args, "rule", None))
     session = prepare(config)
     bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
     for note in session.notes if bar.mode != "none" else ():
@@ -136,7 +145,11 @@ def _print_summary(result, out: str) -> None:
              else m["preset"])
     print(f"{m['dataset']}: {model}, {cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, "
           f"{m['steps']} steps in {m['seconds']:.1f}s")
-    if m["test_accuracy"] is not None:
+    if m["dataset"] == "text":  # a sequence model: the loss per character is the measure
+        print(f"validation loss {m['test_loss']:.4f} nats per character (the whole validation "
+              f"split)  train loss {m['final_loss']:.4f}  next-character accuracy "
+              f"{pct(m['test_accuracy'])}")
+    elif m["test_accuracy"] is not None:
         print(f"test accuracy {pct(m['test_accuracy'])}  train accuracy "
               f"{pct(m['train_accuracy'])}  final loss {m['final_loss']:.4g}")
     else:
@@ -145,7 +158,11 @@ def _print_summary(result, out: str) -> None:
         check += (f"; {m['skipped_nonfinite']} non-finite and {m['skipped_mismatch']} "
                   f"disagreeing steps skipped")
     print(check)
-    print(f"wrote {out}/metrics.json, curves.png, checkpoint.npz")
+    if m.get("alignment"):
+        print(f"{m['rule']}: angle to jax.grad by layer " + ", ".join(
+            f"{layer} {_fmt(a['angle'], '.1f')} deg" for layer, a in m["alignment"].items()))
+    extra = ", alignment.png" if m.get("alignment") else ""
+    print(f"wrote {out}/metrics.json, curves.png{extra}, checkpoint.npz")
 
 
 # --------------------------------------------------------------------------------------------

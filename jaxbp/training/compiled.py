@@ -23,7 +23,8 @@ from ..model import build
 from ..train import gather_batch, make_loop, train_step
 from .config import TrainConfig, build_optimizer
 
-__all__ = ["network", "optimizer", "epoch_loop", "evaluator", "epoch_order", "shift_batch_fn"]
+__all__ = ["network", "optimizer", "epoch_loop", "evaluator", "epoch_order", "shift_batch_fn",
+           "window_batch_fn", "sequence_evaluator"]
 
 _CACHE_SIZE = 32
 
@@ -68,22 +69,41 @@ def shift_batch_fn(max_shift: int) -> Callable:
     return batch
 
 
+def window_batch_fn(context: int) -> Callable:
+    """A ``make_loop`` batch function for a sequence task: ``data`` is ``(x, y, key)``, the
+    whole train split's ids and next ids; row ``[w_1 .. w_B, step]`` asks for windows
+    ``w_i`` (of ``len // context`` non-overlapping ones), each moved by a random
+    ``0..context-1`` ids drawn from ``fold_in(key, step)`` (kept inside the split): every epoch
+    sees the text once, cut at new places."""
+    def batch(data, row):
+        x, y, key = data
+        windows = row[:-1]
+        offsets = jax.random.randint(jax.random.fold_in(key, row[-1]), windows.shape, 0, context)
+        starts = jnp.minimum(windows * context + offsets, x.shape[0] - context)
+        idx = starts[:, None] + jnp.arange(context)
+        return x[idx], y[idx]
+
+    return batch
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def epoch_loop(net: Layer, loss: str, opt, check: str, fused: bool, shift: int,
-               devices: int, jit: bool) -> Callable:
+               devices: int, jit: bool, window: int = 0) -> Callable:
     """``run(train_state, data, order) -> (train_state, stacked StepMetrics)``: the verified
     step (:func:`jaxbp.train_step`) through :func:`jaxbp.train.make_loop`, fused or per step.
 
     ``devices > 1`` asks :func:`jaxbp.parallel.make_parallel_loop` for the same loop with
     each batch split over a mesh. ``check="raise"`` runs as ``"skip"`` and freezes the train
-    state from the first disagreement on (the caller raises naming that step).
+    state from the first disagreement on (the caller raises naming that step). ``window > 0``:
+    a sequence task, batches cut by :func:`window_batch_fn`.
     """
     loss_fn = get_loss(loss)
 
     def step(ts, x, y):
         return train_step(net, loss_fn, opt, ts, x, y, check=check)
 
-    batch_fn = shift_batch_fn(shift) if shift else gather_batch
+    batch_fn = (window_batch_fn(window) if window else shift_batch_fn(shift) if shift
+                else gather_batch)
     options = dict(fused=fused, stop_on_mismatch=check == "raise", batch_fn=batch_fn)
     if devices > 1:
         from ..parallel import make_parallel_loop
@@ -115,6 +135,30 @@ def evaluator(net: Layer, loss: str, jit: bool = True) -> Callable:
         if y is None:
             return value, jnp.array(jnp.nan, out.dtype)
         return value, jnp.mean((jnp.argmax(out, axis=-1) == y).astype(out.dtype))
+
+    return jax.jit(evaluate) if jit else evaluate
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def sequence_evaluator(net: Layer, jit: bool = True, chunk: int = 32) -> Callable:
+    """``evaluate(params, state, x, t, y) -> (loss, accuracy)`` of a sequence model: nats per
+    token and next-token accuracy over every position whose label ``t`` is >= 0 (-1 marks
+    padding), ``chunk`` windows at a time so memory stays small. ``y`` is ignored (= ``t``)."""
+    def totals(params, state, x, t):
+        logits = forward(net, params, x, state=state, train=False)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        valid = t >= 0
+        picked = jnp.take_along_axis(logp, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+        correct = valid & (jnp.argmax(logits, axis=-1) == t)
+        return (jnp.sum(jnp.where(valid, -picked, 0)), jnp.sum(correct, dtype=logits.dtype),
+                jnp.sum(valid, dtype=logits.dtype))
+
+    def evaluate(params, state, x, t, y=None):
+        pad = -x.shape[0] % chunk
+        x = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[1])
+        t = jnp.pad(t, ((0, pad), (0, 0)), constant_values=-1).reshape(x.shape)
+        nll, correct, count = jax.lax.map(lambda xt: totals(params, state, *xt), (x, t))
+        return jnp.sum(nll) / jnp.sum(count), jnp.sum(correct) / jnp.sum(count)
 
     return jax.jit(evaluate) if jit else evaluate
 

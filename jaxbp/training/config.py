@@ -16,6 +16,7 @@ import optax
 
 from ..layers import ACTIVATIONS
 from ..losses import LOSSES
+from ..rules import RULES
 from ..train import CHECK_MODES, biases, sgd
 
 __all__ = [
@@ -40,12 +41,13 @@ MLP_FIELDS = ("hidden", "activation", "output_activation")
 FALLBACK = dict(dataset="digits", model="mlp", hidden=(64,), activation="relu",
                 output_activation="auto", loss="softmax_cross_entropy", optimizer="adam",
                 lr=1e-3, schedule="constant", weight_decay=0.0, epochs=20, batch_size=32, seed=0,
-                check="report")
+                check="report", rule="bp")
 
 # Fields that decide what is computed: a resumed run must agree with its checkpoint on these
 # (``epochs`` may grow when the learning rate does not depend on it).
 IDENTITY_FIELDS = ("dataset", "model", "hidden", "activation", "output_activation", "loss",
-                   "optimizer", "lr", "schedule", "weight_decay", "batch_size", "seed", "check")
+                   "optimizer", "lr", "schedule", "weight_decay", "batch_size", "seed", "check",
+                   "text", "rule")
 _WARMUP_FRACTION = 0.05
 
 
@@ -77,6 +79,11 @@ class TrainConfig:
       last epoch).
     - ``devices``: number of devices for data parallelism (1: no sharding).
     - ``jit``: ``False`` runs the same steps op by op (slow; for debugging).
+    - ``text``: a UTF-8 file to train on with ``dataset="text"`` (default: the
+      ``pydoc_data.topics`` reference text).
+    - ``rule``: the learning rule, one of :data:`jaxbp.rules.RULES` (default ``"bp"``); with
+      another rule ``check`` ``"skip"``/``"raise"`` act as ``"report"`` (the rule's update is
+      applied and its angle to ``jax.grad`` measured; non-finite steps are still refused).
     """
 
     dataset: str | None = None
@@ -99,6 +106,8 @@ class TrainConfig:
     checkpoint_every: int | None = None
     devices: int = 1
     jit: bool = True
+    text: str | None = None
+    rule: str | None = None
 
 
 def _is_int(v) -> bool:
@@ -155,6 +164,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("check mode", cfg.check, CHECK_MODES)
+    _choice("learning rule", cfg.rule, RULES)
     lr = _check_number("lr", cfg.lr, positive=True)
     weight_decay = _check_number("weight_decay", cfg.weight_decay, positive=False)
     for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices"):

@@ -39,10 +39,12 @@ class TrainData(NamedTuple):
     y_test: Any
     num_outputs: int
     loop_data: tuple
+    context: int = 0  # a sequence task: characters per window (0: one example per row)
+    n_examples: int | None = None  # a sequence task: training windows per epoch
 
     @property
     def n_train(self) -> int:
-        return int(self.x_train.shape[0])
+        return int(self.x_train.shape[0]) if self.n_examples is None else self.n_examples
 
 
 def _is_file_model(model) -> bool:
@@ -75,7 +77,7 @@ def _short(model) -> str:
     return repr(text if len(text) < 60 else text[:57] + "...")
 
 
-def _load(name: str, dataset):
+def _load(name: str, dataset, text: str | None = None):
     if dataset is not None:
         for field in ("x_train", "y_train", "x_test", "y_test", "task", "num_classes"):
             if not hasattr(dataset, field):
@@ -84,13 +86,14 @@ def _load(name: str, dataset):
         return dataset
     from ..data import load_dataset
 
-    return load_dataset(name, seed=0)
+    return load_dataset(name, seed=0, **({} if text is None else {"text": text}))
 
 
 def _from_header(header: dict, config: TrainConfig, dataset):
     saved = header["config"]
     info = header.get("preset") or {"name": "mlp"}  # checkpoints before presets: MLPs
-    dataset = _load(config.dataset or saved.get("dataset") or FALLBACK["dataset"], dataset)
+    dataset = _load(config.dataset or saved.get("dataset") or FALLBACK["dataset"], dataset,
+                    config.text or saved.get("text"))
     shape = info.get("input_shape")
     preset = Preset(info["name"], header["network"], None,
                     None if shape is None else tuple(shape), bool(info.get("fused", True)),
@@ -106,18 +109,24 @@ def choose_model(config: TrainConfig, dataset, header: dict | None):
     """``(dataset, preset, model key)`` for a run: the key is what the config records."""
     if header is not None:
         return _from_header(header, config, dataset)
-    model = config.model if config.model is not None else "mlp"
+    model = config.model if config.model is not None else _default_model(config, dataset)
     named = not _is_file_model(model)
     preset = get_preset(model) if named and model != "mlp" else None
     name = (config.dataset or (getattr(dataset, "name", None) if dataset is not None else None)
             or (preset.dataset if preset else None) or FALLBACK["dataset"])
-    dataset = _load(name, dataset)
+    dataset = _load(name, dataset, config.text)
     defaults = dict(getattr(dataset, "defaults", None) or get_preset("mlp", name).defaults)
     if model == "mlp":
         return dataset, Preset("mlp", None, name, defaults=defaults), model
     if named:
         return dataset, get_preset(model, dataset.name), model
     return dataset, _file_preset(model, defaults), model
+
+
+def _default_model(config: TrainConfig, dataset) -> str:
+    """``"gpt"`` for text (a sequence task), else ``"mlp"``."""
+    sequence = config.dataset == "text" or getattr(dataset, "task", None) == "sequence"
+    return "gpt" if sequence else "mlp"
 
 
 def model_label(cfg: TrainConfig, preset: Preset) -> str:
@@ -160,8 +169,52 @@ def _inputs(dataset, input_shape):
     return out
 
 
+# Training windows the train loss is measured on each epoch (evenly spaced): the whole train
+# split would cost a seventh of the epoch; the validation split is always measured whole.
+TRAIN_EVAL_WINDOWS = 256
+
+
+def _token_ids(dataset, name: str, vocab: int) -> np.ndarray:
+    ids = np.asarray(getattr(dataset, name))
+    if ids.ndim != 1 or ids.size < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"sequence dataset {name} must be a 1-D array of integer token ids, "
+                         f"got {ids.dtype} of shape {ids.shape}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        raise ValueError(f"sequence dataset {name} has token id {int(ids[bad[0]])} at position "
+                         f"{int(bad[0])}, outside [0, {vocab}) (its {vocab} classes)")
+    return ids.astype(np.int32)
+
+
+def sequence_targets(dataset, input_shape, window_key) -> TrainData:
+    """A sequence task (token ids) on device: ``loop_data`` is the whole train split (ids and
+    next ids) with ``window_key``, from which each step cuts windows of ``context`` ids at
+    random offsets (:func:`jaxbp.training.compiled.window_batch_fn`); the test arrays are
+    windows covering the whole validation split (:func:`jaxbp.text.eval_windows`)."""
+    from ..text import eval_windows
+
+    if input_shape is None or len(input_shape) != 1:
+        raise ValueError(f"a sequence model needs input_shape (context,), the characters per "
+                         f"window, got {input_shape!r}")
+    context, vocab = int(input_shape[0]), int(dataset.num_classes)
+    x_tr, y_tr, x_te, y_te = (_token_ids(dataset, n, vocab)
+                              for n in ("x_train", "y_train", "x_test", "y_test"))
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < context:
+        raise ValueError(f"sequence dataset: the train split has {len(x_tr)} positions, "
+                         f"fewer than one window of {context} (or x and y differ in length)")
+    windows = len(x_tr) // context
+    pick = np.unique(np.linspace(0, windows - 1, min(windows, TRAIN_EVAL_WINDOWS)).astype(int))
+    starts = pick[:, None] * context + np.arange(context)
+    x_te, t_te = eval_windows(x_te, y_te, context)
+    arrays = [jnp.asarray(a) for a in (x_tr[starts], y_tr[starts], x_te, t_te)]
+    return TrainData(arrays[0], arrays[1], arrays[1], arrays[2], arrays[3], arrays[3], vocab,
+                     (jnp.asarray(x_tr), jnp.asarray(y_tr), window_key), context, windows)
+
+
 def targets(dataset, loss_name: str, input_shape=None, augment_key=None) -> TrainData:
     """The dataset on device, inputs reshaped to ``input_shape`` (per example)."""
+    if dataset.task == "sequence":
+        return sequence_targets(dataset, input_shape, augment_key)
     x_tr, x_te = _inputs(dataset, input_shape)
     if dataset.task == "classification":
         t_tr, y_tr, t_te, y_te, num_outputs = _classification(dataset, loss_name, x_tr, x_te)

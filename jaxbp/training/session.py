@@ -43,6 +43,7 @@ from ..checkpoint import (CheckpointError, read_header, restore_train_state, sav
 from ..layers import Layer, output_shape
 from ..model import describe
 from ..presets import Preset
+from .. import rules
 from ..train import REASON_MISMATCH, REASON_NONFINITE, TrainState, init_train_state
 from ..train import raise_first_mismatch
 from . import compiled
@@ -55,6 +56,7 @@ __all__ = ["TrainResult", "Session", "prepare", "run", "finish", "train", "CHECK
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.png"
+ALIGNMENT_FILE = "alignment.png"
 
 
 class TrainResult(NamedTuple):
@@ -151,9 +153,23 @@ def _network(description: dict, from_checkpoint: Path | None) -> Layer:
 
 def _check_output(net: Layer, data: TrainData, description_source: str) -> None:
     shape = output_shape(net, (-1, *data.x_train.shape[1:]))
-    if tuple(shape[1:]) != (data.num_outputs,):
+    want = (data.context, data.num_outputs) if data.context else (data.num_outputs,)
+    if tuple(shape[1:]) != want:
         raise ValueError(f"{description_source} produces outputs of shape {tuple(shape)}, but "
-                         f"the dataset needs (batch, {data.num_outputs})")
+                         f"the dataset needs (batch, {', '.join(map(str, want))})")
+    if data.context:
+        _check_vocabulary_size(net, data.num_outputs, description_source)
+
+
+def _check_vocabulary_size(net: Layer, num_tokens: int, description_source: str) -> None:
+    # Out-of-range ids inside jit would only show as NaN: refuse before training instead.
+    first = net
+    while first.children:
+        first = first.children[0]
+    vocab = dict(first.config).get("vocab_size") if first.name == "Embedding" else None
+    if vocab is not None and vocab < num_tokens:
+        raise ValueError(f"{description_source} embeds {vocab} token ids, but the text has "
+                         f"{num_tokens} distinct characters (ids up to {num_tokens - 1})")
 
 
 def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer):
@@ -180,7 +196,9 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
     dataset, preset, model_key = choose_model(config, dataset, header)
     cfg = resolve_config(dataclasses.replace(config, dataset=dataset.name, model=model_key),
                          preset.defaults, saved, mlp=preset.is_mlp)
-    augment_key = jax.random.fold_in(jax.random.key(cfg.seed), 3) if preset.augment else None
+    sequence = getattr(dataset, "task", None) == "sequence"  # windows at random offsets
+    augment_key = (jax.random.fold_in(jax.random.key(cfg.seed), 3)
+                   if preset.augment or sequence else None)
     data = targets(dataset, cfg.loss, preset.input_shape, augment_key)
     if cfg.batch_size > data.n_train:
         raise ValueError(f"batch_size must be between 1 and the number of training examples "
@@ -190,15 +208,19 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
 
         check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
     ckpt = out / CHECKPOINT_FILE if header else None
-    description = header["network"] if header else _description(preset, cfg, data)
+    description = header["network"] if header else rules.apply_rule_to_description(
+        _description(preset, cfg, data), cfg.rule, (-1, *data.x_train.shape[1:]))
     net = _network(description, ckpt)
     _check_output(net, data, f"model {model_label(cfg, preset)}")
-    optimizer = compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size))
+    optimizer = rules.optimizer(
+        compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size)), net)
     ts, data_key = _first_train_state(cfg, net, data, optimizer)
     session = Session(cfg, dataset, preset, describe(net), net, data,
-                      compiled.epoch_loop(net, cfg.loss, optimizer, cfg.check, preset.fused,
+                      compiled.epoch_loop(net, cfg.loss, optimizer,
+                                          rules.step_check(cfg.check, cfg.rule), preset.fused,
                                           int((preset.augment or {}).get("shift", 0)),
-                                          cfg.devices, cfg.jit),
+                                          cfg.devices, cfg.jit, data.context),
+                      compiled.sequence_evaluator(net, cfg.jit) if data.context else
                       compiled.evaluator(net, cfg.loss, cfg.jit), data_key, ts, out,
                       notes=notes)
     if header:
@@ -242,7 +264,16 @@ def _header(s: Session, at_epoch: int) -> dict:
                     "data_order": "permutation(fold_in(split(key(seed))[1], epoch), n)",
                     "dropout": "fold_in(key(seed), 2), split every step",
                     "augment": "fold_in(fold_in(key(seed), 3), step)"},
-            "history": [_json_row(r) for r in s.history], "seconds": s.seconds()}
+            "history": [_json_row(r) for r in s.history], "seconds": s.seconds(),
+            **_text_header(s)}
+
+
+def _text_header(s: Session) -> dict:
+    """A text model's vocabulary (``jaxbp generate`` decodes with it) and window length."""
+    vocabulary = getattr(s.dataset, "vocabulary", None)
+    if not s.data.context or vocabulary is None:
+        return {}
+    return {"text": {"vocabulary": vocabulary, "context": s.data.context}}
 
 
 def _checkpoint(s: Session, at_epoch: int) -> None:
@@ -260,7 +291,7 @@ def _train_epoch(s: Session) -> dict:
     """One epoch: the loop over its batches, the mismatch check, the evaluation; its row."""
     d, cfg = s.data, s.cfg
     order = compiled.epoch_order(s.data_key, jnp.asarray(s.epoch, jnp.int32), d.n_train,
-                                 cfg.batch_size, bool(s.preset.augment))
+                                 cfg.batch_size, bool(s.preset.augment or d.context))
     ts, metrics = s.loop(s.ts, d.loop_data, order)
     metrics = jax.device_get(metrics)
     if cfg.check == "raise":
@@ -270,7 +301,11 @@ def _train_epoch(s: Session) -> dict:
     evals = jax.device_get((s.evaluate(ts.params, ts.state, d.x_train, d.t_train, d.y_train),
                             s.evaluate(ts.params, ts.state, d.x_test, d.t_test, d.y_test)))
     s.ts = ts
-    return _epoch_row(s.epoch + 1, metrics, evals, cfg.check)
+    row = _epoch_row(s.epoch + 1, metrics, evals, cfg.check)
+    if cfg.rule != "bp" and cfg.check != "off":  # the rule's angle to jax.grad, per layer
+        row["alignment"] = rules.layer_alignment(
+            metrics.report, keep=np.asarray(metrics.reason) != REASON_NONFINITE)
+    return row
 
 
 def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tuple[str, str]:
@@ -321,7 +356,9 @@ def _epoch_row(epoch: int, m, evals, check: str) -> dict:
            "max_grad_rel_error": float(checked.max()) if checked.size else None,
            "steps": int(loss.size), "applied_steps": int(np.sum(np.asarray(m.applied))),
            "skipped_nonfinite": int(np.sum(reason == REASON_NONFINITE)),
-           "skipped_mismatch": int(np.sum(reason == REASON_MISMATCH))}
+           # check="report" applies a disagreeing step: only the refused ones were skipped
+           "skipped_mismatch": int(np.sum((reason == REASON_MISMATCH)
+                                          & ~np.asarray(m.applied, bool)))}
     if check != "off" and np.any(reason != REASON_NONFINITE):
         leaf = np.asarray(m.leaf_rel_error, np.float64)[reason != REASON_NONFINITE]
         row["grad_rel_error_by_leaf"] = {p: float(v) for p, v in
@@ -353,6 +390,10 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
             _write_curves(s.history, s.out / CURVES_FILE,
                           f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
                           f"{s.cfg.optimizer} lr {s.cfg.lr:g}")
+        if any("alignment" in r for r in s.history):
+            _write_alignment(s.history, s.out / ALIGNMENT_FILE,
+                             f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, "
+                             f"{model_label(s.cfg, s.preset)}")
     ckpt = s.checkpoint_path
     return TrainResult(s.ts.params, s.ts.opt_state, s.net, s.cfg, metrics, s.history, status,
                        ckpt if ckpt is not None and ckpt.exists() else None, message, s.ts)
@@ -401,6 +442,7 @@ def _summary(s: Session, status: str) -> dict:
         "max_grad_rel_error": max(checked) if checked else None,
         "worst_grad_leaf": max(by_leaf, key=by_leaf.get) if by_leaf else None,
         "grad_rel_error_by_leaf": by_leaf, **totals, "epochs": len(history),
+        "rule": s.cfg.rule, "alignment": last.get("alignment"),
         "steps_per_epoch": s.steps_per_epoch, "seconds": s.seconds(), "check": s.cfg.check,
         "config": config_dict(s.cfg), "network": s.description, "preset": s.preset.name,
         "input_shape": None if s.preset.input_shape is None else list(s.preset.input_shape),
@@ -428,3 +470,12 @@ def _write_curves(history, path, title):
             if also:
                 series.pop(also)
     return plot_training_curves(series, path, title=title)
+
+
+def _write_alignment(history, path, title):
+    from ..plots_rules import plot_alignment
+
+    try:
+        return plot_alignment(history, path, title=title)
+    except ImportError:  # matplotlib is an optional extra: the run itself is complete
+        return None
