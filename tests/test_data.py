@@ -296,9 +296,14 @@ def test_mnist1d_generation_and_cache(mnist1d_cache, monkeypatch):
     assert ds.y_train.min() == 0 and ds.y_train.max() == 9
     assert np.bincount(ds.y_train, minlength=10).min() > 350
     assert np.bincount(ds.y_test, minlength=10).min() > 80
-    # Standardised with train stats.
-    np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
-    np.testing.assert_allclose(ds.x_train.std(0), 1, rtol=1e-4)
+    # Standardised with one mean and std over every position of the train split (a signal:
+    # every position keeps the same units), and the test split with the train's numbers.
+    raw = load_dataset("mnist1d", standardize=False)
+    np.testing.assert_allclose(ds.x_train.mean(), 0, atol=1e-5)
+    np.testing.assert_allclose(ds.x_train.std(), 1, rtol=1e-4)
+    mean, std = raw.x_train.astype(np.float64).mean(), raw.x_train.astype(np.float64).std()
+    np.testing.assert_allclose(ds.x_test, (raw.x_test - mean) / std, rtol=1e-5, atol=1e-5)
+    assert np.abs(ds.x_train.mean(0)).max() > 1e-3  # not per position
 
 
 def test_mnist1d_deterministic_and_matches_cache(mnist1d_cache, tmp_path, monkeypatch):
