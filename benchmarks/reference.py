@@ -7,7 +7,6 @@ computes the same loss and gradients, so the tests can check them number for num
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxbp

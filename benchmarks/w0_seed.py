@@ -88,6 +88,7 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
     for k in times:
         times[k]["compile_s"] = compile_s.get(k)
         times[k]["gflops"] = None
-    return {"name": "W0", "description": f"seed 2-2-2 sigmoid, batch 1, half-SSE, {steps} SGD steps",
+    return {"name": "W0",
+            "description": f"seed 2-2-2 sigmoid, batch 1, half-SSE, {steps} SGD steps",
             "steps": steps, "unit": f"{steps} steps", "variants": times, "skipped": skipped,
             "fit_call_with_compile_s": fit_first_s}

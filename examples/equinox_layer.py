@@ -12,7 +12,7 @@ model with the block's plain forward), then train on a small regression problem.
 Run:  python examples/equinox_layer.py
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -87,7 +87,7 @@ def main():
     first = float(mse(manual, x, y))
     model = manual
     for _ in range(300):
-        model, opt_state, loss = train_step(model, opt_state, x, y)
+        model, opt_state, _ = train_step(model, opt_state, x, y)
     final = float(mse(model, x, y))
     print(f"equinox model with a jaxbp block: mse {first:.4f} -> {final:.4f} after 300 adam "
           f"steps")

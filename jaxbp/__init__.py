@@ -9,8 +9,9 @@ Every layer carries a hand-derived backward pass; every train step can check it 
     step = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, optax.adam(1e-3))
 """
 
-from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
+from . import rules
 from .attention import Embedding, LayerNorm, MultiHeadAttention, PositionalEmbedding
+from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
 from .conv import (
     AvgPool1D,
     AvgPool2D,
@@ -28,13 +29,15 @@ from .gradcheck import (
     check_grads,
     check_layer,
     compare_grads,
-    unchecked_report,
     default_tolerance,
     fd_tolerance,
     finite_difference_grads,
+    unchecked_report,
 )
+from .interop import as_custom_vjp, check_vjp, check_vjp_fd, from_custom_vjp
 from .layers import (
     ACTIVATIONS,
+    Context,
     Dense,
     Gelu,
     Identity,
@@ -46,21 +49,17 @@ from .layers import (
     Softplus,
     Tanh,
     activation,
-    Context,
     apply,
     concat,
-    init_state,
-    output_shape,
-    residual,
-    stateful,
     elementwise,
     glorot_uniform,
     he_normal,
+    init_state,
+    output_shape,
+    residual,
     serial,
+    stateful,
 )
-from .interop import as_custom_vjp, check_vjp, check_vjp_fd, from_custom_vjp
-from .model import build, describe, layer_names, load_description, register_layer
-from .norm import BatchNorm, Dropout
 from .losses import (
     LOSSES,
     Loss,
@@ -70,8 +69,9 @@ from .losses import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
 )
+from .model import build, describe, layer_names, load_description, register_layer
+from .norm import BatchNorm, Dropout
 from .recurrent import GRU, LSTM, bidirectional, from_torch_state_dict
-from . import rules
 from .rules import (
     DirectFeedbackAlignment,
     FeedbackAlignment,
@@ -99,5 +99,121 @@ from .train import (
     sgd,
     train_step,
 )
+
+# Every public name above, grouped by the module it comes from (as the imports are).
+__all__ = [
+    # submodules
+    "rules",
+    # jaxbp.attention
+    "Embedding",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "PositionalEmbedding",
+    # jaxbp.backprop
+    "autodiff",
+    "backprop",
+    "check_inputs",
+    "check_params",
+    "forward",
+    "loss_fn",
+    # jaxbp.conv
+    "AvgPool1D",
+    "AvgPool2D",
+    "Conv1D",
+    "Conv2D",
+    "Flatten",
+    "GlobalAvgPool",
+    "MaxPool1D",
+    "MaxPool2D",
+    # jaxbp.gradcheck
+    "GradCheck",
+    "GradientMismatchError",
+    "GradReport",
+    "check_grads",
+    "check_layer",
+    "compare_grads",
+    "default_tolerance",
+    "fd_tolerance",
+    "finite_difference_grads",
+    "unchecked_report",
+    # jaxbp.interop
+    "as_custom_vjp",
+    "check_vjp",
+    "check_vjp_fd",
+    "from_custom_vjp",
+    # jaxbp.layers
+    "ACTIVATIONS",
+    "Context",
+    "Dense",
+    "Gelu",
+    "Identity",
+    "InputShapeError",
+    "Layer",
+    "LeakyRelu",
+    "Relu",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
+    "activation",
+    "apply",
+    "concat",
+    "elementwise",
+    "glorot_uniform",
+    "he_normal",
+    "init_state",
+    "output_shape",
+    "residual",
+    "serial",
+    "stateful",
+    # jaxbp.losses
+    "LOSSES",
+    "Loss",
+    "get_loss",
+    "half_sse",
+    "mse",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    # jaxbp.model
+    "build",
+    "describe",
+    "layer_names",
+    "load_description",
+    "register_layer",
+    # jaxbp.norm
+    "BatchNorm",
+    "Dropout",
+    # jaxbp.recurrent
+    "GRU",
+    "LSTM",
+    "bidirectional",
+    "from_torch_state_dict",
+    # jaxbp.rules
+    "DirectFeedbackAlignment",
+    "FeedbackAlignment",
+    "KolenPollack",
+    "SignSymmetry",
+    "apply_rule",
+    # jaxbp.seed
+    "seed_network",
+    "seed_problem",
+    # jaxbp.train
+    "CHECK_MODES",
+    "REASON_APPLIED",
+    "REASON_MISMATCH",
+    "REASON_NONFINITE",
+    "REASONS",
+    "FitResult",
+    "SgdState",
+    "StepMetrics",
+    "TrainState",
+    "biases",
+    "fit",
+    "freeze",
+    "init_train_state",
+    "make_loop",
+    "make_train_step",
+    "sgd",
+    "train_step",
+]
 
 __version__ = "0.1.0"

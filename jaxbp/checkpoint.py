@@ -33,8 +33,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -114,7 +115,8 @@ def save_checkpoint(path, state: Mapping[str, Any], header: Mapping[str, Any] | 
     full.update(format=FORMAT, version=VERSION, leaves=entries)
     full["sha256"] = _digest(full, arrays)
     text = json.dumps(full, sort_keys=True, allow_nan=True)
-    members = {"header": np.array(text)}
+    # Any: numpy's stub types **kwds of savez like its own allow_pickle flag.
+    members: dict[str, Any] = {"header": np.array(text)}
     members.update({f"leaf_{i:05d}": a for i, a in enumerate(arrays)})
     # A file object: savez adds no ".npz".
     return atomic_write(path, lambda f: np.savez(f, **members))
@@ -127,13 +129,14 @@ def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> P
     one, never a mix. The one writer of jaxbp's files (checkpoints, metrics, cached data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = tmp_name  # None once it has been moved over path
     try:
-        with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as f:
+        with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp_name, path)
         tmp = None
         _fsync_dir(path.parent)
     finally:
@@ -179,8 +182,8 @@ def _read(path: Path):
                 raise CheckpointError(f"checkpoint {path} has no header: not a jaxbp checkpoint")
             header = json.loads(str(f["header"][()]))
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a jaxbp checkpoint (format "
-                                      f"{header.get('format') if isinstance(header, dict) else None!r})")
+                found = header.get("format") if isinstance(header, dict) else None
+                raise CheckpointError(f"{path} is not a jaxbp checkpoint (format {found!r})")
             if header.get("version") != VERSION:
                 raise CheckpointError(f"checkpoint {path} has format version "
                                       f"{header.get('version')!r}; this jaxbp reads version "

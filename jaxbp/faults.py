@@ -42,6 +42,8 @@ prints it as a Markdown table: the table in ``docs/reliability.md`` comes from i
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -313,7 +315,8 @@ def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 
     from .train import CHECK_MODES, REASON_NONFINITE, init_train_state, make_train_step, sgd
 
     net, params, state, x, y = _matrix_problem(dtype)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    modes: dict[str, Any]
     for label, fn in _POISONS:
         px, py = fn(x, y)
         modes = {}

@@ -29,7 +29,8 @@ full statistics otherwise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ class GradientMismatchError(ValueError):
     worst leaf [2]['W'], relative error 1.000e+00; nothing was updated", then the table.
     """
 
-    def __init__(self, report: "GradReport", *, what: str = "manual gradient",
+    def __init__(self, report: GradReport, *, what: str = "manual gradient",
                  reference: str = "jax.grad", step: int | None = None,
                  note: str = "nothing was updated"):
         self.report, self.step = report, step
@@ -260,7 +261,7 @@ def _apply_rounding_floor(stats):
               for s in stats]
     tree_scale = jnp.max(jnp.stack(scales))
     out = []
-    for max_diff, rel, cosine, ok, a_finite, scale, ratio in stats:
+    for max_diff, rel, cosine, ok, a_finite, _scale, ratio in stats:
         # Never looser than a tenth of the dtype's own tolerance: in bfloat16, 1e3 eps is 8.
         relative_floor = min(ROUNDING_FLOOR * float(jnp.finfo(max_diff.dtype).eps),
                              0.1 * default_tolerance(max_diff.dtype)[1])

@@ -25,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ._trees import tree_difference
-from .gradcheck import GradCheck, GradReport, compare_grads, fd_tolerance, \
-    finite_difference_grads
+from .gradcheck import GradCheck, GradReport, compare_grads, fd_tolerance, finite_difference_grads
 from .layers import Layer
 
 __all__ = [
@@ -179,7 +179,9 @@ def _checked_cotangents(rule: _Rule, cotangents, primals: tuple, names: tuple) -
             cotangent = _fill_zeros(cotangent, primal)
         except ValueError:  # tree_map on trees of different structure
             pass
-        if jax.tree_util.tree_structure(cotangent) != jax.tree_util.tree_structure(primal):
+        # jaxlib ships PyTreeDef without a stub, so mypy cannot see its __ne__: hence the ignore.
+        if (jax.tree_util.tree_structure(cotangent)  # type: ignore[operator]
+                != jax.tree_util.tree_structure(primal)):
             raise ValueError(f"{rule.label}'s bwd returned a cotangent for argument {name!r} "
                              f"that does not match the argument: "
                              f"{tree_difference(primal, cotangent)}")
@@ -479,8 +481,10 @@ def as_custom_vjp(layer: Layer) -> Callable:
         return dparams, dx
 
     apply.defvjp(fwd, bwd)
-    apply.__name__ = apply.__qualname__ = f"{layer.name}_apply"
-    apply.layer = layer
+    # custom_vjp objects take attributes at runtime (it wraps the function like
+    # functools.wraps), but jax's class declares none of them: hence the ignores.
+    apply.__name__ = apply.__qualname__ = f"{layer.name}_apply"  # type: ignore[attr-defined]
+    apply.layer = layer  # type: ignore[attr-defined]
     return apply
 
 

@@ -58,7 +58,8 @@ factory was called with, so :func:`jaxbp.model.build` rebuilds it from
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -226,14 +227,17 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
     if not isinstance(out_dim, (int,)) or isinstance(out_dim, bool) or out_dim < 1:
         raise ValueError(f"Dense expects a positive integer out_dim, got {out_dim!r}")
     if isinstance(w_init, str) and w_init not in ("auto", *_INITIALISERS):
-        raise ValueError(f"Dense w_init must be 'auto', 'glorot', 'he' or a function, got {w_init!r}")
+        raise ValueError(f"Dense w_init must be 'auto', 'glorot', 'he' or a function, "
+                         f"got {w_init!r}")
 
     def init(key, input_shape):
         if len(input_shape) < 1:
-            raise ValueError(f"Dense expects inputs of shape (..., features), got {tuple(input_shape)}")
+            raise ValueError(f"Dense expects inputs of shape (..., features), "
+                             f"got {tuple(input_shape)}")
         in_dim = int(input_shape[-1])
         if in_dim < 1:
-            raise ValueError(f"Dense expects at least one input feature, got shape {tuple(input_shape)}")
+            raise ValueError(f"Dense expects at least one input feature, "
+                             f"got shape {tuple(input_shape)}")
         dt = jnp.dtype(dtype) if dtype is not None else default_float()
         wi = _INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
         w = jnp.asarray(wi(key, (in_dim, out_dim), dt), dt)
@@ -578,7 +582,7 @@ def concat(*layers: Layer) -> Layer:
     def init(key, input_shape):
         keys = jax.random.split(key, len(layers))
         shapes, params = [], []
-        for i, (layer, k) in enumerate(zip(layers, keys)):
+        for layer, k in zip(layers, keys):
             shape, p = _chain_init("branch", (layer,), k, input_shape)
             shapes.append(shape)
             params.append(p[0])

@@ -13,7 +13,8 @@ and every loss averages over the examples of a batch.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +162,8 @@ def _onehot_targets(logits, target):
 
 
 def _log_softmax_parts(logits):
-    """``(z - m, exp(z - m), sum_k exp(z_k - m))``, ``m`` the row max: no large logit is exponentiated.
+    """``(z - m, exp(z - m), sum_k exp(z_k - m))``, ``m`` the row max: no large logit is
+    exponentiated.
 
     The max is a constant for differentiation (``stop_gradient``), as in ``jax.nn.logsumexp``:
     the result does not depend on it.

@@ -16,8 +16,9 @@ checkpoints, ``trace``, ``check``) the moment it is registered.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import layers as _layers
 from .layers import Layer
@@ -37,7 +38,7 @@ def register_layer(name: str, factory: Callable[..., Layer] | Layer) -> None:
     """
     if isinstance(factory, Layer):
         layer = factory
-        factory = lambda: layer  # noqa: E731  (a constant layer takes no arguments)
+        factory = lambda: layer  # a constant layer takes no arguments
     _FACTORIES[name] = factory
 
 
@@ -71,12 +72,13 @@ def _load_layer_modules() -> None:
                 raise
 
 
-for _name, _factory in {
+_CORE_LAYERS: dict[str, Callable[..., Layer] | Layer] = {
     "Dense": _layers.Dense, "LeakyRelu": _layers.LeakyRelu, "serial": _layers.serial,
     "residual": _layers.residual, "concat": _layers.concat,
     **{layer.name: layer for layer in (_layers.Sigmoid, _layers.Tanh, _layers.Relu, _layers.Gelu,
                                         _layers.Softplus, _layers.Identity)},
-}.items():
+}
+for _name, _factory in _CORE_LAYERS.items():
     register_layer(_name, _factory)
 
 

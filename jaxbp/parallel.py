@@ -34,7 +34,8 @@ keeps its own slices); :func:`shard_local_batch` takes each host's own part of i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -244,8 +245,9 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
         return new_ts, metrics
 
     step.__doc__ = make_parallel_train_step.__doc__
-    step.mesh = mesh
-    step.jitted = jitted
+    # Attributes on a function: fine at runtime, not modelled by mypy.
+    step.mesh = mesh  # type: ignore[attr-defined]
+    step.jitted = jitted  # type: ignore[attr-defined]
     return step
 
 
@@ -305,8 +307,8 @@ def make_parallel_loop(step: Callable, mesh: Mesh | int | None = None, *, fused:
     """
     if not isinstance(mesh, Mesh):
         mesh = data_parallel_mesh(mesh)
-    options = dict(fused=fused, stop_on_mismatch=stop_on_mismatch,
-                   batch_fn=sharded_batch_fn(mesh, batch_fn))
+    options: dict[str, Any] = dict(fused=fused, stop_on_mismatch=stop_on_mismatch,
+                                   batch_fn=sharded_batch_fn(mesh, batch_fn))
     if fused:
         return jit_replicated(make_loop(step, jit=False, **options), mesh)
     run = make_loop(step, jit=True, **options)

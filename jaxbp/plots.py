@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -225,7 +225,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
     if not series:
         raise ValueError(f"plot_training_curves: no numeric series to plot in history "
                          f"(keys: {', '.join(history) or 'none'})")
-    groups = {"loss": [], "accuracy": [], "other": []}
+    groups: dict[str, list[str]] = {"loss": [], "accuracy": [], "other": []}
     for name in series:
         lower = name.lower()
         kind = "loss" if "loss" in lower else ("accuracy" if "acc" in lower else "other")
@@ -237,6 +237,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
     for ax, (kind, names) in zip(axes, panels):
         for name in names:
             y = series[name]
+            x: np.ndarray
             if x_ref is not None and len(x_ref) == len(y):
                 x = x_ref
             elif x_end is not None:
@@ -261,6 +262,6 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
 def _is_numeric_series(v) -> bool:
     try:
         a = np.asarray(v)
-    except Exception:  # noqa: BLE001 - anything that is not an array is simply not plotted
+    except Exception:  # anything that is not an array is simply not plotted
         return False
     return a.dtype.kind in "fiub" and a.ndim <= 1 and a.dtype.kind != "b"

@@ -7,7 +7,7 @@ directly, never ``pyplot``, as in :mod:`jaxbp.plots`.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -70,7 +70,8 @@ class SeedProblem(NamedTuple):
 
 
 def seed_network():
-    """The 2-2-2 network with shared biases: ``Dense(2, shared) -> Sigmoid -> Dense(2, shared) -> Sigmoid``."""
+    """The 2-2-2 network with shared biases:
+    ``Dense(2, shared) -> Sigmoid -> Dense(2, shared) -> Sigmoid``."""
     return serial(Dense(2, shared_bias=True), Sigmoid, Dense(2, shared_bias=True), Sigmoid)
 
 

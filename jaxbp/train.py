@@ -29,17 +29,17 @@ or a learning rate that blows up never corrupts the parameters.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import math
 import numpy as np
 import optax
 
 from .backprop import autodiff, backprop, check_inputs, check_params, forward
-from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness
-from .gradcheck import unchecked_report
+from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness, unchecked_report
 from .layers import Layer, init_state
 from .losses import get_loss
 
@@ -81,7 +81,8 @@ REASONS = {REASON_APPLIED: "applied", REASON_NONFINITE: "non-finite loss, gradie
 class SgdState(NamedTuple):
     """Step count: read by a learning-rate schedule, if any."""
 
-    count: jax.Array
+    # The field is named as optax's states name theirs; it shadows tuple.count on purpose.
+    count: jax.Array  # type: ignore[assignment]
 
 
 def _check_learning_rate(learning_rate, who):

@@ -3,5 +3,5 @@ lives in :mod:`jaxbp.training` (config, model choice, compiled pieces, prepare/r
 
 from __future__ import annotations
 
-from .training import *  # noqa: F401,F403
+from .training import *  # noqa: F403
 from .training import __all__  # noqa: F401

@@ -1,4 +1,5 @@
-"""Correctness of the benchmark suite (never its timings): every variant computes what jaxbp does."""
+"""Correctness of the benchmark suite (never its timings): every variant computes what jaxbp
+does."""
 
 import json
 import os
@@ -13,8 +14,14 @@ import jaxbp
 
 # benchmarks/ is a top-level folder of the checkout, not part of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.mlp import (LEARNING_RATE, build, copy_tree, fused_loop, matmul_flops,  # noqa: E402
-                            mlp_description)
+from benchmarks.mlp import (
+    LEARNING_RATE,
+    build,
+    copy_tree,
+    fused_loop,
+    matmul_flops,
+    mlp_description,
+)
 from benchmarks.reference import NumpyMLP, TorchMLP, jax_grad_step, torch_available
 from benchmarks.w3_per_example import per_example_fns
 

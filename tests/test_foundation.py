@@ -7,7 +7,6 @@ same state and key) in float64 to 1e-10 and in float32 to 1e-5, with and without
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -214,7 +213,10 @@ def vjp_pair(layer, params, state, x, train, key):
 _vjp_pair_jit = jax.jit(vjp_pair, static_argnums=(0, 4))
 
 
-def check_against_vjp(layer, shape, dtype, train, jit, key=jax.random.key(3), state=None):
+VJP_KEY = jax.random.key(3)  # the forward's key in every vjp comparison
+
+
+def check_against_vjp(layer, shape, dtype, train, jit, key=VJP_KEY, state=None):
     _, params = layer.init(jax.random.key(0), shape)
     # Non-trivial scale and bias, so that their gradients and dx's every term matter.
     params = jax.tree_util.tree_map(
@@ -440,9 +442,10 @@ X = jax.random.normal(jax.random.key(1), (16, 5))
 Y = jax.random.normal(jax.random.key(2), (16, 3))
 _, PARAMS = NET.init(jax.random.key(0), (-1, 5))
 OPT = optax.adam(1e-2)
+TRAIN_KEY = jax.random.key(7)
 
 
-def train_state(net=NET, dtype=jnp.float64, key=jax.random.key(7)):
+def train_state(net=NET, dtype=jnp.float64, key=TRAIN_KEY):
     params = cast(PARAMS, dtype)
     state = cast(jaxbp.init_state(net, X.shape), dtype)
     return jaxbp.init_train_state(net, OPT, params, state=state, key=key)

@@ -16,7 +16,6 @@ wrongly accepted shows up as a failed exit-code assertion, not as a long trainin
 
 import collections
 import json
-import math
 import os
 import sys
 
@@ -56,7 +55,7 @@ def assert_one_line_error(capsys, command, argv, kind):
     FUZZ_COUNTS["FAILED"] += 1  # until it passed
     try:
         code = cli.main(argv)
-    except BaseException as e:  # noqa: BLE001 - whatever escapes is what the user would see
+    except BaseException as e:  # whatever escapes is what the user would see
         pytest.fail(f"jaxbp {' '.join(map(repr, argv))}: {type(e).__name__} escaped main() "
                     f"(a traceback for the user): {str(e)[:300]}")
     out, err = capsys.readouterr()

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxbp
 from jaxbp.commands.check_vjp import parse_shape, random_arguments, run_vjp
-from jaxbp.interop import argument_names, as_custom_vjp, check_vjp, check_vjp_fd, \
-    from_custom_vjp
+from jaxbp.interop import argument_names, as_custom_vjp, check_vjp, check_vjp_fd, from_custom_vjp
 from jaxbp.model import build, describe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

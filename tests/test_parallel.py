@@ -49,7 +49,7 @@ def _env(devices: int) -> dict:
     return env
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(dtype, opt_name, check, steps=worker.STEPS):
     """The one-device run of the same problem with jaxbp.make_train_step."""
     net, params, x, y = worker.problem(dtype)

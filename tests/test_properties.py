@@ -10,7 +10,6 @@ once, two evaluations instead of two per parameter). The per-leaf finite differe
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st

@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 
 import jaxbp
-from jaxbp.seed import (SEED_BIASES, SEED_INPUTS, SEED_LEARNING_RATE, SEED_STATED,
-                        SEED_TARGETS, SEED_W_HIDDEN_OUTPUT, SEED_W_INPUT_HIDDEN,
-                        SEED_WEIGHT_NAMES)
+from jaxbp.seed import (
+    SEED_BIASES,
+    SEED_INPUTS,
+    SEED_LEARNING_RATE,
+    SEED_STATED,
+    SEED_TARGETS,
+    SEED_W_HIDDEN_OUTPUT,
+    SEED_W_INPUT_HIDDEN,
+    SEED_WEIGHT_NAMES,
+)
 
 pytestmark = pytest.mark.filterwarnings("error")
 

@@ -8,9 +8,9 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-import jaxbp  # noqa: E402
-from jaxbp.trace import neuron_stages, walk_network  # noqa: E402
-from jaxbp.trace.compute import ParamTrees, stage_traces  # noqa: E402
+import jaxbp
+from jaxbp.trace import neuron_stages, walk_network
+from jaxbp.trace.compute import ParamTrees, stage_traces
 
 
 def test_walk_of_any_dense_activation_chain_matches_jax_grad():

@@ -26,6 +26,7 @@ Y = jax.random.normal(jax.random.key(2), (8, 3))
 LABELS = jnp.array([0, 1, 2, 0, 1, 2, 0, 1], jnp.int32)
 # A host copy, to prove that no failed call touched the params.
 PARAMS_NP = jax.tree_util.tree_map(np.array, PARAMS)
+SGD = jaxbp.sgd(0.1)
 
 # Steps are built once per (loss, jit): the bad inputs fail while tracing, so no case compiles.
 _STEPS = {}
@@ -51,7 +52,7 @@ def run_route(route, loss, params, x, y):
     return jaxbp.fit(NET, loss, jaxbp.sgd(0.1), train_state(params), x, y, steps=2)
 
 
-def train_state(params, opt=jaxbp.sgd(0.1)):
+def train_state(params, opt=SGD):
     # Not init_train_state: the bad params must reach the step (the optimizer state is the
     # good params' one, as a caller's would be).
     return jaxbp.TrainState(params, opt.init(PARAMS))

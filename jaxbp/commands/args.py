@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import NoReturn
 
 __all__ = ["positive_int", "nonnegative_int", "positive_number", "nonnegative_number",
            "probability", "seed", "widths", "numbers", "output_path", "model"]
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     raise argparse.ArgumentTypeError(message)
 
 

@@ -8,6 +8,7 @@ for small networks), compared with :func:`jaxbp.check_grads`. Exit code 0 when a
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=types.model, metavar="NAME|FILE.json",
                         help="check this model instead of an MLP: a preset (its outputs: the "
                              "last --layers width) or a JSON model description")
-    parser.add_argument("--input-shape", type=types.widths(1, "40,1", "comma-separated positive dimensions"),
+    parser.add_argument("--input-shape",
+                        type=types.widths(1, "40,1", "comma-separated positive dimensions"),
                         metavar="D,D,...",
                         help="one example's shape for --model (default: the preset's, else "
                              "the first --layers width)")
@@ -79,7 +81,8 @@ def mlp_description(widths, activation, output_activation, shared_bias=False, dt
 
 def model_problem(args, dtype):
     """``(net, input shape of one example, header)`` for ``--model`` or the ``--layers`` MLP."""
-    from ..model import build as build_model, describe, load_description
+    from ..model import build as build_model
+    from ..model import describe, load_description
     from ..presets import get_preset
 
     if args.model is None:
@@ -100,8 +103,9 @@ def model_problem(args, dtype):
 
 def _with_dtype(description, dtype: str):
     # Every layer that takes a dtype gets --dtype (the description's own wins).
-    from ..model import factory
     import inspect
+
+    from ..model import factory
 
     out = dict(description)
     if "dtype" in inspect.signature(factory(out["name"])).parameters:

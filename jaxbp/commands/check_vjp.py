@@ -54,6 +54,8 @@ def _import_module(spec: str):
         if not path.is_file():
             raise ValueError(f"--vjp: file {spec!r} does not exist")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"--vjp: cannot import {spec!r} as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules.setdefault(path.stem, module)  # pickling, dataclasses look it up
         module_spec.loader.exec_module(module)
@@ -158,7 +160,8 @@ def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
     diff = [a for i, a in enumerate(args) if i not in set(fn.nondiff_argnums)]
     rows = _rows(result, diff)
     ok = result.ok
-    label = target if isinstance(target, str) else fn.__name__
+    # custom_vjp copies its function's __name__ at runtime; jax's class does not declare it.
+    label = target if isinstance(target, str) else fn.__name__  # type: ignore[attr-defined]
     header = (f"custom_vjp {label}({', '.join(names)}), shapes "
               f"{' '.join(','.join(map(str, s)) or 'scalar' for s in shapes)}, {dtype}, "
               f"seed {seed}")

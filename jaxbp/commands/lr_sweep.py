@@ -10,11 +10,15 @@ over the learning rate, passed to :func:`jaxbp.sgd` as a constant schedule so it
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import args as types
+
+if TYPE_CHECKING:  # numpy is imported when a sweep runs, not when the CLI starts
+    import numpy as np
 
 # dataset -> (default learning rates, default steps, what is trained)
 PROBLEMS = {
@@ -31,7 +35,7 @@ class SweepResult(NamedTuple):
     """``losses[r]``: the loss before each step of learning rate ``lrs[r]``, then after the last."""
 
     lrs: tuple
-    losses: object  # numpy (len(lrs), steps + 1)
+    losses: np.ndarray  # (len(lrs), steps + 1)
     description: str
 
 
@@ -195,14 +199,16 @@ def run(args) -> int:
 
 
 def _print_table(dataset, description, steps, rows) -> None:
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     table = Table(title=f"lr-sweep on {dataset}: {description}, {steps} steps",
                   title_justify="left")
-    for name, justify in [("lr", "right"), ("loss at start", "right"),
-                          ("after 1 step", "right"), ("lowest", "right"), ("final", "right"),
-                          ("steps loss rose", "right"), ("verdict", "left")]:
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("lr", "right"), ("loss at start", "right"), ("after 1 step", "right"),
+        ("lowest", "right"), ("final", "right"), ("steps loss rose", "right"),
+        ("verdict", "left")]
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     style = {"diverges": "red", "overshoots, then converges": "yellow", "slow": "cyan",
              "converges": "green"}

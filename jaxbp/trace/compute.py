@@ -206,6 +206,9 @@ def _trace_float64(config: TraceConfig, steps: int | None, freeze_bias: bool) ->
 
     net, params = network_from_config(config)
     loss = get_loss(config.loss)
+    if loss.terms is None:  # every built-in loss has terms; a registered one may not
+        raise ValueError(f"trace needs a loss that splits into per-output terms, "
+                         f"{config.loss!r} does not")
     x = jnp.asarray(config.inputs, jnp.float64)
     y = jnp.asarray(config.targets, jnp.float64)
     walk = walk_network(net, params, loss, x, y)

@@ -23,7 +23,7 @@ from .notation import (
     logistic,
     loss_formulas,
 )
-from .render import Lines, Paragraph, Section, Subtitle, Table
+from .render import Block, Lines, Paragraph, Section, Subtitle, Table
 
 __all__ = ["trace_document", "MAX_EXAMPLES_SHOWN", "MAX_TABLE_PARAMS"]
 
@@ -70,11 +70,11 @@ class _Page:
 
 
 class BiasEntry(NamedTuple):
-    """One bias of a layer: its name and its index into every bias array of the layer
+    """One bias of a layer: its name and its position in every bias array of the layer
     (``()`` for a shared bias, ``(j,)`` for neuron ``j``'s own)."""
 
     name: str
-    index: tuple
+    position: tuple
 
 
 def _bias_entries(page: _Page, k: int) -> list[BiasEntry]:
@@ -108,7 +108,7 @@ def _parameters_line(page: _Page, k: int) -> str:
     weights = ", ".join(f"{names.weight(k, i, j)} = {given(layer.weights[i, j])}"
                         for i, j in np.ndindex(layer.weights.shape))
     shared = " (shared)" if layer.shared_bias else ""
-    biases = ", ".join(f"{entry.name} = {given(layer.bias[entry.index])}{shared}"
+    biases = ", ".join(f"{entry.name} = {given(layer.bias[entry.position])}{shared}"
                        for entry in _bias_entries(page, k))
     return f"layer {k} ({layer.activation}): {weights}; {biases}"
 
@@ -121,7 +121,7 @@ def network_section(page: _Page) -> Section:
     lines += [_parameters_line(page, k) for k in range(len(config.layers))]
     frozen = ", biases frozen (--freeze-bias)" if page.trace.freeze_bias else ""
     lines.append(f"loss {config.loss}, learning rate {given(config.learning_rate)}{frozen}")
-    blocks = [Lines(lines)]
+    blocks: list[Block] = [Lines(lines)]
     if not page.names.seed:
         blocks.append(Paragraph("w[l][i][j] is layers[l].weights[i][j] of the config: it joins "
                                 "input i of layer l to its neuron j; in_ is a neuron's weighted "
@@ -206,7 +206,7 @@ def error_section(page: _Page) -> Section:
     formulas = _loss_formulas(page)
     lines = [_error_line(page, formulas, j) for j in range(page.config.widths[-1])]
     lines.append(_total_error_line(page))
-    blocks = [Lines(lines)]
+    blocks: list[Block] = [Lines(lines)]
     if formulas.footnote:
         blocks.append(Paragraph(formulas.footnote))
     return Section("Step 2: the error", blocks)
@@ -308,7 +308,8 @@ def backward_section(page: _Page) -> Section:
              "weight multiplies.")
     if page.batch:
         intro += " With several examples each gradient is the sum of one such product per example."
-    blocks, formulas = [Paragraph(intro)], _loss_formulas(page)
+    blocks: list[Block] = [Paragraph(intro)]
+    formulas = _loss_formulas(page)
     for k in reversed(range(len(page.config.layers))):
         layer = page.config.layers[k]
         lines = _neuron_lines(page, formulas, k)
@@ -326,13 +327,13 @@ def backward_section(page: _Page) -> Section:
 
 
 def _bias_update_line(page: _Page, k: int, entry: BiasEntry) -> str:
-    bias = page.config.layers[k].bias[entry.index]
+    bias = page.config.layers[k].bias[entry.position]
     layer_trace, rate, name = page.trace.layers[k], page.config.learning_rate, entry.name
     if page.trace.freeze_bias:
         return f"{name} stays {given(bias)} (--freeze-bias: weights only, as the seed's code)"
     return (f"{name}_new = {name} - lr * dE/d{name} = {given(bias)} - {given(rate)} * "
-            f"{factor(layer_trace.grad_bias[entry.index])} = "
-            f"{computed(layer_trace.step1_bias[entry.index])}")
+            f"{factor(layer_trace.grad_bias[entry.position])} = "
+            f"{computed(layer_trace.step1_bias[entry.position])}")
 
 
 def _update_lines(page: _Page, k: int) -> list[str]:
@@ -358,7 +359,7 @@ def _final_parameter_lines(page: _Page, k: int) -> list[str]:
     layer, layer_trace = page.config.layers[k], page.trace.layers[k]
     lines = [f"{page.names.weight(k, i, j)} = {computed(layer_trace.final_weights[i, j])}"
              for i, j in np.ndindex(layer.weights.shape)]
-    return lines + [f"{entry.name} = {computed(layer_trace.final_bias[entry.index])}"
+    return lines + [f"{entry.name} = {computed(layer_trace.final_bias[entry.position])}"
                     for entry in _bias_entries(page, k)]
 
 
@@ -396,13 +397,13 @@ def _gradient_rows(page: _Page, k: int) -> list[list[str]]:
     rows = [_gradient_row(page.names.weight(k, i, j), layer_trace.grad_weights[i, j],
                           layer_trace.autodiff_weights[i, j])
             for i, j in np.ndindex(layer.weights.shape)]
-    return rows + [_gradient_row(entry.name, layer_trace.grad_bias[entry.index],
-                                 layer_trace.autodiff_bias[entry.index])
+    return rows + [_gradient_row(entry.name, layer_trace.grad_bias[entry.position],
+                                 layer_trace.autodiff_bias[entry.position])
                    for entry in _bias_entries(page, k)]
 
 
 def autodiff_section(page: _Page) -> Section:
-    blocks = [Paragraph(f"jax.grad of the same loss gives the same gradients: "
+    blocks: list[Block] = [Paragraph(f"jax.grad of the same loss gives the same gradients: "
                         f"max |manual - jax.grad| = {page.trace.autodiff_max_abs_diff:.3e} over "
                         f"all parameters (float64).")]
     parameters = sum(layer.weights.size + layer.bias.size for layer in page.config.layers)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from .layer_traces import (
     spec_params,
 )
 from .notation import computed, factor, given, given_factor, logistic
-from .render import Lines, Paragraph, Section, Subtitle, Table
+from .render import Block, Lines, Paragraph, Section, Subtitle, Table
 
 __all__ = ["EXAMPLE", "GATES", "trace_gru"]
 
@@ -162,7 +162,8 @@ def _sigmoid_gate_lines(page: _Page, gate: str, s: int, a: int) -> list[str]:
 def _candidate_lines(page: _Page, s: int, a: int) -> list[str]:
     p, col, units = page.params, _column(page, "n", a), range(page.hidden)
     ahn = _sum_line(_n("ahn", s, a),
-                    [f"{_n('h', s - 1, b)}*{_w('h', 'n', b, a)}" for b in units] + [_b("h", "n", a)],
+                    [f"{_n('h', s - 1, b)}*{_w('h', 'n', b, a)}" for b in units]
+                    + [_b("h", "n", a)],
                     [f"{factor(page.h[s - 1, b])}*{given_factor(p['Wh'][b, col])}" for b in units]
                     + [given_factor(p["bh"][col])],
                     [page.h[s - 1, b] * p["Wh"][b, col] for b in units] + [p["bh"][col]],
@@ -202,9 +203,10 @@ def _vector(values) -> str:
 
 
 def forward_section(page: _Page) -> Section:
-    blocks = [Paragraph("Each step reads x_t and the previous state h_(t-1) through the same "
-                        "weights: r = sigmoid(ar), z = sigmoid(az), n = tanh(an) with "
-                        "an = x Win + bin + r * (h Whn + bhn), then h_t = (1 - z) n + z h_(t-1).")]
+    blocks: list[Block] = [Paragraph(
+        "Each step reads x_t and the previous state h_(t-1) through the same "
+        "weights: r = sigmoid(ar), z = sigmoid(az), n = tanh(an) with "
+        "an = x Win + bin + r * (h Whn + bhn), then h_t = (1 - z) n + z h_(t-1).")]
     for s in range(1, page.steps + 1):
         blocks += [Subtitle(f"Time step {s}: reads x{s} and h{s - 1}"),
                    Lines(_step_forward_lines(page, s))]
@@ -283,7 +285,7 @@ def _factor_lines(page: _Page, s: int, a: int) -> list[str]:
     i = s - 1
     dh, z, n, r = page.dh[i, a], page.z[i, a], page.n[i, a], page.r[i, a]
     h_prev, ahn = page.h[i, a], page.ahn[i, a]
-    name = lambda symbol: _n(symbol, s, a)  # noqa: E731
+    name = lambda symbol: _n(symbol, s, a)
     checks = ((dh * (1 - z) * (1 - n * n), page.dan[i, a]),
               (dh * (h_prev - n) * z * (1 - z), page.daz[i, a]),
               (page.dan[i, a] * ahn * r * (1 - r), page.dar[i, a]),
@@ -304,7 +306,7 @@ def _factor_lines(page: _Page, s: int, a: int) -> list[str]:
 
 
 def backward_section(page: _Page) -> Section:
-    blocks = [Paragraph(
+    blocks: list[Block] = [Paragraph(
         "Backpropagation through time: the steps in reverse. dE/dh_t is what the loss puts on "
         "h_t plus what step t+1 sends back, along the direct path dE/dh_(t+1) * z_(t+1) and "
         "through the gates, dE/dah_(t+1) @ Wh^T with dah = [dar, daz, dahn]. Then each step's "
@@ -318,8 +320,8 @@ def backward_section(page: _Page) -> Section:
             lines += _factor_lines(page, s, a)
         blocks += [Subtitle(title), Lines(lines)]
     blocks.append(Paragraph(
-        f"h0 is the fixed zero state: what step 1 sends back to it is not used (dE/dh0 is "
-        f"nobody's gradient)."))
+        "h0 is the fixed zero state: what step 1 sends back to it is not used (dE/dh0 is "
+        "nobody's gradient)."))
     return Section("Step 3: backward pass through time (GRU.backward)", blocks)
 
 
@@ -417,7 +419,8 @@ def _setup_section(page: _Page) -> Section:
                 f"{_w(kind, gate, row, a)} = {given(p['W' + kind][row, _column(page, gate, a)])}"
                 for row, a in np.ndindex(rows, h)))
     for kind in ("i", "h"):
-        lines.append(", ".join(f"{_b(kind, gate, a)} = {given(p['b' + kind][_column(page, gate, a)])}"
+        bias = p["b" + kind]
+        lines.append(", ".join(f"{_b(kind, gate, a)} = {given(bias[_column(page, gate, a)])}"
                                for gate in GATES for a in range(h)))
     output = "every h_t" if page.sequences else f"h{page.steps} (return_sequences=False)"
     return Section(f"A GRU unrolled over {page.steps} time steps: {page.features} input(s), "
@@ -495,7 +498,7 @@ def _layer_numbers(layer, params, x, t) -> tuple:
     y, cache = layer.forward(params, x)
     dy = y - t  # dE/dy
     dparams, dx = layer.backward(params, cache, dy)
-    loss = lambda p, inputs: half_sse(layer.forward(p, inputs)[0], t)  # noqa: E731
+    loss = lambda p, inputs: half_sse(layer.forward(p, inputs)[0], t)
     autodiff = jax.grad(loss, argnums=(0, 1))(params, x)
     return y, cache[1], dy, dparams, dx, autodiff
 
@@ -527,12 +530,13 @@ def _page(spec: dict, example: dict) -> tuple:
     y, steps, dy, dparams, dx, (auto_params, auto_x) = run(params, jnp.asarray(x),
                                                            jnp.asarray(t))
     hs, r, z, n, ahn = steps  # the layer's cache: time-major, a batch of one
-    numpy = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    numpy = lambda a: np.asarray(a, np.float64)
     states = numpy(hs)[:, 0]
-    numbers = {"params": {key: numpy(value) for key, value in params.items()}, "x": x, "t": t,
-               "h": np.concatenate([np.zeros((1, states.shape[1])), states]),
-               "r": numpy(r)[:, 0], "z": numpy(z)[:, 0], "n": numpy(n)[:, 0],
-               "ahn": numpy(ahn)[:, 0], "y": numpy(y), "dy": numpy(dy)}
+    numbers: dict[str, Any] = {
+        "params": {key: numpy(value) for key, value in params.items()}, "x": x, "t": t,
+        "h": np.concatenate([np.zeros((1, states.shape[1])), states]),
+        "r": numpy(r)[:, 0], "z": numpy(z)[:, 0], "n": numpy(n)[:, 0],
+        "ahn": numpy(ahn)[:, 0], "y": numpy(y), "dy": numpy(dy)}
     worked = _worked_gradients({**numbers, "Wh": numbers["params"]["Wh"]}, sequences)
     grads = {**{key: numpy(value) for key, value in dparams.items()}, "x": numpy(dx)}
     autodiff = {**{key: numpy(value) for key, value in auto_params.items()}, "x": numpy(auto_x)}

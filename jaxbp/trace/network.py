@@ -25,7 +25,7 @@ def network_params(config: TraceConfig) -> tuple:
     ``jax.enable_x64(True)``): ``({"W", "b"}, (), {"W", "b"}, (), ...)``."""
     import jax.numpy as jnp
 
-    params = []
+    params: list[dict | tuple] = []
     for layer in config.layers:
         params.append({"W": jnp.asarray(layer.weights, jnp.float64),
                        "b": jnp.asarray(layer.bias, jnp.float64)})

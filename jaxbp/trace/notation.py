@@ -9,7 +9,7 @@ several hidden layers; ``in_h1`` is a neuron's weighted sum and ``out_h1`` its a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, SupportsFloat
 
 from .config import TraceConfig
 
@@ -63,18 +63,18 @@ class TraceNames:
 # --------------------------------------------------------------------------------------------
 
 
-def given(value: float) -> str:
+def given(value: SupportsFloat) -> str:
     """A number the user gave (a weight, an input): as short as it is exact."""
     return f"{float(value):.10g}"
 
 
-def computed(value: float) -> str:
+def computed(value: SupportsFloat) -> str:
     """A computed number: 4 places, as the seed prints them; 4 significant digits below 0.01
     (so small gradients keep their precision), scientific below 1e-4."""
     value = float(value)
     if not math.isfinite(value):
         return str(value)
-    if value != 0 and abs(value) < 1e-4 or abs(value) >= 1e6:
+    if (value != 0 and abs(value) < 1e-4) or abs(value) >= 1e6:
         return f"{value:.3e}"
     if value != 0 and abs(value) < 1e-2:
         return f"{value:.{3 - math.floor(math.log10(abs(value)))}f}"
@@ -85,12 +85,12 @@ def _parenthesised(text: str) -> str:
     return f"({text})" if text.startswith("-") else text
 
 
-def factor(value: float) -> str:
+def factor(value: SupportsFloat) -> str:
     """A computed number inside a product: parenthesised when negative."""
     return _parenthesised(computed(value))
 
 
-def given_factor(value: float) -> str:
+def given_factor(value: SupportsFloat) -> str:
     """A given number inside a product: parenthesised when negative."""
     return _parenthesised(given(value))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["FORMATS", "Section", "Lines", "Paragraph", "Subtitle", "Table", "render_text",
-           "render_markdown", "trace_json"]
+__all__ = ["FORMATS", "Section", "Block", "Lines", "Paragraph", "Subtitle", "Table",
+           "render_text", "render_markdown", "trace_json"]
 
 FORMATS = ("text", "markdown", "json")
 
@@ -30,9 +30,13 @@ class Table(NamedTuple):
     rows: list
 
 
+# What a section holds, in order.
+Block = Lines | Paragraph | Subtitle | Table
+
+
 class Section(NamedTuple):
     title: str
-    blocks: list
+    blocks: list  # of Block
 
 
 # --------------------------------------------------------------------------------------------
