@@ -526,3 +526,69 @@ def test_bad_layer_model_files(case, description, check_shape, train_shape, frag
     for command, argv in runs:
         line = assert_one_line_error(capsys, command, argv, f"{command} layer model ({case})")
         assert fragment in line, (argv, line)
+
+
+# --------------------------------------------------------------------------------------------
+# Text models and jaxbp generate: bad files, bad models, bad checkpoints and prompts
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_gpt(vocab: int, *, max_len: int = 8, heads: int = 2, width: int = 8) -> dict:
+    return {"name": "serial", "layers": [
+        {"name": "Embedding", "vocab_size": vocab, "dim": width},
+        {"name": "PositionalEmbedding", "max_len": max_len, "dim": width},
+        {"name": "residual", "layers": [{"name": "LayerNorm"}, {
+            "name": "MultiHeadAttention", "num_heads": heads, "causal": True}]},
+        {"name": "LayerNorm"}, {"name": "Dense", "out_dim": vocab}]}
+
+
+@pytest.fixture(scope="module")
+def text_runs(workdir):
+    """A small UTF-8 text, a tiny GPT trained on it for one epoch, and an xor run."""
+    corpus = workdir / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    vocab = len(set(corpus.read_text()))
+    model = workdir / "tiny-gpt.json"
+    model.write_text(json.dumps({"model": _tiny_gpt(vocab), "input_shape": [8]}))
+    text_run, xor_run = workdir / "text-run", workdir / "xor-run"
+    assert cli.main(["train", "--dataset", "text", "--text", str(corpus), "--model", str(model),
+                     "--epochs", "1", "--batch-size", "8", "--progress", "none",
+                     "--out", str(text_run)]) == 0
+    assert cli.main(["train", "--dataset", "xor", "--epochs", "1", "--progress", "none",
+                     "--out", str(xor_run)]) == 0
+    return corpus, vocab, text_run, xor_run
+
+
+def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
+    corpus, vocab, text_run, xor_run = text_runs
+    capsys.readouterr()
+    empty, latin1 = workdir / "empty.txt", workdir / "latin1.txt"
+    empty.write_text("")
+    latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    models = {"long": _tiny_gpt(vocab, max_len=4), "heads": _tiny_gpt(vocab, heads=3, width=8)}
+    for name, model in models.items():
+        (workdir / f"gpt-{name}.json").write_text(json.dumps({"model": model,
+                                                              "input_shape": [8]}))
+    train = ["train", "--dataset", "text", "--epochs", "1", "--progress", "none",
+             "--out", str(workdir / "text-bad")]
+    cases = [
+        (train + ["--text", str(empty)], "train", "empty"),
+        (train + ["--text", str(latin1)], "train", "UTF-8"),
+        (train + ["--text", str(corpus), "--model", str(workdir / "gpt-long.json")], "train",
+         "PositionalEmbedding"),
+        (train + ["--text", str(corpus), "--model", str(workdir / "gpt-heads.json")], "train",
+         "num_heads 3 does not divide"),
+        (["generate", "--checkpoint", str(xor_run)], "generate", "not a text model"),
+        (["generate", "--checkpoint", str(text_run), "--prompt", "\u2603"], "generate",
+         "\u2603"),
+        (["generate", "--checkpoint", str(workdir / "missing")], "generate", "missing"),
+    ]
+    for argv, command, fragment in cases:
+        line = assert_one_line_error(capsys, command, argv, f"{command} text input")
+        assert fragment in line, (argv, line)
+    assert not (workdir / "text-bad" / "checkpoint.npz").exists()  # nothing written half-way
+    # And the good path: a sample of the requested length from the trained checkpoint.
+    assert cli.main(["generate", "--checkpoint", str(text_run), "--prompt", "the ",
+                     "--length", "20", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the ") and len(out.rstrip("\n")) == 24
