@@ -257,6 +257,78 @@ def _check_heads(num_heads, dim):
                          f"expected a dim that is a multiple of num_heads")
 
 
+def _check_attention_arguments(num_heads, causal) -> None:
+    _check_positive_int("MultiHeadAttention", "num_heads", num_heads)
+    if not isinstance(causal, bool):
+        raise TypeError(f"MultiHeadAttention expects causal to be True or False, got {causal!r}")
+
+
+def _attention_init(num_heads, dtype, key, input_shape):
+    _check_sequence_shape("MultiHeadAttention", input_shape)
+    dim = int(input_shape[-1])
+    _check_heads(num_heads, dim)
+    dt = dtype or _default_float()
+    keys = jax.random.split(key, len(_PROJECTIONS))
+    params = {}
+    for name, k in zip(_PROJECTIONS, keys, strict=True):
+        params["W" + name] = glorot_uniform(k, (dim, dim), dt)
+        params["b" + name] = jnp.zeros(dim, dt)
+    return tuple(input_shape), params
+
+
+def _attention_probs(q, k, causal):
+    """``P = softmax(Q K^T / sqrt(d))`` per head, -inf above the diagonal when causal."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) * (1 / math.sqrt(q.shape[-1]))
+    if causal:
+        time = q.shape[-3]
+        scores = jnp.where(jnp.tril(jnp.ones((time, time), bool)), scores, -jnp.inf)
+    # Softmax over keys, shifted by the row max (a constant for differentiation).
+    exps = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return exps / jnp.sum(exps, axis=-1, keepdims=True)
+
+
+def _attention_forward(num_heads, causal, params, x):
+    dim = params["Wq"].shape[0]
+    _check_sequence("MultiHeadAttention", x, dim)
+    _check_heads(num_heads, dim)
+    q, k, v = (_split_heads(x @ params["W" + n] + params["b" + n], num_heads) for n in "qkv")
+    probs = _attention_probs(q, k, causal)
+    heads = _merge_heads(jnp.einsum("...hqk,...khd->...qhd", probs, v))
+    y = heads @ params["Wo"] + params["bo"]
+    return y, (x, q, k, v, probs, heads)
+
+
+def _attention_backward(params, cache, dy):
+    """llm.c's ``attention_backward`` between the four projections' ``matmul_backward``::
+
+        dWo = heads^T dy,  dbo = sum dy,  dO = dy Wo^T            (split into heads)
+        dP = dO V^T,       dV = P^T dO
+        dS = P * (dP - sum_k(dP * P)) / sqrt(d)                   (softmax, then the scale)
+        dQ = dS K,         dK = dS^T Q
+        dWq = x^T dQ, dbq = sum dQ (likewise k, v),  dx = dQ Wq^T + dK Wk^T + dV Wv^T
+
+    The causal mask needs no step of its own: masked entries have ``P = 0`` exactly, so
+    their ``dS`` is 0, which is the gradient of the constant -inf they were set to.
+    """
+    x, q, k, v, probs, heads = cache
+    num_heads = q.shape[-2]  # q is (..., time, heads, d)
+    dwo, dbo, dheads = _linear_backward(heads, params["Wo"], dy)
+    d_out = _split_heads(dheads, num_heads)
+    dprobs = jnp.einsum("...qhd,...khd->...hqk", d_out, v)
+    dv = jnp.einsum("...hqk,...qhd->...khd", probs, d_out)
+    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
+    dscores = dscores * (1 / math.sqrt(q.shape[-1]))
+    dq = jnp.einsum("...hqk,...khd->...qhd", dscores, k)
+    dk = jnp.einsum("...hqk,...qhd->...khd", dscores, q)
+    grads = {"Wo": dwo, "bo": dbo}
+    dx_parts = []
+    for name, d_proj in zip("qkv", (dq, dk, dv), strict=True):
+        grads["W" + name], grads["b" + name], dx_part = _linear_backward(
+            x, params["W" + name], _merge_heads(d_proj))
+        dx_parts.append(dx_part)
+    return {key: grads[key] for key in params}, sum(dx_parts[1:], dx_parts[0])
+
+
 def MultiHeadAttention(num_heads: int, causal: bool = False, dtype=None) -> Layer:
     """Multi-head self-attention on ``(batch, time, dim)`` or ``(time, dim)``::
 
@@ -269,69 +341,16 @@ def MultiHeadAttention(num_heads: int, causal: bool = False, dtype=None) -> Laye
     ``exp(-inf - max) = 0`` exactly, and masked entries have probability exactly 0 in both
     passes (no NaN, and the manual gradient is jax.grad's to rounding).
     """
-    _check_positive_int("MultiHeadAttention", "num_heads", num_heads)
-    if not isinstance(causal, bool):
-        raise TypeError(f"MultiHeadAttention expects causal to be True or False, got {causal!r}")
+    _check_attention_arguments(num_heads, causal)
 
     def init(key, input_shape):
-        _check_sequence_shape("MultiHeadAttention", input_shape)
-        dim = int(input_shape[-1])
-        _check_heads(num_heads, dim)
-        dt = dtype or _default_float()
-        keys = jax.random.split(key, len(_PROJECTIONS))
-        params = {}
-        for name, k in zip(_PROJECTIONS, keys, strict=True):
-            params["W" + name] = glorot_uniform(k, (dim, dim), dt)
-            params["b" + name] = jnp.zeros(dim, dt)
-        return tuple(input_shape), params
+        return _attention_init(num_heads, dtype, key, input_shape)
 
     def forward(params, x):
-        dim = params["Wq"].shape[0]
-        _check_sequence("MultiHeadAttention", x, dim)
-        _check_heads(num_heads, dim)
-        q, k, v = (_split_heads(x @ params["W" + n] + params["b" + n], num_heads) for n in "qkv")
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) * (1 / math.sqrt(q.shape[-1]))
-        if causal:
-            time = x.shape[-2]
-            scores = jnp.where(jnp.tril(jnp.ones((time, time), bool)), scores, -jnp.inf)
-        # Softmax over keys, shifted by the row max (a constant for differentiation).
-        exps = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-        probs = exps / jnp.sum(exps, axis=-1, keepdims=True)
-        heads = _merge_heads(jnp.einsum("...hqk,...khd->...qhd", probs, v))
-        y = heads @ params["Wo"] + params["bo"]
-        return y, (x, q, k, v, probs, heads)
-
-    def backward(params, cache, dy):
-        """llm.c's ``attention_backward`` between the four projections' ``matmul_backward``::
-
-            dWo = heads^T dy,  dbo = sum dy,  dO = dy Wo^T            (split into heads)
-            dP = dO V^T,       dV = P^T dO
-            dS = P * (dP - sum_k(dP * P)) / sqrt(d)                   (softmax, then the scale)
-            dQ = dS K,         dK = dS^T Q
-            dWq = x^T dQ, dbq = sum dQ (likewise k, v),  dx = dQ Wq^T + dK Wk^T + dV Wv^T
-
-        The causal mask needs no step of its own: masked entries have ``P = 0`` exactly, so
-        their ``dS`` is 0, which is the gradient of the constant -inf they were set to.
-        """
-        x, q, k, v, probs, heads = cache
-        dwo, dbo, dheads = _linear_backward(heads, params["Wo"], dy)
-        d_out = _split_heads(dheads, num_heads)
-        dprobs = jnp.einsum("...qhd,...khd->...hqk", d_out, v)
-        dv = jnp.einsum("...hqk,...qhd->...khd", probs, d_out)
-        dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
-        dscores = dscores * (1 / math.sqrt(q.shape[-1]))
-        dq = jnp.einsum("...hqk,...khd->...qhd", dscores, k)
-        dk = jnp.einsum("...hqk,...qhd->...khd", dscores, q)
-        grads = {"Wo": dwo, "bo": dbo}
-        dx_parts = []
-        for name, d_proj in zip("qkv", (dq, dk, dv), strict=True):
-            grads["W" + name], grads["b" + name], dx_part = _linear_backward(
-                x, params["W" + name], _merge_heads(d_proj))
-            dx_parts.append(dx_part)
-        return {key: grads[key] for key in params}, sum(dx_parts[1:], dx_parts[0])
+        return _attention_forward(num_heads, causal, params, x)
 
     config = (("num_heads", num_heads), ("causal", causal), *_dtype_config(dtype))
-    return Layer(init, forward, backward, "MultiHeadAttention", config)
+    return Layer(init, forward, _attention_backward, "MultiHeadAttention", config)
 
 
 def _register() -> None:

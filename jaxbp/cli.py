@@ -77,7 +77,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _missing_extra(error: ImportError) -> str | None:
+def _missing_extra(error: BaseException | None) -> str | None:
     """``"scikit-learn: pip install 'jaxbp[data]'"`` if ``error`` is a missing optional extra."""
     seen = set()
     while error is not None and id(error) not in seen:  # MissingDependencyError wraps it

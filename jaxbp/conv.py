@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,8 +226,24 @@ def _check_conv_params(layer, rank, kernel, w, b, x):
                               f"channels, got shape {tuple(x.shape)}")
 
 
-def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype):
-    """The convolution layer of ``rank`` spatial axes; see :func:`Conv1D`."""
+class _ConvSpec(NamedTuple):
+    """A convolution layer's checked arguments, as its init/forward/backward use them."""
+
+    layer: str
+    rank: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pad: Any  # "VALID", "SAME" or ((lo, hi), ...) per spatial axis
+    kernel_eff: tuple[int, ...]
+    initialiser: Callable
+    dtype_name: str | None
+
+
+def _check_conv_arguments(layer, rank, out_channels, kernel_size, stride, padding, dilation,
+                          w_init, dtype) -> tuple[_ConvSpec, str]:
+    """The checked arguments, and the name of the initialiser (for the config)."""
     _positive(layer, "out_channels", out_channels)
     kernel = _sizes(layer, "kernel_size", kernel_size, rank)
     strides = _sizes(layer, "stride", stride, rank)
@@ -235,75 +252,107 @@ def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_i
     initialiser, init_name = _initialiser(layer, w_init)
     dtype_name = _dtype_name(layer, dtype)
     kernel_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True))
+    spec = _ConvSpec(layer, rank, out_channels, kernel, strides, dilations, pad, kernel_eff,
+                     initialiser, dtype_name)
+    return spec, init_name
 
-    def geometry(shape):
-        """Spatial sizes, explicit (lo, hi) padding and output sizes for an input shape."""
-        sizes = _spatial_shape(layer, shape, rank, "inputs")
-        pads = _explicit_padding(pad, sizes, kernel_eff, strides)
-        out = _out_sizes(layer, "kernel", sizes, pads, kernel, kernel_eff, strides, rank)
-        return sizes, pads, out
+
+def _conv_geometry(spec: _ConvSpec, shape):
+    """Spatial sizes, explicit (lo, hi) padding and output sizes for an input shape."""
+    sizes = _spatial_shape(spec.layer, shape, spec.rank, "inputs")
+    pads = _explicit_padding(spec.pad, sizes, spec.kernel_eff, spec.strides)
+    out = _out_sizes(spec.layer, "kernel", sizes, pads, spec.kernel, spec.kernel_eff,
+                     spec.strides, spec.rank)
+    return sizes, pads, out
+
+
+def _conv_init(spec: _ConvSpec, key, input_shape):
+    _, _, out = _conv_geometry(spec, input_shape)
+    dt = jnp.dtype(spec.dtype_name) if spec.dtype_name else default_float()
+    w_shape = (*spec.kernel, int(input_shape[-1]), spec.out_channels)
+    w = jnp.asarray(spec.initialiser(key, w_shape, dt), dt)
+    out_shape = (*input_shape[:-spec.rank - 1], *out, spec.out_channels)
+    return tuple(out_shape), {"W": w, "b": jnp.zeros((spec.out_channels,), dt)}
+
+
+def _conv_forward(spec: _ConvSpec, params, x):
+    rank = spec.rank
+    check_float(x, spec.layer)
+    _, pads, _ = _conv_geometry(spec, x.shape)
+    w, b = params["W"], params["b"]
+    _check_conv_params(spec.layer, rank, spec.kernel, w, b, x)
+    dt = jnp.result_type(x, w)
+    xb = x if x.ndim == rank + 2 else x[None]
+    y = lax.conv_general_dilated(xb.astype(dt), w.astype(dt), spec.strides, pads,
+                                 rhs_dilation=spec.dilations,
+                                 dimension_numbers=_FORWARD_DIMS[rank]) + b
+    return (y if x.ndim == rank + 2 else y[0]), x
+
+
+def _conv_backward_pads(spec: _ConvSpec, sizes, pads, out):
+    """The padding of the dx and dW convolutions: see :func:`_conv_backward`."""
+    per_axis = list(zip(sizes, pads, out, spec.strides, spec.kernel_eff, strict=True))
+    unread = [n + lo + hi - (m - 1) * s - k for n, (lo, hi), m, s, k in per_axis]
+    dx_pads = [(k - 1 - lo, k - 1 - hi + r)
+               for k, (lo, hi), r in zip(spec.kernel_eff, pads, unread, strict=True)]
+    dw_pads = [(lo, hi - r) for (lo, hi), r in zip(pads, unread, strict=True)]
+    return dx_pads, dw_pads
+
+
+def _conv_backward(spec: _ConvSpec, params, x, dy):
+    """Chain rule through ``y[b,o,co] = bias[co] + sum_{j,ci} xp[b, o s + j d, ci] W[j,ci,co]``.
+
+    (1-D indices, per spatial axis in 2-D; ``xp`` is ``x`` padded by ``(lo, hi)``, the
+    last ``r`` positions of ``xp`` are never read: see the module docstring.)
+
+    ``dW[j, ci, co] = sum_{b, o} xp[b, o s + j d, ci] dy[b, o, co]``: the correlation of
+    the input with ``dy``, ``dy``'s taps spread ``s`` apart (``rhs_dilation=s``), kernel
+    taps ``d`` apart (``window_strides=d``), the batch contracted; padding ``(lo, hi - r)``.
+
+    ``dxp[b, i, ci] = sum_{o, j : o s + j d = i} dy[b, o, co] W[j, ci, co]``: the transposed
+    convolution, ``dy`` with ``s - 1`` zeros between entries (``lhs_dilation=s``) convolved
+    with the flipped kernel, in/out swapped, dilated by ``d``; padding
+    ``(k_eff - 1 - lo, k_eff - 1 - hi + r)`` crops ``xp``'s padding off and gives the ``r``
+    unread positions zero gradient.
+
+    ``dbias[co] = sum_{b, o} dy[b, o, co]``.
+    """
+    rank = spec.rank
+    w, b = params["W"], params["b"]
+    sizes, pads, out = _conv_geometry(spec, x.shape)
+    batched = x.ndim == rank + 2
+    dt = jnp.result_type(x, w)
+    xb, dyb = (x, dy) if batched else (x[None], dy[None])
+    xb, dyb = xb.astype(dt), dyb.astype(dt)
+    dx_pads, dw_pads = _conv_backward_pads(spec, sizes, pads, out)
+    dx = lax.conv_general_dilated(dyb, lax.rev(w.astype(dt), tuple(range(rank))),
+                                  (1,) * rank, dx_pads, lhs_dilation=spec.strides,
+                                  rhs_dilation=spec.dilations, dimension_numbers=_DX_DIMS[rank])
+    dw = lax.conv_general_dilated(xb, dyb, spec.dilations, dw_pads, rhs_dilation=spec.strides,
+                                  dimension_numbers=_DW_DIMS[rank])
+    db = jnp.sum(dyb, axis=tuple(range(rank + 1)))
+    dx = dx if batched else dx[0]
+    return {"W": dw.astype(w.dtype), "b": db.astype(b.dtype)}, dx.astype(x.dtype)
+
+
+def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype):
+    """The convolution layer of ``rank`` spatial axes; see :func:`Conv1D`."""
+    spec, init_name = _check_conv_arguments(layer, rank, out_channels, kernel_size, stride,
+                                            padding, dilation, w_init, dtype)
 
     def init(key, input_shape):
-        _, _, out = geometry(input_shape)
-        dt = jnp.dtype(dtype_name) if dtype_name else default_float()
-        w_shape = (*kernel, int(input_shape[-1]), out_channels)
-        w = jnp.asarray(initialiser(key, w_shape, dt), dt)
-        out_shape = (*input_shape[:-rank - 1], *out, out_channels)
-        return tuple(out_shape), {"W": w, "b": jnp.zeros((out_channels,), dt)}
+        return _conv_init(spec, key, input_shape)
 
     def forward(params, x):
-        check_float(x, layer)
-        _, pads, _ = geometry(x.shape)
-        w, b = params["W"], params["b"]
-        _check_conv_params(layer, rank, kernel, w, b, x)
-        dt = jnp.result_type(x, w)
-        xb = x if x.ndim == rank + 2 else x[None]
-        y = lax.conv_general_dilated(xb.astype(dt), w.astype(dt), strides, pads,
-                                     rhs_dilation=dilations,
-                                     dimension_numbers=_FORWARD_DIMS[rank]) + b
-        return (y if x.ndim == rank + 2 else y[0]), x
+        return _conv_forward(spec, params, x)
 
     def backward(params, x, dy):
-        """Chain rule through ``y[b,o,co] = bias[co] + sum_{j,ci} xp[b, o s + j d, ci] W[j,ci,co]``.
+        return _conv_backward(spec, params, x, dy)
 
-        (1-D indices, per spatial axis in 2-D; ``xp`` is ``x`` padded by ``(lo, hi)``, the
-        last ``r`` positions of ``xp`` are never read: see the module docstring.)
-
-        ``dW[j, ci, co] = sum_{b, o} xp[b, o s + j d, ci] dy[b, o, co]``: the correlation of
-        the input with ``dy``, ``dy``'s taps spread ``s`` apart (``rhs_dilation=s``), kernel
-        taps ``d`` apart (``window_strides=d``), the batch contracted; padding ``(lo, hi - r)``.
-
-        ``dxp[b, i, ci] = sum_{o, j : o s + j d = i} dy[b, o, co] W[j, ci, co]``: the transposed
-        convolution, ``dy`` with ``s - 1`` zeros between entries (``lhs_dilation=s``) convolved
-        with the flipped kernel, in/out swapped, dilated by ``d``; padding
-        ``(k_eff - 1 - lo, k_eff - 1 - hi + r)`` crops ``xp``'s padding off and gives the ``r``
-        unread positions zero gradient.
-
-        ``dbias[co] = sum_{b, o} dy[b, o, co]``.
-        """
-        w, b = params["W"], params["b"]
-        sizes, pads, out = geometry(x.shape)
-        batched = x.ndim == rank + 2
-        dt = jnp.result_type(x, w)
-        xb, dyb = (x, dy) if batched else (x[None], dy[None])
-        xb, dyb = xb.astype(dt), dyb.astype(dt)
-        per_axis = list(zip(sizes, pads, out, strides, kernel_eff, strict=True))
-        unread = [n + lo + hi - (m - 1) * s - k for n, (lo, hi), m, s, k in per_axis]
-        dx_pads = [(k - 1 - lo, k - 1 - hi + r)
-                   for k, (lo, hi), r in zip(kernel_eff, pads, unread, strict=True)]
-        dw_pads = [(lo, hi - r) for (lo, hi), r in zip(pads, unread, strict=True)]
-        dx = lax.conv_general_dilated(dyb, lax.rev(w.astype(dt), tuple(range(rank))),
-                                      (1,) * rank, dx_pads, lhs_dilation=strides,
-                                      rhs_dilation=dilations, dimension_numbers=_DX_DIMS[rank])
-        dw = lax.conv_general_dilated(xb, dyb, dilations, dw_pads, rhs_dilation=strides,
-                                      dimension_numbers=_DW_DIMS[rank])
-        db = jnp.sum(dyb, axis=tuple(range(rank + 1)))
-        dx = dx if batched else dx[0]
-        return {"W": dw.astype(w.dtype), "b": db.astype(b.dtype)}, dx.astype(x.dtype)
-
+    backward.__doc__ = _conv_backward.__doc__
     config = (("out_channels", out_channels), ("kernel_size", kernel_size), ("stride", stride),
               ("padding", padding), ("dilation", dilation), ("w_init", init_name),
-              ("dtype", dtype_name))
+              ("dtype", spec.dtype_name))
     return Layer(init, forward, backward, layer, config)
 
 

@@ -53,8 +53,9 @@ import json
 import os
 import random
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -212,7 +213,8 @@ def epoch_permutations(n: int, batch_size: int, num_epochs: int, seed: int) -> n
     rng = np.random.default_rng(seed)
     # One independent permutation per row, vectorised.
     perms = rng.permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (num_epochs, n)), axis=1)
-    return np.ascontiguousarray(perms[:, : steps * batch_size].reshape(num_epochs, steps, batch_size))
+    kept = perms[:, : steps * batch_size]
+    return np.ascontiguousarray(kept.reshape(num_epochs, steps, batch_size))
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None = None,
@@ -418,7 +420,7 @@ def _generate_mnist1d() -> dict[str, np.ndarray]:
             "y_test": np.asarray(d["y_test"], np.int32)}
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _atomic_savez(path: Path, arrays: Mapping[str, Any]) -> None:
     """Cache ``arrays`` at ``path`` with jaxbp's one atomic writer, so a concurrent or
     interrupted writer never leaves a half-written cache file. Failure to cache (read-only
     home, full disk) only warns: the data is in memory already."""

@@ -376,6 +376,78 @@ def _check_param_dict(params, param_names: tuple, label: str, where: str) -> Non
                          f"{tuple(sorted(param_names))} (the parameters of {label}), got {got}")
 
 
+class _CustomLayer(NamedTuple):
+    """What a layer made by :func:`from_custom_vjp` needs: the rule and each argument's role."""
+
+    rule: _Rule
+    init: Callable
+    names: tuple  # every argument of fn, in order
+    x_index: int  # the layer input's
+    param_names: tuple  # the differentiable arguments other than x: the params dict's keys
+    fixed: dict  # the nondiff arguments' values, by name
+
+
+def _check_custom_vjp_arguments(fn, init, input_arg, constants) -> tuple[_CustomLayer, tuple]:
+    """The layer's pieces, and ``constants`` as sorted ``(name, value)`` pairs (its config)."""
+    fn_obj, init_obj = resolve(fn, "custom_vjp function"), resolve(init, "init function")
+    rule = _unwrap(fn_obj, "from_custom_vjp")
+    if not callable(init_obj):
+        raise TypeError(f"from_custom_vjp: init must be a function (key, input_shape) -> "
+                        f"params dict, got {type(init_obj).__name__}")
+    pairs = tuple(sorted(constants.items())) if isinstance(constants, dict) \
+        else tuple((str(k), v) for k, v in constants)
+    fixed = dict(pairs)
+    names, x_index, param_names = _layer_roles(rule, fn_obj, input_arg, fixed)
+    return _CustomLayer(rule, init_obj, names, x_index, param_names, fixed), pairs
+
+
+def _custom_arguments(spec: _CustomLayer, params, x) -> tuple:
+    """``fn``'s positional arguments: ``x``, the constants and the params, each in its place."""
+    return tuple(x if i == spec.x_index else spec.fixed[n] if i in spec.rule.nondiff
+                 else params[n] for i, n in enumerate(spec.names))
+
+
+def _custom_init(spec: _CustomLayer, key, input_shape):
+    label = spec.rule.label
+    example = tuple(1 if d == -1 else d for d in input_shape)
+    params = spec.init(key, tuple(input_shape))
+    _check_param_dict(params, spec.param_names, label, "init's result")
+    leaves = jax.tree_util.tree_leaves(params)
+    x = jax.ShapeDtypeStruct(example, leaves[0].dtype if leaves else jnp.float32)
+    out = jax.eval_shape(lambda p, xx: spec.rule.fun(*_custom_arguments(spec, p, xx)), params, x)
+    if not hasattr(out, "shape"):
+        raise ValueError(f"CustomVJP({label}): a layer's output must be one array, got "
+                         f"{jax.tree_util.tree_structure(out)}")
+    shape = tuple(out.shape)
+    if input_shape and input_shape[0] == -1 and shape:
+        shape = (-1, *shape[1:])  # keep the batch dimension unknown, as given
+    return shape, params
+
+
+def _custom_forward(spec: _CustomLayer, params, x):
+    label = spec.rule.label
+    _check_param_dict(params, spec.param_names, label, "params")
+    args = _custom_arguments(spec, params, x)
+    _check_float_arguments(spec.rule, args, spec.names, f"CustomVJP({label})")
+    _, residuals = spec.rule.fwd(*args)
+    # x rides along in the cache only so that a wrong dx shape can name the expected one.
+    return spec.rule.fun(*args), (residuals, x)
+
+
+def _custom_backward(spec: _CustomLayer, params, cache, dy):
+    """The user's rule: ``(dE/dargs) = fn.bwd(*constants, residuals, dy)``, split into
+    ``dE/dparams`` (by argument name) and ``dE/dx``."""
+    rule, names = spec.rule, spec.names
+    residuals, x = cache
+    args = _custom_arguments(spec, params, x)
+    diff = _diff_indices(rule, args)
+    cotangents = _checked_cotangents(
+        rule, rule.bwd(*(args[i] for i in rule.nondiff), residuals, dy),
+        tuple(args[i] for i in diff), tuple(names[i] for i in diff))
+    by_name = {names[i]: c for i, c in zip(diff, cotangents)}
+    return {n: by_name[n] for n in spec.param_names}, by_name[names[spec.x_index]]
+
+
 def from_custom_vjp(fn, init, input_arg: int | str = 0, constants=()) -> Layer:
     """A jaxbp layer computing ``fn``, a ``jax.custom_vjp`` function, with ``fn``'s own bwd.
 
@@ -390,56 +462,18 @@ def from_custom_vjp(fn, init, input_arg: int | str = 0, constants=()) -> Layer:
     residuals of ``fn.fwd``; its backward is ``fn.bwd``. ``fn`` and ``init`` may also be given
     as ``"module:name"`` strings (that is how a description records them).
     """
-    fn_obj, init_obj = resolve(fn, "custom_vjp function"), resolve(init, "init function")
-    rule = _unwrap(fn_obj, "from_custom_vjp")
-    if not callable(init_obj):
-        raise TypeError(f"from_custom_vjp: init must be a function (key, input_shape) -> "
-                        f"params dict, got {type(init_obj).__name__}")
-    pairs = tuple(sorted(constants.items())) if isinstance(constants, dict) \
-        else tuple((str(k), v) for k, v in constants)
-    fixed = dict(pairs)
-    names, x_index, param_names = _layer_roles(rule, fn_obj, input_arg, fixed)
-    label = rule.label
-
-    def arguments(params, x):
-        return tuple(x if i == x_index else fixed[n] if i in rule.nondiff else params[n]
-                     for i, n in enumerate(names))
+    spec, pairs = _check_custom_vjp_arguments(fn, init, input_arg, constants)
 
     def layer_init(key, input_shape):
-        example = tuple(1 if d == -1 else d for d in input_shape)
-        params = init_obj(key, tuple(input_shape))
-        _check_param_dict(params, param_names, label, "init's result")
-        leaves = jax.tree_util.tree_leaves(params)
-        x = jax.ShapeDtypeStruct(example, leaves[0].dtype if leaves else jnp.float32)
-        out = jax.eval_shape(lambda p, xx: rule.fun(*arguments(p, xx)), params, x)
-        if not hasattr(out, "shape"):
-            raise ValueError(f"CustomVJP({label}): a layer's output must be one array, got "
-                             f"{jax.tree_util.tree_structure(out)}")
-        shape = tuple(out.shape)
-        if input_shape and input_shape[0] == -1 and shape:
-            shape = (-1, *shape[1:])  # keep the batch dimension unknown, as given
-        return shape, params
+        return _custom_init(spec, key, input_shape)
 
     def forward(params, x):
-        _check_param_dict(params, param_names, label, "params")
-        args = arguments(params, x)
-        _check_float_arguments(rule, args, names, f"CustomVJP({label})")
-        _, residuals = rule.fwd(*args)
-        # x rides along in the cache only so that a wrong dx shape can name the expected one.
-        return rule.fun(*args), (residuals, x)
+        return _custom_forward(spec, params, x)
 
     def backward(params, cache, dy):
-        """The user's rule: ``(dE/dargs) = fn.bwd(*constants, residuals, dy)``, split into
-        ``dE/dparams`` (by argument name) and ``dE/dx``."""
-        residuals, x = cache
-        args = arguments(params, x)
-        diff = _diff_indices(rule, args)
-        cotangents = _checked_cotangents(
-            rule, rule.bwd(*(args[i] for i in rule.nondiff), residuals, dy),
-            tuple(args[i] for i in diff), tuple(names[i] for i in diff))
-        by_name = {names[i]: c for i, c in zip(diff, cotangents)}
-        return {n: by_name[n] for n in param_names}, by_name[names[x_index]]
+        return _custom_backward(spec, params, cache, dy)
 
+    backward.__doc__ = _custom_backward.__doc__
     config = (("fn", _reference_of(fn)), ("init", _reference_of(init)),
               ("input_arg", input_arg), ("constants", pairs))
     return Layer(layer_init, forward, backward, "CustomVJP", config)

@@ -18,6 +18,7 @@ __all__ = ["plot_network", "plot_loss_curves", "plot_training_curves"]
 
 _POS, _NEG = "#1f77b4", "#d62728"  # blue: positive weight, red: negative
 _MAX_LABELLED_EDGES = 48
+_X_GAP, _Y_GAP = 4.0, 2.6  # network diagram: units between columns, between neurons
 
 
 def _figure(width: float, height: float):
@@ -60,25 +61,40 @@ def plot_network(trace, path) -> str:
     """Draw a :class:`jaxbp.trace.Trace`: every neuron with its ``in``/``out`` (first example),
     every weight as an edge (blue positive, red negative, width by size) labelled with its value
     and ``dE/dw``, and each bias with its gradient. Returns ``path``."""
-    cfg, names = trace.config, trace.names
+    cfg = trace.config
     widths = cfg.widths
     columns = len(widths)
     tallest = max(widths)
-    x_gap, y_gap = 4.0, 2.6
-    span_x, span_y = (columns - 1) * x_gap + 2.0, (tallest - 1) * y_gap + 4.7
+    span_x, span_y = (columns - 1) * _X_GAP + 2.0, (tallest - 1) * _Y_GAP + 4.7
     scale = min(0.75, 16.0 / span_x, 14.0 / span_y)  # inches per unit, capped for big nets
     fig = _figure(max(6.0, span_x * scale), max(4.0, span_y * scale + 0.6))
     ax = fig.add_subplot()
     ax.set_axis_off()
 
-    def y_of(count, j):  # neurons of a column centred vertically, top to bottom
-        return ((count - 1) / 2 - j) * y_gap
-
-    pos = {(c, j): (c * x_gap, y_of(n, j)) for c, n in enumerate(widths) for j in range(n)}
+    pos = {(c, j): (c * _X_GAP, _neuron_y(n, j)) for c, n in enumerate(widths) for j in range(n)}
     label_edges = sum(a * b for a, b in zip(widths, widths[1:])) <= _MAX_LABELLED_EDGES
-    max_w = max(float(np.max(np.abs(l.weights))) for l in cfg.layers) or 1.0
-
+    top = (tallest - 1) / 2 * _Y_GAP + 1.0
     # edges first, so the nodes sit on top of them
+    _draw_edges(ax, trace, pos, label_edges)
+    _draw_biases(ax, trace, pos, top)
+    _draw_nodes(fig, ax, trace, pos)
+    _draw_column_labels(ax, cfg, tallest)
+    ax.set_title(_network_title(trace, label_edges), fontsize=10)
+    ax.set_xlim(-1.0, (columns - 1) * _X_GAP + 1.0)
+    ax.set_ylim(-(tallest - 1) / 2 * _Y_GAP - 2.4, top + 1.3)
+    ax.set_aspect("equal")
+    return _save(fig, path)
+
+
+def _neuron_y(count, j):
+    """Neurons of a column are centred vertically, top to bottom."""
+    return ((count - 1) / 2 - j) * _Y_GAP
+
+
+def _draw_edges(ax, trace, pos, label_edges):
+    """One line per weight, coloured by sign and widened by size; labelled when few enough."""
+    cfg, names = trace.config, trace.names
+    max_w = max(float(np.max(np.abs(l.weights))) for l in cfg.layers) or 1.0
     for k, (layer, lt) in enumerate(zip(cfg.layers, trace.layers)):
         n_in, n_out = layer.weights.shape
         for i, j in np.ndindex(layer.weights.shape):
@@ -99,10 +115,12 @@ def plot_network(trace, path) -> str:
                         rotation_mode="anchor", zorder=3,
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
 
-    # bias boxes: one per layer, above its column
-    top = (tallest - 1) / 2 * y_gap + 1.0
+
+def _draw_biases(ax, trace, pos, top):
+    """Bias boxes: one per layer, above its column, dotted to the neurons it feeds."""
+    cfg, names = trace.config, trace.names
     for k, (layer, lt) in enumerate(zip(cfg.layers, trace.layers)):
-        bx, by = (k + 0.5) * x_gap, top
+        bx, by = (k + 0.5) * _X_GAP, top
         if layer.shared_bias:
             text = (f"{names.bias(k)} = {float(layer.bias):.4g}\n"
                     f"dE/d{names.bias(k)} = {float(lt.grad_bias):.3g}")
@@ -115,45 +133,53 @@ def plot_network(trace, path) -> str:
         ax.text(bx, by, text, ha="center", va="bottom", fontsize=7.5, zorder=4,
                 bbox=dict(boxstyle="round,pad=0.3", fc="#f4f4f4", ec="0.6"))
 
-    # nodes
-    for c, n in enumerate(widths):
+
+def _node_text(trace, c, j):
+    """A neuron's name, the numbers written below it, and its fill colour."""
+    cfg, names = trace.config, trace.names
+    if c == 0:
+        return names.input(j), f"{float(cfg.inputs[0, j]):.4g}", "#e8e8e8"
+    last = c == len(cfg.widths) - 1
+    lt = trace.layers[c - 1]
+    below = (f"in {float(lt.net[0, j]):.4f}\nout {float(lt.out[0, j]):.4f}\n"
+             f"dE/din {float(lt.delta[0, j]):.4g}")
+    if last:
+        below += f"\ntarget {float(cfg.targets[0, j]):.4g}"
+    return names.neuron(c - 1, j), below, "#fff3c4" if last else "#dff0d8"
+
+
+def _draw_nodes(fig, ax, trace, pos):
+    """Every neuron as a circle, its name inside and its numbers below."""
+    for c, n in enumerate(trace.config.widths):
         for j in range(n):
             x, y = pos[(c, j)]
-            if c == 0:
-                name = names.input(j)
-                below = f"{float(cfg.inputs[0, j]):.4g}"
-                face = "#e8e8e8"
-            else:
-                lt = trace.layers[c - 1]
-                name = names.neuron(c - 1, j)
-                below = (f"in {float(lt.net[0, j]):.4f}\nout {float(lt.out[0, j]):.4f}\n"
-                         f"dE/din {float(lt.delta[0, j]):.4g}")
-                if c == columns - 1:
-                    below += f"\ntarget {float(cfg.targets[0, j]):.4g}"
-                face = "#fff3c4" if c == columns - 1 else "#dff0d8"
+            name, below, face = _node_text(trace, c, j)
             ax.add_patch(_circle(fig, (x, y), 0.32, face))
             ax.text(x, y, name, ha="center", va="center", fontsize=10, weight="bold", zorder=6)
             ax.text(x, y - 0.4, below, ha="center", va="top", fontsize=7.5, zorder=6,
                     bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85))
 
+
+def _draw_column_labels(ax, cfg, tallest):
+    """Each column's kind under it: inputs, hidden or outputs, with its activation."""
+    columns = len(cfg.widths)
     for c in range(columns):
         kind = "inputs" if c == 0 else ("outputs" if c == columns - 1 else "hidden")
         act = f" ({cfg.layers[c - 1].activation})" if c > 0 else ""
-        ax.text(c * x_gap, -(tallest - 1) / 2 * y_gap - 1.9, kind + act, ha="center", va="top",
-                fontsize=9, color="0.35")
+        ax.text(c * _X_GAP, -(tallest - 1) / 2 * _Y_GAP - 1.9, kind + act, ha="center",
+                va="top", fontsize=9, color="0.35")
 
+
+def _network_title(trace, label_edges) -> str:
+    cfg = trace.config
     title = "The seed's 2-2-2 example" if cfg.is_seed else \
-        f"{'-'.join(map(str, widths))} network"
+        f"{'-'.join(map(str, cfg.widths))} network"
     subtitle = f"{cfg.loss} = {trace.loss:.4f}, learning rate {cfg.learning_rate:g}"
     if cfg.inputs.shape[0] > 1:
         subtitle += f"; activations of example 1 of {cfg.inputs.shape[0]}, gradients over all"
     if not label_edges:
         subtitle += "; too many weights to label (see the text trace)"
-    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    ax.set_xlim(-1.0, (columns - 1) * x_gap + 1.0)
-    ax.set_ylim(-(tallest - 1) / 2 * y_gap - 2.4, top + 1.3)
-    ax.set_aspect("equal")
-    return _save(fig, path)
+    return f"{title}\n{subtitle}"
 
 
 def _circle(fig, center, radius, face):

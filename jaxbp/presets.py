@@ -27,7 +27,8 @@ Registering imports no JAX (descriptions are plain data); only :func:`mlp_descri
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 __all__ = [
     "Preset",
@@ -232,7 +233,7 @@ def mnist1d_rnn(num_outputs: int, kind: str = "GRU", hidden: int = 6) -> dict:
 def _register_network_presets() -> None:
     # Convolutions train one jitted call per step (fused=False): on XLA CPU a lax.scan whose
     # body holds convolutions is many times slower than the same steps called one by one.
-    common = dict(loss="softmax_cross_entropy", optimizer="adam", fused=False)
+    common: dict[str, Any] = dict(loss="softmax_cross_entropy", optimizer="adam", fused=False)
     register_preset("cnn", mnist1d_cnn, dataset="mnist1d", input_shape=(40, 1),
                     augment={"shift": 4}, lr=1e-2, schedule="cosine", epochs=200,
                     batch_size=100, **common)

@@ -143,7 +143,7 @@ def sample(net, params, prompt_ids, length: int, *, context: int, temperature: f
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     key = jax.random.key(0) if key is None else key
     step = _sampler(net, context)
-    ids = list(prompt)
+    ids: list[int] = prompt.tolist()
     for i in range(int(length)):
         history = np.asarray(ids[-context:], np.int32)
         window = np.zeros(context, np.int32)

@@ -104,13 +104,17 @@ def run(args) -> int:
         checkpoint_every=args.checkpoint_every, devices=args.devices, text=args.text,
         rule=getattr(args, "rule", None))
     session = prepare(config)
+    assert session.cfg.epochs is not None  # resolve_config filled it
     bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
     for note in session.notes if bar.mode != "none" else ():
         print(f"note: {note}", file=bar.stream)
     try:
         with SigintFlag() as sigint:
-            status, message = run_training(session, on_epoch=lambda row: bar.update(row)
-                                           or sigint.set)
+            def on_epoch(row: dict) -> bool:  # a true return stops the run: Ctrl-C was pressed
+                bar.update(row)
+                return sigint.set
+
+            status, message = run_training(session, on_epoch=on_epoch)
     except GradientMismatchError as e:
         print(f"jaxbp train: stopped: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_FAULT
@@ -187,8 +191,14 @@ class Progress:
 
     def _start_bar(self, start: int):
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                        MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
@@ -205,6 +215,7 @@ class Progress:
         if row["skipped_nonfinite"] or row["skipped_mismatch"]:
             stats += f"  skipped {row['skipped_nonfinite']}+{row['skipped_mismatch']}"
         if self.mode == "bar":
+            assert self.bar is not None, "Progress.update after close"
             self.bar.update(self.task, completed=row["epoch"], stats=stats)
         elif self.mode == "lines":
             e = row["epoch"]

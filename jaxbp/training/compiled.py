@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,14 +104,16 @@ def epoch_loop(net: Layer, loss: str, opt, check: str, fused: bool, shift: int,
 
     batch_fn = (window_batch_fn(window) if window else shift_batch_fn(shift) if shift
                 else gather_batch)
-    options = dict(fused=fused, stop_on_mismatch=check == "raise", batch_fn=batch_fn)
+    stop_on_mismatch = check == "raise"
     if devices > 1:
         from ..parallel import make_parallel_loop
 
         if not jit:
             raise ValueError(f"devices={devices} needs the compiled loop (jit=True)")
-        return make_parallel_loop(step, devices, **options)
-    run = make_loop(step, jit=jit, **options)
+        return make_parallel_loop(step, devices, fused=fused, stop_on_mismatch=stop_on_mismatch,
+                                  batch_fn=batch_fn)
+    run = make_loop(step, jit=jit, fused=fused, stop_on_mismatch=stop_on_mismatch,
+                    batch_fn=batch_fn)
     return run if jit else _eager(run)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import optax
@@ -38,7 +39,7 @@ OUTPUT_ACTIVATIONS = ("auto", *sorted(ACTIVATIONS))
 MLP_FIELDS = ("hidden", "activation", "output_activation")
 
 # Used where neither the caller, the checkpoint nor the preset says otherwise.
-FALLBACK = dict(dataset="digits", model="mlp", hidden=(64,), activation="relu",
+FALLBACK: dict[str, Any] = dict(dataset="digits", model="mlp", hidden=(64,), activation="relu",
                 output_activation="auto", loss="softmax_cross_entropy", optimizer="adam",
                 lr=1e-3, schedule="constant", weight_decay=0.0, epochs=20, batch_size=32, seed=0,
                 check="report", rule="bp")
@@ -167,10 +168,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _choice("learning rule", cfg.rule, RULES)
     lr = _check_number("lr", cfg.lr, positive=True)
     weight_decay = _check_number("weight_decay", cfg.weight_decay, positive=False)
-    for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices"):
-        _positive_int(name, getattr(cfg, name))
+    counts = {name: _positive_int(name, getattr(cfg, name))
+              for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices")}
     return dataclasses.replace(cfg, hidden=hidden, lr=lr, weight_decay=weight_decay,
-                               epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+                               epochs=counts["epochs"], batch_size=counts["batch_size"],
                                seed=check_seed(cfg.seed))
 
 
@@ -201,8 +202,9 @@ def resolve_config(config: TrainConfig, defaults: Mapping | None = None,
     if not mlp:
         given = [name for name in MLP_FIELDS if getattr(config, name) is not None]
         if given:
+            model = config.model or (saved or {}).get("model")
             raise ValueError(f"{given[0].replace('_', '-')} shapes the default MLP; it cannot "
-                             f"be combined with model {_show(config.model or saved.get('model'))}")
+                             f"be combined with model {_show(model)}")
     cfg = _validate(TrainConfig(**_fill(config, dict(defaults or {}), saved, mlp)))
     if saved is not None:
         _check_against_checkpoint(cfg, saved)

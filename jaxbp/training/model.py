@@ -86,7 +86,7 @@ def _load(name: str, dataset, text: str | None = None):
         return dataset
     from ..data import load_dataset
 
-    return load_dataset(name, seed=0, **({} if text is None else {"text": text}))
+    return load_dataset(name, seed=0, text=text)
 
 
 def _from_header(header: dict, config: TrainConfig, dataset):
@@ -226,6 +226,8 @@ def targets(dataset, loss_name: str, input_shape=None, augment_key=None) -> Trai
         t_te = np.asarray(dataset.y_test, np.float32)
         y_tr = y_te = None
         num_outputs = int(t_tr.shape[1])
-    arrays = [None if a is None else jnp.asarray(a) for a in (x_tr, t_tr, y_tr, x_te, t_te, y_te)]
-    loop_data = (arrays[0], arrays[1]) + (() if augment_key is None else (augment_key,))
-    return TrainData(*arrays, num_outputs, loop_data)
+    on_device = [None if a is None else jnp.asarray(a)
+                 for a in (x_tr, t_tr, y_tr, x_te, t_te, y_te)]
+    x_train, t_train, y_train, x_test, t_test, y_test = on_device
+    loop_data = (x_train, t_train) + (() if augment_key is None else (augment_key,))
+    return TrainData(x_train, t_train, y_train, x_test, t_test, y_test, num_outputs, loop_data)

@@ -31,21 +31,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..checkpoint import (CheckpointError, read_header, restore_train_state, save_checkpoint,
-                          train_state_groups, write_json)
+from .. import rules
+from ..checkpoint import (
+    CheckpointError,
+    read_header,
+    restore_train_state,
+    save_checkpoint,
+    train_state_groups,
+    write_json,
+)
 from ..layers import Layer, output_shape
 from ..model import describe
 from ..presets import Preset
-from .. import rules
-from ..train import REASON_MISMATCH, REASON_NONFINITE, TrainState, init_train_state
-from ..train import raise_first_mismatch
+from ..train import (
+    REASON_MISMATCH,
+    REASON_NONFINITE,
+    TrainState,
+    init_train_state,
+    raise_first_mismatch,
+)
 from . import compiled
 from .config import TrainConfig, config_dict, resolve_config
 from .model import TrainData, choose_model, model_label, targets
@@ -110,7 +122,9 @@ class Session:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.data.n_train // self.cfg.batch_size
+        batch_size = self.cfg.batch_size
+        assert batch_size is not None  # resolve_config filled it
+        return self.data.n_train // batch_size
 
     def seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.t_start
@@ -130,7 +144,7 @@ def _output_folder(config: TrainConfig) -> tuple[Path | None, dict | None, list]
     ckpt = None if out is None else out / CHECKPOINT_FILE
     if config.resume and ckpt is None:
         raise ValueError("resume needs an output folder (--out) holding a checkpoint")
-    if config.resume and ckpt.exists():
+    if config.resume and ckpt is not None and ckpt.exists():
         return out, read_header(ckpt), []
     if config.resume:
         return out, None, [f"no checkpoint in {out}; starting from scratch"]
@@ -174,6 +188,7 @@ def _check_vocabulary_size(net: Layer, num_tokens: int, description_source: str)
 
 def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer):
     """The step-0 train state (params from ``split(key(seed))[0]``) and the data key."""
+    assert cfg.seed is not None  # resolve_config filled it
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
     example_shape = (-1, *data.x_train.shape[1:])
     _, params = net.init(init_key, example_shape)
@@ -196,6 +211,9 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
     dataset, preset, model_key = choose_model(config, dataset, header)
     cfg = resolve_config(dataclasses.replace(config, dataset=dataset.name, model=model_key),
                          preset.defaults, saved, mlp=preset.is_mlp)
+    # resolve_config filled these (only the MLP fields may stay None): tell the type checker.
+    assert (cfg.seed is not None and cfg.loss is not None and cfg.batch_size is not None
+            and cfg.epochs is not None and cfg.check is not None and cfg.rule is not None)
     sequence = getattr(dataset, "task", None) == "sequence"  # windows at random offsets
     augment_key = (jax.random.fold_in(jax.random.key(cfg.seed), 3)
                    if preset.augment or sequence else None)
@@ -207,7 +225,7 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
         from ..parallel import check_batch_size, data_parallel_mesh
 
         check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
-    ckpt = out / CHECKPOINT_FILE if header else None
+    ckpt = out / CHECKPOINT_FILE if header and out is not None else None
     description = header["network"] if header else rules.apply_rule_to_description(
         _description(preset, cfg, data), cfg.rule, (-1, *data.x_train.shape[1:]))
     net = _network(description, ckpt)
@@ -223,7 +241,7 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
                       compiled.sequence_evaluator(net, cfg.jit) if data.context else
                       compiled.evaluator(net, cfg.loss, cfg.jit), data_key, ts, out,
                       notes=notes)
-    if header:
+    if ckpt is not None:  # resuming (a header is only read from a checkpoint in ``out``)
         _restore(session, ckpt)
     return session
 
@@ -233,6 +251,9 @@ def _description(preset: Preset, cfg: TrainConfig, data: TrainData) -> dict:
         return preset.description(data.num_outputs)
     from ..presets import mlp_description, output_activation
 
+    # An MLP preset: resolve_config filled its fields and the loss.
+    assert (cfg.hidden is not None and cfg.activation is not None
+            and cfg.output_activation is not None and cfg.loss is not None)
     return mlp_description(cfg.hidden, cfg.activation, data.num_outputs,
                            output=output_activation(cfg.activation, cfg.output_activation,
                                                     cfg.loss))
@@ -244,6 +265,7 @@ def _restore(session: Session, path: Path) -> None:
     session.history = list(ckpt.header["history"])
     session.seconds_before = float(ckpt.header.get("seconds", 0.0))
     session.resumed = True
+    assert session.cfg.epochs is not None  # resolve_config filled it
     if session.epoch > session.cfg.epochs:
         raise ValueError(f"--resume: the checkpoint is at epoch {session.epoch}, past the "
                          f"requested {session.cfg.epochs} epochs")
@@ -290,6 +312,7 @@ def _checkpoint(s: Session, at_epoch: int) -> None:
 def _train_epoch(s: Session) -> dict:
     """One epoch: the loop over its batches, the mismatch check, the evaluation; its row."""
     d, cfg = s.data, s.cfg
+    assert cfg.check is not None  # resolve_config filled it
     order = compiled.epoch_order(s.data_key, jnp.asarray(s.epoch, jnp.int32), d.n_train,
                                  cfg.batch_size, bool(s.preset.augment or d.context))
     ts, metrics = s.loop(s.ts, d.loop_data, order)
@@ -315,6 +338,7 @@ def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tup
     a true return stops the run after writing a checkpoint (the command's Ctrl-C).
     """
     s, cfg = session, session.cfg
+    assert cfg.epochs is not None and cfg.checkpoint_every is not None  # resolve_config's
     if not s.resumed:
         _checkpoint(s, 0)  # from the first moment on, a last good state is on disk
     while s.epoch < cfg.epochs:
@@ -350,6 +374,7 @@ def _epoch_row(epoch: int, m, evals, check: str) -> dict:
     usable = (reason != REASON_NONFINITE) & ~np.isnan(rel)
     checked = rel[usable] if check != "off" else rel[:0]
     (train_loss, train_acc), (test_loss, test_acc) = evals
+    row: dict[str, Any]  # per-leaf errors are added below
     row = {"epoch": epoch, "loss": float(finite.mean()) if finite.size else float("nan"),
            "train_loss": float(train_loss), "train_accuracy": float(train_acc),
            "test_loss": float(test_loss), "test_accuracy": float(test_acc),
@@ -390,7 +415,7 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
             _write_curves(s.history, s.out / CURVES_FILE,
                           f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
                           f"{s.cfg.optimizer} lr {s.cfg.lr:g}")
-        if any("alignment" in r for r in s.history):
+        if any("alignment" in r for r in s.history) and s.cfg.rule is not None:
             _write_alignment(s.history, s.out / ALIGNMENT_FILE,
                              f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, "
                              f"{model_label(s.cfg, s.preset)}")
@@ -415,15 +440,24 @@ def train(config: TrainConfig | None = None, dataset=None, *,
     if progress != "none":
         from ..commands.train import Progress
 
+        assert session.cfg.epochs is not None  # resolve_config filled it
         bar = Progress(progress, session.cfg.epochs, session.epoch, session.dataset.name, stream)
-    hook = on_epoch if bar is None else (
-        lambda row: bar.update(row) or bool(on_epoch and on_epoch(row)))
+    hook = on_epoch if bar is None else _with_progress(bar, on_epoch)
     try:
         status, message = run(session, hook)
     finally:
         if bar is not None:
             bar.close()
     return finish(session, status, message)
+
+
+def _with_progress(bar, on_epoch: Callable[[dict], bool] | None) -> Callable[[dict], bool]:
+    """``on_epoch`` (if any) after updating the progress display ``bar`` with the row."""
+    def hook(row: dict) -> bool:
+        bar.update(row)
+        return bool(on_epoch and on_epoch(row))
+
+    return hook
 
 
 def _summary(s: Session, status: str) -> dict:
@@ -440,7 +474,7 @@ def _summary(s: Session, status: str) -> dict:
         "train_accuracy": last.get("train_accuracy"), "test_accuracy": last.get("test_accuracy"),
         "final_loss": last.get("train_loss"), "test_loss": last.get("test_loss"),
         "max_grad_rel_error": max(checked) if checked else None,
-        "worst_grad_leaf": max(by_leaf, key=by_leaf.get) if by_leaf else None,
+        "worst_grad_leaf": max(by_leaf, key=by_leaf.__getitem__) if by_leaf else None,
         "grad_rel_error_by_leaf": by_leaf, **totals, "epochs": len(history),
         "rule": s.cfg.rule, "alignment": last.get("alignment"),
         "steps_per_epoch": s.steps_per_epoch, "seconds": s.seconds(), "check": s.cfg.check,
