@@ -301,10 +301,11 @@ def _text_header(s: Session) -> dict:
 def _checkpoint(s: Session, at_epoch: int) -> None:
     if s.out is None:
         return
-    if at_epoch == 0:  # a fresh run: clear temporaries left by a killed writer
-        s.out.mkdir(parents=True, exist_ok=True)
-        for stale in s.out.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    # Clear temporaries a killed writer left (a fresh run or a resumed one): one writer per
+    # folder, so any temporary found before this write is stale.
+    s.out.mkdir(parents=True, exist_ok=True)
+    for stale in s.out.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)
     save_checkpoint(s.checkpoint_path, train_state_groups(s.ts), _header(s, at_epoch))
     s.last_saved = at_epoch
 
