@@ -342,7 +342,8 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path)
 def test_model_errors_are_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--dataset", "xor", "--model", "nope", "--out",
                            str(tmp_path / "a"))
-    assert code == 2 and "unknown model 'nope'; expected a preset (cnn, gpt, gru, lstm, mlp, resnet)" in one_line_error(err)
+    expected = "unknown model 'nope'; expected a preset (cnn, gpt, gru, lstm, mlp, resnet)"
+    assert code == 2 and expected in one_line_error(err)
     code, _, err = run_cli(capsys, "--dataset", "xor", "--model", "mlp", "--hidden", "3",
                            "--epochs", "1", "--out", str(tmp_path / "b"), "--progress", "none")
     assert code == 0, err  # --hidden shapes the mlp preset
