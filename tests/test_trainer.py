@@ -16,6 +16,7 @@ from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
 from jaxbp.data import Dataset
 from jaxbp.model import register_layer
 from jaxbp.presets import get_preset, mlp_description, preset_names, register_preset
+from jaxbp import presets
 from jaxbp.trainer import TrainConfig, build_optimizer, finish, prepare, resolve_config, run, train
 
 DEFAULTS = dict(hidden=(8,), activation="tanh", loss="softmax_cross_entropy",
@@ -380,8 +381,17 @@ def _sequence_model(num_outputs):
 
 SEQ = dict(input_shape=(4, 1), fused=False, optimizer="adam", lr=0.05, epochs=4, batch_size=8,
            loss="softmax_cross_entropy")
-register_preset("test-seq", _sequence_model, augment={"shift": 1}, **SEQ)
-register_preset("test-seq-plain", _sequence_model, **SEQ)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sequence_presets():
+    """Register the two test presets for this module only: the registry is process-wide, and
+    other modules (the CLI's preset list) run in the same pytest worker."""
+    register_preset("test-seq", _sequence_model, augment={"shift": 1}, **SEQ)
+    register_preset("test-seq-plain", _sequence_model, **SEQ)
+    yield
+    for name in ("test-seq", "test-seq-plain"):
+        presets._PRESETS.pop((name, None))
 
 
 def test_preset_reshapes_runs_per_step_and_records_itself(data, tmp_path):
