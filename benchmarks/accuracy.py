@@ -41,36 +41,65 @@ def run_row(preset: str, dataset: str, seeds, check: str) -> dict:
         start = time.perf_counter()
         result = train(TrainConfig(model=preset, dataset=dataset, seed=seed, check=check))
         m = result.metrics
-        runs.append({"seed": seed, "test_accuracy": m["test_accuracy"],
-                     "seconds": time.perf_counter() - start, "num_params": m["num_params"],
-                     "max_grad_rel_error": m["max_grad_rel_error"], "status": m["status"]})
-        print(f"  {preset}/{dataset} seed {seed}: {100 * m['test_accuracy']:.2f}% in "
-              f"{runs[-1]['seconds']:.1f} s", file=sys.stderr)
+        runs.append(
+            {
+                "seed": seed,
+                "test_accuracy": m["test_accuracy"],
+                "seconds": time.perf_counter() - start,
+                "num_params": m["num_params"],
+                "max_grad_rel_error": m["max_grad_rel_error"],
+                "status": m["status"],
+            }
+        )
+        print(
+            f"  {preset}/{dataset} seed {seed}: {100 * m['test_accuracy']:.2f}% in "
+            f"{runs[-1]['seconds']:.1f} s",
+            file=sys.stderr,
+        )
     accs = [100 * r["test_accuracy"] for r in runs]
-    return {"preset": preset, "dataset": dataset, "check": check, "seeds": list(seeds),
-            "num_params": runs[0]["num_params"], "mean": statistics.mean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs),
-            "max": max(accs), "seconds_per_seed": statistics.mean(r["seconds"] for r in runs),
-            "max_grad_rel_error": max((r["max_grad_rel_error"] or 0.0) for r in runs),
-            "runs": runs}
+    return {
+        "preset": preset,
+        "dataset": dataset,
+        "check": check,
+        "seeds": list(seeds),
+        "num_params": runs[0]["num_params"],
+        "mean": statistics.mean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "min": min(accs),
+        "max": max(accs),
+        "seconds_per_seed": statistics.mean(r["seconds"] for r in runs),
+        "max_grad_rel_error": max((r["max_grad_rel_error"] or 0.0) for r in runs),
+        "runs": runs,
+    }
 
 
 def table(rows) -> str:
-    lines = ["| model | dataset | params | seeds | test accuracy (mean ± sd, min-max) | "
-             "s/seed | worst grad rel. error |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | dataset | params | seeds | test accuracy (mean ± sd, min-max) | "
+        "s/seed | worst grad rel. error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['dataset']} | {r['num_params']:,} | "
-                     f"{','.join(map(str, r['seeds']))} | {r['mean']:.2f} ± {r['std']:.2f} "
-                     f"({r['min']:.2f}-{r['max']:.2f}) | {r['seconds_per_seed']:.0f} | "
-                     f"{r['max_grad_rel_error']:.1e} |")
+        lines.append(
+            f"| {r['preset']} | {r['dataset']} | {r['num_params']:,} | "
+            f"{','.join(map(str, r['seeds']))} | {r['mean']:.2f} ± {r['std']:.2f} "
+            f"({r['min']:.2f}-{r['max']:.2f}) | {r['seconds_per_seed']:.0f} | "
+            f"{r['max_grad_rel_error']:.1e} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help=f"comma-separated rows (default: all: {', '.join(ROWS)})")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated rows (default: all: {', '.join(ROWS)})",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--check", default="report", choices=("off", "report", "skip"))
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -23,12 +23,21 @@ from .harness import measure
 # (name, layer, input shape): a ResNet-like Conv1D and Conv2D, and the pool that follows them.
 CASES = [
     ("Conv1D b128 L40 C32 k3 SAME", Conv1D(32, 3, padding="SAME", dtype="float32"), (128, 40, 32)),
-    ("Conv1D b128 L40 C32 k3 s2", Conv1D(32, 3, stride=2, padding="SAME", dtype="float32"),
-     (128, 40, 32)),
-    ("Conv2D b32 32x32 C32 k3 SAME", Conv2D(32, 3, padding="SAME", dtype="float32"),
-     (32, 32, 32, 32)),
-    ("Conv2D b32 32x32 C32 k3 s2", Conv2D(32, 3, stride=2, padding="SAME", dtype="float32"),
-     (32, 32, 32, 32)),
+    (
+        "Conv1D b128 L40 C32 k3 s2",
+        Conv1D(32, 3, stride=2, padding="SAME", dtype="float32"),
+        (128, 40, 32),
+    ),
+    (
+        "Conv2D b32 32x32 C32 k3 SAME",
+        Conv2D(32, 3, padding="SAME", dtype="float32"),
+        (32, 32, 32, 32),
+    ),
+    (
+        "Conv2D b32 32x32 C32 k3 s2",
+        Conv2D(32, 3, stride=2, padding="SAME", dtype="float32"),
+        (32, 32, 32, 32),
+    ),
     ("MaxPool2D 2 b32 32x32 C32", MaxPool2D(2), (32, 32, 32, 32)),
 ]
 
@@ -49,8 +58,7 @@ def _variants(layer, shape, key):
     vjp = jax.jit(lambda p, xx, g: jax.vjp(lambda a, b: layer.forward(a, b)[0], p, xx)[1](g))
     fns = {"manual": manual, "vjp": vjp}
     if layer.name == "MaxPool2D":  # also XLA's own pool: reduce_window's select-and-scatter
-        fns["reduce_window vjp"] = jax.jit(
-            lambda p, xx, g: jax.vjp(_reduce_window_max, xx)[1](g))
+        fns["reduce_window vjp"] = jax.jit(lambda p, xx, g: jax.vjp(_reduce_window_max, xx)[1](g))
 
     def program(fn):  # the optimised HLO, without names and source locations
         text = fn.lower(params, x, dy).compile().as_text()
@@ -64,6 +72,7 @@ def _variants(layer, shape, key):
             for _ in range(n):
                 out = fn(params, x, dy)
             jax.block_until_ready(out)
+
         return run
 
     return {name: runner(fn) for name, fn in fns.items()}, same_program
@@ -75,11 +84,17 @@ def run(rounds: int = 7, steps: int = 5) -> dict:
         variants, same_program = _variants(layer, shape, jax.random.key(i))
         timings = measure(variants, steps=steps, rounds=rounds, settle=0.05)
         ms = {v: t["median_s"] * 1e3 for v, t in timings.items()}
-        results[name] = {"ms": ms, "manual / vjp": ms["manual"] / ms["vjp"],
-                         "same compiled program": same_program}
+        results[name] = {
+            "ms": ms,
+            "manual / vjp": ms["manual"] / ms["vjp"],
+            "same compiled program": same_program,
+        }
         extra = "".join(f", {v} {t:.2f} ms" for v, t in ms.items() if v not in ("manual", "vjp"))
-        print(f"{name:32s} manual {ms['manual']:7.2f} ms  vjp {ms['vjp']:7.2f} ms  "
-              f"ratio {ms['manual'] / ms['vjp']:.3f}  same HLO {same_program}{extra}", flush=True)
+        print(
+            f"{name:32s} manual {ms['manual']:7.2f} ms  vjp {ms['vjp']:7.2f} ms  "
+            f"ratio {ms['manual'] / ms['vjp']:.3f}  same HLO {same_program}{extra}",
+            flush=True,
+        )
     return {"backend": jax.default_backend(), "devices": str(jax.devices()), "cases": results}
 
 

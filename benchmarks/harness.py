@@ -32,8 +32,14 @@ def compile_timed(jitted, *args):
 SETTLE_S = 0.2
 
 
-def measure(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: int,
-            warmup: int = 1, settle: float | None = None) -> dict[str, dict]:
+def measure(
+    variants: dict[str, Callable[[int], None]],
+    *,
+    steps: int,
+    rounds: int,
+    warmup: int = 1,
+    settle: float | None = None,
+) -> dict[str, dict]:
     """Median seconds per step of each variant over ``rounds`` interleaved rounds.
 
     ``steps`` is a dict name -> steps per round, or one number for all. ``settle`` seconds of
@@ -48,7 +54,7 @@ def measure(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: i
             variants[name](per[name])
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             if settle:
                 time.sleep(settle)
@@ -58,8 +64,13 @@ def measure(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: i
     out = {}
     for name in names:
         s = sorted(samples[name])
-        out[name] = {"median_s": statistics.median(s), "min_s": s[0], "max_s": s[-1],
-                     "rounds": rounds, "steps_per_round": per[name]}
+        out[name] = {
+            "median_s": statistics.median(s),
+            "min_s": s[0],
+            "max_s": s[-1],
+            "rounds": rounds,
+            "steps_per_round": per[name],
+        }
     return out
 
 
@@ -84,13 +95,17 @@ def gemm_ceiling(*, rounds: int, size: int = 1024) -> dict:
 
     reps = 8 if size >= 512 else 20
     t = measure({"xla": run_jax, "numpy": run_numpy}, steps=reps, rounds=rounds)
-    flops = 2.0 * size ** 3
+    flops = 2.0 * size**3
     # A ceiling is the best the machine did: the fastest round, not the median.
-    return {"size": size, "flops": flops, "compile_s": compile_s,
-            "gflops": flops / t["xla"]["min_s"] / 1e9,
-            "numpy_gflops": flops / t["numpy"]["min_s"] / 1e9,
-            "median_gflops": flops / t["xla"]["median_s"] / 1e9,
-            "best_s": t["xla"]["min_s"]}
+    return {
+        "size": size,
+        "flops": flops,
+        "compile_s": compile_s,
+        "gflops": flops / t["xla"]["min_s"] / 1e9,
+        "numpy_gflops": flops / t["numpy"]["min_s"] / 1e9,
+        "median_gflops": flops / t["xla"]["median_s"] / 1e9,
+        "best_s": t["xla"]["min_s"],
+    }
 
 
 def blas_info() -> list[dict]:
@@ -102,13 +117,22 @@ def blas_info() -> list[dict]:
     except ImportError:  # no threadpoolctl: numpy's build config names the library at least
         try:
             blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
-            return [{"internal_api": blas.get("name"), "version": blas.get("version"),
-                     "architecture": None, "num_threads": None}]
+            return [
+                {
+                    "internal_api": blas.get("name"),
+                    "version": blas.get("version"),
+                    "architecture": None,
+                    "num_threads": None,
+                }
+            ]
         except Exception:  # the layout of show_config varies across numpy versions
             return []
     keys = ("internal_api", "version", "architecture", "num_threads")
-    return [{k: info.get(k) for k in keys} for info in threadpoolctl.threadpool_info()
-            if info.get("user_api") == "blas"]
+    return [
+        {k: info.get(k) for k in keys}
+        for info in threadpoolctl.threadpool_info()
+        if info.get("user_api") == "blas"
+    ]
 
 
 def machine_info() -> dict:
@@ -128,13 +152,19 @@ def machine_info() -> dict:
         load = None
     import numpy
 
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "numpy": numpy.__version__,
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "openblas_env": {k: os.environ.get(k) for k in
-                             ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
-            "blas": blas_info(), "load_average": load}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": numpy.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openblas_env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+        "blas": blas_info(),
+        "load_average": load,
+    }
     try:
         import torch
 

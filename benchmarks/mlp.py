@@ -53,6 +53,7 @@ def fused_loop(net, loss, opt, x, y, *, check: str, steps: int):
     """``steps`` verified steps on ``(x, y)`` in one compiled ``lax.scan`` (what ``jaxbp.fit``
     runs: :func:`jaxbp.train.make_loop` over :func:`jaxbp.train_step`), donating the train
     state: ``run(ts) -> (ts, stacked metrics)``, not yet compiled."""
+
     def step(ts, xb, yb):
         return jaxbp.train_step(net, loss, opt, ts, xb, yb, check=check)
 
@@ -130,8 +131,7 @@ def baseline_variants(net, params, x, y, loss: str) -> tuple[dict, dict]:
 
         tmodel = TorchMLP(net, params, loss, LEARNING_RATE)
         xt = torch.from_numpy(xn.copy())
-        yt = torch.from_numpy(yn.astype(np.int64) if loss == "softmax_cross_entropy"
-                              else yn.copy())
+        yt = torch.from_numpy(yn.astype(np.int64) if loss == "softmax_cross_entropy" else yn.copy())
 
         def run_torch(n):
             for _ in range(n):
@@ -152,6 +152,14 @@ def run_mlp(name, description, sizes, act, loss, batch, *, steps, rounds) -> dic
     for k, (_, secs) in variants.items():
         times[k]["compile_s"] = secs
         times[k]["gflops"] = flops / times[k]["median_s"] / 1e9
-    return {"name": name, "description": description, "sizes": list(sizes), "batch": batch,
-            "loss": loss, "flops_per_step": flops, "unit": "step",
-            "variants": times, "skipped": skipped}
+    return {
+        "name": name,
+        "description": description,
+        "sizes": list(sizes),
+        "batch": batch,
+        "loss": loss,
+        "flops_per_step": flops,
+        "unit": "step",
+        "variants": times,
+        "skipped": skipped,
+    }

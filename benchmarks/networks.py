@@ -26,8 +26,16 @@ from .mlp import copy_tree
 LEARNING_RATE = 0.01
 
 
-def build(description: dict, input_shape, batch: int, loss: str, num_outputs: int,
-          *, integer_inputs: int | None = None, seed: int = 0):
+def build(
+    description: dict,
+    input_shape,
+    batch: int,
+    loss: str,
+    num_outputs: int,
+    *,
+    integer_inputs: int | None = None,
+    seed: int = 0,
+):
     """``(net, params, state, x, y)``: float32 params and inputs (or token ids below
     ``integer_inputs``), integer class labels shaped like the output without its last axis."""
     net = jaxbp.build(description)
@@ -82,8 +90,9 @@ def network_variants(net, params, state, x, y, loss: str, *, fused_steps: int) -
         step = jaxbp.make_train_step(net, loss, opt, check=check, donate=True, guard=guard)
         ts = jaxbp.init_train_state(net, opt, params, state=state)
         compiled, secs = compile_timed(step, ts, x, y)
-        run = _stepper(compiled, jaxbp.init_train_state(net, opt, copy_tree(params),
-                                                        state=copy_tree(state)))
+        run = _stepper(
+            compiled, jaxbp.init_train_state(net, opt, copy_tree(params), state=copy_tree(state))
+        )
         run.batch = (x, y)
         name = f"jaxbp step check={check}" if guard else f"jaxbp unguarded step check={check}"
         variants[name] = (run, secs)
@@ -123,13 +132,24 @@ def _fused_variant(net, loss, opt, params, state, x, y, steps: int) -> dict:
     return {f"jaxbp fused loop ({steps} steps/call)": (run_fused, secs)}
 
 
-def run_network(name: str, description_text: str, model: dict, input_shape, batch: int,
-                loss: str, num_outputs: int, *, steps: int, rounds: int,
-                integer_inputs: int | None = None, examples_per_step: int | None = None
-                ) -> dict:
+def run_network(
+    name: str,
+    description_text: str,
+    model: dict,
+    input_shape,
+    batch: int,
+    loss: str,
+    num_outputs: int,
+    *,
+    steps: int,
+    rounds: int,
+    integer_inputs: int | None = None,
+    examples_per_step: int | None = None,
+) -> dict:
     """Time every variant of one network workload; returns its JSON section."""
-    net, params, state, x, y = build(model, input_shape, batch, loss, num_outputs,
-                                     integer_inputs=integer_inputs)
+    net, params, state, x, y = build(
+        model, input_shape, batch, loss, num_outputs, integer_inputs=integer_inputs
+    )
     with jax.enable_x64(False):
         variants = network_variants(net, params, state, x, y, loss, fused_steps=steps)
         times = measure({k: v[0] for k, v in variants.items()}, steps=steps, rounds=rounds)
@@ -138,7 +158,15 @@ def run_network(name: str, description_text: str, model: dict, input_shape, batc
         times[k]["compile_s"] = secs
         times[k]["examples_per_s"] = per_step / times[k]["median_s"]
     num_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
-    return {"name": name, "description": description_text, "model": model, "batch": batch,
-            "input_shape": list(input_shape), "loss": loss, "num_params": num_params,
-            "unit": "step", "variants": times,
-            "skipped": {"PyTorch eager": "no PyTorch twin of this network in the suite yet"}}
+    return {
+        "name": name,
+        "description": description_text,
+        "model": model,
+        "batch": batch,
+        "input_shape": list(input_shape),
+        "loss": loss,
+        "num_params": num_params,
+        "unit": "step",
+        "variants": times,
+        "skipped": {"PyTorch eager": "no PyTorch twin of this network in the suite yet"},
+    }

@@ -150,9 +150,13 @@ class TorchMLP:
         import torch
 
         self.torch = torch
-        self.params = [(torch.tensor(np.array(w, np.float32), requires_grad=True),
-                        torch.tensor(np.array(b, np.float32), requires_grad=True))
-                       for w, b in dense_params(params)]
+        self.params = [
+            (
+                torch.tensor(np.array(w, np.float32), requires_grad=True),
+                torch.tensor(np.array(b, np.float32), requires_grad=True),
+            )
+            for w, b in dense_params(params)
+        ]
         self.acts = activation_names(net)
         self.loss = loss
         flat = [t for pair in self.params for t in pair]

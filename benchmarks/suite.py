@@ -10,10 +10,15 @@ import os
 import sys
 import time
 
-WORKLOADS = {"W0": "benchmarks.w0_seed", "W1": "benchmarks.w1_mnist",
-             "W2": "benchmarks.w2_wide", "W3": "benchmarks.w3_per_example",
-             "W4": "benchmarks.w4_resnet", "W5": "benchmarks.w5_conv2d",
-             "W6": "benchmarks.w6_gru"}
+WORKLOADS = {
+    "W0": "benchmarks.w0_seed",
+    "W1": "benchmarks.w1_mnist",
+    "W2": "benchmarks.w2_wide",
+    "W3": "benchmarks.w3_per_example",
+    "W4": "benchmarks.w4_resnet",
+    "W5": "benchmarks.w5_conv2d",
+    "W6": "benchmarks.w6_gru",
+}
 # Network workloads: the manual step against the plain step, checked against unchecked.
 NETWORK_WORKLOADS = ("W4", "W5", "W6")
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "latest.json")
@@ -26,17 +31,30 @@ def split_workloads(values) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few steps: a smoke test (seconds; the numbers "
-                             "mean nothing)")
-    parser.add_argument("--short", action="store_true",
-                        help="full sizes, fewer rounds (about half the time of a full run)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few steps: a smoke test (seconds; the numbers mean nothing)",
+    )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="full sizes, fewer rounds (about half the time of a full run)",
+    )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # = --quick
-    parser.add_argument("--workloads", nargs="+", metavar="W", default=list(WORKLOADS),
-                        help=f"which workloads, e.g. W0,W1 or W0 W1 (default: all of "
-                             f"{','.join(WORKLOADS)})")
-    parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
-                        help="where to write the results (default: benchmarks/results/latest.json)")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="W",
+        default=list(WORKLOADS),
+        help=f"which workloads, e.g. W0,W1 or W0 W1 (default: all of {','.join(WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=DEFAULT_JSON,
+        help="where to write the results (default: benchmarks/results/latest.json)",
+    )
 
 
 def _median(section, prefix):
@@ -49,14 +67,14 @@ def _median(section, prefix):
 def _network_median(section, prefix, model):
     # A section may time two models; the second model's variants end in " [its name]".
     for name, v in section["variants"].items():
-        tail = name[name.index(" ["):] if " [" in name else ""
+        tail = name[name.index(" [") :] if " [" in name else ""
         if name.startswith(prefix) and tail == model:
             return v["median_s"]
     return None
 
 
 def _network_targets(w: str, section: dict) -> list[dict]:
-    models = sorted({n[n.index(" ["):] if " [" in n else "" for n in section["variants"]})
+    models = sorted({n[n.index(" [") :] if " [" in n else "" for n in section["variants"]})
     out = []
     for model in models:
         off = _network_median(section, "jaxbp step check=off", model)
@@ -64,12 +82,13 @@ def _network_targets(w: str, section: dict) -> list[dict]:
         grad = _network_median(section, "jax.value_and_grad", model)
         fused = _network_median(section, "jaxbp fused", model)
         label = f"{w}{model}"
-        out.append(_target(f"{label} manual step (off) / jax.grad step", off / grad, 1.0,
-                           "at most"))
-        out.append(_target(f"{label} checked (report) / unchecked (off)", rep / off, 1.3,
-                           "at most"))
-        out.append(_target(f"{label} fused scan / one call per step", fused / off, 1.0,
-                           "at least"))
+        out.append(
+            _target(f"{label} manual step (off) / jax.grad step", off / grad, 1.0, "at most")
+        )
+        out.append(
+            _target(f"{label} checked (report) / unchecked (off)", rep / off, 1.3, "at most")
+        )
+        out.append(_target(f"{label} fused scan / one call per step", fused / off, 1.0, "at least"))
     return out
 
 
@@ -88,35 +107,69 @@ def targets(results: dict) -> list[dict]:
             r = results[w]
             off, rep = _median(r, "jaxbp step check=off"), _median(r, "jaxbp step check=report")
             grad = _median(r, "jax.value_and_grad")
-            out.append(_target(f"{w} manual step (off) / jax.grad step", off / grad, 1.0,
-                               "at most"))
-            out.append(_target(f"{w} checked (report) / unchecked (off)", rep / off,
-                               1.15 if w == "W2" else 1.4, "at most"))
+            out.append(
+                _target(f"{w} manual step (off) / jax.grad step", off / grad, 1.0, "at most")
+            )
+            out.append(
+                _target(
+                    f"{w} checked (report) / unchecked (off)",
+                    rep / off,
+                    1.15 if w == "W2" else 1.4,
+                    "at most",
+                )
+            )
     for w in NETWORK_WORKLOADS:
         if w in results:
             out.extend(_network_targets(w, results[w]))
     if "W0" in results:
         r = results["W0"]
-        out.append(_target("W0 numpy loop / jaxbp fused loop (speed-up)",
-                           _median(r, "numpy") / _median(r, "jaxbp fused"), 50, "at least"))
+        out.append(
+            _target(
+                "W0 numpy loop / jaxbp fused loop (speed-up)",
+                _median(r, "numpy") / _median(r, "jaxbp fused"),
+                50,
+                "at least",
+            )
+        )
     if "W1" in results:
         r = results["W1"]
         off = _median(r, "jaxbp step check=off")
-        out.append(_target("W1 numpy step / jaxbp step (speed-up)", _median(r, "numpy") / off,
-                           1.0, "at least"))
+        out.append(
+            _target(
+                "W1 numpy step / jaxbp step (speed-up)", _median(r, "numpy") / off, 1.0, "at least"
+            )
+        )
         torch_t = _median(r, "PyTorch")
-        out.append(_target("W1 PyTorch step / jaxbp step (speed-up)",
-                           torch_t / off if torch_t else None, 1.0, "at least"))
+        out.append(
+            _target(
+                "W1 PyTorch step / jaxbp step (speed-up)",
+                torch_t / off if torch_t else None,
+                1.0,
+                "at least",
+            )
+        )
     if "W2" in results and "ceiling" in results:
         r = results["W2"]
         frac = r["variants"][next(k for k in r["variants"] if k.startswith("jaxbp step check=off"))]
-        out.append(_target("W2 achieved GFLOP/s / GEMM ceiling", frac["gflops"] /
-                           results["ceiling"]["gflops"] * 100, 85, "at least", "%"))
+        out.append(
+            _target(
+                "W2 achieved GFLOP/s / GEMM ceiling",
+                frac["gflops"] / results["ceiling"]["gflops"] * 100,
+                85,
+                "at least",
+                "%",
+            )
+        )
     if "W3" in results:
         r = results["W3"]
-        out.append(_target("W3 vmap(jax.grad) / vmap(manual) (speed-up)",
-                           _median(r, "vmap(jax.grad)") / _median(r, "vmap(jaxbp"), 2.0,
-                           "at least"))
+        out.append(
+            _target(
+                "W3 vmap(jax.grad) / vmap(manual) (speed-up)",
+                _median(r, "vmap(jax.grad)") / _median(r, "vmap(jaxbp"),
+                2.0,
+                "at least",
+            )
+        )
     return out
 
 
@@ -139,25 +192,42 @@ def table_rows(results: dict) -> list[list[str]]:
             g = v.get("gflops")
             gtxt = f"{g:.1f} ({g / ceiling:.0%})" if g and ceiling else "-"
             c = v.get("compile_s")
-            rows.append([w, name, f"{_fmt_time(v['median_s'])} / {r['unit']}",
-                         f"{v['median_s'] / base:.2f}x", gtxt, f"{c:.2f} s" if c else "-"])
+            rows.append(
+                [
+                    w,
+                    name,
+                    f"{_fmt_time(v['median_s'])} / {r['unit']}",
+                    f"{v['median_s'] / base:.2f}x",
+                    gtxt,
+                    f"{c:.2f} s" if c else "-",
+                ]
+            )
         for name, why in r.get("skipped", {}).items():
             rows.append([w, name, f"skipped: {why}", "-", "-", "-"])
     return rows
 
 
-HEADER = ["workload", "variant", "median time", "vs first row", "GFLOP/s (of ceiling)",
-          "compile"]
+HEADER = ["workload", "variant", "median time", "vs first row", "GFLOP/s (of ceiling)", "compile"]
 
 
 def print_report(results: dict) -> None:
     rows = table_rows(results)
-    t_rows = [[t["what"], "-" if t["value"] is None else f"{t['value']:.2f}", t["target"],
-               {True: "met", False: "MISSED", None: "n/a"}[t["met"]]]
-              for t in results["targets"]]
+    t_rows = [
+        [
+            t["what"],
+            "-" if t["value"] is None else f"{t['value']:.2f}",
+            t["target"],
+            {True: "met", False: "MISSED", None: "n/a"}[t["met"]],
+        ]
+        for t in results["targets"]
+    ]
     c = results.get("ceiling")
-    title = (f"GEMM ceiling (float32 {c['size']}^3): XLA {c['gflops']:.1f} GFLOP/s, numpy "
-             f"{c['numpy_gflops']:.1f} GFLOP/s" if c else "")
+    title = (
+        f"GEMM ceiling (float32 {c['size']}^3): XLA {c['gflops']:.1f} GFLOP/s, numpy "
+        f"{c['numpy_gflops']:.1f} GFLOP/s"
+        if c
+        else ""
+    )
     try:
         from rich.console import Console
         from rich.table import Table
@@ -184,16 +254,18 @@ def print_report(results: dict) -> None:
     console.print(tt)
 
 
-def run_suite(workloads=None, *, quick=False, tiny=False, json_path=DEFAULT_JSON,
-              echo=True) -> dict:
+def run_suite(
+    workloads=None, *, quick=False, tiny=False, json_path=DEFAULT_JSON, echo=True
+) -> dict:
     """Run the chosen workloads in this process; write JSON to ``json_path``; return it."""
     from . import harness
 
     workloads = list(WORKLOADS) if workloads is None else list(workloads)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
-        raise ValueError(f"unknown workload(s) {', '.join(unknown)}; expected some of: "
-                         f"{', '.join(WORKLOADS)}")
+        raise ValueError(
+            f"unknown workload(s) {', '.join(unknown)}; expected some of: {', '.join(WORKLOADS)}"
+        )
     start = time.perf_counter()
     # A smoke run's numbers mean nothing: no pauses between timed runs.
     settle, harness.SETTLE_S = harness.SETTLE_S, (0.0 if tiny else harness.SETTLE_S)
@@ -218,10 +290,13 @@ def run_suite(workloads=None, *, quick=False, tiny=False, json_path=DEFAULT_JSON
 def _run(workloads, *, quick, tiny, echo) -> dict:
     from .harness import gemm_ceiling, machine_info
 
-    results = {"machine": machine_info(), "quick": quick, "tiny": tiny,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    results["ceiling"] = gemm_ceiling(rounds=2 if (quick or tiny) else 5,
-                                      size=64 if tiny else 1024)
+    results = {
+        "machine": machine_info(),
+        "quick": quick,
+        "tiny": tiny,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    results["ceiling"] = gemm_ceiling(rounds=2 if (quick or tiny) else 5, size=64 if tiny else 1024)
     for w in workloads:
         if echo:
             print(f"running {w} ...", flush=True)
@@ -232,6 +307,7 @@ def _run(workloads, *, quick, tiny, echo) -> dict:
 
 def run(args) -> int:
     tiny = args.quick or args.tiny
-    run_suite(split_workloads(args.workloads), quick=tiny or args.short, tiny=tiny,
-              json_path=args.json)
+    run_suite(
+        split_workloads(args.workloads), quick=tiny or args.short, tiny=tiny, json_path=args.json
+    )
     return 0

@@ -43,7 +43,8 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
 
     step = jaxbp.make_train_step(net, "half_sse", opt, check="off")
     compiled, compile_s["jaxbp step loop check=off"] = compile_timed(
-        step, jaxbp.init_train_state(net, opt, params), x, y)
+        step, jaxbp.init_train_state(net, opt, params), x, y
+    )
 
     def run_steps(n):
         ts = jaxbp.init_train_state(net, opt, params)
@@ -88,7 +89,12 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
     for k in times:
         times[k]["compile_s"] = compile_s.get(k)
         times[k]["gflops"] = None
-    return {"name": "W0",
-            "description": f"seed 2-2-2 sigmoid, batch 1, half-SSE, {steps} SGD steps",
-            "steps": steps, "unit": f"{steps} steps", "variants": times, "skipped": skipped,
-            "fit_call_with_compile_s": fit_first_s}
+    return {
+        "name": "W0",
+        "description": f"seed 2-2-2 sigmoid, batch 1, half-SSE, {steps} SGD steps",
+        "steps": steps,
+        "unit": f"{steps} steps",
+        "variants": times,
+        "skipped": skipped,
+        "fit_call_with_compile_s": fit_first_s,
+    }

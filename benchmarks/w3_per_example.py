@@ -19,6 +19,7 @@ LOSS = "softmax_cross_entropy"
 
 def per_example_fns(net, loss=LOSS):
     """``{name: f(params, x, y) -> per-example grads}`` (unjitted), the variants of W3."""
+
     def manual_one(params, x1, y1):
         return jaxbp.backprop(net, loss, params, x1, y1, validate=False)[1]
 
@@ -48,7 +49,8 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
         variants[name] = run_v
 
     one, compile_s["Python loop (jitted manual, per example)"] = compile_timed(
-        jax.jit(fns["_one"]), params, x[0], y[0])
+        jax.jit(fns["_one"]), params, x[0], y[0]
+    )
 
     def run_loop(n):
         for _ in range(n):
@@ -58,13 +60,22 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
 
     variants["Python loop (jitted manual, per example)"] = run_loop
     reps = 2 if tiny else 5
-    times = measure(variants, steps={k: (1 if "loop" in k else reps) for k in variants},
-                    rounds=2 if tiny else (3 if quick else 7))
+    times = measure(
+        variants,
+        steps={k: (1 if "loop" in k else reps) for k in variants},
+        rounds=2 if tiny else (3 if quick else 7),
+    )
     n_out = sum(p.size for p in jax.tree_util.tree_leaves(params)) * batch
     for k in times:
         times[k]["compile_s"] = compile_s.get(k)
         times[k]["gflops"] = None
         times[k]["output_gb_per_s"] = 4 * n_out / times[k]["median_s"] / 1e9
-    return {"name": "W3", "description": f"per-example gradients, {'-'.join(map(str, sizes))}, "
-            f"batch {batch}", "batch": batch, "unit": f"{batch} gradients",
-            "output_floats": n_out, "variants": times, "skipped": {}}
+    return {
+        "name": "W3",
+        "description": f"per-example gradients, {'-'.join(map(str, sizes))}, batch {batch}",
+        "batch": batch,
+        "unit": f"{batch} gradients",
+        "output_floats": n_out,
+        "variants": times,
+        "skipped": {},
+    }

@@ -9,6 +9,14 @@ from .networks import run_network
 def run(*, quick: bool = False, tiny: bool = False) -> dict:
     model = mnist1d_resnet(10, channels=4, blocks=1) if tiny else mnist1d_resnet(10)
     batch = 8 if tiny else 128
-    return run_network("W4", f"MNIST-1D ResNet preset, batch {batch}", model, (40, 1), batch,
-                       "softmax_cross_entropy", 10, steps=3 if tiny else 20,
-                       rounds=2 if tiny else (4 if quick else 7))
+    return run_network(
+        "W4",
+        f"MNIST-1D ResNet preset, batch {batch}",
+        model,
+        (40, 1),
+        batch,
+        "softmax_cross_entropy",
+        10,
+        steps=3 if tiny else 20,
+        rounds=2 if tiny else (4 if quick else 7),
+    )

@@ -8,23 +8,51 @@ from .networks import run_network
 
 
 def gru_256(num_outputs: int) -> dict:
-    return {"name": "serial", "layers": [
-        {"name": "GRU", "hidden": 256, "return_sequences": False},
-        {"name": "Dense", "out_dim": num_outputs}]}
+    return {
+        "name": "serial",
+        "layers": [
+            {"name": "GRU", "hidden": 256, "return_sequences": False},
+            {"name": "Dense", "out_dim": num_outputs},
+        ],
+    }
 
 
 def run(*, quick: bool = False, tiny: bool = False) -> dict:
     rounds = 2 if tiny else (3 if quick else 5)
-    small = run_network("W6", "MNIST-1D bidirectional GRU(6) preset, batch 100",
-                        mnist1d_rnn(10, hidden=2 if tiny else 6), (40, 1), 8 if tiny else 100,
-                        "softmax_cross_entropy", 10, steps=2 if tiny else 20, rounds=rounds)
+    small = run_network(
+        "W6",
+        "MNIST-1D bidirectional GRU(6) preset, batch 100",
+        mnist1d_rnn(10, hidden=2 if tiny else 6),
+        (40, 1),
+        8 if tiny else 100,
+        "softmax_cross_entropy",
+        10,
+        steps=2 if tiny else 20,
+        rounds=rounds,
+    )
     time_steps, width, batch = (4, 8, 4) if tiny else (64, 256, 64)
-    model = gru_256(10) if not tiny else {"name": "serial", "layers": [
-        {"name": "GRU", "hidden": 8, "return_sequences": False},
-        {"name": "Dense", "out_dim": 10}]}
-    large = run_network("W6", f"GRU(256) over {time_steps} steps of {width}, batch {batch}",
-                        model, (time_steps, width), batch, "softmax_cross_entropy", 10,
-                        steps=2 if tiny else 3, rounds=rounds)
+    model = (
+        gru_256(10)
+        if not tiny
+        else {
+            "name": "serial",
+            "layers": [
+                {"name": "GRU", "hidden": 8, "return_sequences": False},
+                {"name": "Dense", "out_dim": 10},
+            ],
+        }
+    )
+    large = run_network(
+        "W6",
+        f"GRU(256) over {time_steps} steps of {width}, batch {batch}",
+        model,
+        (time_steps, width),
+        batch,
+        "softmax_cross_entropy",
+        10,
+        steps=2 if tiny else 3,
+        rounds=rounds,
+    )
     # One section, two models: variants of the large model carry a suffix.
     small["variants"].update({f"{k} [GRU(256) T=64]": v for k, v in large["variants"].items()})
     small["description"] += f"; and {large['description']}"

@@ -34,8 +34,8 @@ def _cell_fwd(x, W, s):
 
 def _cell_bwd_buggy(residuals, dh):
     x, W, s, t = residuals
-    dz = dh * s * (1 - t * t)          # through s * tanh(z)
-    dW = dz.T @ x                      # the slip: should be x.T @ dz
+    dz = dh * s * (1 - t * t)  # through s * tanh(z)
+    dW = dz.T @ x  # the slip: should be x.T @ dz
     return dz @ W.T, dW, jnp.sum(dh * t)
 
 

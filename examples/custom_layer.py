@@ -53,8 +53,9 @@ def Swish(beta_init: float = 1.0, wrong: bool = False) -> jaxbp.Layer:
 
     # name and config: Swish(**dict(config)) rebuilds this layer, so once registered it can be
     # written into a model description (jaxbp.describe) and built back (jaxbp.build).
-    return jaxbp.Layer(init, forward, backward, "Swish",
-                       (("beta_init", beta_init), ("wrong", wrong)))
+    return jaxbp.Layer(
+        init, forward, backward, "Swish", (("beta_init", beta_init), ("wrong", wrong))
+    )
 
 
 jaxbp.register_layer("Swish", Swish)
@@ -81,14 +82,23 @@ assert checks.ok
 # 3. Train it, every step verified against jax.grad before the update: 200 steps of Adam in
 #    one compiled loop; check="raise" would stop at the first step whose gradients disagree.
 optimizer = optax.adam(0.03)
-result = jaxbp.fit(net, jaxbp.softmax_cross_entropy, optimizer,
-                   jaxbp.init_train_state(net, optimizer, params), x, labels, steps=200,
-                   check="raise")
+result = jaxbp.fit(
+    net,
+    jaxbp.softmax_cross_entropy,
+    optimizer,
+    jaxbp.init_train_state(net, optimizer, params),
+    x,
+    labels,
+    steps=200,
+    check="raise",
+)
 params = result.state.params
 accuracy = float(jnp.mean(jnp.argmax(jaxbp.forward(net, params, x), -1) == labels))
 beta = np.round(np.asarray(params[1]["beta"]), 2)
-print(f"\ntrained 200 checked steps: loss {float(result.history.loss[-1]):.4f}, "
-      f"training accuracy {accuracy:.2f}, learned beta {beta}")
+print(
+    f"\ntrained 200 checked steps: loss {float(result.history.loss[-1]):.4f}, "
+    f"training accuracy {accuracy:.2f}, learned beta {beta}"
+)
 assert accuracy > 0.9
 
 # 4. A wrong backward does not get past the check.

@@ -21,8 +21,10 @@ from jaxbp.trainer import TrainConfig, train
 data = load_dataset("digits", seed=0)
 x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-print(f"digits: {len(x_train)} training and {len(x_test)} test images of "
-      f"{data.num_features} pixels, {data.num_classes} classes")
+print(
+    f"digits: {len(x_train)} training and {len(x_test)} test images of "
+    f"{data.num_features} pixels, {data.num_classes} classes"
+)
 
 # 2. The network: each layer carries its own hand-derived backward pass.
 net = jaxbp.serial(jaxbp.Dense(256), jaxbp.Relu, jaxbp.Dense(10))
@@ -36,16 +38,28 @@ ts = jaxbp.init_train_state(net, optimizer, params)  # params + optimizer state 
 #    jax.grad's and compares them leaf by leaf; history holds each step's numbers.
 batch, epochs = 64, 60
 steps = epochs * (len(x_train) // batch)
-result = jaxbp.fit(net, loss, optimizer, ts, x_train, y_train, steps=steps, batch_size=batch,
-                   key=jax.random.key(1), check="report")
+result = jaxbp.fit(
+    net,
+    loss,
+    optimizer,
+    ts,
+    x_train,
+    y_train,
+    steps=steps,
+    batch_size=batch,
+    key=jax.random.key(1),
+    check="report",
+)
 ts, history = result
 params = ts.params
 losses = np.asarray(history.loss)
 for t in (0, steps // 4, steps // 2, steps - 1):
     print(f"step {t:5d}  loss {losses[t]:.4f}")
-print(f"worst manual-vs-autodiff relative error over {steps} steps: "
-      f"{float(jnp.max(history.rel_error)):.1e}; all applied: "
-      f"{bool(jnp.all(history.applied))}")
+print(
+    f"worst manual-vs-autodiff relative error over {steps} steps: "
+    f"{float(jnp.max(history.rel_error)):.1e}; all applied: "
+    f"{bool(jnp.all(history.applied))}"
+)
 
 
 def accuracy(params, x, y):
@@ -63,6 +77,8 @@ print(jaxbp.compare_grads(manual, auto).table())
 #    curves.png in runs/digits-example; run it twice with resume=True and it continues).
 result = train(TrainConfig(dataset="digits", out="runs/digits-example"), progress="auto")
 m = result.metrics
-print(f"trainer: test accuracy {m['test_accuracy']:.2%}, worst gradient disagreement "
-      f"{m['max_grad_rel_error']:.1e} over {m['steps']} checked steps, {m['seconds']:.1f}s")
+print(
+    f"trainer: test accuracy {m['test_accuracy']:.2%}, worst gradient disagreement "
+    f"{m['max_grad_rel_error']:.1e} over {m['steps']} checked steps, {m['seconds']:.1f}s"
+)
 assert np.isfinite(m["final_loss"])

@@ -70,10 +70,12 @@ def main():
     g_auto = eqx.filter_grad(mse)(reference, x, y)
     # The two models differ in a static field (the block function): compare their arrays by path.
     report = jaxbp.compare_grads(_arrays_by_path(g_manual), _arrays_by_path(g_auto))
-    print(f"gradients through the hand-written backward vs autodiff: "
-          f"{'all leaves agree' if bool(report.ok) else 'MISMATCH'} "
-          f"({len(report.paths)} leaves, worst relative error "
-          f"{float(report.worst_rel_error):.1e})")
+    print(
+        f"gradients through the hand-written backward vs autodiff: "
+        f"{'all leaves agree' if bool(report.ok) else 'MISMATCH'} "
+        f"({len(report.paths)} leaves, worst relative error "
+        f"{float(report.worst_rel_error):.1e})"
+    )
 
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(eqx.filter(manual, eqx.is_array))
@@ -89,8 +91,7 @@ def main():
     for _ in range(300):
         model, opt_state, _ = train_step(model, opt_state, x, y)
     final = float(mse(model, x, y))
-    print(f"equinox model with a jaxbp block: mse {first:.4f} -> {final:.4f} after 300 adam "
-          f"steps")
+    print(f"equinox model with a jaxbp block: mse {first:.4f} -> {final:.4f} after 300 adam steps")
     print("trained" if final < first / 5 else "did not train")
 
 

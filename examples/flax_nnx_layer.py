@@ -35,12 +35,14 @@ class Model(nnx.Module):
         # Each jaxbp leaf becomes an nnx.Param, so nnx.Optimizer and nnx.grad see it.
         self.block = nnx.data(jax.tree.map(nnx.Param, params))
         self.decode = nnx.Linear(16, 1, rngs=rngs)
-        self.apply_block = as_custom_vjp(BLOCK) if hand_written else (
-            lambda p, x: BLOCK.forward(p, x)[0])  # autodiff of the same forward, to compare
+        self.apply_block = (
+            as_custom_vjp(BLOCK) if hand_written else (lambda p, x: BLOCK.forward(p, x)[0])
+        )  # autodiff of the same forward, to compare
 
     def __call__(self, x):
-        params = jax.tree.map(lambda v: v[...], self.block,
-                              is_leaf=lambda v: isinstance(v, nnx.Variable))
+        params = jax.tree.map(
+            lambda v: v[...], self.block, is_leaf=lambda v: isinstance(v, nnx.Variable)
+        )
         return self.decode(self.apply_block(params, nnx.relu(self.encode(x))))
 
 
@@ -58,10 +60,12 @@ def main():
     _, g_manual = nnx.value_and_grad(mse)(manual, x, y)
     _, g_auto = nnx.value_and_grad(mse)(reference, x, y)
     report = jaxbp.compare_grads(nnx.state(g_manual, nnx.Param), nnx.state(g_auto, nnx.Param))
-    print(f"gradients through the hand-written backward vs autodiff: "
-          f"{'all leaves agree' if bool(report.ok) else 'MISMATCH'} "
-          f"({len(report.paths)} leaves, worst relative error "
-          f"{float(report.worst_rel_error):.1e})")
+    print(
+        f"gradients through the hand-written backward vs autodiff: "
+        f"{'all leaves agree' if bool(report.ok) else 'MISMATCH'} "
+        f"({len(report.paths)} leaves, worst relative error "
+        f"{float(report.worst_rel_error):.1e})"
+    )
 
     optimizer = nnx.Optimizer(manual, optax.adam(1e-2), wrt=nnx.Param)
 

@@ -43,8 +43,9 @@ def per_example_autodiff(params, x, labels):
 compare = jax.jit(jaxbp.compare_grads)
 
 grads = per_example_manual(params, x, labels)
-print("per-example gradient shapes:",
-      jax.tree_util.tree_map(lambda g: g.shape, grads))  # a leading axis of 8 on every leaf
+print(
+    "per-example gradient shapes:", jax.tree_util.tree_map(lambda g: g.shape, grads)
+)  # a leading axis of 8 on every leaf
 
 # 1. The manual per-example gradients equal jax.grad's, example by example.
 report = compare(grads, per_example_autodiff(params, x, labels))
@@ -57,15 +58,21 @@ mean = jax.tree_util.tree_map(lambda g: g.mean(axis=0), grads)
 assert bool(compare(mean, batch_grads).ok)
 print("mean of the per-example gradients == the batch gradient")
 
+
 # 3. What they are for: per-example norms, and clipping each example's gradient to norm 1
 #    before averaging (the DP-SGD step, without its noise).
 @jax.jit
 def clipped_mean(grads, max_norm=1.0):
-    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
-                         for g in jax.tree_util.tree_leaves(grads)))
+    norms = jnp.sqrt(
+        sum(
+            jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+            for g in jax.tree_util.tree_leaves(grads)
+        )
+    )
     scale = jnp.minimum(1.0, max_norm / norms)
     mean = jax.tree_util.tree_map(
-        lambda g: (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))).mean(axis=0), grads)
+        lambda g: (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))).mean(axis=0), grads
+    )
     return norms, mean
 
 

@@ -23,12 +23,12 @@ net, params, x, y, lr = jaxbp.seed_problem()
 # returns its output and the cache its backward will need.
 out, caches = net.forward(params, x)
 hidden = caches[2]  # the second Dense layer's cache is its input: out_h1, out_h2
-print("out_h1, out_h2 =", np.round(hidden, 4))          # [0.5866 0.5812]
-print("out_o1, out_o2 =", np.round(out, 4))             # [0.8401 0.7922]
+print("out_h1, out_h2 =", np.round(hidden, 4))  # [0.5866 0.5812]
+print("out_o1, out_o2 =", np.round(out, 4))  # [0.8401 0.7922]
 
 # Step 2: the error.
 loss = jaxbp.half_sse
-print("E_total =", round(float(loss(out, y)), 4))      # 0.354
+print("E_total =", round(float(loss(out, y)), 4))  # 0.354
 
 # Step 3: backward pass: dE/dout from the loss, then every layer's hand-written backward.
 value, grads = jaxbp.backprop(net, loss, params, x, y)
@@ -43,7 +43,7 @@ print(report)
 optimizer = jaxbp.freeze(jaxbp.sgd(lr), jaxbp.biases)
 updates, _ = optimizer.update(grads, optimizer.init(params), params)
 new = optax.apply_updates(params, updates)
-print("W7_new =", round(float(new[2]["W"][1, 0]), 4))     # 0.568
+print("W7_new =", round(float(new[2]["W"][1, 0]), 4))  # 0.568
 
 # The seed's numpy program, verbatim in substance: the same numbers to the last bit.
 sig = lambda z: 1 / (1 + np.exp(-z))

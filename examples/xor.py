@@ -25,8 +25,10 @@ ts = jaxbp.init_train_state(net, optimizer, params)  # params, optimizer state (
 result = jaxbp.fit(net, jaxbp.half_sse, optimizer, ts, x, y, steps=2000, check="report")
 losses = np.asarray(result.history.loss)
 worst = float(np.max(result.history.rel_error))
-print(f"loss: {losses[0]:.4f} at the start, {losses[999]:.4f} after 1000 steps, "
-      f"{losses[-1]:.6f} after 2000")
+print(
+    f"loss: {losses[0]:.4f} at the start, {losses[999]:.4f} after 1000 steps, "
+    f"{losses[-1]:.6f} after 2000"
+)
 print(f"manual vs jax.grad over all 2000 steps: worst leaf relative error {worst:.1e}")
 
 pred = jaxbp.forward(net, result.state.params, x)

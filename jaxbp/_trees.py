@@ -6,8 +6,10 @@ import jax
 
 
 def _paths(tree) -> list[str]:
-    return [jax.tree_util.keystr(p) or "<root>"
-            for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        jax.tree_util.keystr(p) or "<root>"
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def tree_difference(expected, got, *, limit: int = 3) -> str:
@@ -24,16 +26,19 @@ def tree_difference(expected, got, *, limit: int = 3) -> str:
     for label, items in (("got no", missing), ("got unexpected", extra)):
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
-            parts.append(f"{label} {'leaves' if len(items) > 1 else 'leaf'} "
-                         f"{', '.join(items[:limit])}{more}")
+            parts.append(
+                f"{label} {'leaves' if len(items) > 1 else 'leaf'} {', '.join(items[:limit])}{more}"
+            )
     if parts:
         return "; ".join(parts)
     # The same leaf paths in different containers: a list for a tuple, a dict for a custom node.
     where = _container_difference(expected, got, "")
     if where:
         return where
-    return (f"the same leaves in different containers: expected "
-            f"{jax.tree_util.tree_structure(expected)}, got {jax.tree_util.tree_structure(got)}")
+    return (
+        f"the same leaves in different containers: expected "
+        f"{jax.tree_util.tree_structure(expected)}, got {jax.tree_util.tree_structure(got)}"
+    )
 
 
 _CONTAINERS = (list, tuple, dict)
@@ -44,8 +49,10 @@ def _container_difference(expected, got, path: str) -> str | None:
     if not isinstance(expected, _CONTAINERS) and not isinstance(got, _CONTAINERS):
         return None  # two leaves (or custom nodes): nothing to say here
     if type(expected) is not type(got):
-        return (f"got a {type(got).__name__} at {path or 'the top level'}, expected a "
-                f"{type(expected).__name__}")
+        return (
+            f"got a {type(got).__name__} at {path or 'the top level'}, expected a "
+            f"{type(expected).__name__}"
+        )
     if isinstance(expected, dict):
         pairs = [(f"{path}[{k!r}]", expected[k], got[k]) for k in expected if k in got]
     else:

@@ -55,14 +55,18 @@ def _check_sequence(layer, x, dim):
     """Activations of shape ``(batch, time, dim)`` or ``(time, dim)`` with ``dim`` features."""
     _check_float(x, layer)
     if x.ndim not in (2, 3) or x.shape[-1] != dim:
-        raise InputShapeError(f"{layer} expects inputs of shape (batch, time, dim) or "
-                              f"(time, dim) with dim {dim}, got shape {tuple(x.shape)}")
+        raise InputShapeError(
+            f"{layer} expects inputs of shape (batch, time, dim) or "
+            f"(time, dim) with dim {dim}, got shape {tuple(x.shape)}"
+        )
 
 
 def _check_sequence_shape(layer, input_shape):
     if len(input_shape) not in (2, 3):
-        raise ValueError(f"{layer} expects inputs of shape (batch, time, dim) or (time, dim), "
-                         f"got shape {tuple(input_shape)}")
+        raise ValueError(
+            f"{layer} expects inputs of shape (batch, time, dim) or (time, dim), "
+            f"got shape {tuple(input_shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,8 +78,10 @@ def _check_token_ids(vocab_size, ids):
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
         raise TypeError(f"Embedding expects integer token ids, got dtype {jnp.result_type(ids)}")
     if ids.ndim not in (1, 2):
-        raise InputShapeError(f"Embedding expects token ids of shape (batch, time) or (time,), "
-                              f"got shape {tuple(ids.shape)}")
+        raise InputShapeError(
+            f"Embedding expects token ids of shape (batch, time) or (time,), "
+            f"got shape {tuple(ids.shape)}"
+        )
     if not isinstance(ids, jax.core.Tracer):
         # NumPy, not jnp: concrete ids inside an outer trace would otherwise become tracers.
         values = np.asarray(ids)
@@ -97,8 +103,10 @@ def Embedding(vocab_size: int, dim: int, dtype=None) -> Layer:
 
     def init(key, input_shape):
         if len(input_shape) not in (1, 2):
-            raise ValueError(f"Embedding expects token ids of shape (batch, time) or (time,), "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"Embedding expects token ids of shape (batch, time) or (time,), "
+                f"got shape {tuple(input_shape)}"
+            )
         dt = dtype or _default_float()
         # GPT-2's token embedding initialisation (llm.c, nanoGPT): N(0, 0.02^2).
         w = 0.02 * jax.random.normal(key, (vocab_size, dim), dt)
@@ -140,14 +148,18 @@ def PositionalEmbedding(max_len: int, dim: int, dtype=None) -> Layer:
 
     def check_length(time):
         if time > max_len:
-            raise InputShapeError(f"PositionalEmbedding expects sequences of at most max_len "
-                                  f"{max_len} positions, got {time}")
+            raise InputShapeError(
+                f"PositionalEmbedding expects sequences of at most max_len "
+                f"{max_len} positions, got {time}"
+            )
 
     def init(key, input_shape):
         _check_sequence_shape("PositionalEmbedding", input_shape)
         if input_shape[-1] != dim:
-            raise ValueError(f"PositionalEmbedding expects inputs with dim {dim} features, "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"PositionalEmbedding expects inputs with dim {dim} features, "
+                f"got shape {tuple(input_shape)}"
+            )
         check_length(input_shape[-2])
         dt = dtype or _default_float()
         # GPT-2's position embedding initialisation: N(0, 0.01^2).
@@ -190,8 +202,9 @@ def LayerNorm(eps: float = 1e-5, dtype=None) -> Layer:
 
     def init(key, input_shape):
         if len(input_shape) < 1 or input_shape[-1] < 1:
-            raise ValueError(f"LayerNorm expects inputs of shape (..., features), "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"LayerNorm expects inputs of shape (..., features), got shape {tuple(input_shape)}"
+            )
         dt = dtype or _default_float()
         features = input_shape[-1]
         params = {"scale": jnp.ones(features, dt), "bias": jnp.zeros(features, dt)}
@@ -201,8 +214,10 @@ def LayerNorm(eps: float = 1e-5, dtype=None) -> Layer:
         _check_float(x, "LayerNorm")
         features = params["scale"].shape[0]
         if x.ndim < 1 or x.shape[-1] != features:
-            raise InputShapeError(f"LayerNorm expects inputs of shape (..., features) with "
-                                  f"{features} features, got shape {tuple(x.shape)}")
+            raise InputShapeError(
+                f"LayerNorm expects inputs of shape (..., features) with "
+                f"{features} features, got shape {tuple(x.shape)}"
+            )
         centred = x - jnp.mean(x, axis=-1, keepdims=True)
         rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
         xhat = centred * rstd
@@ -220,8 +235,11 @@ def LayerNorm(eps: float = 1e-5, dtype=None) -> Layer:
         """
         xhat, rstd = cache
         dxhat = dy * params["scale"]
-        dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                     - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+        dx = rstd * (
+            dxhat
+            - jnp.mean(dxhat, axis=-1, keepdims=True)
+            - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
+        )
         return {"scale": _sum_to_last(dy * xhat), "bias": _sum_to_last(dy)}, dx
 
     config = (("eps", eps), *_dtype_config(dtype))
@@ -253,8 +271,10 @@ def _merge_heads(a):
 
 def _check_heads(num_heads, dim):
     if dim % num_heads:
-        raise ValueError(f"MultiHeadAttention: num_heads {num_heads} does not divide dim {dim}; "
-                         f"expected a dim that is a multiple of num_heads")
+        raise ValueError(
+            f"MultiHeadAttention: num_heads {num_heads} does not divide dim {dim}; "
+            f"expected a dim that is a multiple of num_heads"
+        )
 
 
 def _check_attention_arguments(num_heads, causal) -> None:
@@ -324,7 +344,8 @@ def _attention_backward(params, cache, dy):
     dx_parts = []
     for name, d_proj in zip("qkv", (dq, dk, dv), strict=True):
         grads["W" + name], grads["b" + name], dx_part = _linear_backward(
-            x, params["W" + name], _merge_heads(d_proj))
+            x, params["W" + name], _merge_heads(d_proj)
+        )
         dx_parts.append(dx_part)
     return {key: grads[key] for key in params}, sum(dx_parts[1:], dx_parts[0])
 

@@ -21,19 +21,25 @@ __all__ = ["forward", "backprop", "autodiff", "loss_fn", "check_inputs", "check_
 def check_inputs(x) -> None:
     """Trace-time checks on a batch of inputs: floating point or integer ids, not empty."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # a list: result_type would fail
-        raise TypeError(f"inputs must be an array of shape (batch, features), got "
-                        f"{type(x).__name__} (convert with jnp.asarray(x))")
+        raise TypeError(
+            f"inputs must be an array of shape (batch, features), got "
+            f"{type(x).__name__} (convert with jnp.asarray(x))"
+        )
     dtype = jnp.result_type(x)
     # Integer inputs are token ids for an Embedding; a layer that needs floats says so itself.
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"inputs must be floating point (or integer token ids), got dtype "
-                        f"{dtype} (convert with x.astype(jnp.float32))")
+        raise TypeError(
+            f"inputs must be floating point (or integer token ids), got dtype "
+            f"{dtype} (convert with x.astype(jnp.float32))"
+        )
     shape = jnp.shape(x)
     if len(shape) == 0:
         raise ValueError("inputs must have shape (features,) or (batch, features), got a scalar")
     if 0 in shape:
-        raise ValueError(f"empty batch: inputs must have at least one example and one feature, "
-                         f"got shape {tuple(shape)}")
+        raise ValueError(
+            f"empty batch: inputs must have at least one example and one feature, "
+            f"got shape {tuple(shape)}"
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -56,18 +62,24 @@ def check_params(net: Layer, params, input_shape) -> None:
     got, got_def = jax.tree_util.tree_flatten_with_path(params)
     if got_def != expected_def:
         expected_tree = jax.tree_util.tree_unflatten(expected_def, [w for _, w in expected])
-        raise ValueError(f"params do not match the network: "
-                         f"{tree_difference(expected_tree, params)}; expected the tree that "
-                         f"net.init(key, input_shape) makes")
+        raise ValueError(
+            f"params do not match the network: "
+            f"{tree_difference(expected_tree, params)}; expected the tree that "
+            f"net.init(key, input_shape) makes"
+        )
     for (path, want), (_, leaf) in zip(expected, got):
         if tuple(jnp.shape(leaf)) != tuple(want.shape):
             _raise_forward_shape_error(net, params, shape)
-            raise ValueError(f"params do not match the network: leaf "
-                             f"{jax.tree_util.keystr(path)} expected shape {tuple(want.shape)}, "
-                             f"got shape {tuple(jnp.shape(leaf))}")
+            raise ValueError(
+                f"params do not match the network: leaf "
+                f"{jax.tree_util.keystr(path)} expected shape {tuple(want.shape)}, "
+                f"got shape {tuple(jnp.shape(leaf))}"
+            )
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(f"params must be floating point: leaf {jax.tree_util.keystr(path)} "
-                            f"got dtype {jnp.result_type(leaf)}")
+            raise TypeError(
+                f"params must be floating point: leaf {jax.tree_util.keystr(path)} "
+                f"got dtype {jnp.result_type(leaf)}"
+            )
 
 
 def _raise_forward_shape_error(net: Layer, params, input_shape) -> None:
@@ -80,13 +92,15 @@ def _raise_forward_shape_error(net: Layer, params, input_shape) -> None:
     """
     x = jax.ShapeDtypeStruct(tuple(input_shape), jax.dtypes.canonicalize_dtype(jnp.float64))
     state = init_state(net, input_shape)
-    if (net.name == "serial" and isinstance(params, (tuple, list))
-            and len(params) == len(net.children)):
+    if (
+        net.name == "serial"
+        and isinstance(params, (tuple, list))
+        and len(params) == len(net.children)
+    ):
         # Only up to the first layer with parameters: that is where the inputs meet the params.
         # A mismatch further in is the params' own inconsistency, which the params message names.
-        k = next((i for i, p in enumerate(params) if jax.tree_util.tree_leaves(p)),
-                 len(params) - 1)
-        net, params = serial(*net.children[:k + 1]), tuple(params[:k + 1])
+        k = next((i for i, p in enumerate(params) if jax.tree_util.tree_leaves(p)), len(params) - 1)
+        net, params = serial(*net.children[: k + 1]), tuple(params[: k + 1])
     try:
         jax.eval_shape(lambda p, xx: apply(net, p, state, xx, key=jax.random.key(0))[0], params, x)
     except InputShapeError as e:
@@ -123,8 +137,18 @@ def _returned(value, grads, new_state, state_given):
     return (value, grads, new_state) if state_given else (value, grads)
 
 
-def backprop(net: Layer, loss: Loss | str, params, x, y, *, state=None, key=None,
-             train: bool = True, validate: bool = True):
+def backprop(
+    net: Layer,
+    loss: Loss | str,
+    params,
+    x,
+    y,
+    *,
+    state=None,
+    key=None,
+    train: bool = True,
+    validate: bool = True,
+):
     """Manual chain rule: forward with caches, ``dE/dout`` from the loss, backward.
 
     Returns ``(loss value, grads)``; with ``state`` given (a network with BatchNorm),
@@ -140,8 +164,18 @@ def backprop(net: Layer, loss: Loss | str, params, x, y, *, state=None, key=None
     return _returned(value, grads, new_state, state is not None)
 
 
-def autodiff(net: Layer, loss: Loss | str, params, x, y, *, state=None, key=None,
-             train: bool = True, validate: bool = True):
+def autodiff(
+    net: Layer,
+    loss: Loss | str,
+    params,
+    x,
+    y,
+    *,
+    state=None,
+    key=None,
+    train: bool = True,
+    validate: bool = True,
+):
     """``jax.value_and_grad`` of the same pure loss, with the same state and key as
     :func:`backprop` (so the same batch statistics and dropout masks). Returns what it does."""
     loss = get_loss(loss)

@@ -83,10 +83,18 @@ def _flatten(state: Mapping[str, Any]):
         for path, leaf in tu.tree_flatten_with_path(state[group])[0]:
             arr = np.asarray(leaf)
             if arr.dtype == object:
-                raise TypeError(f"checkpoint: leaf {group}{tu.keystr(path)} is not an array "
-                                f"(got {type(leaf).__name__})")
-            entries.append({"group": group, "path": tu.keystr(path),
-                            "shape": list(arr.shape), "dtype": arr.dtype.str})
+                raise TypeError(
+                    f"checkpoint: leaf {group}{tu.keystr(path)} is not an array "
+                    f"(got {type(leaf).__name__})"
+                )
+            entries.append(
+                {
+                    "group": group,
+                    "path": tu.keystr(path),
+                    "shape": list(arr.shape),
+                    "dtype": arr.dtype.str,
+                }
+            )
             arrays.append(np.asarray(arr, order="C"))  # (ascontiguousarray makes 0-d 1-d)
     return entries, arrays
 
@@ -101,8 +109,9 @@ def _digest(header: dict, arrays) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path, state: Mapping[str, Any], header: Mapping[str, Any] | None = None
-                    ) -> Path:
+def save_checkpoint(
+    path, state: Mapping[str, Any], header: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``state`` (group name -> pytree of arrays) and ``header`` to ``path``, atomically.
 
     ``header`` is any JSON-serialisable mapping (conventionally with a ``"network"`` entry,
@@ -132,7 +141,7 @@ def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> P
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp: str | None = tmp_name  # None once it has been moved over path
     try:
-        with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as f:
+        with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -151,6 +160,7 @@ def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> P
 def write_json(path, obj, *, indent: int | None = 2, allow_nan: bool = False) -> Path:
     """``obj`` as JSON, written with :func:`atomic_write` (strict JSON, no NaN, unless
     ``allow_nan``)."""
+
     def write(f):
         json.dump(obj, f, indent=indent, allow_nan=allow_nan)
         f.write("\n")
@@ -185,28 +195,41 @@ def _read(path: Path):
                 found = header.get("format") if isinstance(header, dict) else None
                 raise CheckpointError(f"{path} is not a jaxbp checkpoint (format {found!r})")
             if header.get("version") != VERSION:
-                raise CheckpointError(f"checkpoint {path} has format version "
-                                      f"{header.get('version')!r}; this jaxbp reads version "
-                                      f"{VERSION}")
+                raise CheckpointError(
+                    f"checkpoint {path} has format version "
+                    f"{header.get('version')!r}; this jaxbp reads version "
+                    f"{VERSION}"
+                )
             leaves = header.get("leaves", [])
             arrays = []
             for i in range(len(leaves)):
                 name = f"leaf_{i:05d}"
                 if name not in names:
-                    raise CheckpointError(f"checkpoint {path} is incomplete: array {name} "
-                                          f"({leaves[i].get('path')}) is missing")
+                    raise CheckpointError(
+                        f"checkpoint {path} is incomplete: array {name} "
+                        f"({leaves[i].get('path')}) is missing"
+                    )
                 arrays.append(f[name])
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, UnicodeDecodeError,
-            json.JSONDecodeError) as e:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+    ) as e:
         size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({size} bytes; "
-                              f"{type(e).__name__}: {' '.join(str(e).split()) or 'unreadable'})"
-                              ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted ({size} bytes; "
+            f"{type(e).__name__}: {' '.join(str(e).split()) or 'unreadable'})"
+        ) from None
     if header.get("sha256") != _digest(header, arrays):
-        raise CheckpointError(f"checkpoint {path} is corrupted: its sha256 checksum does not "
-                              f"match its contents")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its sha256 checksum does not match its contents"
+        )
     return header, arrays
 
 
@@ -245,8 +268,9 @@ def _normalise(value):
     return json.loads(json.dumps(value))
 
 
-def load_checkpoint(path, like: Mapping[str, Any] | None = None, *,
-                    network: dict | None = None) -> Checkpoint:
+def load_checkpoint(
+    path, like: Mapping[str, Any] | None = None, *, network: dict | None = None
+) -> Checkpoint:
     """Read and validate the checkpoint at ``path``.
 
     Always checks that the file is complete and its checksum matches. With ``network``
@@ -261,8 +285,7 @@ def load_checkpoint(path, like: Mapping[str, Any] | None = None, *,
     if network is not None:
         diff = _network_difference(_normalise(network), header.get("network"))
         if diff:
-            raise CheckpointError(f"checkpoint {path} was written for a different network: "
-                                  f"{diff}")
+            raise CheckpointError(f"checkpoint {path} was written for a different network: {diff}")
     entries = header["leaves"]
     by_group: dict[str, list] = {}
     for entry, arr in zip(entries, arrays):
@@ -280,7 +303,8 @@ def load_checkpoint(path, like: Mapping[str, Any] | None = None, *,
             raise CheckpointError(
                 f"checkpoint {path} does not match this run: {group} has {len(stored)} arrays "
                 f"in the checkpoint, expected {len(expected)} (a different network or "
-                f"optimizer?)")
+                f"optimizer?)"
+            )
         leaves = []
         for (tpath, tleaf), (entry, arr) in zip(expected, stored):
             name = tu.keystr(tpath)
@@ -290,11 +314,13 @@ def load_checkpoint(path, like: Mapping[str, Any] | None = None, *,
                 raise CheckpointError(
                     f"checkpoint {path} does not match this run: {group} leaf "
                     f"{entry['path']} has shape {tuple(arr.shape)}, expected leaf {name} of "
-                    f"shape {want_shape}")
+                    f"shape {want_shape}"
+                )
             if arr.dtype != want_dtype:
                 raise CheckpointError(
                     f"checkpoint {path} does not match this run: {group} leaf {name} has "
-                    f"dtype {arr.dtype}, expected {want_dtype}")
+                    f"dtype {arr.dtype}, expected {want_dtype}"
+                )
             leaves.append(arr)
         state[group] = tu.tree_unflatten(treedef, leaves)
     extra = sorted(set(by_group) - set(like))
@@ -330,5 +356,6 @@ def restore_train_state(path, like, *, network: dict | None = None):
     ckpt = load_checkpoint(path, train_state_groups(like), network=network)
     st = jax.tree_util.tree_map(jnp.asarray, ckpt.state)
     key = None if like.key is None else jax.random.wrap_key_data(st["key"]["key_data"])
-    return like._replace(params=st["params"], opt_state=st["opt_state"], state=st["state"],
-                         key=key), ckpt
+    return like._replace(
+        params=st["params"], opt_state=st["opt_state"], state=st["state"], key=key
+    ), ckpt

@@ -106,8 +106,7 @@ def _sizes(layer: str, what: str, value, rank: int) -> tuple[int, ...]:
 
 
 def _pad_pair(layer: str, value) -> tuple[int, int]:
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(_is_int(v) for v in value)):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
         if min(value) < 0:
             raise ValueError(f"{layer} expects non-negative padding, got {tuple(value)}")
         return tuple(value)
@@ -116,8 +115,11 @@ def _pad_pair(layer: str, value) -> tuple[int, int]:
 
 def _padding(layer: str, value, rank: int):
     """``"VALID"`` / ``"SAME"`` (any case), or explicit ``((lo, hi), ...)`` per spatial axis."""
-    forms = ("'VALID', 'SAME', an int or a pair (lo, hi)" if rank == 1 else
-             "'VALID', 'SAME', an int, a pair (per axis) or ((lo, hi), (lo, hi))")
+    forms = (
+        "'VALID', 'SAME', an int or a pair (lo, hi)"
+        if rank == 1
+        else "'VALID', 'SAME', an int, a pair (per axis) or ((lo, hi), (lo, hi))"
+    )
     if isinstance(value, str):
         if value.upper() not in ("VALID", "SAME"):
             raise ValueError(f"{layer} padding must be {forms}, got {value!r}")
@@ -142,7 +144,8 @@ def _dtype_name(layer: str, dtype):
         dt = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(
-            f"{layer} expects a floating dtype such as 'float32', got {dtype!r}") from None
+            f"{layer} expects a floating dtype such as 'float32', got {dtype!r}"
+        ) from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"{layer} expects a floating dtype such as 'float32', got {dt}")
     return dt.name
@@ -183,13 +186,16 @@ def _spatial_shape(layer: str, shape, rank: int, what: str) -> tuple[int, ...]:
     if len(shape) not in (rank + 1, rank + 2):
         raise InputShapeError(f"{layer} expects {what} of shape {layout}, got shape {shape}")
     if len(shape) == rank + 1 and shape[0] == -1:  # -1 is only ever the batch placeholder
-        raise InputShapeError(f"{layer} expects {what} of shape {layout}, got shape {shape}: "
-                              f"a batch whose examples lack an axis")
+        raise InputShapeError(
+            f"{layer} expects {what} of shape {layout}, got shape {shape}: "
+            f"a batch whose examples lack an axis"
+        )
     dims = shape[1:] if len(shape) == rank + 2 and shape[0] == -1 else shape
     if any(d < 1 for d in dims):
-        raise InputShapeError(f"{layer} expects {what} of shape {layout} with no empty "
-                              f"dimension, got shape {shape}")
-    return shape[-rank - 1:-1]
+        raise InputShapeError(
+            f"{layer} expects {what} of shape {layout} with no empty dimension, got shape {shape}"
+        )
+    return shape[-rank - 1 : -1]
 
 
 def _window_message(layer, noun, window, window_eff, padded, rank):
@@ -215,15 +221,20 @@ def _out_sizes(layer, noun, sizes, pads, window, window_eff, stride, rank):
 def _check_conv_params(layer, rank, kernel, w, b, x):
     spatial = ", ".join(map(str, kernel))
     if w.ndim != rank + 2 or tuple(w.shape[:rank]) != kernel:
-        raise ValueError(f"{layer} expects W of shape ({spatial}, in, out), "
-                         f"got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"{layer} expects W of shape ({spatial}, in, out), got shape {tuple(w.shape)}"
+        )
     if tuple(b.shape) != (w.shape[-1],):
-        raise ValueError(f"{layer} expects b of shape ({w.shape[-1]},) for W of shape "
-                         f"{tuple(w.shape)}, got shape {tuple(b.shape)}")
+        raise ValueError(
+            f"{layer} expects b of shape ({w.shape[-1]},) for W of shape "
+            f"{tuple(w.shape)}, got shape {tuple(b.shape)}"
+        )
     if x.shape[-1] != w.shape[-2]:
         layout = f"(batch, {_SPATIAL_NAMES[rank]}, channels)"
-        raise InputShapeError(f"{layer} expects inputs of shape {layout} with {w.shape[-2]} "
-                              f"channels, got shape {tuple(x.shape)}")
+        raise InputShapeError(
+            f"{layer} expects inputs of shape {layout} with {w.shape[-2]} "
+            f"channels, got shape {tuple(x.shape)}"
+        )
 
 
 class _ConvSpec(NamedTuple):
@@ -241,8 +252,9 @@ class _ConvSpec(NamedTuple):
     dtype_name: str | None
 
 
-def _check_conv_arguments(layer, rank, out_channels, kernel_size, stride, padding, dilation,
-                          w_init, dtype) -> tuple[_ConvSpec, str]:
+def _check_conv_arguments(
+    layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype
+) -> tuple[_ConvSpec, str]:
     """The checked arguments, and the name of the initialiser (for the config)."""
     _positive(layer, "out_channels", out_channels)
     kernel = _sizes(layer, "kernel_size", kernel_size, rank)
@@ -252,8 +264,18 @@ def _check_conv_arguments(layer, rank, out_channels, kernel_size, stride, paddin
     initialiser, init_name = _initialiser(layer, w_init)
     dtype_name = _dtype_name(layer, dtype)
     kernel_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True))
-    spec = _ConvSpec(layer, rank, out_channels, kernel, strides, dilations, pad, kernel_eff,
-                     initialiser, dtype_name)
+    spec = _ConvSpec(
+        layer,
+        rank,
+        out_channels,
+        kernel,
+        strides,
+        dilations,
+        pad,
+        kernel_eff,
+        initialiser,
+        dtype_name,
+    )
     return spec, init_name
 
 
@@ -261,8 +283,9 @@ def _conv_geometry(spec: _ConvSpec, shape):
     """Spatial sizes, explicit (lo, hi) padding and output sizes for an input shape."""
     sizes = _spatial_shape(spec.layer, shape, spec.rank, "inputs")
     pads = _explicit_padding(spec.pad, sizes, spec.kernel_eff, spec.strides)
-    out = _out_sizes(spec.layer, "kernel", sizes, pads, spec.kernel, spec.kernel_eff,
-                     spec.strides, spec.rank)
+    out = _out_sizes(
+        spec.layer, "kernel", sizes, pads, spec.kernel, spec.kernel_eff, spec.strides, spec.rank
+    )
     return sizes, pads, out
 
 
@@ -271,7 +294,7 @@ def _conv_init(spec: _ConvSpec, key, input_shape):
     dt = jnp.dtype(spec.dtype_name) if spec.dtype_name else default_float()
     w_shape = (*spec.kernel, int(input_shape[-1]), spec.out_channels)
     w = jnp.asarray(spec.initialiser(key, w_shape, dt), dt)
-    out_shape = (*input_shape[:-spec.rank - 1], *out, spec.out_channels)
+    out_shape = (*input_shape[: -spec.rank - 1], *out, spec.out_channels)
     return tuple(out_shape), {"W": w, "b": jnp.zeros((spec.out_channels,), dt)}
 
 
@@ -283,9 +306,17 @@ def _conv_forward(spec: _ConvSpec, params, x):
     _check_conv_params(spec.layer, rank, spec.kernel, w, b, x)
     dt = jnp.result_type(x, w)
     xb = x if x.ndim == rank + 2 else x[None]
-    y = lax.conv_general_dilated(xb.astype(dt), w.astype(dt), spec.strides, pads,
-                                 rhs_dilation=spec.dilations,
-                                 dimension_numbers=_FORWARD_DIMS[rank]) + b
+    y = (
+        lax.conv_general_dilated(
+            xb.astype(dt),
+            w.astype(dt),
+            spec.strides,
+            pads,
+            rhs_dilation=spec.dilations,
+            dimension_numbers=_FORWARD_DIMS[rank],
+        )
+        + b
+    )
     return (y if x.ndim == rank + 2 else y[0]), x
 
 
@@ -293,8 +324,10 @@ def _conv_backward_pads(spec: _ConvSpec, sizes, pads, out):
     """The padding of the dx and dW convolutions: see :func:`_conv_backward`."""
     per_axis = list(zip(sizes, pads, out, spec.strides, spec.kernel_eff, strict=True))
     unread = [n + lo + hi - (m - 1) * s - k for n, (lo, hi), m, s, k in per_axis]
-    dx_pads = [(k - 1 - lo, k - 1 - hi + r)
-               for k, (lo, hi), r in zip(spec.kernel_eff, pads, unread, strict=True)]
+    dx_pads = [
+        (k - 1 - lo, k - 1 - hi + r)
+        for k, (lo, hi), r in zip(spec.kernel_eff, pads, unread, strict=True)
+    ]
     dw_pads = [(lo, hi - r) for (lo, hi), r in zip(pads, unread, strict=True)]
     return dx_pads, dw_pads
 
@@ -325,11 +358,23 @@ def _conv_backward(spec: _ConvSpec, params, x, dy):
     xb, dyb = (x, dy) if batched else (x[None], dy[None])
     xb, dyb = xb.astype(dt), dyb.astype(dt)
     dx_pads, dw_pads = _conv_backward_pads(spec, sizes, pads, out)
-    dx = lax.conv_general_dilated(dyb, lax.rev(w.astype(dt), tuple(range(rank))),
-                                  (1,) * rank, dx_pads, lhs_dilation=spec.strides,
-                                  rhs_dilation=spec.dilations, dimension_numbers=_DX_DIMS[rank])
-    dw = lax.conv_general_dilated(xb, dyb, spec.dilations, dw_pads, rhs_dilation=spec.strides,
-                                  dimension_numbers=_DW_DIMS[rank])
+    dx = lax.conv_general_dilated(
+        dyb,
+        lax.rev(w.astype(dt), tuple(range(rank))),
+        (1,) * rank,
+        dx_pads,
+        lhs_dilation=spec.strides,
+        rhs_dilation=spec.dilations,
+        dimension_numbers=_DX_DIMS[rank],
+    )
+    dw = lax.conv_general_dilated(
+        xb,
+        dyb,
+        spec.dilations,
+        dw_pads,
+        rhs_dilation=spec.strides,
+        dimension_numbers=_DW_DIMS[rank],
+    )
     db = jnp.sum(dyb, axis=tuple(range(rank + 1)))
     dx = dx if batched else dx[0]
     return {"W": dw.astype(w.dtype), "b": db.astype(b.dtype)}, dx.astype(x.dtype)
@@ -337,8 +382,9 @@ def _conv_backward(spec: _ConvSpec, params, x, dy):
 
 def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype):
     """The convolution layer of ``rank`` spatial axes; see :func:`Conv1D`."""
-    spec, init_name = _check_conv_arguments(layer, rank, out_channels, kernel_size, stride,
-                                            padding, dilation, w_init, dtype)
+    spec, init_name = _check_conv_arguments(
+        layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype
+    )
 
     def init(key, input_shape):
         return _conv_init(spec, key, input_shape)
@@ -350,14 +396,27 @@ def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_i
         return _conv_backward(spec, params, x, dy)
 
     backward.__doc__ = _conv_backward.__doc__
-    config = (("out_channels", out_channels), ("kernel_size", kernel_size), ("stride", stride),
-              ("padding", padding), ("dilation", dilation), ("w_init", init_name),
-              ("dtype", spec.dtype_name))
+    config = (
+        ("out_channels", out_channels),
+        ("kernel_size", kernel_size),
+        ("stride", stride),
+        ("padding", padding),
+        ("dilation", dilation),
+        ("w_init", init_name),
+        ("dtype", spec.dtype_name),
+    )
     return Layer(init, forward, backward, layer, config)
 
 
-def Conv1D(out_channels: int, kernel_size: int, stride: int = 1, padding="VALID",
-           dilation: int = 1, w_init="he", dtype=None) -> Layer:
+def Conv1D(
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding="VALID",
+    dilation: int = 1,
+    w_init="he",
+    dtype=None,
+) -> Layer:
     """1-D convolution (cross-correlation, as everywhere in deep learning) plus bias.
 
     Inputs ``(batch, length, channels)`` or one example ``(length, channels)``; params
@@ -370,8 +429,9 @@ def Conv1D(out_channels: int, kernel_size: int, stride: int = 1, padding="VALID"
     return _conv("Conv1D", 1, out_channels, kernel_size, stride, padding, dilation, w_init, dtype)
 
 
-def Conv2D(out_channels: int, kernel_size, stride=1, padding="VALID", dilation=1,
-           w_init="he", dtype=None) -> Layer:
+def Conv2D(
+    out_channels: int, kernel_size, stride=1, padding="VALID", dilation=1, w_init="he", dtype=None
+) -> Layer:
     """2-D convolution plus bias, channels last.
 
     Inputs ``(batch, H, W, C)`` or one example ``(H, W, C)``; params
@@ -416,7 +476,7 @@ def _pool(layer, rank, window, stride, forward_taps, backward_taps):
 
     def init(key, input_shape):
         _, out = geometry(input_shape)
-        return (*input_shape[:-rank - 1], *out, input_shape[-1]), ()
+        return (*input_shape[: -rank - 1], *out, input_shape[-1]), ()
 
     def forward(params, x):
         check_float(x, layer)
@@ -516,8 +576,10 @@ def _example_axes(layer, shape, example_ndim, layout, minimum):
             raise InputShapeError(f"{layer} expects inputs of shape {layout}, got shape {shape}")
         return 1
     if len(shape) not in (example_ndim, example_ndim + 1):
-        raise InputShapeError(f"{layer} expects inputs of {example_ndim} axes per example "
-                              f"(or a batch of them), got shape {shape}")
+        raise InputShapeError(
+            f"{layer} expects inputs of {example_ndim} axes per example "
+            f"(or a batch of them), got shape {shape}"
+        )
     return len(shape) - example_ndim
 
 

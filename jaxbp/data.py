@@ -83,9 +83,15 @@ SEQUENCE_DATASETS: tuple[str, ...] = ("text",)
 # The gpt preset's training settings (jaxbp.presets), also used for a model file on text.
 # Measured: 10 epochs (1,020 steps, every one checked) reach a validation loss of 1.194 nats
 # per character (5 epochs at lr 2e-3: 1.545); the bigram baseline is 2.32.
-TEXT_DEFAULTS: dict[str, Any] = dict(loss="softmax_cross_entropy", optimizer="adam", lr=3e-3,
-                                     schedule="warmup_cosine", weight_decay=0.1, epochs=10,
-                                     batch_size=32)
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    loss="softmax_cross_entropy",
+    optimizer="adam",
+    lr=3e-3,
+    schedule="warmup_cosine",
+    weight_decay=0.1,
+    epochs=10,
+    batch_size=32,
+)
 
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -97,24 +103,67 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # 4 points, full batch. tanh (zero-centred) escapes the symmetric start
     # much more reliably than sigmoid; adam with a large lr solves it in a few
     # hundred steps for almost every init seed.
-    "xor": dict(hidden=(8,), activation="tanh", loss="softmax_cross_entropy",
-                optimizer="adam", lr=0.05, epochs=500, batch_size=4),
+    "xor": dict(
+        hidden=(8,),
+        activation="tanh",
+        loss="softmax_cross_entropy",
+        optimizer="adam",
+        lr=0.05,
+        epochs=500,
+        batch_size=4,
+    ),
     # The tutorial's 2-2-2 sigmoid network trained with plain SGD, lr 0.5, on
     # half the squared error: exactly the textbook setting.
-    "seed": dict(hidden=(2,), activation="sigmoid", loss="half_sse",
-                 optimizer="sgd", lr=0.5, epochs=1000, batch_size=1),
-    "digits": dict(hidden=(256,), activation="relu", loss="softmax_cross_entropy",
-                   optimizer="adam", lr=1e-3, epochs=60, batch_size=64),
-    "iris": dict(hidden=(16,), activation="tanh", loss="softmax_cross_entropy",
-                 optimizer="adam", lr=1e-2, epochs=200, batch_size=16),
-    "breast_cancer": dict(hidden=(32,), activation="relu", loss="softmax_cross_entropy",
-                          optimizer="adam", lr=1e-3, epochs=60, batch_size=32),
+    "seed": dict(
+        hidden=(2,),
+        activation="sigmoid",
+        loss="half_sse",
+        optimizer="sgd",
+        lr=0.5,
+        epochs=1000,
+        batch_size=1,
+    ),
+    "digits": dict(
+        hidden=(256,),
+        activation="relu",
+        loss="softmax_cross_entropy",
+        optimizer="adam",
+        lr=1e-3,
+        epochs=60,
+        batch_size=64,
+    ),
+    "iris": dict(
+        hidden=(16,),
+        activation="tanh",
+        loss="softmax_cross_entropy",
+        optimizer="adam",
+        lr=1e-2,
+        epochs=200,
+        batch_size=16,
+    ),
+    "breast_cancer": dict(
+        hidden=(32,),
+        activation="relu",
+        loss="softmax_cross_entropy",
+        optimizer="adam",
+        lr=1e-3,
+        epochs=60,
+        batch_size=32,
+    ),
     # MLPs overfit MNIST-1D (train -> 100%); the paper's MLP reaches ~68%
     # test. In our sweep gelu + adam 5e-3 gave ~69% test (relu 1e-3: ~62%).
     # Weight decay is what lifts the MLP past the authors' 68%: see docs/training.md's sweep.
-    "mnist1d": dict(hidden=(256, 256, 256), activation="gelu", loss="softmax_cross_entropy",
-                    optimizer="adam", lr=2e-3, schedule="warmup_cosine", weight_decay=1.0,
-                    epochs=150, batch_size=64),
+    "mnist1d": dict(
+        hidden=(256, 256, 256),
+        activation="gelu",
+        loss="softmax_cross_entropy",
+        optimizer="adam",
+        lr=2e-3,
+        schedule="warmup_cosine",
+        weight_decay=1.0,
+        epochs=150,
+        batch_size=64,
+    ),
 }
 
 _EXTRA_HINT = "pip install 'jaxbp[data]'"
@@ -170,8 +219,9 @@ def cache_dir() -> Path:
     return base / "jaxbp"
 
 
-def standardize(x_train: np.ndarray, x_test: np.ndarray, *, eps: float = 1e-8
-                ) -> tuple[np.ndarray, np.ndarray]:
+def standardize(
+    x_train: np.ndarray, x_test: np.ndarray, *, eps: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
     """Standardise both splits per feature using training-split mean/std only.
 
     Using test statistics would leak information about the test set into
@@ -184,8 +234,7 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray, *, eps: float = 1e-8
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)
     std = np.where(std < eps, 1.0, std)
-    return (((x_train - mean) / std).astype(np.float32),
-            ((x_test - mean) / std).astype(np.float32))
+    return (((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32))
 
 
 def epoch_permutations(n: int, batch_size: int, num_epochs: int, seed: int) -> np.ndarray:
@@ -200,13 +249,17 @@ def epoch_permutations(n: int, batch_size: int, num_epochs: int, seed: int) -> n
     redrawn each epoch, a different random tail is dropped each time and no
     example is systematically left out. Deterministic given ``seed``.
     """
-    n, batch_size, num_epochs = _check_int("n", n), _check_int("batch_size", batch_size), \
-        _check_int("num_epochs", num_epochs)
+    n, batch_size, num_epochs = (
+        _check_int("n", n),
+        _check_int("batch_size", batch_size),
+        _check_int("num_epochs", num_epochs),
+    )
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be between 1 and the number of examples ({n}), "
-                         f"got {batch_size}")
+        raise ValueError(
+            f"batch_size must be between 1 and the number of examples ({n}), got {batch_size}"
+        )
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     steps = n // batch_size
@@ -217,8 +270,14 @@ def epoch_permutations(n: int, batch_size: int, num_epochs: int, seed: int) -> n
     return np.ascontiguousarray(kept.reshape(num_epochs, steps, batch_size))
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None = None,
-            drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Iterate once over ``(x, y)`` in minibatches (host-side, NumPy).
 
     ``seed=None`` keeps the original order (e.g. for evaluation); an int
@@ -235,12 +294,18 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None =
     order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
 
-def load_dataset(name: str, *, seed: int = 0, test_fraction: float | None = None,
-                 standardize: bool = True, text: str | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    test_fraction: float | None = None,
+    standardize: bool = True,
+    text: str | None = None,
+) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`).
 
     ``seed`` drives the stratified train/test split of the scikit-learn
@@ -265,20 +330,30 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float | None = None
         raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     if test_fraction is not None:
         if name not in _SPLITTABLE:
-            raise ValueError(f"dataset {name!r} has a fixed train/test split; "
-                             f"test_fraction applies only to: {', '.join(_SPLITTABLE)}")
+            raise ValueError(
+                f"dataset {name!r} has a fixed train/test split; "
+                f"test_fraction applies only to: {', '.join(_SPLITTABLE)}"
+            )
         if not 0.0 < float(test_fraction) < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     frac = DEFAULT_TEST_FRACTION if test_fraction is None else float(test_fraction)
-    x_tr, y_tr, x_te, y_te, num_classes, task = loader(seed=seed, test_fraction=frac,
-                                                       standardize=standardize)
+    x_tr, y_tr, x_te, y_te, num_classes, task = loader(
+        seed=seed, test_fraction=frac, standardize=standardize
+    )
     if task == "classification":
         y_tr, y_te = y_tr.astype(np.int32), y_te.astype(np.int32)
     else:
         y_tr, y_te = y_tr.astype(np.float32), y_te.astype(np.float32)
-    return Dataset(name=name, x_train=x_tr.astype(np.float32), y_train=y_tr,
-                   x_test=x_te.astype(np.float32), y_test=y_te, num_classes=num_classes,
-                   task=task, defaults=dict(DATASET_DEFAULTS[name]))
+    return Dataset(
+        name=name,
+        x_train=x_tr.astype(np.float32),
+        y_train=y_tr,
+        x_test=x_te.astype(np.float32),
+        y_test=y_te,
+        num_classes=num_classes,
+        task=task,
+        defaults=dict(DATASET_DEFAULTS[name]),
+    )
 
 
 def load_text(path: str | None = None) -> Dataset:
@@ -294,9 +369,17 @@ def load_text(path: str | None = None) -> Dataset:
     source = corpus.pydoc_corpus() if path is None else corpus.read_text_file(path)
     vocabulary = corpus.make_vocabulary(source)
     train, valid = corpus.split_ids(corpus.encode(source, vocabulary))
-    return Dataset(name="text", x_train=train[:-1], y_train=train[1:], x_test=valid[:-1],
-                   y_test=valid[1:], num_classes=len(vocabulary), task="sequence",
-                   defaults=dict(TEXT_DEFAULTS), vocabulary=vocabulary)
+    return Dataset(
+        name="text",
+        x_train=train[:-1],
+        y_train=train[1:],
+        x_test=valid[:-1],
+        y_test=valid[1:],
+        num_classes=len(vocabulary),
+        task="sequence",
+        defaults=dict(TEXT_DEFAULTS),
+        vocabulary=vocabulary,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -347,13 +430,25 @@ def _sklearn_standardized(loader_name: str, num_classes: int) -> Callable[..., t
 # pinned here so a change of the package's defaults cannot silently change
 # the data; the cache file name hashes these plus the package version.
 _MNIST1D_ARGS: dict[str, Any] = {
-    "num_samples": 5000, "train_split": 0.8, "template_len": 12, "padding": [36, 60],
-    "scale_coeff": 0.4, "max_translation": 48, "corr_noise_scale": 0.25,
-    "iid_noise_scale": 2e-2, "shear_scale": 0.75, "shuffle_seq": False,
-    "final_seq_length": 40, "seed": 42,
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": [36, 60],
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 2e-2,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
 }
-_MNIST1D_SHAPES = {"x_train": (4000, 40), "y_train": (4000,), "x_test": (1000, 40),
-                   "y_test": (1000,)}
+_MNIST1D_SHAPES = {
+    "x_train": (4000, 40),
+    "y_train": (4000,),
+    "x_test": (1000, 40),
+    "y_test": (1000,),
+}
 _CACHE_FORMAT = 1
 
 
@@ -372,8 +467,9 @@ def _load_mnist1d(*, seed: int, test_fraction: float, standardize: bool):
 
 
 def _mnist1d_cache_path(version: str) -> Path:
-    key = json.dumps({"args": _MNIST1D_ARGS, "mnist1d": version, "format": _CACHE_FORMAT},
-                     sort_keys=True)
+    key = json.dumps(
+        {"args": _MNIST1D_ARGS, "mnist1d": version, "format": _CACHE_FORMAT}, sort_keys=True
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / f"mnist1d-{digest}.npz"
 
@@ -382,6 +478,7 @@ def _mnist1d_raw() -> dict[str, np.ndarray]:
     """Raw MNIST-1D arrays (x float32, y int32), from cache or generated."""
     try:
         from importlib.metadata import version as _version
+
         version = _version("mnist1d")
     except Exception:  # not installed (caught properly below) or no metadata
         version = "unknown"
@@ -405,8 +502,8 @@ def _generate_mnist1d() -> dict[str, np.ndarray]:
         from mnist1d.utils import ObjectView
     except ImportError as e:
         raise MissingDependencyError(
-            f"dataset 'mnist1d' needs the 'mnist1d' package ({e}); install it with: "
-            f"{_EXTRA_HINT}") from e
+            f"dataset 'mnist1d' needs the 'mnist1d' package ({e}); install it with: {_EXTRA_HINT}"
+        ) from e
     # make_dataset seeds and draws from the *global* NumPy and `random` RNGs;
     # save and restore them so loading data has no side effect on the caller.
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -415,9 +512,12 @@ def _generate_mnist1d() -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return {"x_train": np.asarray(d["x"], np.float32), "y_train": np.asarray(d["y"], np.int32),
-            "x_test": np.asarray(d["x_test"], np.float32),
-            "y_test": np.asarray(d["y_test"], np.int32)}
+    return {
+        "x_train": np.asarray(d["x"], np.float32),
+        "y_train": np.asarray(d["y"], np.int32),
+        "x_test": np.asarray(d["x_test"], np.float32),
+        "y_test": np.asarray(d["y_test"], np.int32),
+    }
 
 
 def _atomic_savez(path: Path, arrays: Mapping[str, Any]) -> None:
@@ -429,8 +529,7 @@ def _atomic_savez(path: Path, arrays: Mapping[str, Any]) -> None:
     try:
         atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: no ".npz" added
     except OSError as e:
-        warnings.warn(f"could not cache mnist1d data at {path}: {e}", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(f"could not cache mnist1d data at {path}: {e}", RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------

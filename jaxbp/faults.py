@@ -50,8 +50,18 @@ import jax.numpy as jnp
 from .layers import Layer, init_state, serial
 from .model import build, register_layer
 
-__all__ = ["FAULT_KINDS", "MATRIX_MODEL", "Fault", "wrong_backward", "inject", "poison",
-           "fault_matrix", "format_matrix", "nonfinite_matrix", "format_nonfinite"]
+__all__ = [
+    "FAULT_KINDS",
+    "MATRIX_MODEL",
+    "Fault",
+    "wrong_backward",
+    "inject",
+    "poison",
+    "fault_matrix",
+    "format_matrix",
+    "nonfinite_matrix",
+    "format_nonfinite",
+]
 
 FAULT_KINDS = ("sign", "transpose", "missing_term", "factor2")
 
@@ -86,12 +96,16 @@ def _wrong_dense(layer: Layer, kind: str) -> Layer:
 
 def _wrong_elementwise(layer: Layer, kind: str) -> Layer:
     if kind == "transpose":
-        raise ValueError(f"fault 'transpose' does not apply to the element-wise layer "
-                         f"{layer.name}: its Jacobian is diagonal, so it is its own transpose; "
-                         f"expected one of: sign, missing_term, factor2")
+        raise ValueError(
+            f"fault 'transpose' does not apply to the element-wise layer "
+            f"{layer.name}: its Jacobian is diagonal, so it is its own transpose; "
+            f"expected one of: sign, missing_term, factor2"
+        )
     if kind == "missing_term" and layer.name == "Identity":
-        raise ValueError("fault 'missing_term' does not apply to Identity: its derivative is 1, "
-                         "so dropping it changes nothing; expected one of: sign, factor2")
+        raise ValueError(
+            "fault 'missing_term' does not apply to Identity: its derivative is 1, "
+            "so dropping it changes nothing; expected one of: sign, factor2"
+        )
 
     def backward(params, cache, dy):
         grads, dx = layer.backward(params, cache, dy)
@@ -120,8 +134,10 @@ def wrong_backward(layer: Layer, kind: str) -> Layer:
     if layer.name == "Dense":
         faulty = _wrong_dense(layer, kind)
     elif layer.children:
-        raise ValueError(f"wrong_backward expects a single layer, got a {layer.name} network; "
-                         f"use jaxbp.faults.inject(net, index, kind)")
+        raise ValueError(
+            f"wrong_backward expects a single layer, got a {layer.name} network; "
+            f"use jaxbp.faults.inject(net, index, kind)"
+        )
     else:
         faulty = _wrong_elementwise(layer, kind)
     return faulty._replace(name="Fault", config=(("layer", layer), ("kind", kind)))
@@ -143,8 +159,10 @@ def inject(net: Layer, index: int, kind: str) -> Layer:
         raise TypeError(f"inject expects a network built with jaxbp.serial, got {net!r}")
     layers = list(net.children)
     if not isinstance(index, int) or not -len(layers) <= index < len(layers):
-        raise ValueError(f"inject: layer index must be an integer in "
-                         f"[{-len(layers)}, {len(layers)}), got {index!r}")
+        raise ValueError(
+            f"inject: layer index must be an integer in "
+            f"[{-len(layers)}, {len(layers)}), got {index!r}"
+        )
     layers[index] = wrong_backward(layers[index], kind)
     return serial(*layers)._replace(init=net.init)
 
@@ -157,8 +175,10 @@ def poison(x, where=0, value=float("nan")):
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(f"poison expects floating-point data (integers cannot hold NaN or inf), "
-                        f"got dtype {x.dtype}")
+        raise TypeError(
+            f"poison expects floating-point data (integers cannot hold NaN or inf), "
+            f"got dtype {x.dtype}"
+        )
     return x.at[where].set(jnp.asarray(value, x.dtype))
 
 
@@ -169,9 +189,15 @@ def poison(x, where=0, value=float("nan")):
 # The matrix's network, as a model description: square weights (3 -> 3 -> 3) so that
 # "transpose" is an exact transpose, and a BatchNorm, whose running statistics are layer
 # state that a skipped step must leave bit for bit as it was.
-MATRIX_MODEL = {"name": "serial", "layers": [
-    {"name": "Dense", "out_dim": 3}, {"name": "Tanh"}, {"name": "BatchNorm"},
-    {"name": "Dense", "out_dim": 3}]}
+MATRIX_MODEL = {
+    "name": "serial",
+    "layers": [
+        {"name": "Dense", "out_dim": 3},
+        {"name": "Tanh"},
+        {"name": "BatchNorm"},
+        {"name": "Dense", "out_dim": 3},
+    ],
+}
 
 _POSITIONS = (("first Dense", 0), ("activation (Tanh)", 1), ("last Dense", 3))
 
@@ -190,14 +216,17 @@ def _matrix_problem(dtype):
 def _same(a, b) -> bool:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return len(la) == len(lb) and all(
-        bool(jnp.array_equal(u, v, equal_nan=True)) for u, v in zip(la, lb))
+        bool(jnp.array_equal(u, v, equal_nan=True)) for u, v in zip(la, lb)
+    )
 
 
 def _unchanged(new_ts, ts) -> dict:
     """Which parts of a train state came back bit for bit as they were."""
-    return {"params": _same(new_ts.params, ts.params),
-            "opt_state": _same(new_ts.opt_state, ts.opt_state),
-            "state": _same(new_ts.state, ts.state)}
+    return {
+        "params": _same(new_ts.params, ts.params),
+        "opt_state": _same(new_ts.opt_state, ts.opt_state),
+        "state": _same(new_ts.state, ts.state),
+    }
 
 
 def _run_cell(net, params, state, x, y, check, optimizer, jit=True):
@@ -210,8 +239,13 @@ def _run_cell(net, params, state, x, y, check, optimizer, jit=True):
     try:
         new_ts, m = step(ts, x, y)
     except GradientMismatchError as e:  # the report travels with the error: no parsing
-        return {"raised": True, "worst_leaf": e.report.worst_path, "applied": False,
-                "rel_error": float(e.report.worst_rel_error), "unchanged": True}
+        return {
+            "raised": True,
+            "worst_leaf": e.report.worst_path,
+            "applied": False,
+            "rel_error": float(e.report.worst_rel_error),
+            "unchanged": True,
+        }
     kept = _unchanged(new_ts, ts)
     return {
         "raised": False,
@@ -225,8 +259,9 @@ def _run_cell(net, params, state, x, y, check, optimizer, jit=True):
     }
 
 
-def fault_matrix(dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS,
-                 positions=_POSITIONS) -> list[dict]:
+def fault_matrix(
+    dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS, positions=_POSITIONS
+) -> list[dict]:
     """Run every fault in every position under every check mode (one step each, ``jaxbp.sgd``
     and ``optax.adam``) on the network of :data:`MATRIX_MODEL`. Returns one row per
     (position, kind): ``{"position", "index", "kind", "modes": {mode: {"sgd": cell, "adam":
@@ -251,8 +286,10 @@ def fault_matrix(dtype=jnp.float64, *, jit: bool = True, kinds=FAULT_KINDS,
                 rows.append(row)
                 continue
             row["modes"] = {
-                mode: {name: _run_cell(bad, params, state, x, y, mode, opt, jit)
-                       for name, opt in (("sgd", sgd(0.1)), ("adam", optax.adam(1e-2)))}
+                mode: {
+                    name: _run_cell(bad, params, state, x, y, mode, opt, jit)
+                    for name, opt in (("sgd", sgd(0.1)), ("adam", optax.adam(1e-2)))
+                }
                 for mode in CHECK_MODES
             }
             rows.append(row)
@@ -267,8 +304,11 @@ def _cell_text(mode, cells) -> str:
             return "NOT RAISED"
         return f"raised: `{s['worst_leaf']}`, rel {s['rel_error']:.3e}; params unchanged"
     if mode == "off":
-        return "applied; not detected" if s["applied"] and s["ok"] else \
-            f"UNEXPECTED ok={s['ok']} applied={s['applied']}"
+        return (
+            "applied; not detected"
+            if s["applied"] and s["ok"]
+            else f"UNEXPECTED ok={s['ok']} applied={s['applied']}"
+        )
     if s["ok"] or a["ok"]:
         return "NOT DETECTED"
     detail = f"`{s['worst_leaf']}`, rel {s['rel_error']:.2e}"
@@ -276,22 +316,29 @@ def _cell_text(mode, cells) -> str:
         applied = s["applied"] and a["applied"] and s["state_moved"] and a["state_moved"]
         return f"{detail}; applied" if applied else f"{detail}; NOT APPLIED"
     same = s["unchanged"] and a["unchanged"]
-    return (f"{detail}; skipped, params+opt+layer state bit-identical"
-            if same and not (s["applied"] or a["applied"])
-            else f"UNEXPECTED applied={s['applied']} unchanged={same}")
+    return (
+        f"{detail}; skipped, params+opt+layer state bit-identical"
+        if same and not (s["applied"] or a["applied"])
+        else f"UNEXPECTED applied={s['applied']} unchanged={same}"
+    )
 
 
 def format_matrix(rows) -> str:
     """The matrix of :func:`fault_matrix` as a Markdown table."""
     from .train import CHECK_MODES
 
-    lines = ["| fault | where | " + " | ".join(f"`{m}`" for m in CHECK_MODES) + " |",
-             "|---|---|" + "---|" * len(CHECK_MODES)]
+    lines = [
+        "| fault | where | " + " | ".join(f"`{m}`" for m in CHECK_MODES) + " |",
+        "|---|---|" + "---|" * len(CHECK_MODES),
+    ]
     for row in rows:
         head = f"| {row['kind']} | {row['position']} (layer {row['index']}) |"
         if "na" in row:
-            lines.append(head + " n/a: a diagonal Jacobian is its own transpose |" +
-                         " |" * (len(CHECK_MODES) - 1))
+            lines.append(
+                head
+                + " n/a: a diagonal Jacobian is its own transpose |"
+                + " |" * (len(CHECK_MODES) - 1)
+            )
             continue
         lines.append(head + "".join(f" {_cell_text(m, row['modes'][m])} |" for m in CHECK_MODES))
     return "\n".join(lines)
@@ -305,8 +352,9 @@ _POISONS = (
 )
 
 
-def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 1e12,
-                     blowup_steps: int = 40) -> list[dict]:
+def nonfinite_matrix(
+    dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 1e12, blowup_steps: int = 40
+) -> list[dict]:
     """Non-finite numbers under every check mode (correct network): poisoned data for one
     step (``jaxbp.sgd`` and ``optax.adam``), and ``blowup_steps`` steps of ``sgd(blowup_lr)``.
     """
@@ -325,8 +373,11 @@ def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 
             for name, opt in (("sgd", sgd(0.1)), ("adam", optax.adam(1e-2))):
                 ts = init_train_state(net, opt, params, state=state)
                 new_ts, m = make_train_step(net, "mse", opt, check=mode, jit=jit)(ts, px, py)
-                cells[name] = {"applied": bool(m.applied), "reason": int(m.reason),
-                               "unchanged": all(_unchanged(new_ts, ts).values())}
+                cells[name] = {
+                    "applied": bool(m.applied),
+                    "reason": int(m.reason),
+                    "unchanged": all(_unchanged(new_ts, ts).values()),
+                }
             modes[mode] = cells
         rows.append({"what": label, "modes": modes})
     modes = {}
@@ -339,14 +390,20 @@ def nonfinite_matrix(dtype=jnp.float64, *, jit: bool = True, blowup_lr: float = 
             ts, m = step(ts, x, y)
             applied.append(bool(m.applied))
             reasons.append(int(m.reason))
-            finite &= all(bool(jnp.all(jnp.isfinite(leaf)))
-                          for leaf in jax.tree_util.tree_leaves((ts.params, ts.state)))
+            finite &= all(
+                bool(jnp.all(jnp.isfinite(leaf)))
+                for leaf in jax.tree_util.tree_leaves((ts.params, ts.state))
+            )
         first_bad = reasons.index(REASON_NONFINITE) if REASON_NONFINITE in reasons else None
-        modes[mode] = {"applied": sum(applied), "first_skipped": first_bad, "finite": finite,
-                       "all_skipped_after": first_bad is not None and not any(
-                           applied[first_bad:])}
-    rows.append({"what": f"sgd({blowup_lr:g}), {blowup_steps} steps", "blowup": True,
-                 "modes": modes})
+        modes[mode] = {
+            "applied": sum(applied),
+            "first_skipped": first_bad,
+            "finite": finite,
+            "all_skipped_after": first_bad is not None and not any(applied[first_bad:]),
+        }
+    rows.append(
+        {"what": f"sgd({blowup_lr:g}), {blowup_steps} steps", "blowup": True, "modes": modes}
+    )
     return rows
 
 
@@ -354,8 +411,10 @@ def format_nonfinite(rows) -> str:
     """The matrix of :func:`nonfinite_matrix` as a Markdown table."""
     from .train import CHECK_MODES, REASON_NONFINITE
 
-    lines = ["| input | " + " | ".join(f"`{m}`" for m in CHECK_MODES) + " |",
-             "|---|" + "---|" * len(CHECK_MODES)]
+    lines = [
+        "| input | " + " | ".join(f"`{m}`" for m in CHECK_MODES) + " |",
+        "|---|" + "---|" * len(CHECK_MODES),
+    ]
     for row in rows:
         cells = []
         for mode in CHECK_MODES:
@@ -364,12 +423,19 @@ def format_nonfinite(rows) -> str:
                 cells.append(
                     f"{c['applied']} steps applied, then every step skipped (non-finite); "
                     f"params and state {'finite' if c['finite'] else 'NOT FINITE'}"
-                    if c["all_skipped_after"] else f"applied {c['applied']}, finite {c['finite']}")
+                    if c["all_skipped_after"]
+                    else f"applied {c['applied']}, finite {c['finite']}"
+                )
                 continue
-            ok = all(not v["applied"] and v["reason"] == REASON_NONFINITE and v["unchanged"]
-                     for v in c.values())
-            cells.append("skipped (non-finite); params+opt+layer state bit-identical" if ok
-                         else f"UNEXPECTED: {c}")
+            ok = all(
+                not v["applied"] and v["reason"] == REASON_NONFINITE and v["unchanged"]
+                for v in c.values()
+            )
+            cells.append(
+                "skipped (non-finite); params+opt+layer state bit-identical"
+                if ok
+                else f"UNEXPECTED: {c}"
+            )
         lines.append(f"| {row['what']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -380,16 +446,22 @@ register_layer("Fault", Fault)
 def _main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxbp.faults",
-                                     description="Print the fault-injection matrix (Markdown).")
-    parser.add_argument("--eager", action="store_true",
-                        help="run the steps without jit (same numbers, much faster here)")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxbp.faults", description="Print the fault-injection matrix (Markdown)."
+    )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the steps without jit (same numbers, much faster here)",
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     for dtype in (jnp.float64, jnp.float32):
-        print(f"\n### {jnp.dtype(dtype).name}: 3-3-3 Dense/Tanh/BatchNorm/Dense, mse, 16 "
-              f"examples, one step (jaxbp.sgd(0.1) and optax.adam(1e-2)), "
-              f"{'eager' if args.eager else 'jit'}\n")
+        print(
+            f"\n### {jnp.dtype(dtype).name}: 3-3-3 Dense/Tanh/BatchNorm/Dense, mse, 16 "
+            f"examples, one step (jaxbp.sgd(0.1) and optax.adam(1e-2)), "
+            f"{'eager' if args.eager else 'jit'}\n"
+        )
         print(format_matrix(fault_matrix(dtype, jit=not args.eager)))
         print(f"\n### {jnp.dtype(dtype).name}: non-finite numbers, correct network\n")
         print(format_nonfinite(nonfinite_matrix(dtype, jit=not args.eager)))

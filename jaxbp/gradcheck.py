@@ -93,15 +93,23 @@ class GradientMismatchError(ValueError):
     worst leaf [2]['W'], relative error 1.000e+00; nothing was updated", then the table.
     """
 
-    def __init__(self, report: GradReport, *, what: str = "manual gradient",
-                 reference: str = "jax.grad", step: int | None = None,
-                 note: str = "nothing was updated"):
+    def __init__(
+        self,
+        report: GradReport,
+        *,
+        what: str = "manual gradient",
+        reference: str = "jax.grad",
+        step: int | None = None,
+        note: str = "nothing was updated",
+    ):
         self.report, self.step = report, step
         where = f" at step {step}" if step is not None else ""
         tail = f"; {note}" if note else ""
-        super().__init__(f"{what} disagrees with {reference}{where}: worst leaf "
-                         f"{report.worst_path}, relative error "
-                         f"{float(report.worst_rel_error):.3e}{tail}\n{report.table()}")
+        super().__init__(
+            f"{what} disagrees with {reference}{where}: worst leaf "
+            f"{report.worst_path}, relative error "
+            f"{float(report.worst_rel_error):.3e}{tail}\n{report.table()}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +147,12 @@ class GradReport:
                 "norm_ratio": self._norm_ratio(i),
                 "ok": bool(self.leaf_ok[i]),
             }
-        return {"ok": bool(self.ok), "worst_leaf": self.worst_path,
-                "worst_rel_error": float(self.worst_rel_error), "leaves": leaves}
+        return {
+            "ok": bool(self.ok),
+            "worst_leaf": self.worst_path,
+            "worst_rel_error": float(self.worst_rel_error),
+            "leaves": leaves,
+        }
 
     def _norm_ratio(self, i: int) -> float:
         return float("nan") if self.norm_ratio is None else float(self.norm_ratio[i])
@@ -148,16 +160,25 @@ class GradReport:
     def table(self) -> str:
         """A fixed-width table, one row per leaf."""
         width = max([len("leaf")] + [len(p) for p in self.paths])
-        rows = [f"{'leaf':<{width}}  {'max|a-b|':>10}  {'rel error':>10}  {'cosine':>10}  "
-                f"{'|a|/|b|':>10}  ok"]
+        rows = [
+            f"{'leaf':<{width}}  {'max|a-b|':>10}  {'rel error':>10}  {'cosine':>10}  "
+            f"{'|a|/|b|':>10}  ok"
+        ]
         for i, path in enumerate(self.paths):
-            rows.append(f"{path:<{width}}  {float(self.max_abs_diff[i]):>10.3e}  "
-                        f"{float(self.rel_error[i]):>10.3e}  {float(self.cosine[i]):>10.6f}  "
-                        f"{self._norm_ratio(i):>10.4g}  "
-                        f"{'yes' if bool(self.leaf_ok[i]) else 'NO'}")
-        verdict = "all leaves agree" if bool(self.ok) else (
-            f"MISMATCH: worst leaf {self.worst_path}, relative error "
-            f"{float(self.worst_rel_error):.3e}")
+            rows.append(
+                f"{path:<{width}}  {float(self.max_abs_diff[i]):>10.3e}  "
+                f"{float(self.rel_error[i]):>10.3e}  {float(self.cosine[i]):>10.6f}  "
+                f"{self._norm_ratio(i):>10.4g}  "
+                f"{'yes' if bool(self.leaf_ok[i]) else 'NO'}"
+            )
+        verdict = (
+            "all leaves agree"
+            if bool(self.ok)
+            else (
+                f"MISMATCH: worst leaf {self.worst_path}, relative error "
+                f"{float(self.worst_rel_error):.3e}"
+            )
+        )
         return "\n".join(rows + [verdict])
 
     def __str__(self):
@@ -171,8 +192,16 @@ class GradReport:
 
 jax.tree_util.register_dataclass(
     GradReport,
-    data_fields=["max_abs_diff", "rel_error", "cosine", "leaf_ok", "ok", "worst",
-                 "worst_rel_error", "norm_ratio"],
+    data_fields=[
+        "max_abs_diff",
+        "rel_error",
+        "cosine",
+        "leaf_ok",
+        "ok",
+        "worst",
+        "worst_rel_error",
+        "norm_ratio",
+    ],
     meta_fields=["paths"],
 )
 
@@ -185,15 +214,19 @@ def _flatten_pair(manual, reference):
     ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
     man_leaves, man_def = jax.tree_util.tree_flatten(manual)
     if man_def != ref_def:
-        raise ValueError(f"compare_grads expects two pytrees of the same structure; in the "
-                         f"first, {tree_difference(reference, manual)} (taking the second as "
-                         f"the expected tree)")
+        raise ValueError(
+            f"compare_grads expects two pytrees of the same structure; in the "
+            f"first, {tree_difference(reference, manual)} (taking the second as "
+            f"the expected tree)"
+        )
     paths = tuple(_path_name(p) for p, _ in ref_leaves)
     refs = [leaf for _, leaf in ref_leaves]
     for path, a, b in zip(paths, man_leaves, refs):
         if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(f"compare_grads: leaf {path} has shape {jnp.shape(a)} in the "
-                             f"first tree and {jnp.shape(b)} in the second")
+            raise ValueError(
+                f"compare_grads: leaf {path} has shape {jnp.shape(a)} in the "
+                f"first tree and {jnp.shape(b)} in the second"
+            )
     return paths, man_leaves, refs
 
 
@@ -237,12 +270,16 @@ def _leaf_stats(a, b, rtol, atol):
     # A non-finite leaf is never "close", and its relative error reads as inf.
     rel = jnp.where(finite, max_diff / jnp.maximum(scale, tiny), jnp.inf)
     norm = jnp.sqrt(aa) * jnp.sqrt(bb)
-    cosine = jnp.where(norm > 0, ab / jnp.maximum(norm, tiny),
-                       jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype))
+    cosine = jnp.where(
+        norm > 0, ab / jnp.maximum(norm, tiny), jnp.where(scale > 0, 0.0, 1.0).astype(a.dtype)
+    )
     cosine = jnp.where(finite, cosine, jnp.nan)
     # From the sums above: no extra pass over the leaf.
-    ratio = jnp.where(bb > 0, jnp.sqrt(aa) / jnp.sqrt(jnp.maximum(bb, tiny)),
-                      jnp.where(aa > 0, jnp.inf, 1.0).astype(a.dtype))
+    ratio = jnp.where(
+        bb > 0,
+        jnp.sqrt(aa) / jnp.sqrt(jnp.maximum(bb, tiny)),
+        jnp.where(aa > 0, jnp.inf, 1.0).astype(a.dtype),
+    )
     ratio = jnp.where(finite, ratio, jnp.nan)
     return max_diff, rel, cosine, finite & close, a_finite, scale, ratio
 
@@ -257,32 +294,38 @@ ROUNDING_FLOOR = 1e3
 def _apply_rounding_floor(stats):
     """Leaves whose difference is below the tree's rounding floor agree; their relative error
     is taken relative to the tree's largest gradient entry instead of their own."""
-    scales = [jnp.where(jnp.isfinite(s[5]), s[5], 0).astype(jnp.result_type(float))
-              for s in stats]
+    scales = [jnp.where(jnp.isfinite(s[5]), s[5], 0).astype(jnp.result_type(float)) for s in stats]
     tree_scale = jnp.max(jnp.stack(scales))
     out = []
     for max_diff, rel, cosine, ok, a_finite, _scale, ratio in stats:
         # Never looser than a tenth of the dtype's own tolerance: in bfloat16, 1e3 eps is 8.
-        relative_floor = min(ROUNDING_FLOOR * float(jnp.finfo(max_diff.dtype).eps),
-                             0.1 * default_tolerance(max_diff.dtype)[1])
+        relative_floor = min(
+            ROUNDING_FLOOR * float(jnp.finfo(max_diff.dtype).eps),
+            0.1 * default_tolerance(max_diff.dtype)[1],
+        )
         floor = relative_floor * tree_scale
         rounding = jnp.isfinite(rel) & (max_diff <= floor) & (tree_scale > 0)
         rel = jnp.where(rounding, max_diff / jnp.where(tree_scale > 0, tree_scale, 1), rel)
-        out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite,
-                    ratio))
+        out.append((max_diff, rel.astype(max_diff.dtype), cosine, ok | rounding, a_finite, ratio))
     return out
 
 
-def compare_grads(manual, reference, *, rtol: float | None = None,
-                  atol: float | None = None, tolerances: Callable = default_tolerance
-                  ) -> GradReport:
+def compare_grads(
+    manual,
+    reference,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    tolerances: Callable = default_tolerance,
+) -> GradReport:
     """Compare two gradient pytrees leaf by leaf; jit-compatible, no host sync.
 
     ``rtol``/``atol`` default per leaf dtype (:func:`default_tolerance`); ``atol`` is relative
     to the leaf's scale (see the module docstring).
     """
-    return compare_with_finiteness(manual, reference, rtol=rtol, atol=atol,
-                                   tolerances=tolerances)[0]
+    return compare_with_finiteness(manual, reference, rtol=rtol, atol=atol, tolerances=tolerances)[
+        0
+    ]
 
 
 def unchecked_report(grads) -> GradReport:
@@ -290,12 +333,22 @@ def unchecked_report(grads) -> GradReport:
     worst leaf (-1); the same pytree structure as a real report, so metrics keep one shape."""
     paths = tuple(_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0])
     nan = jnp.full((len(paths),), jnp.nan, jnp.result_type(float))
-    return GradReport(nan, nan, nan, jnp.ones((len(paths),), bool), jnp.array(True),
-                      jnp.array(-1, jnp.int32), jnp.array(jnp.nan, nan.dtype), paths, nan)
+    return GradReport(
+        nan,
+        nan,
+        nan,
+        jnp.ones((len(paths),), bool),
+        jnp.array(True),
+        jnp.array(-1, jnp.int32),
+        jnp.array(jnp.nan, nan.dtype),
+        paths,
+        nan,
+    )
 
 
-def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
-                            tolerances=default_tolerance):
+def compare_with_finiteness(
+    manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance
+):
     """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
 
     The train step's non-finite guard reads the second result instead of making passes of
@@ -309,9 +362,15 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
         dtype = _leaf_dtype(a, b)
         r_def, a_def = tolerances(dtype)
         narrowed = jnp.result_type(a) != dtype
-        leaves.append((jnp.asarray(a, dtype), jnp.asarray(b, dtype),
-                       r_def if rtol is None else rtol, a_def if atol is None else atol,
-                       a if narrowed else None))
+        leaves.append(
+            (
+                jnp.asarray(a, dtype),
+                jnp.asarray(b, dtype),
+                r_def if rtol is None else rtol,
+                a_def if atol is None else atol,
+                a if narrowed else None,
+            )
+        )
 
     def equal(dtype):
         # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite,
@@ -350,8 +409,9 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
     # The worst leaf is the failing leaf of largest relative error, or if all pass, the leaf
     # of largest relative error.
     any_failed = ~jnp.all(leaf_ok)
-    worst = jnp.where(any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)),
-                      jnp.argmax(rel)).astype(jnp.int32)
+    worst = jnp.where(
+        any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)), jnp.argmax(rel)
+    ).astype(jnp.int32)
     report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths, ratio)
     return report, manual_finite
 
@@ -361,8 +421,9 @@ def compare_with_finiteness(manual, reference, *, rtol=None, atol=None,
 # --------------------------------------------------------------------------------------------
 
 
-def finite_difference_grads(fn: Callable[[Any], jax.Array], params, *, eps: float | None = None,
-                            batch_size: int = 256):
+def finite_difference_grads(
+    fn: Callable[[Any], jax.Array], params, *, eps: float | None = None, batch_size: int = 256
+):
     """Central differences ``(f(p + h e_i) - f(p - h e_i)) / 2h`` for every parameter entry.
 
     ``fn(params) -> scalar``. ``h`` defaults per dtype (1e-5 in float64, 1e-2 in float32).
@@ -419,8 +480,17 @@ def check_grads(net, loss, params, x, y, *, eps: float | None = None) -> GradChe
     )
 
 
-def check_layer(layer, key, input_shape, *, dtype=None, params=None, x=None,
-                rtol: float | None = None, atol: float | None = None) -> GradReport:
+def check_layer(
+    layer,
+    key,
+    input_shape,
+    *,
+    dtype=None,
+    params=None,
+    x=None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> GradReport:
     """Check a layer's hand-written backward against ``jax.vjp`` of its forward.
 
     Draws parameters (``layer.init``), an input ``x`` and a cotangent ``dy`` at random unless
@@ -444,5 +514,6 @@ def check_layer(layer, key, input_shape, *, dtype=None, params=None, x=None,
         return compare_grads({"params": dparams}, {"params": ref_params}, rtol=rtol, atol=atol)
     _, vjp = jax.vjp(lambda p, xx: layer.forward(p, xx)[0], params, x)
     ref_params, ref_x = vjp(dy)
-    return compare_grads({"params": dparams, "x": dx}, {"params": ref_params, "x": ref_x},
-                         rtol=rtol, atol=atol)
+    return compare_grads(
+        {"params": dparams, "x": dx}, {"params": ref_params, "x": ref_x}, rtol=rtol, atol=atol
+    )

@@ -68,18 +68,26 @@ def _label(fn) -> str:
 def _unwrap(fn, who: str) -> _Rule:
     label = _label(fn)
     if isinstance(fn, jax.custom_jvp):
-        raise TypeError(f"{who} expects a jax.custom_vjp function, got the jax.custom_jvp "
-                        f"function {label} (its rule is a JVP; check it with jax.jvp)")
+        raise TypeError(
+            f"{who} expects a jax.custom_vjp function, got the jax.custom_jvp "
+            f"function {label} (its rule is a JVP; check it with jax.jvp)"
+        )
     if not isinstance(fn, jax.custom_vjp):
-        raise TypeError(f"{who} expects a jax.custom_vjp function (decorated with "
-                        f"@jax.custom_vjp, then given .defvjp(fwd, bwd)), got "
-                        f"{type(fn).__name__} {label}")
+        raise TypeError(
+            f"{who} expects a jax.custom_vjp function (decorated with "
+            f"@jax.custom_vjp, then given .defvjp(fwd, bwd)), got "
+            f"{type(fn).__name__} {label}"
+        )
     if fn.fwd is None or fn.bwd is None:
-        raise ValueError(f"{who}: the custom_vjp function {label} has no rule yet; call "
-                         f"{label}.defvjp(fwd, bwd) first")
+        raise ValueError(
+            f"{who}: the custom_vjp function {label} has no rule yet; call "
+            f"{label}.defvjp(fwd, bwd) first"
+        )
     if getattr(fn, "symbolic_zeros", False):
-        raise ValueError(f"{who}: {label} uses symbolic_zeros=True, whose fwd takes "
-                         f"CustomVJPPrimal wrappers; define its rule without symbolic zeros")
+        raise ValueError(
+            f"{who}: {label} uses symbolic_zeros=True, whose fwd takes "
+            f"CustomVJPPrimal wrappers; define its rule without symbolic zeros"
+        )
     try:
         signature = inspect.signature(fn.fun)
     except (TypeError, ValueError):  # a builtin or C function: positional names only
@@ -116,14 +124,18 @@ def _bind(rule: _Rule, args: tuple, who: str) -> tuple:
             raise TypeError(f"{who}: {rule.label} {e}") from None
         bound.apply_defaults()
         if bound.kwargs:
-            raise TypeError(f"{who}: {rule.label} has keyword-only arguments "
-                            f"({', '.join(bound.kwargs)}); custom_vjp functions take "
-                            f"positional arguments")
+            raise TypeError(
+                f"{who}: {rule.label} has keyword-only arguments "
+                f"({', '.join(bound.kwargs)}); custom_vjp functions take "
+                f"positional arguments"
+            )
         args = tuple(bound.args)
     for index in rule.nondiff:
         if index >= len(args):
-            raise ValueError(f"{who}: {rule.label} has nondiff_argnums={rule.nondiff} but "
-                             f"was given {len(args)} arguments")
+            raise ValueError(
+                f"{who}: {rule.label} has nondiff_argnums={rule.nondiff} but "
+                f"was given {len(args)} arguments"
+            )
     return args
 
 
@@ -135,15 +147,19 @@ def _check_float_arguments(rule: _Rule, args: tuple, names: tuple, who: str) -> 
     for index in _diff_indices(rule, args):
         leaves = jax.tree_util.tree_flatten_with_path(args[index])[0]
         if not leaves:
-            raise ValueError(f"{who}: argument {names[index]!r} of {rule.label} holds no "
-                             f"arrays; mark it in nondiff_argnums")
+            raise ValueError(
+                f"{who}: argument {names[index]!r} of {rule.label} holds no "
+                f"arrays; mark it in nondiff_argnums"
+            )
         for path, leaf in leaves:
             dtype = jnp.result_type(leaf)
             if not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(f"{who}: argument {names[index]}{jax.tree_util.keystr(path)} "
-                                f"of {rule.label} has dtype {dtype}; only floating-point "
-                                f"arguments are differentiated (mark it in nondiff_argnums, "
-                                f"or pass x.astype(float))")
+                raise TypeError(
+                    f"{who}: argument {names[index]}{jax.tree_util.keystr(path)} "
+                    f"of {rule.label} has dtype {dtype}; only floating-point "
+                    f"arguments are differentiated (mark it in nondiff_argnums, "
+                    f"or pass x.astype(float))"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +173,10 @@ def _fill_zeros(cotangent, primal):
         return jax.tree_util.tree_map(jnp.zeros_like, primal)
     return jax.tree_util.tree_map(
         lambda c, p: jax.tree_util.tree_map(jnp.zeros_like, p) if c is None else c,
-        cotangent, primal, is_leaf=lambda c: c is None)
+        cotangent,
+        primal,
+        is_leaf=lambda c: c is None,
+    )
 
 
 def _checked_cotangents(rule: _Rule, cotangents, primals: tuple, names: tuple) -> tuple:
@@ -168,11 +187,15 @@ def _checked_cotangents(rule: _Rule, cotangents, primals: tuple, names: tuple) -
     """
     expected = f"one per differentiable argument: {', '.join(names)}"
     if not isinstance(cotangents, (tuple, list)):
-        raise ValueError(f"{rule.label}'s bwd must return a tuple of cotangents ({expected}), "
-                         f"got {type(cotangents).__name__}")
+        raise ValueError(
+            f"{rule.label}'s bwd must return a tuple of cotangents ({expected}), "
+            f"got {type(cotangents).__name__}"
+        )
     if len(cotangents) != len(primals):
-        raise ValueError(f"{rule.label}'s bwd returned {len(cotangents)} cotangents, expected "
-                         f"{len(primals)} ({expected})")
+        raise ValueError(
+            f"{rule.label}'s bwd returned {len(cotangents)} cotangents, expected "
+            f"{len(primals)} ({expected})"
+        )
     out = []
     for name, cotangent, primal in zip(names, cotangents, primals):
         try:
@@ -180,23 +203,32 @@ def _checked_cotangents(rule: _Rule, cotangents, primals: tuple, names: tuple) -
         except ValueError:  # tree_map on trees of different structure
             pass
         # jaxlib ships PyTreeDef without a stub, so mypy cannot see its __ne__: hence the ignore.
-        if (jax.tree_util.tree_structure(cotangent)  # type: ignore[operator]
-                != jax.tree_util.tree_structure(primal)):
-            raise ValueError(f"{rule.label}'s bwd returned a cotangent for argument {name!r} "
-                             f"that does not match the argument: "
-                             f"{tree_difference(primal, cotangent)}")
-        pairs = zip(jax.tree_util.tree_flatten_with_path(primal)[0],
-                    jax.tree_util.tree_leaves(cotangent))
+        if (
+            jax.tree_util.tree_structure(cotangent)  # type: ignore[operator]
+            != jax.tree_util.tree_structure(primal)
+        ):
+            raise ValueError(
+                f"{rule.label}'s bwd returned a cotangent for argument {name!r} "
+                f"that does not match the argument: "
+                f"{tree_difference(primal, cotangent)}"
+            )
+        pairs = zip(
+            jax.tree_util.tree_flatten_with_path(primal)[0], jax.tree_util.tree_leaves(cotangent)
+        )
         for (path, p), c in pairs:
             where = name + jax.tree_util.keystr(path)
             if jnp.shape(c) != jnp.shape(p):
-                raise ValueError(f"{rule.label}'s bwd returned a cotangent of shape "
-                                 f"{tuple(jnp.shape(c))} for argument {where!r}, expected shape "
-                                 f"{tuple(jnp.shape(p))} (the shape of {where})")
+                raise ValueError(
+                    f"{rule.label}'s bwd returned a cotangent of shape "
+                    f"{tuple(jnp.shape(c))} for argument {where!r}, expected shape "
+                    f"{tuple(jnp.shape(p))} (the shape of {where})"
+                )
             if not jnp.issubdtype(jnp.result_type(c), jnp.floating):
-                raise TypeError(f"{rule.label}'s bwd returned a cotangent of dtype "
-                                f"{jnp.result_type(c)} for argument {where!r}, expected a "
-                                f"floating-point dtype")
+                raise TypeError(
+                    f"{rule.label}'s bwd returned a cotangent of dtype "
+                    f"{jnp.result_type(c)} for argument {where!r}, expected a "
+                    f"floating-point dtype"
+                )
         out.append(cotangent)
     return tuple(out)
 
@@ -219,8 +251,12 @@ def _manual_vjp(rule: _Rule, args: tuple, cotangent, names: tuple) -> tuple:
     _, residuals = rule.fwd(*args)
     nondiff_args = [args[i] for i in rule.nondiff]
     diff = _diff_indices(rule, args)
-    return _checked_cotangents(rule, rule.bwd(*nondiff_args, residuals, cotangent),
-                               tuple(args[i] for i in diff), tuple(names[i] for i in diff))
+    return _checked_cotangents(
+        rule,
+        rule.bwd(*nondiff_args, residuals, cotangent),
+        tuple(args[i] for i in diff),
+        tuple(names[i] for i in diff),
+    )
 
 
 def _random_cotangent(rule: _Rule, args: tuple, key):
@@ -228,11 +264,14 @@ def _random_cotangent(rule: _Rule, args: tuple, key):
     leaves, treedef = jax.tree_util.tree_flatten(out)
     for leaf in leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(f"{rule.label} returns an output of dtype {leaf.dtype}; check_vjp "
-                            f"needs floating-point outputs")
+            raise TypeError(
+                f"{rule.label} returns an output of dtype {leaf.dtype}; check_vjp "
+                f"needs floating-point outputs"
+            )
     keys = jax.random.split(key, max(len(leaves), 1))
     return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+        treedef, [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    )
 
 
 def _prepare(fn, args, who, key, cotangent):
@@ -252,14 +291,17 @@ def _prepare(fn, args, who, key, cotangent):
 
 def _named(report: GradReport, names: tuple, reference: tuple) -> GradReport:
     # compare_grads names leaves by tree path ("[1]['b']"); a person reads "w['b']".
-    paths = tuple(name + jax.tree_util.keystr(path)
-                  for name, tree in zip(names, reference)
-                  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+    paths = tuple(
+        name + jax.tree_util.keystr(path)
+        for name, tree in zip(names, reference)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    )
     return dataclasses.replace(report, paths=paths)
 
 
-def check_vjp(fn, *args, key=None, cotangent=None, rtol: float | None = None,
-              atol: float | None = None) -> GradReport:
+def check_vjp(
+    fn, *args, key=None, cotangent=None, rtol: float | None = None, atol: float | None = None
+) -> GradReport:
     """Check a ``jax.custom_vjp`` function's ``bwd`` against ``jax.vjp`` of its primal.
 
     ``args`` are the function's positional arguments (defaults fill the rest). The cotangent
@@ -278,14 +320,17 @@ def check_vjp_fd(fn, *args, key=None, cotangent=None, eps: float | None = None) 
 
     Returns a :class:`~jaxbp.GradCheck` whose reports name leaves by argument.
     """
-    rule, args, diff_names, cotangent, manual, reference = _prepare(fn, args, "check_vjp_fd",
-                                                                    key, cotangent)
+    rule, args, diff_names, cotangent, manual, reference = _prepare(
+        fn, args, "check_vjp_fd", key, cotangent
+    )
     primal = _primal_of_diff(rule, args)
 
     def projected(diff_args):
         out = primal(*diff_args)
-        return sum(jnp.vdot(dy, y) for dy, y in zip(jax.tree_util.tree_leaves(cotangent),
-                                                    jax.tree_util.tree_leaves(out)))
+        return sum(
+            jnp.vdot(dy, y)
+            for dy, y in zip(jax.tree_util.tree_leaves(cotangent), jax.tree_util.tree_leaves(out))
+        )
 
     diff = _diff_indices(rule, args)
     fd = tuple(finite_difference_grads(projected, tuple(args[i] for i in diff), eps=eps))
@@ -314,17 +359,18 @@ def resolve(reference: str | Any, what: str = "object") -> Any:
         return reference
     module_name, sep, name = reference.partition(":")
     if not sep or not module_name or not name:
-        raise ValueError(f"expected the {what} as MODULE:NAME (such as mypkg.ops:linear), "
-                         f"got {reference!r}")
+        raise ValueError(
+            f"expected the {what} as MODULE:NAME (such as mypkg.ops:linear), got {reference!r}"
+        )
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} for the {what} "
-                         f"{reference!r}: {e}") from None
+        raise ValueError(
+            f"cannot import module {module_name!r} for the {what} {reference!r}: {e}"
+        ) from None
     for part in name.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no {name!r} (the {what} "
-                             f"{reference!r})")
+            raise ValueError(f"module {module_name!r} has no {name!r} (the {what} {reference!r})")
         obj = getattr(obj, part)
     return obj
 
@@ -337,14 +383,21 @@ def resolve(reference: str | Any, what: str = "object") -> Any:
 def _input_index(names: tuple, input_arg, label: str) -> int:
     if isinstance(input_arg, str):
         if input_arg not in names:
-            raise ValueError(f"from_custom_vjp: {label} has no argument {input_arg!r}; its "
-                             f"arguments are {', '.join(names)}")
+            raise ValueError(
+                f"from_custom_vjp: {label} has no argument {input_arg!r}; its "
+                f"arguments are {', '.join(names)}"
+            )
         return names.index(input_arg)
-    if not isinstance(input_arg, int) or isinstance(input_arg, bool) \
-            or not 0 <= input_arg < len(names):
-        raise ValueError(f"from_custom_vjp: input_arg must name one of {label}'s arguments "
-                         f"({', '.join(names)}) or be an index below {len(names)}, got "
-                         f"{input_arg!r}")
+    if (
+        not isinstance(input_arg, int)
+        or isinstance(input_arg, bool)
+        or not 0 <= input_arg < len(names)
+    ):
+        raise ValueError(
+            f"from_custom_vjp: input_arg must name one of {label}'s arguments "
+            f"({', '.join(names)}) or be an index below {len(names)}, got "
+            f"{input_arg!r}"
+        )
     return input_arg
 
 
@@ -355,25 +408,30 @@ def _layer_roles(rule: _Rule, fn, input_arg, constants: dict):
         raise ValueError(f"from_custom_vjp: {rule.label} takes no named positional arguments")
     x_index = _input_index(names, input_arg, rule.label)
     if x_index in rule.nondiff:
-        raise ValueError(f"from_custom_vjp: the input {names[x_index]!r} of {rule.label} is in "
-                         f"nondiff_argnums; the layer input must be differentiable")
+        raise ValueError(
+            f"from_custom_vjp: the input {names[x_index]!r} of {rule.label} is in "
+            f"nondiff_argnums; the layer input must be differentiable"
+        )
     nondiff_names = {names[i] for i in rule.nondiff}
     missing = sorted(nondiff_names - set(constants))
     unknown = sorted(set(constants) - nondiff_names)
     if missing or unknown:
-        raise ValueError(f"from_custom_vjp: constants must give exactly the nondiff arguments "
-                         f"of {rule.label} ({', '.join(sorted(nondiff_names)) or 'none'}); "
-                         f"missing {missing or 'none'}, unexpected {unknown or 'none'}")
+        raise ValueError(
+            f"from_custom_vjp: constants must give exactly the nondiff arguments "
+            f"of {rule.label} ({', '.join(sorted(nondiff_names)) or 'none'}); "
+            f"missing {missing or 'none'}, unexpected {unknown or 'none'}"
+        )
     param_names = tuple(n for i, n in enumerate(names) if i != x_index and i not in rule.nondiff)
     return names, x_index, param_names
 
 
 def _check_param_dict(params, param_names: tuple, label: str, where: str) -> None:
     if not isinstance(params, dict) or set(params) != set(param_names):
-        got = f"keys {tuple(sorted(params))}" if isinstance(params, dict) \
-            else type(params).__name__
-        raise ValueError(f"CustomVJP({label}): {where} must be a dict with keys "
-                         f"{tuple(sorted(param_names))} (the parameters of {label}), got {got}")
+        got = f"keys {tuple(sorted(params))}" if isinstance(params, dict) else type(params).__name__
+        raise ValueError(
+            f"CustomVJP({label}): {where} must be a dict with keys "
+            f"{tuple(sorted(param_names))} (the parameters of {label}), got {got}"
+        )
 
 
 class _CustomLayer(NamedTuple):
@@ -392,10 +450,15 @@ def _check_custom_vjp_arguments(fn, init, input_arg, constants) -> tuple[_Custom
     fn_obj, init_obj = resolve(fn, "custom_vjp function"), resolve(init, "init function")
     rule = _unwrap(fn_obj, "from_custom_vjp")
     if not callable(init_obj):
-        raise TypeError(f"from_custom_vjp: init must be a function (key, input_shape) -> "
-                        f"params dict, got {type(init_obj).__name__}")
-    pairs = tuple(sorted(constants.items())) if isinstance(constants, dict) \
+        raise TypeError(
+            f"from_custom_vjp: init must be a function (key, input_shape) -> "
+            f"params dict, got {type(init_obj).__name__}"
+        )
+    pairs = (
+        tuple(sorted(constants.items()))
+        if isinstance(constants, dict)
         else tuple((str(k), v) for k, v in constants)
+    )
     fixed = dict(pairs)
     names, x_index, param_names = _layer_roles(rule, fn_obj, input_arg, fixed)
     return _CustomLayer(rule, init_obj, names, x_index, param_names, fixed), pairs
@@ -403,8 +466,10 @@ def _check_custom_vjp_arguments(fn, init, input_arg, constants) -> tuple[_Custom
 
 def _custom_arguments(spec: _CustomLayer, params, x) -> tuple:
     """``fn``'s positional arguments: ``x``, the constants and the params, each in its place."""
-    return tuple(x if i == spec.x_index else spec.fixed[n] if i in spec.rule.nondiff
-                 else params[n] for i, n in enumerate(spec.names))
+    return tuple(
+        x if i == spec.x_index else spec.fixed[n] if i in spec.rule.nondiff else params[n]
+        for i, n in enumerate(spec.names)
+    )
 
 
 def _custom_init(spec: _CustomLayer, key, input_shape):
@@ -416,8 +481,10 @@ def _custom_init(spec: _CustomLayer, key, input_shape):
     x = jax.ShapeDtypeStruct(example, leaves[0].dtype if leaves else jnp.float32)
     out = jax.eval_shape(lambda p, xx: spec.rule.fun(*_custom_arguments(spec, p, xx)), params, x)
     if not hasattr(out, "shape"):
-        raise ValueError(f"CustomVJP({label}): a layer's output must be one array, got "
-                         f"{jax.tree_util.tree_structure(out)}")
+        raise ValueError(
+            f"CustomVJP({label}): a layer's output must be one array, got "
+            f"{jax.tree_util.tree_structure(out)}"
+        )
     shape = tuple(out.shape)
     if input_shape and input_shape[0] == -1 and shape:
         shape = (-1, *shape[1:])  # keep the batch dimension unknown, as given
@@ -442,8 +509,11 @@ def _custom_backward(spec: _CustomLayer, params, cache, dy):
     args = _custom_arguments(spec, params, x)
     diff = _diff_indices(rule, args)
     cotangents = _checked_cotangents(
-        rule, rule.bwd(*(args[i] for i in rule.nondiff), residuals, dy),
-        tuple(args[i] for i in diff), tuple(names[i] for i in diff))
+        rule,
+        rule.bwd(*(args[i] for i in rule.nondiff), residuals, dy),
+        tuple(args[i] for i in diff),
+        tuple(names[i] for i in diff),
+    )
     by_name = {names[i]: c for i, c in zip(diff, cotangents)}
     return {n: by_name[n] for n in spec.param_names}, by_name[names[spec.x_index]]
 
@@ -474,8 +544,12 @@ def from_custom_vjp(fn, init, input_arg: int | str = 0, constants=()) -> Layer:
         return _custom_backward(spec, params, cache, dy)
 
     backward.__doc__ = _custom_backward.__doc__
-    config = (("fn", _reference_of(fn)), ("init", _reference_of(init)),
-              ("input_arg", input_arg), ("constants", pairs))
+    config = (
+        ("fn", _reference_of(fn)),
+        ("init", _reference_of(init)),
+        ("input_arg", input_arg),
+        ("constants", pairs),
+    )
     return Layer(layer_init, forward, backward, "CustomVJP", config)
 
 
@@ -497,9 +571,11 @@ def as_custom_vjp(layer: Layer) -> Callable:
         raise TypeError(f"as_custom_vjp expects a jaxbp Layer, got {layer!r}{hint}")
     if layer.has_state:
         # Its forward would run from the initial state without a key, silently: refuse.
-        raise ValueError(f"as_custom_vjp expects a layer without state or randomness; "
-                         f"{layer.name} has some (BatchNorm, Dropout), which "
-                         f"apply(params, x) cannot carry")
+        raise ValueError(
+            f"as_custom_vjp expects a layer without state or randomness; "
+            f"{layer.name} has some (BatchNorm, Dropout), which "
+            f"apply(params, x) cannot carry"
+        )
 
     @jax.custom_vjp
     def apply(params, x):

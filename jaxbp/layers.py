@@ -227,23 +227,29 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
     if not isinstance(out_dim, (int,)) or isinstance(out_dim, bool) or out_dim < 1:
         raise ValueError(f"Dense expects a positive integer out_dim, got {out_dim!r}")
     if isinstance(w_init, str) and w_init not in ("auto", *_INITIALISERS):
-        raise ValueError(f"Dense w_init must be 'auto', 'glorot', 'he' or a function, "
-                         f"got {w_init!r}")
+        raise ValueError(
+            f"Dense w_init must be 'auto', 'glorot', 'he' or a function, got {w_init!r}"
+        )
 
     def init(key, input_shape):
         if len(input_shape) < 1:
-            raise ValueError(f"Dense expects inputs of shape (..., features), "
-                             f"got {tuple(input_shape)}")
+            raise ValueError(
+                f"Dense expects inputs of shape (..., features), got {tuple(input_shape)}"
+            )
         in_dim = int(input_shape[-1])
         if in_dim < 1:
-            raise ValueError(f"Dense expects at least one input feature, "
-                             f"got shape {tuple(input_shape)}")
+            raise ValueError(
+                f"Dense expects at least one input feature, got shape {tuple(input_shape)}"
+            )
         dt = jnp.dtype(dtype) if dtype is not None else default_float()
         wi = _INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
         w = jnp.asarray(wi(key, (in_dim, out_dim), dt), dt)
         b_shape = () if shared_bias else (out_dim,)
-        b = (jnp.asarray(b_init(key, b_shape, dt), dt) if callable(b_init)
-             else jnp.full(b_shape, b_init, dt))
+        b = (
+            jnp.asarray(b_init(key, b_shape, dt), dt)
+            if callable(b_init)
+            else jnp.full(b_shape, b_init, dt)
+        )
         return (*input_shape[:-1], out_dim), {"W": w, "b": b}
 
     def forward(params, x):
@@ -251,7 +257,8 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         check_float(x, "Dense")
         if x.ndim < 1 or x.shape[-1] != w.shape[0]:
             raise InputShapeError(
-                f"Dense expects inputs of width {w.shape[0]}, got shape {tuple(x.shape)}")
+                f"Dense expects inputs of width {w.shape[0]}, got shape {tuple(x.shape)}"
+            )
         return x @ w + params["b"], x
 
     def backward(params, x, dy):
@@ -271,8 +278,13 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
 
     # The arguments as given (a function stays a function; describe() writes its name), so
     # that Dense(**dict(config)) rebuilds this very layer: serial() does, to resolve "auto".
-    config = (("out_dim", out_dim), ("shared_bias", shared_bias), ("w_init", w_init),
-              ("b_init", b_init), ("dtype", None if dtype is None else jnp.dtype(dtype).name))
+    config = (
+        ("out_dim", out_dim),
+        ("shared_bias", shared_bias),
+        ("w_init", w_init),
+        ("b_init", b_init),
+        ("dtype", None if dtype is None else jnp.dtype(dtype).name),
+    )
     return Layer(init, forward, backward, "Dense", config)
 
 
@@ -281,8 +293,9 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
 # --------------------------------------------------------------------------------------------
 
 
-def elementwise(name: str, fn: Callable, backward: Callable, *, cache_output: bool,
-                config: tuple = ()) -> Layer:
+def elementwise(
+    name: str, fn: Callable, backward: Callable, *, cache_output: bool, config: tuple = ()
+) -> Layer:
     """Build a parameter-free element-wise layer.
 
     ``backward(cache, dy) -> dx`` receives the output ``y`` when ``cache_output`` is true
@@ -357,8 +370,9 @@ Sigmoid = elementwise("Sigmoid", jax.nn.sigmoid, _sigmoid_backward, cache_output
 Tanh = elementwise("Tanh", jnp.tanh, _tanh_backward, cache_output=True)
 Relu = elementwise("Relu", _relu, _relu_backward, cache_output=False)
 Gelu = elementwise("Gelu", _gelu, _gelu_backward, cache_output=False)
-Softplus = elementwise("Softplus", lambda x: jnp.logaddexp(x, 0), _softplus_backward,
-                       cache_output=False)
+Softplus = elementwise(
+    "Softplus", lambda x: jnp.logaddexp(x, 0), _softplus_backward, cache_output=False
+)
 Identity = elementwise("Identity", lambda x: x, _identity_backward, cache_output=False)
 
 
@@ -437,8 +451,9 @@ def _check_children(who: str, layers: tuple) -> None:
 def _check_entries(who: str, what: str, entries, count: int) -> None:
     if not isinstance(entries, (tuple, list)) or len(entries) != count:
         got = len(entries) if isinstance(entries, (tuple, list)) else type(entries).__name__
-        raise ValueError(f"{who} of {count} layers expects a tuple of {count} {what} entries, "
-                         f"got {got}")
+        raise ValueError(
+            f"{who} of {count} layers expects a tuple of {count} {what} entries, got {got}"
+        )
 
 
 def _child_key(key, i: int):
@@ -497,8 +512,15 @@ def _combinator(name: str, layers: tuple, init, run, backward, init_state_fn) ->
     """
     config = (("layers", tuple(layers)),)
     if any(layer.has_state for layer in layers):
-        return Layer(init, lambda p, x: _stateless_forward(run, layers, p, x), backward, name,
-                     config, init_state_fn, run)
+        return Layer(
+            init,
+            lambda p, x: _stateless_forward(run, layers, p, x),
+            backward,
+            name,
+            config,
+            init_state_fn,
+            run,
+        )
 
     def forward(params, x):
         y, cache, _ = run(params, tuple(() for _ in layers), x, Context())
@@ -534,8 +556,9 @@ def serial(*layers: Layer) -> Layer:
         """Walk the layers in reverse: each maps ``dE/d(its output)`` to ``dE/d(its input)``."""
         return _chain_backward(layers, params, caches, dy)
 
-    return _combinator("serial", layers, init, run, backward,
-                       lambda shape: _chain_init_state(layers, shape))
+    return _combinator(
+        "serial", layers, init, run, backward, lambda shape: _chain_init_state(layers, shape)
+    )
 
 
 def residual(*layers: Layer) -> Layer:
@@ -550,15 +573,19 @@ def residual(*layers: Layer) -> Layer:
     def init(key, input_shape):
         shape, params = body.init(key, input_shape)
         if tuple(shape) != tuple(input_shape):
-            raise ValueError(f"residual: the branch maps shape {tuple(input_shape)} to "
-                             f"{tuple(shape)}; y = x + f(x) needs f to keep the shape")
+            raise ValueError(
+                f"residual: the branch maps shape {tuple(input_shape)} to "
+                f"{tuple(shape)}; y = x + f(x) needs f to keep the shape"
+            )
         return shape, params
 
     def run(params, state, x, context):
         y, cache, new_state = apply(body, params, state, x, key=context.key, train=context.train)
         if jnp.shape(y) != jnp.shape(x):
-            raise ValueError(f"residual: the branch maps shape {tuple(jnp.shape(x))} to "
-                             f"{tuple(jnp.shape(y))}; y = x + f(x) needs f to keep the shape")
+            raise ValueError(
+                f"residual: the branch maps shape {tuple(jnp.shape(x))} to "
+                f"{tuple(jnp.shape(y))}; y = x + f(x) needs f to keep the shape"
+            )
         return x + y, cache, new_state
 
     def backward(params, cache, dy):
@@ -566,8 +593,9 @@ def residual(*layers: Layer) -> Layer:
         grads, dx = body.backward(params, cache, dy)
         return grads, dy + dx
 
-    return _combinator("residual", layers, init, run, backward,
-                       lambda shape: init_state(body, shape))
+    return _combinator(
+        "residual", layers, init, run, backward, lambda shape: init_state(body, shape)
+    )
 
 
 def concat(*layers: Layer) -> Layer:
@@ -587,8 +615,10 @@ def concat(*layers: Layer) -> Layer:
             shapes.append(shape)
             params.append(p[0])
         if len({s[:-1] for s in shapes}) > 1:
-            raise ValueError(f"concat: the branches' outputs differ before the last axis: "
-                             f"{', '.join(map(str, shapes))}")
+            raise ValueError(
+                f"concat: the branches' outputs differ before the last axis: "
+                f"{', '.join(map(str, shapes))}"
+            )
         return (*shapes[0][:-1], sum(s[-1] for s in shapes)), tuple(params)
 
     def run(params, state, x, context):
@@ -596,8 +626,7 @@ def concat(*layers: Layer) -> Layer:
         outs, caches, states = [], [], []
         for i, (layer, p, s) in enumerate(zip(layers, params, state)):
             try:
-                y, c, s = apply(layer, p, s, x, key=_child_key(context.key, i),
-                                train=context.train)
+                y, c, s = apply(layer, p, s, x, key=_child_key(context.key, i), train=context.train)
             except (ValueError, TypeError) as e:
                 raise _child_error("branch", i, layer, e) from None
             outs.append(y)
@@ -609,7 +638,7 @@ def concat(*layers: Layer) -> Layer:
         """``dy_i = dy[..., offset_i : offset_i + width_i]``; ``dE/dx = sum_i dx_i``."""
         grads, dx, offset = [], None, 0
         for layer, p, (c, width) in zip(layers, params, caches):
-            g, d = layer.backward(p, c, dy[..., offset:offset + width])
+            g, d = layer.backward(p, c, dy[..., offset : offset + width])
             grads.append(g)
             dx = d if dx is None else dx + d
             offset += width

@@ -53,18 +53,23 @@ def _num_examples(out):
 
 def _check_array(name, target):
     if not hasattr(target, "shape") or not hasattr(target, "dtype"):  # a list, say
-        raise TypeError(f"{name} expects targets as an array, got {type(target).__name__} "
-                        f"(convert with jnp.asarray(y))")
+        raise TypeError(
+            f"{name} expects targets as an array, got {type(target).__name__} "
+            f"(convert with jnp.asarray(y))"
+        )
 
 
 def _check_same_shape(name, out, target):
     _check_array(name, target)
     if tuple(jnp.shape(target)) != tuple(out.shape):
-        raise ValueError(f"{name} expects targets of the output's shape {tuple(out.shape)}, "
-                         f"got shape {tuple(jnp.shape(target))}")
+        raise ValueError(
+            f"{name} expects targets of the output's shape {tuple(out.shape)}, "
+            f"got shape {tuple(jnp.shape(target))}"
+        )
     if not jnp.issubdtype(jnp.result_type(target), jnp.floating):
-        raise TypeError(f"{name} expects floating-point targets, got dtype "
-                        f"{jnp.result_type(target)}")
+        raise TypeError(
+            f"{name} expects floating-point targets, got dtype {jnp.result_type(target)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +141,8 @@ def _onehot_targets(logits, target):
         if target.shape != logits.shape[:-1]:
             raise ValueError(
                 f"softmax_cross_entropy expects integer labels of shape {logits.shape[:-1]}, "
-                f"got shape {target.shape}")
+                f"got shape {target.shape}"
+            )
         if not isinstance(target, jax.core.Tracer):
             # NumPy, not jnp: inside a trace (lax.map, scan) jnp ops on concrete labels would
             # be staged out as tracers and bool() would fail.
@@ -145,7 +151,8 @@ def _onehot_targets(logits, target):
             if bad.any():
                 raise ValueError(
                     f"softmax_cross_entropy expects labels in [0, {num_classes}), got values "
-                    f"{sorted(set(labels[bad].tolist()))[:5]}")
+                    f"{sorted(set(labels[bad].tolist()))[:5]}"
+                )
         valid = (target >= 0) & (target < num_classes)
         onehot = jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
         # Under jit a label cannot raise: it poisons its example with NaN instead, which the
@@ -154,10 +161,13 @@ def _onehot_targets(logits, target):
     if target.shape != logits.shape:
         raise ValueError(
             f"softmax_cross_entropy expects integer labels of shape {logits.shape[:-1]} or "
-            f"one-hot targets of shape {logits.shape}, got shape {target.shape}")
+            f"one-hot targets of shape {logits.shape}, got shape {target.shape}"
+        )
     if not jnp.issubdtype(target.dtype, jnp.floating):
-        raise TypeError(f"softmax_cross_entropy expects integer labels or floating one-hot "
-                        f"targets, got dtype {target.dtype}")
+        raise TypeError(
+            f"softmax_cross_entropy expects integer labels or floating one-hot "
+            f"targets, got dtype {target.dtype}"
+        )
     return target
 
 
@@ -201,8 +211,9 @@ def _softmax_ce_terms(logits, target):
     return -onehot * (shifted - jnp.log(total)) / _num_examples(logits)
 
 
-softmax_cross_entropy = Loss(_softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy",
-                             _softmax_ce_terms)
+softmax_cross_entropy = Loss(
+    _softmax_ce_value, _softmax_ce_grad, "softmax_cross_entropy", _softmax_ce_terms
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +242,13 @@ def _bce_grad(logits, target):
     return (jax.nn.sigmoid(logits) - target) / logits.size
 
 
-sigmoid_binary_cross_entropy = Loss(_bce_value, _bce_grad, "sigmoid_binary_cross_entropy",
-                                    _bce_terms)
+sigmoid_binary_cross_entropy = Loss(
+    _bce_value, _bce_grad, "sigmoid_binary_cross_entropy", _bce_terms
+)
 
 
 LOSSES = {
-    loss.name: loss
-    for loss in (half_sse, mse, softmax_cross_entropy, sigmoid_binary_cross_entropy)
+    loss.name: loss for loss in (half_sse, mse, softmax_cross_entropy, sigmoid_binary_cross_entropy)
 }
 
 
@@ -248,5 +259,6 @@ def get_loss(name_or_loss) -> Loss:
     try:
         return LOSSES[name_or_loss]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name_or_loss!r}; expected one of: "
-                         f"{', '.join(sorted(LOSSES))}") from None
+        raise ValueError(
+            f"unknown loss {name_or_loss!r}; expected one of: {', '.join(sorted(LOSSES))}"
+        ) from None

@@ -52,8 +52,9 @@ def factory(name: str) -> Callable[..., Layer]:
     """The registered factory of layer ``name``."""
     _load_layer_modules()
     if name not in _FACTORIES:
-        raise ValueError(f"unknown layer {name!r}; expected one of: "
-                         f"{', '.join(sorted(_FACTORIES))}")
+        raise ValueError(
+            f"unknown layer {name!r}; expected one of: {', '.join(sorted(_FACTORIES))}"
+        )
     return _FACTORIES[name]
 
 
@@ -73,10 +74,22 @@ def _load_layer_modules() -> None:
 
 
 _CORE_LAYERS: dict[str, Callable[..., Layer] | Layer] = {
-    "Dense": _layers.Dense, "LeakyRelu": _layers.LeakyRelu, "serial": _layers.serial,
-    "residual": _layers.residual, "concat": _layers.concat,
-    **{layer.name: layer for layer in (_layers.Sigmoid, _layers.Tanh, _layers.Relu, _layers.Gelu,
-                                        _layers.Softplus, _layers.Identity)},
+    "Dense": _layers.Dense,
+    "LeakyRelu": _layers.LeakyRelu,
+    "serial": _layers.serial,
+    "residual": _layers.residual,
+    "concat": _layers.concat,
+    **{
+        layer.name: layer
+        for layer in (
+            _layers.Sigmoid,
+            _layers.Tanh,
+            _layers.Relu,
+            _layers.Gelu,
+            _layers.Softplus,
+            _layers.Identity,
+        )
+    },
 }
 for _name, _factory in _CORE_LAYERS.items():
     register_layer(_name, _factory)
@@ -121,12 +134,14 @@ def build(description: dict, *, where: str = "model") -> Layer:
     """
     _load_layer_modules()
     if not _is_description(description):
-        raise ValueError(f"{where}: expected a layer description, a dict with a 'name' key, "
-                         f"got {description!r}")
+        raise ValueError(
+            f"{where}: expected a layer description, a dict with a 'name' key, got {description!r}"
+        )
     name = description["name"]
     if name not in _FACTORIES:
-        raise ValueError(f"{where}: unknown layer {name!r}; expected one of: "
-                         f"{', '.join(sorted(_FACTORIES))}")
+        raise ValueError(
+            f"{where}: unknown layer {name!r}; expected one of: {', '.join(sorted(_FACTORIES))}"
+        )
     kwargs = {k: _decode(v, f"{where}.{k}") for k, v in description.items() if k != "name"}
     args = kwargs.pop("layers", ())
     if not isinstance(args, (list, tuple)):
@@ -158,8 +173,9 @@ def load_description(source: str | Path | dict) -> dict:
             raise ValueError(f"model description is not valid JSON: {e}") from None
     path = Path(text)
     if not path.is_file():
-        raise ValueError(f"model file {text!r} does not exist; expected a JSON file holding a "
-                         f"layer description")
+        raise ValueError(
+            f"model file {text!r} does not exist; expected a JSON file holding a layer description"
+        )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -25,8 +25,9 @@ def _check_rate(rate) -> float:
 
 def _check_batchnorm_arguments(momentum, eps) -> None:
     for name, value, ok, expect in (
-            ("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("eps", eps, lambda v: v > 0, "> 0")):
+        ("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("eps", eps, lambda v: v > 0, "> 0"),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise ValueError(f"BatchNorm expects {name} {expect}, got {value!r}")
 
@@ -65,8 +66,9 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
 
     def features(input_shape):
         if len(input_shape) < 1 or int(input_shape[-1]) < 1:
-            raise ValueError(f"BatchNorm expects inputs of shape (..., features), got "
-                             f"{tuple(input_shape)}")
+            raise ValueError(
+                f"BatchNorm expects inputs of shape (..., features), got {tuple(input_shape)}"
+            )
         return int(input_shape[-1])
 
     def init(key, input_shape):
@@ -79,16 +81,20 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
 
     def apply(params, state, x, context: Context):
         if x.ndim < 1 or x.shape[-1] != params["scale"].shape[0]:
-            raise ValueError(f"BatchNorm expects inputs with {params['scale'].shape[0]} features "
-                             f"on the last axis, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"BatchNorm expects inputs with {params['scale'].shape[0]} features "
+                f"on the last axis, got shape {tuple(x.shape)}"
+            )
         axes = tuple(range(x.ndim - 1))
         if context.train:
             mean = jnp.mean(x, axis=axes)
             var = jnp.mean(jnp.square(x - mean), axis=axes)
             count = x.size // x.shape[-1]
             unbiased = var * (count / max(count - 1, 1))
-            new_state = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
-                         "var": momentum * state["var"] + (1 - momentum) * unbiased}
+            new_state = {
+                "mean": momentum * state["mean"] + (1 - momentum) * mean,
+                "var": momentum * state["var"] + (1 - momentum) * unbiased,
+            }
         else:
             mean, var, new_state = state["mean"], state["var"], state
         rstd = jax.lax.rsqrt(var + eps)
@@ -98,8 +104,11 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
         cache = (xhat, rstd) if context.train else {"xhat": xhat, "rstd": rstd}
         return params["scale"] * xhat + params["bias"], cache, new_state
 
-    config = (("momentum", momentum), ("eps", eps),
-              ("dtype", None if dtype is None else jnp.dtype(dtype).name))
+    config = (
+        ("momentum", momentum),
+        ("eps", eps),
+        ("dtype", None if dtype is None else jnp.dtype(dtype).name),
+    )
     return stateful(init, apply, _batchnorm_backward, init_state, "BatchNorm", config)
 
 
@@ -115,8 +124,10 @@ def Dropout(rate: float) -> Layer:
         if not context.train or rate == 0.0:
             return x, None, state
         if context.key is None:
-            raise ValueError("Dropout needs a random key in training: pass key=... (to "
-                             "jaxbp.apply, jaxbp.backprop or the train state), or train=False")
+            raise ValueError(
+                "Dropout needs a random key in training: pass key=... (to "
+                "jaxbp.apply, jaxbp.backprop or the train state), or train=False"
+            )
         keep = jax.random.bernoulli(context.key, 1.0 - rate, jnp.shape(x))
         scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
         return x * scale, scale, state

@@ -70,8 +70,9 @@ BATCH_AXIS = "batch"
 # --------------------------------------------------------------------------------------------
 
 
-def data_parallel_mesh(num_devices: int | None = None, *, devices=None,
-                       axis_name: str = BATCH_AXIS) -> Mesh:
+def data_parallel_mesh(
+    num_devices: int | None = None, *, devices=None, axis_name: str = BATCH_AXIS
+) -> Mesh:
     """A one-axis mesh over ``num_devices`` devices (default: all of them, on every host).
 
     ``devices`` defaults to ``jax.devices()``: with ``jax.distributed`` that is every device of
@@ -82,30 +83,45 @@ def data_parallel_mesh(num_devices: int | None = None, *, devices=None,
         raise ValueError("data_parallel_mesh: no devices to build a mesh from")
     if num_devices is None:
         num_devices = len(pool)
-    if not isinstance(num_devices, (int, np.integer)) or isinstance(num_devices, bool) \
-            or num_devices < 1:
-        raise ValueError(f"data_parallel_mesh: num_devices must be a positive integer, "
-                         f"got {num_devices!r}")
+    if (
+        not isinstance(num_devices, (int, np.integer))
+        or isinstance(num_devices, bool)
+        or num_devices < 1
+    ):
+        raise ValueError(
+            f"data_parallel_mesh: num_devices must be a positive integer, got {num_devices!r}"
+        )
     num_devices = int(num_devices)
     if num_devices > len(pool):
         platform = pool[0].platform
-        hint = (f"; on the CPU, start Python with "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} to simulate "
-                f"{num_devices} devices" if platform == "cpu" else "")
-        raise ValueError(f"data_parallel_mesh: asked for {num_devices} devices, but JAX sees "
-                         f"only {len(pool)} ({platform}){hint}")
+        hint = (
+            f"; on the CPU, start Python with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} to simulate "
+            f"{num_devices} devices"
+            if platform == "cpu"
+            else ""
+        )
+        raise ValueError(
+            f"data_parallel_mesh: asked for {num_devices} devices, but JAX sees "
+            f"only {len(pool)} ({platform}){hint}"
+        )
     if devices is None and jax.process_count() > 1 and num_devices != len(pool):
-        raise ValueError(f"data_parallel_mesh: with {jax.process_count()} processes the mesh "
-                         f"must span all {len(pool)} devices (every process runs the same "
-                         f"program on its own devices), got num_devices={num_devices}")
-    return jax.make_mesh((num_devices,), (axis_name,), axis_types=(AxisType.Auto,),
-                         devices=pool[:num_devices])
+        raise ValueError(
+            f"data_parallel_mesh: with {jax.process_count()} processes the mesh "
+            f"must span all {len(pool)} devices (every process runs the same "
+            f"program on its own devices), got num_devices={num_devices}"
+        )
+    return jax.make_mesh(
+        (num_devices,), (axis_name,), axis_types=(AxisType.Auto,), devices=pool[:num_devices]
+    )
 
 
 def _check_mesh(mesh) -> Mesh:
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (see "
-                        f"jaxbp.parallel.data_parallel_mesh), got {type(mesh).__name__}")
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (see "
+            f"jaxbp.parallel.data_parallel_mesh), got {type(mesh).__name__}"
+        )
     return mesh
 
 
@@ -145,16 +161,20 @@ def _place(value, sharding: NamedSharding):
 def _check_split(what: str, value, parts: int, scope: str) -> None:
     shape = np.shape(value)
     if len(shape) == 0:
-        raise ValueError(f"data parallel: {what} is a scalar; it needs a leading batch axis "
-                         f"(shape (batch, ...)) to split across devices")
+        raise ValueError(
+            f"data parallel: {what} is a scalar; it needs a leading batch axis "
+            f"(shape (batch, ...)) to split across devices"
+        )
     n = shape[0]
     if n % parts:
         lower, upper = (n // parts) * parts, -(-n // parts) * parts
         suggestion = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(f"data parallel over {parts} {scope}: a batch of {n} examples "
-                         f"({what} shape {tuple(shape)}) cannot be split evenly; use a batch "
-                         f"size that is a multiple of {parts}, such as {suggestion} (jaxbp does "
-                         f"not pad: padded examples would change the mean loss)")
+        raise ValueError(
+            f"data parallel over {parts} {scope}: a batch of {n} examples "
+            f"({what} shape {tuple(shape)}) cannot be split evenly; use a batch "
+            f"size that is a multiple of {parts}, such as {suggestion} (jaxbp does "
+            f"not pad: padded examples would change the mean loss)"
+        )
 
 
 def shard_batch(mesh: Mesh, x, y):
@@ -201,10 +221,18 @@ def replicate(mesh: Mesh, tree):
 # --------------------------------------------------------------------------------------------
 
 
-def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransformation,
-                             check: str = "report", *, mesh: Mesh | None = None,
-                             rtol: float | None = None, atol: float | None = None,
-                             guard: bool = True, donate: bool = False) -> Callable:
+def make_parallel_train_step(
+    net: Layer,
+    loss,
+    optimizer: optax.GradientTransformation,
+    check: str = "report",
+    *,
+    mesh: Mesh | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    guard: bool = True,
+    donate: bool = False,
+) -> Callable:
     """:func:`jaxbp.make_train_step`, with the batch split over ``mesh`` and the train state
     replicated: ``step(train_state, x, y) -> (train_state, metrics)``.
 
@@ -221,20 +249,24 @@ def make_parallel_train_step(net: Layer, loss, optimizer: optax.GradientTransfor
     """
     check_mode(check)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(f"optimizer must be an optax GradientTransformation (such as "
-                        f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}")
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation (such as "
+            f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}"
+        )
     mesh = data_parallel_mesh() if mesh is None else _check_mesh(mesh)
     rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
     loss = get_loss(loss)
 
     def raw(ts, x, y):
-        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
-                          guard=guard)
+        return train_step(
+            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
+        )
 
     # As make_train_step: only an unchecked step donates (a checked one re-reads the params).
     donate_argnums = (0,) if donate and check == "off" else ()
-    jitted = jax.jit(raw, in_shardings=(rep, bat, bat), out_shardings=(rep, rep),
-                     donate_argnums=donate_argnums)
+    jitted = jax.jit(
+        raw, in_shardings=(rep, bat, bat), out_shardings=(rep, rep), donate_argnums=donate_argnums
+    )
 
     def step(ts, x, y):
         x, y = shard_batch(mesh, x, y)
@@ -289,15 +321,21 @@ def jit_replicated(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
 def sharded_batch_fn(mesh: Mesh, batch_fn: Callable = gather_batch) -> Callable:
     """A ``make_loop`` batch function: ``batch_fn``'s batch, then split over ``mesh``
     (:func:`constrain_batch`)."""
+
     def batch(data, idx):
         return constrain_batch(mesh, *batch_fn(data, idx))
 
     return batch
 
 
-def make_parallel_loop(step: Callable, mesh: Mesh | int | None = None, *, fused: bool = True,
-                       stop_on_mismatch: bool = False,
-                       batch_fn: Callable = gather_batch) -> Callable:
+def make_parallel_loop(
+    step: Callable,
+    mesh: Mesh | int | None = None,
+    *,
+    fused: bool = True,
+    stop_on_mismatch: bool = False,
+    batch_fn: Callable = gather_batch,
+) -> Callable:
     """:func:`jaxbp.train.make_loop` on ``mesh`` (or a mesh over that many devices):
     ``run(train_state, data, order) -> (train_state, stacked metrics)``.
 
@@ -307,8 +345,9 @@ def make_parallel_loop(step: Callable, mesh: Mesh | int | None = None, *, fused:
     """
     if not isinstance(mesh, Mesh):
         mesh = data_parallel_mesh(mesh)
-    options: dict[str, Any] = dict(fused=fused, stop_on_mismatch=stop_on_mismatch,
-                                   batch_fn=sharded_batch_fn(mesh, batch_fn))
+    options: dict[str, Any] = dict(
+        fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=sharded_batch_fn(mesh, batch_fn)
+    )
     if fused:
         return jit_replicated(make_loop(step, jit=False, **options), mesh)
     run = make_loop(step, jit=True, **options)

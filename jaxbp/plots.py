@@ -100,20 +100,33 @@ def _draw_edges(ax, trace, pos, label_edges):
         for i, j in np.ndindex(layer.weights.shape):
             (x0, y0), (x1, y1) = pos[(k, i)], pos[(k + 1, j)]
             w = float(layer.weights[i, j])
-            ax.plot([x0, x1], [y0, y1], color=_POS if w >= 0 else _NEG,
-                    lw=0.6 + 3.0 * abs(w) / max_w, alpha=0.75, zorder=1,
-                    solid_capstyle="round")
+            ax.plot(
+                [x0, x1],
+                [y0, y1],
+                color=_POS if w >= 0 else _NEG,
+                lw=0.6 + 3.0 * abs(w) / max_w,
+                alpha=0.75,
+                zorder=1,
+                solid_capstyle="round",
+            )
             if label_edges:
                 # Stagger labels along the edge so that crossing edges keep theirs apart.
                 t = 0.28 + 0.44 * ((i + j) % 2) if n_in * n_out > 1 else 0.5
                 lx, ly = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
                 angle = math.degrees(math.atan2(y1 - y0, x1 - x0))
                 wname = names.weight(k, i, j)
-                ax.text(lx, ly, f"{wname} = {w:.4g}\n"
-                                f"dE/d{wname} = {float(lt.grad_weights[i, j]):.3g}",
-                        ha="center", va="center", fontsize=7, rotation=angle,
-                        rotation_mode="anchor", zorder=3,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+                ax.text(
+                    lx,
+                    ly,
+                    f"{wname} = {w:.4g}\ndE/d{wname} = {float(lt.grad_weights[i, j]):.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    rotation=angle,
+                    rotation_mode="anchor",
+                    zorder=3,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
+                )
 
 
 def _draw_biases(ax, trace, pos, top):
@@ -122,16 +135,28 @@ def _draw_biases(ax, trace, pos, top):
     for k, (layer, lt) in enumerate(zip(cfg.layers, trace.layers)):
         bx, by = (k + 0.5) * _X_GAP, top
         if layer.shared_bias:
-            text = (f"{names.bias(k)} = {float(layer.bias):.4g}\n"
-                    f"dE/d{names.bias(k)} = {float(lt.grad_bias):.3g}")
+            text = (
+                f"{names.bias(k)} = {float(layer.bias):.4g}\n"
+                f"dE/d{names.bias(k)} = {float(lt.grad_bias):.3g}"
+            )
         else:
-            text = "\n".join(f"{names.bias(k, j)} = {float(b):.3g} (dE/d = {float(g):.3g})"
-                             for j, (b, g) in enumerate(zip(layer.bias, lt.grad_bias)))
+            text = "\n".join(
+                f"{names.bias(k, j)} = {float(b):.3g} (dE/d = {float(g):.3g})"
+                for j, (b, g) in enumerate(zip(layer.bias, lt.grad_bias))
+            )
         for j in range(layer.width):
             x1, y1 = pos[(k + 1, j)]
             ax.plot([bx, x1], [by, y1], color="0.6", lw=0.8, ls=":", zorder=0)
-        ax.text(bx, by, text, ha="center", va="bottom", fontsize=7.5, zorder=4,
-                bbox=dict(boxstyle="round,pad=0.3", fc="#f4f4f4", ec="0.6"))
+        ax.text(
+            bx,
+            by,
+            text,
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            zorder=4,
+            bbox=dict(boxstyle="round,pad=0.3", fc="#f4f4f4", ec="0.6"),
+        )
 
 
 def _node_text(trace, c, j):
@@ -141,8 +166,10 @@ def _node_text(trace, c, j):
         return names.input(j), f"{float(cfg.inputs[0, j]):.4g}", "#e8e8e8"
     last = c == len(cfg.widths) - 1
     lt = trace.layers[c - 1]
-    below = (f"in {float(lt.net[0, j]):.4f}\nout {float(lt.out[0, j]):.4f}\n"
-             f"dE/din {float(lt.delta[0, j]):.4g}")
+    below = (
+        f"in {float(lt.net[0, j]):.4f}\nout {float(lt.out[0, j]):.4f}\n"
+        f"dE/din {float(lt.delta[0, j]):.4g}"
+    )
     if last:
         below += f"\ntarget {float(cfg.targets[0, j]):.4g}"
     return names.neuron(c - 1, j), below, "#fff3c4" if last else "#dff0d8"
@@ -156,8 +183,16 @@ def _draw_nodes(fig, ax, trace, pos):
             name, below, face = _node_text(trace, c, j)
             ax.add_patch(_circle(fig, (x, y), 0.32, face))
             ax.text(x, y, name, ha="center", va="center", fontsize=10, weight="bold", zorder=6)
-            ax.text(x, y - 0.4, below, ha="center", va="top", fontsize=7.5, zorder=6,
-                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85))
+            ax.text(
+                x,
+                y - 0.4,
+                below,
+                ha="center",
+                va="top",
+                fontsize=7.5,
+                zorder=6,
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85),
+            )
 
 
 def _draw_column_labels(ax, cfg, tallest):
@@ -166,14 +201,22 @@ def _draw_column_labels(ax, cfg, tallest):
     for c in range(columns):
         kind = "inputs" if c == 0 else ("outputs" if c == columns - 1 else "hidden")
         act = f" ({cfg.layers[c - 1].activation})" if c > 0 else ""
-        ax.text(c * _X_GAP, -(tallest - 1) / 2 * _Y_GAP - 1.9, kind + act, ha="center",
-                va="top", fontsize=9, color="0.35")
+        ax.text(
+            c * _X_GAP,
+            -(tallest - 1) / 2 * _Y_GAP - 1.9,
+            kind + act,
+            ha="center",
+            va="top",
+            fontsize=9,
+            color="0.35",
+        )
 
 
 def _network_title(trace, label_edges) -> str:
     cfg = trace.config
-    title = "The seed's 2-2-2 example" if cfg.is_seed else \
-        f"{'-'.join(map(str, cfg.widths))} network"
+    title = (
+        "The seed's 2-2-2 example" if cfg.is_seed else f"{'-'.join(map(str, cfg.widths))} network"
+    )
     subtitle = f"{cfg.loss} = {trace.loss:.4f}, learning rate {cfg.learning_rate:g}"
     if cfg.inputs.shape[0] > 1:
         subtitle += f"; activations of example 1 of {cfg.inputs.shape[0]}, gradients over all"
@@ -193,8 +236,15 @@ def _circle(fig, center, radius, face):
 # --------------------------------------------------------------------------------------------
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[float]], path, *, title: str = "",
-                     xlabel: str = "step", ylabel: str = "loss", logy: bool = True) -> str:
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[float]],
+    path,
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    logy: bool = True,
+) -> str:
     """One line per entry of ``curves`` (label -> loss per step), on a log scale by default.
     Non-finite values are left out of the line. Returns ``path``."""
     if not curves:
@@ -233,8 +283,7 @@ def _colors(n):
 # --------------------------------------------------------------------------------------------
 
 
-def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
-                         title: str = "") -> str:
+def plot_training_curves(history: Mapping[str, Sequence[float]], path, *, title: str = "") -> str:
     """Training curves from ``history``, a mapping of series name -> values.
 
     Series are grouped into panels by name: names containing ``"loss"`` (log scale),
@@ -243,14 +292,19 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
     its length; series of another length (say, a loss per step next to an accuracy per epoch)
     are spread evenly over the same range, so they share the axis. Returns ``path``.
     """
-    series = {k: np.asarray(v, np.float64).reshape(-1) for k, v in history.items()
-              if _is_numeric_series(v)}
+    series = {
+        k: np.asarray(v, np.float64).reshape(-1)
+        for k, v in history.items()
+        if _is_numeric_series(v)
+    }
     x_key = "epoch" if "epoch" in series else ("step" if "step" in series else None)
     x_ref = series.pop(x_key) if x_key else None
     series = {k: v for k, v in series.items() if v.size}
     if not series:
-        raise ValueError(f"plot_training_curves: no numeric series to plot in history "
-                         f"(keys: {', '.join(history) or 'none'})")
+        raise ValueError(
+            f"plot_training_curves: no numeric series to plot in history "
+            f"(keys: {', '.join(history) or 'none'})"
+        )
     groups: dict[str, list[str]] = {"loss": [], "accuracy": [], "other": []}
     for name in series:
         lower = name.lower()
@@ -271,13 +325,18 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *,
             else:
                 x = np.arange(1, len(y) + 1)
             logy = kind != "accuracy" and np.all(y[np.isfinite(y)] > 0)
-            ax.plot(x, np.where(np.isfinite(y), y, np.nan), label=name, lw=1.5,
-                    marker="o" if len(y) <= 30 else None, ms=3)
+            ax.plot(
+                x,
+                np.where(np.isfinite(y), y, np.nan),
+                label=name,
+                lw=1.5,
+                marker="o" if len(y) <= 30 else None,
+                ms=3,
+            )
             if logy:
                 ax.set_yscale("log")
         ax.set_xlabel(x_key or "step")
-        ax.set_title(kind if kind != "other" or len(names) > 2 else ", ".join(names),
-                     fontsize=10)
+        ax.set_title(kind if kind != "other" or len(names) > 2 else ", ".join(names), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:

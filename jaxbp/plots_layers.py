@@ -19,8 +19,9 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - matplotlib ships with the plot extra
-        raise ImportError("plots need matplotlib: pip install 'jaxbp[plot]'",
-                          name="matplotlib") from None
+        raise ImportError(
+            "plots need matplotlib: pip install 'jaxbp[plot]'", name="matplotlib"
+        ) from None
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -39,12 +40,25 @@ def _conv_row(ax, numbers: dict, spec: dict, o: int, row_y: float) -> None:
     for i, value in enumerate(x):
         _box(ax, i, row_y, f"{value:.3g}", _READ if i in read else _IDLE)
         if i in read:
-            ax.text(i, row_y - 0.45, f"w{read[i] + 1} = {w[read[i]]:.3g}", ha="center",
-                    va="top", fontsize=7, color="#1f5f1f")
+            ax.text(
+                i,
+                row_y - 0.45,
+                f"w{read[i] + 1} = {w[read[i]]:.3g}",
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="#1f5f1f",
+            )
     y = numbers["forward"]["y"][o][0]
     dy = numbers["gradients"]["y"][o][0]
-    ax.text(len(x) + 0.2, row_y, f"y{o + 1} = {y:.4f}\ndE/dy{o + 1} = {dy:.4f}", ha="left",
-            va="center", fontsize=8)
+    ax.text(
+        len(x) + 0.2,
+        row_y,
+        f"y{o + 1} = {y:.4f}\ndE/dy{o + 1} = {dy:.4f}",
+        ha="left",
+        va="center",
+        fontsize=8,
+    )
 
 
 def plot_conv_trace(traced, path) -> str:
@@ -53,8 +67,9 @@ def plot_conv_trace(traced, path) -> str:
     ``dE/dx``. One input and output channel (others: see the text trace)."""
     spec, numbers = traced.spec, traced.numbers
     if len(spec["inputs"][0]) != 1 or len(spec["params"]["b"]) != 1:
-        raise ValueError("the Conv1D plot draws one input and one output channel; use the text "
-                         "trace for several")
+        raise ValueError(
+            "the Conv1D plot draws one input and one output channel; use the text trace for several"
+        )
     length, outputs = len(spec["inputs"]), len(numbers["forward"]["y"])
     fig = _figure(max(6.0, 1.0 * length + 3.0), 1.3 * (outputs + 2) + 0.6)
     ax = fig.add_subplot()
@@ -65,13 +80,16 @@ def plot_conv_trace(traced, path) -> str:
     for i, g in enumerate(np.asarray(numbers["gradients"]["x"])[:, 0]):
         _box(ax, i, bottom, f"{g:.4f}", "#fff3c4", 7)
         ax.text(i, bottom + 0.5, f"x{i + 1}", ha="center", va="bottom", fontsize=7)
-    ax.text(length + 0.2, bottom, "dE/dx (transposed\nconvolution)", ha="left", va="center",
-            fontsize=8)
+    ax.text(
+        length + 0.2, bottom, "dE/dx (transposed\nconvolution)", ha="left", va="center", fontsize=8
+    )
     dw = np.asarray(numbers["gradients"]["W"])[:, 0, 0]
     weights = ",  ".join(f"dE/dw{j + 1} = {v:.4f}" for j, v in enumerate(dw))
-    ax.set_title(f"Conv1D: the kernel over the input, one row per output\n{weights},  "
-                 f"dE/db = {numbers['gradients']['b'][0]:.4f};  E = {numbers['loss']:.4f}",
-                 fontsize=9)
+    ax.set_title(
+        f"Conv1D: the kernel over the input, one row per output\n{weights},  "
+        f"dE/db = {numbers['gradients']['b'][0]:.4f};  E = {numbers['loss']:.4f}",
+        fontsize=9,
+    )
     ax.set_xlim(-0.8, length + 2.6)
     ax.set_ylim(bottom - 0.9, 0.9)
     fig.savefig(check_plot_path(path), dpi=150)
@@ -85,8 +103,15 @@ def _heatmap(fig, ax, matrix: np.ndarray, mask: np.ndarray, title: str) -> None:
     ax.set_facecolor(_MASKED)
     for (t, u), value in np.ndenumerate(matrix):
         dark = mask[t, u] and abs(value) > 0.6 * limit  # white on the deep colours
-        ax.text(u, t, f"{value:.3f}" if mask[t, u] else "masked", ha="center", va="center",
-                fontsize=8, color="white" if dark else "black")
+        ax.text(
+            u,
+            t,
+            f"{value:.3f}" if mask[t, u] else "masked",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if dark else "black",
+        )
     tokens = matrix.shape[0]
     ax.set_xticks(range(tokens), [f"key {u + 1}" for u in range(tokens)], fontsize=7)
     ax.set_yticks(range(tokens), [f"query {t + 1}" for t in range(tokens)], fontsize=7)
@@ -121,23 +146,47 @@ def _gru_step(ax, numbers: dict, spec: dict, s: int, column: float) -> None:
     forward, worked = numbers["forward"], numbers["gradients"]["intermediate"]
     i = s - 1
     _box(ax, column, 0.0, f"x{s}\n{_short(spec['inputs'][i])}", _IDLE, 7)
-    gates = (f"r = {_short(forward['r'][i])}\nz = {_short(forward['z'][i])}\n"
-             f"n = {_short(forward['n'][i])}")
+    gates = (
+        f"r = {_short(forward['r'][i])}\nz = {_short(forward['z'][i])}\n"
+        f"n = {_short(forward['n'][i])}"
+    )
     ax.text(column + 0.55, 1.0, gates, ha="left", va="center", fontsize=6, color="0.3")
     _box(ax, column, 2.0, f"h{s}\n{_short(forward['h'][i])}", _READ, 7)
-    ax.annotate("", xy=(column, 1.6), xytext=(column, 0.4),
-                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    ax.annotate(
+        "", xy=(column, 1.6), xytext=(column, 0.4), arrowprops={"arrowstyle": "->", "color": "0.4"}
+    )
     ax.text(column - 0.08, 1.0, "Wi, bi", ha="right", va="center", fontsize=7)
-    ax.annotate("", xy=(column - 0.45, 2.05), xytext=(column - 1.55, 2.05),
-                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    ax.annotate(
+        "",
+        xy=(column - 0.45, 2.05),
+        xytext=(column - 1.55, 2.05),
+        arrowprops={"arrowstyle": "->", "color": "0.4"},
+    )
     ax.text(column - 1.0, 2.2, "Wh, bh", ha="center", va="bottom", fontsize=7)
-    ax.annotate("", xy=(column - 1.55, 1.8), xytext=(column - 0.45, 1.8),
-                arrowprops={"arrowstyle": "->", "color": "#b22222", "linestyle": "--"})
-    ax.text(column, 2.55, f"dE/dh{s} = {_short(worked['h'][i])}", ha="center", va="bottom",
-            fontsize=7, color="#b22222")
+    ax.annotate(
+        "",
+        xy=(column - 1.55, 1.8),
+        xytext=(column - 0.45, 1.8),
+        arrowprops={"arrowstyle": "->", "color": "#b22222", "linestyle": "--"},
+    )
+    ax.text(
+        column,
+        2.55,
+        f"dE/dh{s} = {_short(worked['h'][i])}",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        color="#b22222",
+    )
     terms = numbers["gradients"]["per_step"]["bh"][i]
-    ax.text(column, -0.6, f"step {s}'s term of dE/dbh:\n{_short(terms)}", ha="center",
-            va="top", fontsize=6)
+    ax.text(
+        column,
+        -0.6,
+        f"step {s}'s term of dE/dbh:\n{_short(terms)}",
+        ha="center",
+        va="top",
+        fontsize=6,
+    )
 
 
 def plot_gru_trace(traced, path) -> str:
@@ -153,16 +202,31 @@ def plot_gru_trace(traced, path) -> str:
     for s in range(1, steps + 1):
         _gru_step(ax, numbers, spec, s, 2.2 * s)
     last = 2.2 * steps
-    loss = (f"E = {numbers['loss']:.4f}\ntargets {_short(np.ravel(spec['targets']))}"
-            + ("\n(on every h_t)" if np.ndim(spec["targets"]) == 2 else f"\n(on h{steps})"))
-    ax.text(last + 1.9, 2.0, loss, ha="left", va="center", fontsize=7,
-            bbox={"facecolor": "#fff3c4", "edgecolor": "0.5"})
-    ax.annotate("", xy=(last + 1.85, 2.0), xytext=(last + 0.95, 2.0),
-                arrowprops={"arrowstyle": "->", "color": "0.4"})
+    loss = f"E = {numbers['loss']:.4f}\ntargets {_short(np.ravel(spec['targets']))}" + (
+        "\n(on every h_t)" if np.ndim(spec["targets"]) == 2 else f"\n(on h{steps})"
+    )
+    ax.text(
+        last + 1.9,
+        2.0,
+        loss,
+        ha="left",
+        va="center",
+        fontsize=7,
+        bbox={"facecolor": "#fff3c4", "edgecolor": "0.5"},
+    )
+    ax.annotate(
+        "",
+        xy=(last + 1.85, 2.0),
+        xytext=(last + 0.95, 2.0),
+        arrowprops={"arrowstyle": "->", "color": "0.4"},
+    )
     total = _short(numbers["gradients"]["bh"])
-    ax.set_title(f"GRU unrolled over {steps} steps: the same Wi, Wh, bi, bh at every step; "
-                 f"dE/dh flows back (red)\neach shared gradient is the sum of its per-step "
-                 f"terms, e.g. dE/dbh = {total}", fontsize=8)
+    ax.set_title(
+        f"GRU unrolled over {steps} steps: the same Wi, Wh, bi, bh at every step; "
+        f"dE/dh flows back (red)\neach shared gradient is the sum of its per-step "
+        f"terms, e.g. dE/dbh = {total}",
+        fontsize=8,
+    )
     ax.set_xlim(-0.8, last + 3.6)
     ax.set_ylim(-1.6, 3.0)
     fig.savefig(check_plot_path(path), dpi=150)
@@ -173,6 +237,5 @@ def plot_layer_trace(traced, path) -> str:
     """Draw a :class:`jaxbp.trace.layer_traces.TracedLayer` by its kind."""
     plots = {"conv": plot_conv_trace, "attention": plot_attention_trace, "gru": plot_gru_trace}
     if traced.kind not in plots:
-        raise ValueError(f"no plot for a {traced.kind} trace; expected one of: "
-                         f"{', '.join(plots)}")
+        raise ValueError(f"no plot for a {traced.kind} trace; expected one of: {', '.join(plots)}")
     return plots[traced.kind](traced, path)

@@ -24,8 +24,12 @@ def alignment_series(history: Sequence[Mapping]) -> tuple[np.ndarray, dict, dict
     layers = list(dict.fromkeys(k for r in rows for k in r["alignment"]))
 
     def series(field):
-        return {layer: np.asarray([_value(r["alignment"].get(layer, {}).get(field))
-                                   for r in rows], np.float64) for layer in layers}
+        return {
+            layer: np.asarray(
+                [_value(r["alignment"].get(layer, {}).get(field)) for r in rows], np.float64
+            )
+            for layer in layers
+        }
 
     return epochs, series("angle"), series("norm_ratio")
 
@@ -63,10 +67,15 @@ def plot_alignment(history: Sequence[Mapping], path, *, title: str = "") -> str:
         if np.any(np.isfinite(ratio) & (ratio > 0)):
             ax_ratio.plot(epochs, np.where(ratio > 0, ratio, np.nan), label=f"layer {layer}")
     ax_angle.axhline(90.0, color="grey", ls="--", lw=1)
-    ax_angle.set(xlabel="epoch", ylabel="angle to jax.grad (degrees)", ylim=(0, 120),
-                 title="update vs gradient")
-    ax_ratio.set(xlabel="epoch", ylabel="||rule update|| / ||gradient||", yscale="log",
-                 title="norm ratio")
+    ax_angle.set(
+        xlabel="epoch",
+        ylabel="angle to jax.grad (degrees)",
+        ylim=(0, 120),
+        title="update vs gradient",
+    )
+    ax_ratio.set(
+        xlabel="epoch", ylabel="||rule update|| / ||gradient||", yscale="log", title="norm ratio"
+    )
     for ax in (ax_angle, ax_ratio):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -75,8 +84,7 @@ def plot_alignment(history: Sequence[Mapping], path, *, title: str = "") -> str:
     return _save(fig, path)
 
 
-def plot_rule_comparison(runs: Mapping[str, Sequence[Mapping]], path, *,
-                         title: str = "") -> str:
+def plot_rule_comparison(runs: Mapping[str, Sequence[Mapping]], path, *, title: str = "") -> str:
     """One panel per rule: each hidden layer's angle against the epoch (``runs`` maps a rule's
     label to its history rows). Layers whose angle stays 0 (the output layer, which every rule
     trains with the true error) are left out."""

@@ -41,8 +41,18 @@ __all__ = [
 ]
 
 # Settings a preset may carry (the rest of TrainConfig is about the run, not the model).
-TRAINING_KEYS = ("hidden", "activation", "output_activation", "loss", "optimizer", "lr",
-                 "schedule", "weight_decay", "epochs", "batch_size")
+TRAINING_KEYS = (
+    "hidden",
+    "activation",
+    "output_activation",
+    "loss",
+    "optimizer",
+    "lr",
+    "schedule",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+)
 AUGMENTS = ("shift",)
 
 
@@ -80,22 +90,37 @@ def _check_preset(name, input_shape, augment, defaults) -> None:
         raise ValueError(f"a preset name must be a plain word, got {name!r}")
     unknown = sorted(set(defaults) - set(TRAINING_KEYS))
     if unknown:
-        raise ValueError(f"preset {name!r}: unknown setting(s) {', '.join(unknown)}; expected "
-                         f"some of: {', '.join(TRAINING_KEYS)}")
-    if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or not all(
-            isinstance(d, int) and d >= 1 for d in input_shape)):
-        raise ValueError(f"preset {name!r}: input_shape must be a tuple of positive integers "
-                         f"such as (40, 1), got {input_shape!r}")
+        raise ValueError(
+            f"preset {name!r}: unknown setting(s) {', '.join(unknown)}; expected "
+            f"some of: {', '.join(TRAINING_KEYS)}"
+        )
+    if input_shape is not None and (
+        not isinstance(input_shape, (tuple, list))
+        or not all(isinstance(d, int) and d >= 1 for d in input_shape)
+    ):
+        raise ValueError(
+            f"preset {name!r}: input_shape must be a tuple of positive integers "
+            f"such as (40, 1), got {input_shape!r}"
+        )
     for key, value in dict(augment or {}).items():
         if key not in AUGMENTS or not isinstance(value, int) or value < 0:
-            raise ValueError(f"preset {name!r}: augment expects {{'shift': N}} with N >= 0, "
-                             f"got {dict(augment)!r}")
+            raise ValueError(
+                f"preset {name!r}: augment expects {{'shift': N}} with N >= 0, "
+                f"got {dict(augment)!r}"
+            )
 
 
-def register_preset(name: str, model, *, dataset: str | None = None,
-                    input_shape: tuple | None = None, fused: bool = True,
-                    augment: Mapping | None = None, for_dataset: bool = False,
-                    **defaults: Any) -> Preset:
+def register_preset(
+    name: str,
+    model,
+    *,
+    dataset: str | None = None,
+    input_shape: tuple | None = None,
+    fused: bool = True,
+    augment: Mapping | None = None,
+    for_dataset: bool = False,
+    **defaults: Any,
+) -> Preset:
     """Register preset ``name`` (see the module docstring); returns it.
 
     ``for_dataset=True`` registers the variant used when training on ``dataset`` (as the
@@ -105,8 +130,15 @@ def register_preset(name: str, model, *, dataset: str | None = None,
     _check_preset(name, input_shape, augment, defaults)
     if for_dataset and dataset is None:
         raise ValueError(f"preset {name!r}: for_dataset=True needs dataset=")
-    preset = Preset(name, model, dataset, None if input_shape is None else tuple(input_shape),
-                    bool(fused), None if augment is None else dict(augment), dict(defaults))
+    preset = Preset(
+        name,
+        model,
+        dataset,
+        None if input_shape is None else tuple(input_shape),
+        bool(fused),
+        None if augment is None else dict(augment),
+        dict(defaults),
+    )
     _PRESETS[(name, dataset if for_dataset else None)] = preset
     return preset
 
@@ -123,10 +155,14 @@ def get_preset(name: str, dataset: str | None = None) -> Preset:
             return _PRESETS[key]
     if any(n == name for n, _ in _PRESETS):
         known = sorted(d for n, d in _PRESETS if n == name and d)
-        raise ValueError(f"preset {name!r} has no variant for dataset {dataset!r}; expected "
-                         f"one of: {', '.join(known)}")
-    raise ValueError(f"unknown model {name!r}; expected a preset ({', '.join(preset_names())}) "
-                     f"or a JSON file holding a model description")
+        raise ValueError(
+            f"preset {name!r} has no variant for dataset {dataset!r}; expected "
+            f"one of: {', '.join(known)}"
+        )
+    raise ValueError(
+        f"unknown model {name!r}; expected a preset ({', '.join(preset_names())}) "
+        f"or a JSON file holding a model description"
+    )
 
 
 def output_activation(activation: str, output: str, loss: str) -> str | None:
@@ -148,10 +184,17 @@ def _activation_description(name: str) -> dict:
     return describe(activation(name))
 
 
-def mlp_description(hidden, activation: str, num_outputs: int, *,
-                    output: str | None = None, dtype: str | None = "float32") -> dict:
+def mlp_description(
+    hidden,
+    activation: str,
+    num_outputs: int,
+    *,
+    output: str | None = None,
+    dtype: str | None = "float32",
+) -> dict:
     """``Dense(h) -> activation`` for each width of ``hidden``, then ``Dense(num_outputs)``
     and ``output`` (an activation name, or ``None``): the description of a plain MLP."""
+
     def dense(width):
         return {"name": "Dense", "out_dim": int(width), **({"dtype": dtype} if dtype else {})}
 
@@ -176,8 +219,13 @@ _register_dataset_mlps()
 
 
 def _conv1d(channels: int, kernel: int, stride: int = 1, padding="SAME") -> dict:
-    return {"name": "Conv1D", "out_channels": channels, "kernel_size": kernel, "stride": stride,
-            "padding": padding}
+    return {
+        "name": "Conv1D",
+        "out_channels": channels,
+        "kernel_size": kernel,
+        "stride": stride,
+        "padding": padding,
+    }
 
 
 def mnist1d_cnn(num_outputs: int) -> dict:
@@ -186,38 +234,68 @@ def mnist1d_cnn(num_outputs: int) -> dict:
     layers = []
     for kernel in (5, 3, 3):
         layers += [_conv1d(25, kernel, 2, 1), {"name": "Relu"}]
-    return {"name": "serial", "layers": [*layers, {"name": "Flatten"},
-                                         {"name": "Dense", "out_dim": num_outputs}]}
+    return {
+        "name": "serial",
+        "layers": [*layers, {"name": "Flatten"}, {"name": "Dense", "out_dim": num_outputs}],
+    }
 
 
-def mnist1d_resnet(num_outputs: int, channels: int = 32, blocks: int = 4,
-                   stem_kernel: int = 3) -> dict:
+def mnist1d_resnet(
+    num_outputs: int, channels: int = 32, blocks: int = 4, stem_kernel: int = 3
+) -> dict:
     """A small residual 1-D network: a stride-2 stem, ``blocks`` residual blocks of two 3-wide
     convolutions with BatchNorm (``y = relu(x + bn(conv(relu(bn(conv(x))))))``), global
     average pooling, Dense; about 26k params with 32 channels and 4 blocks."""
+
     def block():
-        return {"name": "residual", "layers": [
-            _conv1d(channels, 3), {"name": "BatchNorm"}, {"name": "Relu"},
-            _conv1d(channels, 3), {"name": "BatchNorm"}]}
+        return {
+            "name": "residual",
+            "layers": [
+                _conv1d(channels, 3),
+                {"name": "BatchNorm"},
+                {"name": "Relu"},
+                _conv1d(channels, 3),
+                {"name": "BatchNorm"},
+            ],
+        }
 
     body = []
     for _ in range(blocks):
         body += [block(), {"name": "Relu"}]
-    return {"name": "serial", "layers": [
-        _conv1d(channels, stem_kernel, 2), {"name": "BatchNorm"}, {"name": "Relu"}, *body,
-        {"name": "GlobalAvgPool"}, {"name": "Dense", "out_dim": num_outputs}]}
+    return {
+        "name": "serial",
+        "layers": [
+            _conv1d(channels, stem_kernel, 2),
+            {"name": "BatchNorm"},
+            {"name": "Relu"},
+            *body,
+            {"name": "GlobalAvgPool"},
+            {"name": "Dense", "out_dim": num_outputs},
+        ],
+    }
 
 
 def digits_cnn(num_outputs: int) -> dict:
     """scikit-learn's 8x8 digits as images: two 3x3 Conv2D + ReLU + 2x2 max-pool stages (32
     and 64 channels), flattened, Dropout 0.3, Dense."""
-    def stage(channels):
-        return [{"name": "Conv2D", "out_channels": channels, "kernel_size": 3,
-                 "padding": "SAME"}, {"name": "Relu"}, {"name": "MaxPool2D", "window": 2}]
 
-    return {"name": "serial", "layers": [*stage(32), *stage(64), {"name": "Flatten"},
-                                         {"name": "Dropout", "rate": 0.3},
-                                         {"name": "Dense", "out_dim": num_outputs}]}
+    def stage(channels):
+        return [
+            {"name": "Conv2D", "out_channels": channels, "kernel_size": 3, "padding": "SAME"},
+            {"name": "Relu"},
+            {"name": "MaxPool2D", "window": 2},
+        ]
+
+    return {
+        "name": "serial",
+        "layers": [
+            *stage(32),
+            *stage(64),
+            {"name": "Flatten"},
+            {"name": "Dropout", "rate": 0.3},
+            {"name": "Dense", "out_dim": num_outputs},
+        ],
+    }
 
 
 def mnist1d_rnn(num_outputs: int, kind: str = "GRU", hidden: int = 6) -> dict:
@@ -225,54 +303,115 @@ def mnist1d_rnn(num_outputs: int, kind: str = "GRU", hidden: int = 6) -> dict:
     40 steps of one input each, every step's output flattened into Dense; 5,134 params for a
     GRU of hidden 6 and 10 classes."""
     cell = {"name": kind, "hidden": hidden, "return_sequences": True}
-    return {"name": "serial", "layers": [{"name": "bidirectional", "layer": cell},
-                                         {"name": "Flatten"},
-                                         {"name": "Dense", "out_dim": num_outputs}]}
+    return {
+        "name": "serial",
+        "layers": [
+            {"name": "bidirectional", "layer": cell},
+            {"name": "Flatten"},
+            {"name": "Dense", "out_dim": num_outputs},
+        ],
+    }
 
 
 def _register_network_presets() -> None:
     # Convolutions train one jitted call per step (fused=False): on XLA CPU a lax.scan whose
     # body holds convolutions is many times slower than the same steps called one by one.
     common: dict[str, Any] = dict(loss="softmax_cross_entropy", optimizer="adam", fused=False)
-    register_preset("cnn", mnist1d_cnn, dataset="mnist1d", input_shape=(40, 1),
-                    augment={"shift": 4}, lr=1e-2, schedule="cosine", epochs=200,
-                    batch_size=100, **common)
-    register_preset("resnet", mnist1d_resnet, dataset="mnist1d", input_shape=(40, 1),
-                    augment={"shift": 4}, lr=1e-2, schedule="warmup_cosine",
-                    weight_decay=0.2, epochs=150, batch_size=128, **common)
+    register_preset(
+        "cnn",
+        mnist1d_cnn,
+        dataset="mnist1d",
+        input_shape=(40, 1),
+        augment={"shift": 4},
+        lr=1e-2,
+        schedule="cosine",
+        epochs=200,
+        batch_size=100,
+        **common,
+    )
+    register_preset(
+        "resnet",
+        mnist1d_resnet,
+        dataset="mnist1d",
+        input_shape=(40, 1),
+        augment={"shift": 4},
+        lr=1e-2,
+        schedule="warmup_cosine",
+        weight_decay=0.2,
+        epochs=150,
+        batch_size=128,
+        **common,
+    )
     for name, kind in (("gru", "GRU"), ("lstm", "LSTM")):
-        register_preset(name, lambda n, kind=kind: mnist1d_rnn(n, kind), dataset="mnist1d",
-                        input_shape=(40, 1), augment={"shift": 4}, lr=1e-2, schedule="cosine",
-                        epochs=200, batch_size=100, **common)
-    register_preset("cnn", digits_cnn, dataset="digits", for_dataset=True, input_shape=(8, 8, 1),
-                    lr=3e-3, schedule="cosine", weight_decay=0.05, epochs=40, batch_size=32,
-                    **common)
+        register_preset(
+            name,
+            lambda n, kind=kind: mnist1d_rnn(n, kind),
+            dataset="mnist1d",
+            input_shape=(40, 1),
+            augment={"shift": 4},
+            lr=1e-2,
+            schedule="cosine",
+            epochs=200,
+            batch_size=100,
+            **common,
+        )
+    register_preset(
+        "cnn",
+        digits_cnn,
+        dataset="digits",
+        for_dataset=True,
+        input_shape=(8, 8, 1),
+        lr=3e-3,
+        schedule="cosine",
+        weight_decay=0.05,
+        epochs=40,
+        batch_size=32,
+        **common,
+    )
 
 
 _register_network_presets()
 
 
-def gpt_description(vocab_size: int, *, layers: int = 4, heads: int = 4, width: int = 128,
-                    context: int = 128) -> dict:
+def gpt_description(
+    vocab_size: int, *, layers: int = 4, heads: int = 4, width: int = 128, context: int = 128
+) -> dict:
     """A character-level GPT (GPT-2's pre-norm block, as llm.c and nanoGPT): token and learned
     position embeddings, ``layers`` blocks of ``x + attention(layernorm(x))`` (causal, ``heads``
     heads) and ``x + mlp(layernorm(x))`` (``Dense(4 width) -> Gelu -> Dense(width)``), a final
     LayerNorm and ``Dense(vocab_size)`` logits. 836k params with the defaults and 103
     characters."""
+
     def block():
-        attention = {"name": "residual", "layers": [
-            {"name": "LayerNorm"}, {"name": "MultiHeadAttention", "num_heads": heads,
-                                    "causal": True}]}
-        mlp = {"name": "residual", "layers": [
-            {"name": "LayerNorm"}, {"name": "Dense", "out_dim": 4 * width}, {"name": "Gelu"},
-            {"name": "Dense", "out_dim": width}]}
+        attention = {
+            "name": "residual",
+            "layers": [
+                {"name": "LayerNorm"},
+                {"name": "MultiHeadAttention", "num_heads": heads, "causal": True},
+            ],
+        }
+        mlp = {
+            "name": "residual",
+            "layers": [
+                {"name": "LayerNorm"},
+                {"name": "Dense", "out_dim": 4 * width},
+                {"name": "Gelu"},
+                {"name": "Dense", "out_dim": width},
+            ],
+        }
         return [attention, mlp]
 
     body = [layer for _ in range(layers) for layer in block()]
-    return {"name": "serial", "layers": [
-        {"name": "Embedding", "vocab_size": vocab_size, "dim": width},
-        {"name": "PositionalEmbedding", "max_len": context, "dim": width}, *body,
-        {"name": "LayerNorm"}, {"name": "Dense", "out_dim": vocab_size}]}
+    return {
+        "name": "serial",
+        "layers": [
+            {"name": "Embedding", "vocab_size": vocab_size, "dim": width},
+            {"name": "PositionalEmbedding", "max_len": context, "dim": width},
+            *body,
+            {"name": "LayerNorm"},
+            {"name": "Dense", "out_dim": vocab_size},
+        ],
+    }
 
 
 def _register_gpt() -> None:
@@ -280,8 +419,9 @@ def _register_gpt() -> None:
 
     # input_shape=(context,): each example is a window of that many characters. fused=False
     # (one jitted call per step) as for the convolutions; a fused scan is not yet measured here.
-    register_preset("gpt", gpt_description, dataset="text", input_shape=(128,), fused=False,
-                    **TEXT_DEFAULTS)
+    register_preset(
+        "gpt", gpt_description, dataset="text", input_shape=(128,), fused=False, **TEXT_DEFAULTS
+    )
 
 
 _register_gpt()

@@ -60,8 +60,9 @@ def _dtype_name(name, dtype):
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise ValueError(f"{name} expects dtype to be None or a floating dtype, "
-                         f"got {dtype!r}") from None
+        raise ValueError(
+            f"{name} expects dtype to be None or a floating dtype, got {dtype!r}"
+        ) from None
     if not np.issubdtype(dt, np.floating):
         raise ValueError(f"{name} expects dtype to be None or a floating dtype, got {dt}")
     return dt.name
@@ -75,8 +76,10 @@ def _check_sequence(name, x, in_dim):
     if x.ndim not in (2, 3):
         raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}")
     if shape[-1] != in_dim:
-        raise InputShapeError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE} with {in_dim} "
-                              f"features, got shape {shape}")
+        raise InputShapeError(
+            f"{name} expects inputs of shape {_SEQUENCE_SHAPE} with {in_dim} "
+            f"features, got shape {shape}"
+        )
     if shape[-2] == 0:
         raise ValueError(f"{name} expects at least one time step, got shape {shape}")
     return x if x.ndim == 3 else x[None]
@@ -158,7 +161,7 @@ def _gru_scan_backward(params, steps, h0, dys, dh_last):
 
     _, (dah, dan) = jax.lax.scan(step, dh_last, (dys, h_prev, r, z, n, hn), reverse=True)
     hidden = dan.shape[-1]
-    dax = jnp.concatenate([dah[..., :2 * hidden], dan], axis=-1)
+    dax = jnp.concatenate([dah[..., : 2 * hidden], dan], axis=-1)
     return dax, dah
 
 
@@ -188,8 +191,15 @@ def _lstm_scan_backward(params, steps, h0, dys, dh_last):
         dy_t, c_p, i_t, f_t, g_t, o_t, tc_t = xs
         dh = dh_next if dy_t is None else dh_next + dy_t
         dc = dc_next + dh * o_t * (1 - tc_t * tc_t)
-        da = jnp.concatenate([dc * g_t * i_t * (1 - i_t), dc * c_p * f_t * (1 - f_t),
-                              dc * i_t * (1 - g_t * g_t), dh * tc_t * o_t * (1 - o_t)], axis=-1)
+        da = jnp.concatenate(
+            [
+                dc * g_t * i_t * (1 - i_t),
+                dc * c_p * f_t * (1 - f_t),
+                dc * i_t * (1 - g_t * g_t),
+                dh * tc_t * o_t * (1 - o_t),
+            ],
+            axis=-1,
+        )
         return (da @ wh_t, dc * f_t), da
 
     carry0 = (dh_last, jnp.zeros_like(dh_last))
@@ -211,19 +221,27 @@ def _init_params(key, name, gates, hidden, input_shape, dtype):
     if len(shape) not in (2, 3):
         raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}")
     if len(shape) == 2 and shape[0] == -1:  # -1 is only ever the batch placeholder
-        raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}: "
-                         f"a batch of vectors, without a time or features axis")
+        raise ValueError(
+            f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}: "
+            f"a batch of vectors, without a time or features axis"
+        )
     in_dim = int(shape[-1])
     if in_dim < 1:
         raise ValueError(f"{name} expects at least one input feature, got shape {shape}")
     dt = dtype or jax.dtypes.canonicalize_dtype(jnp.float64)
     # PyTorch's initialisation: every weight and bias uniform in +-1/sqrt(hidden).
     bound = 1.0 / math.sqrt(hidden)
-    shapes = {"Wi": (in_dim, gates * hidden), "Wh": (hidden, gates * hidden),
-              "bi": (gates * hidden,), "bh": (gates * hidden,)}
+    shapes = {
+        "Wi": (in_dim, gates * hidden),
+        "Wh": (hidden, gates * hidden),
+        "bi": (gates * hidden,),
+        "bh": (gates * hidden,),
+    }
     keys = jax.random.split(key, len(shapes))
-    return {leaf: jax.random.uniform(k, s, dt, -bound, bound)
-            for k, (leaf, s) in zip(keys, shapes.items(), strict=True)}
+    return {
+        leaf: jax.random.uniform(k, s, dt, -bound, bound)
+        for k, (leaf, s) in zip(keys, shapes.items(), strict=True)
+    }
 
 
 def _recurrent(name, cell, hidden, return_sequences, reverse, dtype, factory) -> Layer:
@@ -264,14 +282,22 @@ def _recurrent(name, cell, hidden, return_sequences, reverse, dtype, factory) ->
         gates = dax.shape[-1]
         h_prev = _previous(steps[0], h0).reshape(-1, hidden)
         dah2, dax2 = dah.reshape(-1, gates), dax.reshape(-1, gates)
-        grads = {"Wi": xs.reshape(-1, xs.shape[-1]).T @ dax2, "Wh": h_prev.T @ dah2,
-                 "bi": jnp.sum(dax2, axis=0), "bh": jnp.sum(dah2, axis=0)}
+        grads = {
+            "Wi": xs.reshape(-1, xs.shape[-1]).T @ dax2,
+            "Wh": h_prev.T @ dah2,
+            "bi": jnp.sum(dax2, axis=0),
+            "bh": jnp.sum(dah2, axis=0),
+        }
         dx = _from_steps(dax @ params["Wi"].T, reverse)
         return grads, (dx[0] if single else dx)
 
     backward.__doc__ = factory.__doc__
-    config = (("hidden", hidden), ("return_sequences", return_sequences), ("reverse", reverse),
-              ("dtype", dtype_name))
+    config = (
+        ("hidden", hidden),
+        ("return_sequences", return_sequences),
+        ("reverse", reverse),
+        ("dtype", dtype_name),
+    )
     return Layer(init, forward, backward, name, config)
 
 
@@ -350,8 +376,10 @@ def bidirectional(layer: Layer) -> Layer:
         raise ValueError(f"bidirectional expects a GRU or LSTM layer, got {got}")
     config = dict(layer.config)
     if config["reverse"]:
-        raise ValueError("bidirectional expects a layer built with reverse=False (it adds the "
-                         "reversed copy itself), got reverse=True")
+        raise ValueError(
+            "bidirectional expects a layer built with reverse=False (it adds the "
+            "reversed copy itself), got reverse=True"
+        )
     ahead = layer
     behind = _RECURRENT[layer.name](**{**config, "reverse": True})
     hidden = config["hidden"]
@@ -393,37 +421,63 @@ def _to_numpy(tensor) -> np.ndarray:
 
 def _torch_direction(kind, state_dict, prefix, suffix, gates, dtype):
     """``{"Wi", "Wh", "bi", "bh"}`` for one direction of one layer, transposed to jaxbp's layout."""
-    names = {leaf: f"{prefix}{torch_name}{suffix}" for leaf, torch_name in
-             (("Wi", "weight_ih"), ("Wh", "weight_hh"), ("bi", "bias_ih"), ("bh", "bias_hh"))}
+    names = {
+        leaf: f"{prefix}{torch_name}{suffix}"
+        for leaf, torch_name in (
+            ("Wi", "weight_ih"),
+            ("Wh", "weight_hh"),
+            ("bi", "bias_ih"),
+            ("bh", "bias_hh"),
+        )
+    }
     for leaf in ("Wi", "Wh"):
         if names[leaf] not in state_dict:
-            raise ValueError(f"{kind} state_dict: missing {names[leaf]}; got keys "
-                             f"{sorted(state_dict)}")
+            raise ValueError(
+                f"{kind} state_dict: missing {names[leaf]}; got keys {sorted(state_dict)}"
+            )
     arrays = {leaf: _to_numpy(state_dict[key]) for leaf, key in names.items() if key in state_dict}
     w_ih = arrays["Wi"]
     if w_ih.ndim != 2 or w_ih.shape[0] % gates or w_ih.shape[0] == 0:
-        raise ValueError(f"{kind} state_dict: {names['Wi']} has shape {w_ih.shape}, expected "
-                         f"({gates} * hidden, in)")
+        raise ValueError(
+            f"{kind} state_dict: {names['Wi']} has shape {w_ih.shape}, expected "
+            f"({gates} * hidden, in)"
+        )
     hidden = w_ih.shape[0] // gates
-    expected = {"Wi": w_ih.shape, "Wh": (gates * hidden, hidden),
-                "bi": (gates * hidden,), "bh": (gates * hidden,)}
+    expected = {
+        "Wi": w_ih.shape,
+        "Wh": (gates * hidden, hidden),
+        "bi": (gates * hidden,),
+        "bh": (gates * hidden,),
+    }
     if ("bi" in arrays) != ("bh" in arrays):
         missing = names["bh"] if "bi" in arrays else names["bi"]
         raise ValueError(f"{kind} state_dict: missing {missing}; got keys {sorted(state_dict)}")
     for leaf, array in arrays.items():
         if array.shape != expected[leaf]:
-            raise ValueError(f"{kind} state_dict: {names[leaf]} has shape {array.shape}, "
-                             f"expected {expected[leaf]}")
+            raise ValueError(
+                f"{kind} state_dict: {names[leaf]} has shape {array.shape}, "
+                f"expected {expected[leaf]}"
+            )
     # A module built with bias=False has no bias tensors: its biases are zero.
     zeros = np.zeros(gates * hidden)
-    return {"Wi": jnp.asarray(arrays["Wi"].T, dtype), "Wh": jnp.asarray(arrays["Wh"].T, dtype),
-            "bi": jnp.asarray(arrays.get("bi", zeros), dtype),
-            "bh": jnp.asarray(arrays.get("bh", zeros), dtype)}
+    return {
+        "Wi": jnp.asarray(arrays["Wi"].T, dtype),
+        "Wh": jnp.asarray(arrays["Wh"].T, dtype),
+        "bi": jnp.asarray(arrays.get("bi", zeros), dtype),
+        "bh": jnp.asarray(arrays.get("bh", zeros), dtype),
+    }
 
 
-def from_torch_state_dict(kind: str, state_dict, *, bidirectional: bool | None = None,
-                          layer_index: int = 0, return_sequences: bool = True, prefix: str = "",
-                          dtype=None) -> tuple[Layer, Any]:
+def from_torch_state_dict(
+    kind: str,
+    state_dict,
+    *,
+    bidirectional: bool | None = None,
+    layer_index: int = 0,
+    return_sequences: bool = True,
+    prefix: str = "",
+    dtype=None,
+) -> tuple[Layer, Any]:
     """``(layer, params)`` equal to one layer of a PyTorch ``GRU`` / ``LSTM`` module.
 
     ``state_dict`` maps names to tensors or arrays (``module.state_dict()``): for
@@ -441,28 +495,37 @@ def from_torch_state_dict(kind: str, state_dict, *, bidirectional: bool | None =
     if name not in _RECURRENT:
         raise ValueError(f"from_torch_state_dict expects kind 'GRU' or 'LSTM', got {kind!r}")
     if not hasattr(state_dict, "keys"):
-        raise TypeError(f"{name} state_dict: expected a mapping of names to tensors, got "
-                        f"{type(state_dict).__name__}")
+        raise TypeError(
+            f"{name} state_dict: expected a mapping of names to tensors, got "
+            f"{type(state_dict).__name__}"
+        )
     gates = 3 if name == "GRU" else 4
     dt = np.dtype(dtype) if dtype is not None else jax.dtypes.canonicalize_dtype(jnp.float64)
     stem = f"{prefix}weight_ih_l{layer_index}"
     if f"{prefix}weight_hr_l{layer_index}" in state_dict:
-        raise ValueError(f"{name} state_dict: LSTM with proj_size (weight_hr_l{layer_index}) "
-                         f"is not supported")
+        raise ValueError(
+            f"{name} state_dict: LSTM with proj_size (weight_hr_l{layer_index}) is not supported"
+        )
     has_reverse = f"{stem}_reverse" in state_dict
     if bidirectional is None:
         bidirectional = has_reverse
     elif not bidirectional and has_reverse:
-        raise ValueError(f"{name} state_dict holds {stem}_reverse (a bidirectional module); "
-                         f"pass bidirectional=True")
+        raise ValueError(
+            f"{name} state_dict holds {stem}_reverse (a bidirectional module); "
+            f"pass bidirectional=True"
+        )
     directions = {"forward": "", "backward": "_reverse"} if bidirectional else {"forward": ""}
-    params = {d: _torch_direction(name, state_dict, prefix, f"_l{layer_index}{suffix}", gates, dt)
-              for d, suffix in directions.items()}
+    params = {
+        d: _torch_direction(name, state_dict, prefix, f"_l{layer_index}{suffix}", gates, dt)
+        for d, suffix in directions.items()
+    }
     hidden = params["forward"]["Wh"].shape[0]
     if bidirectional and params["backward"]["Wi"].shape != params["forward"]["Wi"].shape:
-        raise ValueError(f"{name} state_dict: {stem}_reverse has shape "
-                         f"{params['backward']['Wi'].shape[::-1]}, expected "
-                         f"{params['forward']['Wi'].shape[::-1]}")
+        raise ValueError(
+            f"{name} state_dict: {stem}_reverse has shape "
+            f"{params['backward']['Wi'].shape[::-1]}, expected "
+            f"{params['forward']['Wi'].shape[::-1]}"
+        )
     layer = _RECURRENT[name](hidden, return_sequences=return_sequences, dtype=dtype)
     if bidirectional:
         return _bidirectional(layer), params

@@ -72,8 +72,13 @@ __all__ = [
 ]
 
 RULES = ("bp", "fa", "kp", "sign", "dfa")
-RULE_NAMES = {"bp": "backprop", "fa": "feedback alignment", "kp": "Kolen-Pollack",
-              "sign": "sign symmetry", "dfa": "direct feedback alignment"}
+RULE_NAMES = {
+    "bp": "backprop",
+    "fa": "feedback alignment",
+    "kp": "Kolen-Pollack",
+    "sign": "sign symmetry",
+    "dfa": "direct feedback alignment",
+}
 FEEDBACK_LAYERS = ("Dense", "Conv1D", "Conv2D")
 _RULE_LAYERS = ("FeedbackAlignment", "KolenPollack", "SignSymmetry", "DirectFeedbackAlignment")
 _RELU_LIKE = ("Relu", "LeakyRelu", "Gelu")
@@ -95,8 +100,10 @@ def _check_wrappable(layer, who: str) -> None:
     if not isinstance(layer, Layer):
         raise TypeError(f"{who} expects a jaxbp Layer, got {layer!r}")
     if layer.name not in FEEDBACK_LAYERS:
-        raise ValueError(f"{who} is not defined for layer {layer.name}; expected one of: "
-                         f"{', '.join(FEEDBACK_LAYERS)} (a layer whose dE/dx is linear in W)")
+        raise ValueError(
+            f"{who} is not defined for layer {layer.name}; expected one of: "
+            f"{', '.join(FEEDBACK_LAYERS)} (a layer whose dE/dx is linear in W)"
+        )
 
 
 def _check_params(params, who: str, keys=("B", "W", "b")) -> None:
@@ -135,7 +142,7 @@ def _feedback_layer(layer: Layer, name: str, learn_b: bool) -> Layer:
         db = grads["W"] if learn_b else jnp.zeros_like(params["B"])
         return {**grads, "B": db}, dx
 
-    backward.__doc__ = (_KP_DOC if learn_b else _FA_DOC)
+    backward.__doc__ = _KP_DOC if learn_b else _FA_DOC
     return Layer(init, forward, backward, name, (("layer", layer),))
 
 
@@ -189,13 +196,17 @@ def _check_dfa_network(layer) -> tuple:
     if not isinstance(layer, Layer):
         raise TypeError(f"DirectFeedbackAlignment expects a jaxbp Layer, got {layer!r}")
     if layer.name != "serial":
-        raise ValueError(f"direct feedback alignment is not defined for layer {layer.name}; "
-                         f"it expects a serial network (the output error reaches each of its "
-                         f"hidden layers directly)")
+        raise ValueError(
+            f"direct feedback alignment is not defined for layer {layer.name}; "
+            f"it expects a serial network (the output error reaches each of its "
+            f"hidden layers directly)"
+        )
     for i, child in enumerate(layer.children):
         if child.has_state:
-            raise ValueError(f"layer {i} ({child.name}): direct feedback alignment is not "
-                             f"defined for a layer with state or randomness")
+            raise ValueError(
+                f"layer {i} ({child.name}): direct feedback alignment is not "
+                f"defined for a layer with state or randomness"
+            )
     return layer.children
 
 
@@ -249,8 +260,11 @@ def DirectFeedbackAlignment(layer: Layer) -> Layer:
         grads = [jax.tree_util.tree_map(jnp.zeros_like, p) for p in net_params]
         errors = dy.reshape(-1, dy.shape[-1])
         for j, (start, end) in enumerate(zip(starts, starts[1:] + [len(children)])):
-            d = dy if end == len(children) else (
-                (errors @ params["B"][j]).reshape(jnp.shape(outs[end - 1])))
+            d = (
+                dy
+                if end == len(children)
+                else ((errors @ params["B"][j]).reshape(jnp.shape(outs[end - 1])))
+            )
             for i in reversed(range(start, end)):
                 grads[i], d = children[i].backward(net_params[i], caches[i], d)
         feedback = tuple(jnp.zeros_like(b) for b in params["B"])
@@ -261,13 +275,16 @@ def DirectFeedbackAlignment(layer: Layer) -> Layer:
 
 def _check_dfa_layers(children, starts) -> None:
     if not starts:
-        raise ValueError("direct feedback alignment needs a network with at least one layer "
-                         "with parameters")
+        raise ValueError(
+            "direct feedback alignment needs a network with at least one layer with parameters"
+        )
     for i in starts:
         if children[i].name not in FEEDBACK_LAYERS:
-            raise ValueError(f"layer {i} ({children[i].name}): direct feedback alignment is "
-                             f"not defined for this layer; expected {', '.join(FEEDBACK_LAYERS)}"
-                             f" and parameter-free layers")
+            raise ValueError(
+                f"layer {i} ({children[i].name}): direct feedback alignment is "
+                f"not defined for this layer; expected {', '.join(FEEDBACK_LAYERS)}"
+                f" and parameter-free layers"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,15 +329,18 @@ def _wrap(layer: Layer, rule: str, shape, where: str) -> Layer:
             shape = output_shape(child, shape)
         return (serial if layer.name == "serial" else residual)(*new)
     if layer.name == "concat":
-        return concat(*[_wrap(c, rule, shape, f"{where}.layers[{i}]")
-                        for i, c in enumerate(layer.children)])
+        return concat(
+            *[_wrap(c, rule, shape, f"{where}.layers[{i}]") for i, c in enumerate(layer.children)]
+        )
     if layer.name in FEEDBACK_LAYERS:
         return _WRAPPERS[rule](layer)
     if not _has_params(layer, shape):
         return layer
-    raise ValueError(f"{where}: learning rule {rule} ({RULE_NAMES[rule]}) is not defined for "
-                     f"layer {layer.name}; it is defined for {', '.join(FEEDBACK_LAYERS)} and "
-                     f"parameter-free layers")
+    raise ValueError(
+        f"{where}: learning rule {rule} ({RULE_NAMES[rule]}) is not defined for "
+        f"layer {layer.name}; it is defined for {', '.join(FEEDBACK_LAYERS)} and "
+        f"parameter-free layers"
+    )
 
 
 def apply_rule(net: Layer, rule: str, input_shape) -> Layer:
@@ -374,8 +394,10 @@ def _mask(layer: Layer, params):
         return {**false, "B": True}
     if layer.name == "DirectFeedbackAlignment":
         inner = dict(layer.config)["layer"]
-        return {"net": _mask(inner, params["net"]),
-                "B": jax.tree_util.tree_map(lambda _: True, params["B"])}
+        return {
+            "net": _mask(inner, params["net"]),
+            "B": jax.tree_util.tree_map(lambda _: True, params["B"]),
+        }
     if layer.name in ("serial", "residual", "concat") and isinstance(params, (tuple, list)):
         return tuple(_mask(c, p) for c, p in zip(layer.children, params))
     return false
@@ -434,8 +456,11 @@ def layer_alignment(report, keep=None) -> dict:
     (no comparison ran: ``check="off"``) read ``None``.
     """
     cosine = np.asarray(report.cosine, np.float64)
-    ratio = (np.full_like(cosine, np.nan) if report.norm_ratio is None
-             else np.asarray(report.norm_ratio, np.float64))
+    ratio = (
+        np.full_like(cosine, np.nan)
+        if report.norm_ratio is None
+        else np.asarray(report.norm_ratio, np.float64)
+    )
     cosine, ratio = np.atleast_2d(cosine), np.atleast_2d(ratio)
     if keep is not None:
         rows = np.asarray(keep, bool).reshape(-1)
@@ -449,7 +474,10 @@ def layer_alignment(report, keep=None) -> dict:
     return out
 
 
-for _name, _factory in (("FeedbackAlignment", FeedbackAlignment), ("KolenPollack", KolenPollack),
-                        ("SignSymmetry", SignSymmetry),
-                        ("DirectFeedbackAlignment", DirectFeedbackAlignment)):
+for _name, _factory in (
+    ("FeedbackAlignment", FeedbackAlignment),
+    ("KolenPollack", KolenPollack),
+    ("SignSymmetry", SignSymmetry),
+    ("DirectFeedbackAlignment", DirectFeedbackAlignment),
+):
     register_layer(_name, _factory)

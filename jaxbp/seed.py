@@ -25,8 +25,14 @@ import jax.numpy as jnp
 
 from .layers import Dense, Sigmoid, serial
 
-__all__ = ["SeedProblem", "seed_problem", "seed_network", "SEED_STATED", "SEED_WEIGHT_NAMES",
-           "SEED_LEARNING_RATE"]
+__all__ = [
+    "SeedProblem",
+    "seed_problem",
+    "seed_network",
+    "SEED_STATED",
+    "SEED_WEIGHT_NAMES",
+    "SEED_LEARNING_RATE",
+]
 
 SEED_INPUTS = [0.1, 0.05]
 SEED_TARGETS = [0.02, 0.98]
@@ -37,8 +43,14 @@ SEED_LEARNING_RATE = 0.5
 
 # The seed's names for each weight: (layer, row i, column j) -> name.
 SEED_WEIGHT_NAMES = {
-    (0, 0, 0): "W1", (0, 0, 1): "W2", (0, 1, 0): "W3", (0, 1, 1): "W4",
-    (1, 0, 0): "W5", (1, 0, 1): "W6", (1, 1, 0): "W7", (1, 1, 1): "W8",
+    (0, 0, 0): "W1",
+    (0, 0, 1): "W2",
+    (0, 1, 0): "W3",
+    (0, 1, 1): "W4",
+    (1, 0, 0): "W5",
+    (1, 0, 1): "W6",
+    (1, 1, 0): "W7",
+    (1, 1, 1): "W8",
 }
 
 # Every number the seed's slides state, as printed there (4 places). The first four are right;
@@ -88,5 +100,10 @@ def seed_problem(dtype=None) -> SeedProblem:
         {"W": jnp.asarray(SEED_W_HIDDEN_OUTPUT, dtype), "b": jnp.asarray(SEED_BIASES[1], dtype)},
         (),
     )
-    return SeedProblem(seed_network(), params, jnp.asarray(SEED_INPUTS, dtype),
-                       jnp.asarray(SEED_TARGETS, dtype), SEED_LEARNING_RATE)
+    return SeedProblem(
+        seed_network(),
+        params,
+        jnp.asarray(SEED_INPUTS, dtype),
+        jnp.asarray(SEED_TARGETS, dtype),
+        SEED_LEARNING_RATE,
+    )

@@ -51,11 +51,15 @@ def read_text_file(path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file {str(path)!r} is not UTF-8: byte {data[e.start]:#04x} at "
-                         f"offset {e.start} cannot be decoded") from None
+        raise ValueError(
+            f"text file {str(path)!r} is not UTF-8: byte {data[e.start]:#04x} at "
+            f"offset {e.start} cannot be decoded"
+        ) from None
     if len(text) < 2:
-        raise ValueError(f"text file {str(path)!r} holds {len(text)} characters; expected a "
-                         f"non-empty UTF-8 text (at least 2 characters)")
+        raise ValueError(
+            f"text file {str(path)!r} holds {len(text)} characters; expected a "
+            f"non-empty UTF-8 text (at least 2 characters)"
+        )
     return text
 
 
@@ -66,10 +70,10 @@ def make_vocabulary(text: str) -> str:
 
 def check_vocabulary(vocabulary, where: str = "vocabulary") -> str:
     """``vocabulary`` if it is a non-empty string of distinct characters, else ``ValueError``."""
-    if not isinstance(vocabulary, str) or not vocabulary or \
-            len(set(vocabulary)) != len(vocabulary):
-        raise ValueError(f"{where} must be a non-empty string of distinct characters, got "
-                         f"{vocabulary!r:.60}")
+    if not isinstance(vocabulary, str) or not vocabulary or len(set(vocabulary)) != len(vocabulary):
+        raise ValueError(
+            f"{where} must be a non-empty string of distinct characters, got {vocabulary!r:.60}"
+        )
     return vocabulary
 
 
@@ -81,8 +85,10 @@ def encode(text: str, vocabulary: str, what: str = "text") -> np.ndarray:
         return np.fromiter((index[ch] for ch in text), np.int32, len(text))
     except KeyError as e:
         ch = e.args[0]
-        raise ValueError(f"{what} has character {ch!r} at position {text.index(ch)}, which is "
-                         f"not in the model's {len(vocabulary)}-character vocabulary") from None
+        raise ValueError(
+            f"{what} has character {ch!r} at position {text.index(ch)}, which is "
+            f"not in the model's {len(vocabulary)}-character vocabulary"
+        ) from None
 
 
 def decode(ids, vocabulary: str) -> str:
@@ -94,9 +100,11 @@ def split_ids(ids: np.ndarray, fraction: float = TRAIN_FRACTION):
     """``(train, validation)``: the first ``floor(fraction * len)`` ids, then the rest."""
     n = int(fraction * len(ids))
     if n < 2 or len(ids) - n < 2:
-        raise ValueError(f"a text of {len(ids)} characters is too short to split "
-                         f"{fraction:g}/{1 - fraction:g} into train and validation parts of "
-                         f"at least 2 characters each")
+        raise ValueError(
+            f"a text of {len(ids)} characters is too short to split "
+            f"{fraction:g}/{1 - fraction:g} into train and validation parts of "
+            f"at least 2 characters each"
+        )
     return ids[:n], ids[n:]
 
 
@@ -116,8 +124,9 @@ def eval_windows(x: np.ndarray, y: np.ndarray, context: int):
     return xs.astype(np.int32), ys.astype(np.int32)
 
 
-def bigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int,
-                smoothing: float = 1.0) -> float:
+def bigram_loss(
+    train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, smoothing: float = 1.0
+) -> float:
     """The baseline: nats per character on ``val_ids`` of next-character probabilities
     counted on ``train_ids`` (add-``smoothing`` counts). 2.32 on the pydoc split."""
     counts = np.full((vocab_size, vocab_size), float(smoothing))
@@ -126,8 +135,17 @@ def bigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int,
     return float(-np.log(probs[val_ids[:-1], val_ids[1:]]).mean())
 
 
-def sample(net, params, prompt_ids, length: int, *, context: int, temperature: float = 1.0,
-           key=None, state=None) -> np.ndarray:
+def sample(
+    net,
+    params,
+    prompt_ids,
+    length: int,
+    *,
+    context: int,
+    temperature: float = 1.0,
+    key=None,
+    state=None,
+) -> np.ndarray:
     """``length`` ids drawn one at a time after ``prompt_ids`` (at least one id) from the
     softmax of the model's logits divided by ``temperature`` (0: the most likely id).
 
@@ -148,9 +166,19 @@ def sample(net, params, prompt_ids, length: int, *, context: int, temperature: f
         history = np.asarray(ids[-context:], np.int32)
         window = np.zeros(context, np.int32)
         window[: history.size] = history
-        ids.append(int(step(params, state, window, history.size - 1, float(temperature),
-                            jax.random.fold_in(key, i))))
-    return np.asarray(ids[prompt.size:], np.int32)
+        ids.append(
+            int(
+                step(
+                    params,
+                    state,
+                    window,
+                    history.size - 1,
+                    float(temperature),
+                    jax.random.fold_in(key, i),
+                )
+            )
+        )
+    return np.asarray(ids[prompt.size :], np.int32)
 
 
 def _sampler(net, context: int) -> Callable:

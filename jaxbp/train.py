@@ -69,8 +69,11 @@ __all__ = [
 
 CHECK_MODES = ("off", "report", "skip", "raise")
 REASON_APPLIED, REASON_NONFINITE, REASON_MISMATCH = 0, 1, 2
-REASONS = {REASON_APPLIED: "applied", REASON_NONFINITE: "non-finite loss, gradient or update",
-           REASON_MISMATCH: "manual gradient disagrees with jax.grad"}
+REASONS = {
+    REASON_APPLIED: "applied",
+    REASON_NONFINITE: "non-finite loss, gradient or update",
+    REASON_MISMATCH: "manual gradient disagrees with jax.grad",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,13 +92,15 @@ def _check_learning_rate(learning_rate, who):
     if callable(learning_rate):
         return
     if isinstance(learning_rate, bool):  # float(True) == 1.0 would pass silently
-        raise TypeError(f"{who}: learning_rate must be a number or a schedule, "
-                        f"got {learning_rate!r}")
+        raise TypeError(
+            f"{who}: learning_rate must be a number or a schedule, got {learning_rate!r}"
+        )
     try:
         value = float(learning_rate)
     except (TypeError, ValueError):
-        raise TypeError(f"{who}: learning_rate must be a number or a schedule, "
-                        f"got {learning_rate!r}") from None
+        raise TypeError(
+            f"{who}: learning_rate must be a number or a schedule, got {learning_rate!r}"
+        ) from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{who}: learning_rate must be a positive finite number, got {value!r}")
 
@@ -124,6 +129,7 @@ def sgd(learning_rate) -> optax.GradientTransformation:
 
 def biases(params):
     """A mask pytree: ``True`` for every bias leaf (a leaf whose key is ``'b'``)."""
+
     def is_bias(path, _):
         last = path[-1] if path else None
         return isinstance(last, jax.tree_util.DictKey) and last.key == "b"
@@ -137,6 +143,7 @@ def freeze(optimizer: optax.GradientTransformation, frozen) -> optax.GradientTra
     ``frozen`` is a pytree of bools shaped like params, or a function ``params -> mask`` such
     as :func:`biases` (``freeze(sgd(0.5), biases)`` trains weights only, like the seed's code).
     """
+
     def labels(params):
         mask = frozen(params) if callable(frozen) else frozen
         return jax.tree_util.tree_map(lambda f: "frozen" if f else "train", mask)
@@ -180,8 +187,15 @@ class StepMetrics(NamedTuple):
     report: GradReport
 
 
-def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params, *,
-                     input_shape=None, state=None, key=None) -> TrainState:
+def init_train_state(
+    net: Layer,
+    optimizer: optax.GradientTransformation,
+    params,
+    *,
+    input_shape=None,
+    state=None,
+    key=None,
+) -> TrainState:
     """The first :class:`TrainState`: ``optimizer.init(params)``, and the network's initial
     layer state (``init_state(net, input_shape)``) unless ``state`` is given.
 
@@ -190,16 +204,21 @@ def init_train_state(net: Layer, optimizer: optax.GradientTransformation, params
     _check_optimizer(optimizer)
     if state is None:
         if net.has_state and input_shape is None:
-            raise ValueError(f"init_train_state: the network ({net.name}) has state; pass "
-                             f"input_shape= (the batch's shape) or state=")
+            raise ValueError(
+                f"init_train_state: the network ({net.name}) has state; pass "
+                f"input_shape= (the batch's shape) or state="
+            )
         state = init_state(net, input_shape) if net.has_state else ()
     return TrainState(params, optimizer.init(params), state, key)
 
 
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves \
+    return (
+        jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+        if leaves
         else jnp.array(True)
+    )
 
 
 def _guard_finite(value, grads, new_params, grads_finite=None) -> jax.Array:
@@ -212,8 +231,9 @@ def _guard_finite(value, grads, new_params, grads_finite=None) -> jax.Array:
     if grads_finite is not None:
         return jnp.isfinite(value) & grads_finite & _all_finite(new_params)
     g_leaves, p_leaves = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(new_params)
-    if len(g_leaves) != len(p_leaves) or any(jnp.shape(g) != jnp.shape(p)
-                                             for g, p in zip(g_leaves, p_leaves)):
+    if len(g_leaves) != len(p_leaves) or any(
+        jnp.shape(g) != jnp.shape(p) for g, p in zip(g_leaves, p_leaves)
+    ):
         return jnp.isfinite(value) & _all_finite(grads) & _all_finite(new_params)
     oks = [jnp.all(jnp.isfinite(g) & jnp.isfinite(p)) for g, p in zip(g_leaves, p_leaves)]
     return jnp.isfinite(value) & jnp.all(jnp.stack(oks)) if oks else jnp.isfinite(value)
@@ -227,33 +247,38 @@ def select_tree(pred, new, old):
 def check_mode(check: str) -> str:
     """``check`` if it is one of :data:`CHECK_MODES`, else a ``ValueError`` naming them."""
     if check not in CHECK_MODES:
-        raise ValueError(f"unknown check mode {check!r}; expected one of: "
-                         f"{', '.join(CHECK_MODES)}")
+        raise ValueError(f"unknown check mode {check!r}; expected one of: {', '.join(CHECK_MODES)}")
     return check
 
 
 def _check_optimizer(optimizer):
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(f"optimizer must be an optax GradientTransformation (such as "
-                        f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}")
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation (such as "
+            f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}"
+        )
 
 
 def _check_train_state(ts) -> None:
     if not isinstance(ts, TrainState):
-        raise TypeError(f"a train step takes a jaxbp.TrainState (see jaxbp.init_train_state), "
-                        f"got {type(ts).__name__}")
+        raise TypeError(
+            f"a train step takes a jaxbp.TrainState (see jaxbp.init_train_state), "
+            f"got {type(ts).__name__}"
+        )
 
 
 def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
     """Loss, manual gradients, new layer state, and (when checked) the comparison."""
     step_key, next_key = (None, None) if ts.key is None else tuple(jax.random.split(ts.key))
-    value, grads, new_state = backprop(net, loss, ts.params, x, y, state=ts.state,
-                                       key=step_key, validate=False)
+    value, grads, new_state = backprop(
+        net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
+    )
     if check == "off":
         return value, grads, new_state, next_key, None, None
     # The same state and key: the same batch statistics and dropout masks as the manual pass.
-    _, grads_ad, _ = autodiff(net, loss, ts.params, x, y, state=ts.state, key=step_key,
-                              validate=False)
+    _, grads_ad, _ = autodiff(
+        net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
+    )
     report, grads_finite = compare_with_finiteness(grads, grads_ad, rtol=rtol, atol=atol)
     return value, grads, new_state, next_key, report, grads_finite
 
@@ -264,14 +289,25 @@ def _decide(check, value, grads, new_params, report, grads_finite, guard):
     agree = jnp.array(True) if report is None else report.ok
     mismatch = finite & ~agree
     applied = finite & ~mismatch if check in ("skip", "raise") else finite
-    reason = jnp.where(~finite, REASON_NONFINITE,
-                       jnp.where(mismatch, REASON_MISMATCH, REASON_APPLIED)).astype(jnp.int32)
+    reason = jnp.where(
+        ~finite, REASON_NONFINITE, jnp.where(mismatch, REASON_MISMATCH, REASON_APPLIED)
+    ).astype(jnp.int32)
     return applied, finite & agree, reason
 
 
-def train_step(net: Layer, loss, optimizer: optax.GradientTransformation, ts: TrainState, x, y,
-               *, check: str = "report", rtol: float | None = None, atol: float | None = None,
-               guard: bool = True) -> tuple[TrainState, StepMetrics]:
+def train_step(
+    net: Layer,
+    loss,
+    optimizer: optax.GradientTransformation,
+    ts: TrainState,
+    x,
+    y,
+    *,
+    check: str = "report",
+    rtol: float | None = None,
+    atol: float | None = None,
+    guard: bool = True,
+) -> tuple[TrainState, StepMetrics]:
     """One verified step, as a pure function: ``(new train state, metrics)``.
 
     Manual gradients (and, unless ``check="off"``, ``jax.grad``'s of the same function: same
@@ -286,18 +322,26 @@ def train_step(net: Layer, loss, optimizer: optax.GradientTransformation, ts: Tr
     check_params(net, ts.params, jnp.shape(x))
     inner = "skip" if check == "raise" else check
     value, grads, new_state, next_key, report, grads_finite = _gradients(
-        net, loss, ts, x, y, inner, rtol, atol)
+        net, loss, ts, x, y, inner, rtol, atol
+    )
     updates, new_opt = optimizer.update(grads, ts.opt_state, ts.params)
     new_params = optax.apply_updates(ts.params, updates)
     applied, ok, reason = _decide(inner, value, grads, new_params, report, grads_finite, guard)
     if guard or inner == "skip":
         new_params, new_opt, new_state = select_tree(
-            applied, (new_params, new_opt, new_state), (ts.params, ts.opt_state, ts.state))
+            applied, (new_params, new_opt, new_state), (ts.params, ts.opt_state, ts.state)
+        )
     report = unchecked_report(grads) if report is None else report
-    metrics = StepMetrics(value, report.worst_rel_error if check != "off" else report.rel_error[0],
-                          report.worst.astype(jnp.int32) if check != "off"
-                          else jnp.array(-1, jnp.int32),
-                          report.rel_error, ok, applied, reason, report)
+    metrics = StepMetrics(
+        value,
+        report.worst_rel_error if check != "off" else report.rel_error[0],
+        report.worst.astype(jnp.int32) if check != "off" else jnp.array(-1, jnp.int32),
+        report.rel_error,
+        ok,
+        applied,
+        reason,
+        report,
+    )
     return TrainState(new_params, new_opt, new_state, next_key), metrics
 
 
@@ -311,10 +355,18 @@ def _donate_argnums(donate: bool, check: str) -> tuple:
     return (0,) if donate and check == "off" else ()
 
 
-def make_train_step(net: Layer, loss, optimizer: optax.GradientTransformation,
-                    check: str = "report", *, rtol: float | None = None,
-                    atol: float | None = None, jit: bool = True, guard: bool = True,
-                    donate: bool = False) -> Callable:
+def make_train_step(
+    net: Layer,
+    loss,
+    optimizer: optax.GradientTransformation,
+    check: str = "report",
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    jit: bool = True,
+    guard: bool = True,
+    donate: bool = False,
+) -> Callable:
     """The verified step, jitted: ``step(train_state, x, y) -> (train_state, metrics)``.
 
     See :func:`train_step` and :class:`StepMetrics`. ``check`` is ``"off"``, ``"report"``,
@@ -330,8 +382,9 @@ def make_train_step(net: Layer, loss, optimizer: optax.GradientTransformation,
     loss = get_loss(loss)
 
     def raw(ts, x, y):
-        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
-                          guard=guard)
+        return train_step(
+            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
+        )
 
     fn = jax.jit(raw, donate_argnums=_donate_argnums(donate, check)) if jit else raw
     if check != "raise":
@@ -364,8 +417,14 @@ def _stop_after_mismatch(ts, new_ts, metrics, stopped):
     return select_tree(stopped_now, ts, new_ts), stopped_now
 
 
-def make_loop(step: Callable, *, fused: bool = True, stop_on_mismatch: bool = False,
-              batch_fn: Callable = gather_batch, jit: bool = True) -> Callable:
+def make_loop(
+    step: Callable,
+    *,
+    fused: bool = True,
+    stop_on_mismatch: bool = False,
+    batch_fn: Callable = gather_batch,
+    jit: bool = True,
+) -> Callable:
     """Many steps of ``step(ts, x, y) -> (ts, metrics)`` (a :func:`train_step`, un-jitted).
 
     Returns ``run(ts, data, order) -> (ts, metrics)``: step ``t`` trains on
@@ -379,6 +438,7 @@ def make_loop(step: Callable, *, fused: bool = True, stop_on_mismatch: bool = Fa
     first disagreement on. ``batch_fn`` is where a data-parallel run constrains the batch's
     sharding and augmentation transforms it.
     """
+
     def body(carry, idx, data):
         ts, stopped = carry
         new_ts, metrics = step(ts, *batch_fn(data, idx))
@@ -387,9 +447,11 @@ def make_loop(step: Callable, *, fused: bool = True, stop_on_mismatch: bool = Fa
         return (new_ts, stopped), metrics
 
     if fused:
+
         def run_fused(ts, data, order):
-            (ts, _), metrics = jax.lax.scan(lambda c, i: body(c, i, data),
-                                            (ts, jnp.array(False)), order)
+            (ts, _), metrics = jax.lax.scan(
+                lambda c, i: body(c, i, data), (ts, jnp.array(False)), order
+            )
             return ts, metrics
 
         return jax.jit(run_fused) if jit else run_fused
@@ -438,8 +500,11 @@ def _check_labels_now(net, loss, params, x, y):
     Inside the compiled loop a label out of range can only turn the loss NaN (so every step
     would be skipped); before it, the loss can raise a ValueError naming the bad labels.
     """
-    if (isinstance(y, jax.core.Tracer) or not hasattr(y, "dtype")  # a list: the loss says so
-            or not jnp.issubdtype(jnp.result_type(y), jnp.integer)):
+    if (
+        isinstance(y, jax.core.Tracer)
+        or not hasattr(y, "dtype")  # a list: the loss says so
+        or not jnp.issubdtype(jnp.result_type(y), jnp.integer)
+    ):
         return
     check_params(net, params, jnp.shape(x))
     out = jax.eval_shape(lambda p, xx: forward(net, p, xx, train=False), params, x)
@@ -455,20 +520,34 @@ def _check_fit_arguments(steps, batch_size, x, y) -> int | None:
         if n is None:
             raise ValueError("fit: batch_size needs inputs of shape (examples, features)")
         if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"fit: batch_size must be an integer in [1, {n}], "
-                             f"got {batch_size!r}")
+            raise ValueError(f"fit: batch_size must be an integer in [1, {n}], got {batch_size!r}")
     if n is not None and (np.ndim(y) < 1 or np.shape(y)[0] != n):  # np: y may be a list
         # Batches index x and y alike; JAX clamps out-of-range gathers, so a short y would
         # silently pair examples with the wrong targets.
-        raise ValueError(f"fit: targets must have one entry per example ({n} examples), "
-                         f"got shape {tuple(np.shape(y))}")
+        raise ValueError(
+            f"fit: targets must have one entry per example ({n} examples), "
+            f"got shape {tuple(np.shape(y))}"
+        )
     return n
 
 
-def fit(net: Layer, loss, optimizer: optax.GradientTransformation, ts: TrainState, x, y, *,
-        steps: int, batch_size: int | None = None, key=None, check: str = "off",
-        rtol: float | None = None, atol: float | None = None, guard: bool = True,
-        fused: bool = True) -> FitResult:
+def fit(
+    net: Layer,
+    loss,
+    optimizer: optax.GradientTransformation,
+    ts: TrainState,
+    x,
+    y,
+    *,
+    steps: int,
+    batch_size: int | None = None,
+    key=None,
+    check: str = "off",
+    rtol: float | None = None,
+    atol: float | None = None,
+    guard: bool = True,
+    fused: bool = True,
+) -> FitResult:
     """Train ``ts`` for ``steps`` steps of :func:`train_step` through :func:`make_loop`.
 
     Full-batch by default; with ``batch_size``, each step takes a batch of shuffled examples,
@@ -506,11 +585,16 @@ def _whole_data(data, idx):
 
 def _fit_loop(net, loss, optimizer, check, rtol, atol, guard, full_batch, fused):
     def step(ts, x, y):
-        return train_step(net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol,
-                          guard=guard)
+        return train_step(
+            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
+        )
 
-    return make_loop(step, fused=fused, stop_on_mismatch=check == "raise",
-                     batch_fn=_whole_data if full_batch else gather_batch)
+    return make_loop(
+        step,
+        fused=fused,
+        stop_on_mismatch=check == "raise",
+        batch_fn=_whole_data if full_batch else gather_batch,
+    )
 
 
 # Calling fit again with the same network, loss, optimizer and settings reuses the compiled

@@ -22,8 +22,9 @@ import sys
 STEPS = 3
 BATCH = 32
 # float64: every optimizer x check mode; float32 (looser tolerance): both optimizers once.
-CONFIGS = [("float64", opt, check) for opt in ("sgd", "adam")
-           for check in ("off", "report", "skip")]
+CONFIGS = [
+    ("float64", opt, check) for opt in ("sgd", "adam") for check in ("off", "report", "skip")
+]
 CONFIGS += [("float32", "sgd", "report"), ("float32", "adam", "skip")]
 
 
@@ -114,8 +115,9 @@ def _broken_skip(out, mesh, tag):
 
     net, params, x, y = broken_net("float64")
     opt = optimizer("sgd")
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "skip",
-                                             mesh=mesh)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "skip", mesh=mesh
+    )
     new_ts, metrics = step(jaxbp.TrainState(params, opt.init(params)), x, y)
     new_params = new_ts.params
     shards = [np.asarray(s.data) for s in metrics.applied.addressable_shards]
@@ -123,8 +125,9 @@ def _broken_skip(out, mesh, tag):
     out[f"{tag}broken/reason"] = np.asarray(metrics.reason)
     out[f"{tag}broken/worst_path"] = np.array(metrics.report.worst_path)
     out[f"{tag}broken/rel_error"] = np.asarray(metrics.rel_error)
-    out[f"{tag}broken/unchanged"] = np.array(all(
-        np.array_equal(a, b) for a, b in zip(_flat(new_params), _flat(params))))
+    out[f"{tag}broken/unchanged"] = np.array(
+        all(np.array_equal(a, b) for a, b in zip(_flat(new_params), _flat(params)))
+    )
 
 
 def run_single(path):
@@ -140,19 +143,24 @@ def run_single(path):
     for dtype, opt_name, check in CONFIGS:
         net, params, x, y = problem(dtype)
         opt = optimizer(opt_name)
-        step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, check,
-                                                 mesh=mesh)
+        step = parallel.make_parallel_train_step(
+            net, jaxbp.softmax_cross_entropy, opt, check, mesh=mesh
+        )
         _record(out, key_of(dtype, opt_name, check), *train(step, opt, params, x, y))
     # A 4-device mesh out of the 8, and params / batch placed beforehand.
     net, params, x, y = problem("float64")
     opt = optimizer("adam")
     mesh4 = parallel.data_parallel_mesh(4)
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "report",
-                                             mesh=mesh4)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "report", mesh=mesh4
+    )
     xs, ys = parallel.shard_batch(mesh4, x, y)
     out["x_shards"] = np.array([s.data.shape[0] for s in xs.addressable_shards])
-    _record(out, key_of("float64", "adam", "report", "mesh4/"),
-            *train(step, opt, parallel.replicate(mesh4, params), xs, ys))
+    _record(
+        out,
+        key_of("float64", "adam", "report", "mesh4/"),
+        *train(step, opt, parallel.replicate(mesh4, params), xs, ys),
+    )
     first = jaxbp.TrainState(params, opt.init(params))
     out["loss_sharding"] = np.array(str(step(first, xs, ys)[1].loss.sharding))
 
@@ -160,8 +168,9 @@ def run_single(path):
     # check="raise": the same global decision, raised on the host; params untouched.
     net, params, x, y = broken_net("float64")
     opt = optimizer("sgd")
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "raise",
-                                             mesh=mesh)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "raise", mesh=mesh
+    )
     try:
         step(jaxbp.TrainState(params, opt.init(params)), x, y)
         out["raise_message"] = np.array("")
@@ -189,8 +198,23 @@ def _cli_devices(out, folder):
 
     for devices in (1, 4):
         run = os.path.join(folder, f"cli{devices}")
-        code = main(["train", "--dataset", "xor", "--epochs", "3", "--batch-size", "4",
-                     "--devices", str(devices), "--progress", "none", "--out", run])
+        code = main(
+            [
+                "train",
+                "--dataset",
+                "xor",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "4",
+                "--devices",
+                str(devices),
+                "--progress",
+                "none",
+                "--out",
+                run,
+            ]
+        )
         out[f"cli{devices}/code"] = np.array(code)
         with open(os.path.join(run, "metrics.json")) as f:
             metrics = json.load(f)
@@ -199,37 +223,93 @@ def _cli_devices(out, folder):
     # Convolution, BatchNorm (statistics over the global batch) and a GRU, one call per step.
     model = os.path.join(folder, "conv_bn_gru.json")
     with open(model, "w") as f:
-        json.dump({"model": {"name": "serial", "layers": [
-            {"name": "Conv1D", "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1},
-            {"name": "BatchNorm"}, {"name": "Relu"},
-            {"name": "GRU", "hidden": 3}, {"name": "Flatten"}, {"name": "Dense", "out_dim": 10}]},
-            "input_shape": [40, 1], "fused": False, "augment": {"shift": 2}}, f)
+        json.dump(
+            {
+                "model": {
+                    "name": "serial",
+                    "layers": [
+                        {
+                            "name": "Conv1D",
+                            "out_channels": 4,
+                            "kernel_size": 3,
+                            "stride": 2,
+                            "padding": 1,
+                        },
+                        {"name": "BatchNorm"},
+                        {"name": "Relu"},
+                        {"name": "GRU", "hidden": 3},
+                        {"name": "Flatten"},
+                        {"name": "Dense", "out_dim": 10},
+                    ],
+                },
+                "input_shape": [40, 1],
+                "fused": False,
+                "augment": {"shift": 2},
+            },
+            f,
+        )
     for devices in (1, 4):
         run = os.path.join(folder, f"bn{devices}")
-        code = main(["train", "--dataset", "mnist1d", "--model", model, "--epochs", "1",
-                     "--batch-size", "200", "--devices", str(devices), "--progress", "none",
-                     "--out", run])
+        code = main(
+            [
+                "train",
+                "--dataset",
+                "mnist1d",
+                "--model",
+                model,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "200",
+                "--devices",
+                str(devices),
+                "--progress",
+                "none",
+                "--out",
+                run,
+            ]
+        )
         out[f"bn{devices}/code"] = np.array(code)
         with open(os.path.join(run, "metrics.json")) as f:
             metrics = json.load(f)
         out[f"bn{devices}/test_loss"] = np.array(metrics["test_loss"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(["train", "--dataset", "xor", "--batch-size", "3", "--devices", "4",
-                     "--progress", "none", "--out", os.path.join(folder, "cli_bad")])
+        code = main(
+            [
+                "train",
+                "--dataset",
+                "xor",
+                "--batch-size",
+                "3",
+                "--devices",
+                "4",
+                "--progress",
+                "none",
+                "--out",
+                os.path.join(folder, "cli_bad"),
+            ]
+        )
     out["cli_indivisible"] = np.array([str(code), err.getvalue()])
 
 
-MULTI_CONFIGS = [("float64", "sgd", "report"), ("float64", "adam", "skip"),
-                 ("float32", "adam", "report")]
+MULTI_CONFIGS = [
+    ("float64", "sgd", "report"),
+    ("float64", "adam", "skip"),
+    ("float32", "adam", "report"),
+]
 
 
 def run_multi(process_id, port, path):
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id, initialization_timeout=60)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
     import numpy as np
 
     import jaxbp
@@ -241,8 +321,9 @@ def run_multi(process_id, port, path):
     for dtype, opt_name, check in MULTI_CONFIGS:
         net, params, x, y = problem(dtype)
         opt = optimizer(opt_name)
-        step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, check,
-                                                 mesh=mesh)
+        step = parallel.make_parallel_train_step(
+            net, jaxbp.softmax_cross_entropy, opt, check, mesh=mesh
+        )
         _record(out, key_of(dtype, opt_name, check), *train(step, opt, params, x, y))
     # Each host loads only its own half of the batch.
     net, params, x, y = problem("float64")
@@ -250,8 +331,9 @@ def run_multi(process_id, port, path):
     half = BATCH // 2
     mine = slice(process_id * half, (process_id + 1) * half)
     xl, yl = parallel.shard_local_batch(mesh, np.asarray(x)[mine], np.asarray(y)[mine])
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "report",
-                                             mesh=mesh)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "report", mesh=mesh
+    )
     _record(out, key_of("float64", "sgd", "report", "local/"), *train(step, opt, params, xl, yl))
     _broken_skip(out, mesh, "")
     np.savez(path, **out)

@@ -58,7 +58,8 @@ def draw(layer, key, shape, dtype):
     _, params = layer.init(k_init, shape)
     # Move LayerNorm's ones/zeros and the zero biases off their special values.
     params = jax.tree_util.tree_map(
-        lambda p: jnp.asarray(p + 0.3 * jax.random.normal(k_init, p.shape), dtype), params)
+        lambda p: jnp.asarray(p + 0.3 * jax.random.normal(k_init, p.shape), dtype), params
+    )
     y, _ = layer.forward(params, x)
     return params, x, jax.random.normal(k_dy, y.shape, dtype)
 
@@ -96,25 +97,40 @@ def check_against_vjp(layer, shape, dtype, run, seed=0):
     out_shape = (*x.shape, DIM) if is_embedding(layer) else tuple(shape)
     assert y.shape == out_shape and y.dtype == dtype and bool(jnp.all(jnp.isfinite(y)))
     assert_agree(manual, reference, TOL[dtype])
-    leaves = zip(jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(reference),
-                 strict=True)
+    leaves = zip(
+        jax.tree_util.tree_leaves(manual), jax.tree_util.tree_leaves(reference), strict=True
+    )
     for leaf, ref in leaves:
         assert leaf.shape == ref.shape and leaf.dtype == ref.dtype
 
 
-@pytest.mark.parametrize("dtype, shape", [(jnp.float64, SHAPES["batch"]),
-                                          (jnp.float64, SHAPES["single"]),
-                                          (jnp.float32, SHAPES["batch"])],
-                         ids=["f64-batch", "f64-single", "f32-batch"])
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (jnp.float64, SHAPES["batch"]),
+        (jnp.float64, SHAPES["single"]),
+        (jnp.float32, SHAPES["batch"]),
+    ],
+    ids=["f64-batch", "f64-single", "f32-batch"],
+)
 @pytest.mark.parametrize("name", CASES)
 def test_backward_matches_vjp_under_jit(name, dtype, shape):
     check_against_vjp(CASES[name], shape, dtype, jit_manual_and_vjp)
 
 
 # Eager runs compile every operation on its own: the batch case for every layer, the rest slow.
-EAGER = [pytest.param(name, shape, dtype, id=f"{name}-{kind}-{jnp.dtype(dtype).name}",
-                      marks=() if (kind == "batch" and dtype == jnp.float64) else pytest.mark.slow)
-         for name in CASES for kind, shape in SHAPES.items() for dtype in TOL]
+EAGER = [
+    pytest.param(
+        name,
+        shape,
+        dtype,
+        id=f"{name}-{kind}-{jnp.dtype(dtype).name}",
+        marks=() if (kind == "batch" and dtype == jnp.float64) else pytest.mark.slow,
+    )
+    for name in CASES
+    for kind, shape in SHAPES.items()
+    for dtype in TOL
+]
 
 
 @pytest.mark.parametrize("name, shape, dtype", EAGER)
@@ -142,9 +158,13 @@ def test_vmap_over_examples_equals_batch(name):
     np.testing.assert_allclose(y_per, layer.forward(params, x)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.slow) if name == "MultiHeadAttention" else name
-    for name in CASES])  # the NumPy test below checks non-causal attention by FD as well
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name == "MultiHeadAttention" else name
+        for name in CASES
+    ],
+)  # the NumPy test below checks non-causal attention by FD as well
 def test_backward_matches_finite_differences(name):
     layer = CASES[name]
     params, x, dy = draw(layer, jax.random.key(3), (2, 3, DIM), jnp.float64)
@@ -156,7 +176,8 @@ def test_backward_matches_finite_differences(name):
     else:
         fd = finite_difference_grads(
             lambda px: jnp.sum(layer.forward(px["params"], px["x"])[0] * dy),
-            {"params": params, "x": x})
+            {"params": params, "x": x},
+        )
         manual = {"params": dparams, "x": dx}
     if "bk" in params:
         # Adding bk shifts a whole row of scores by q . bk, which softmax ignores: dE/dbk = 0 in
@@ -164,8 +185,9 @@ def test_backward_matches_finite_differences(name):
         scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(manual))
         assert float(jnp.max(jnp.abs(manual["params"]["bk"]))) < 1e-13 * scale
         assert float(jnp.max(jnp.abs(fd["params"]["bk"]))) < 1e-8 * scale
-        manual["params"], fd["params"] = ({k: v for k, v in g["params"].items() if k != "bk"}
-                                          for g in (manual, fd))
+        manual["params"], fd["params"] = (
+            {k: v for k, v in g["params"].items() if k != "bk"} for g in (manual, fd)
+        )
     report = compare_grads(manual, fd, tolerances=fd_tolerance)
     assert bool(report.ok), report.table()
 
@@ -178,9 +200,14 @@ def attention_layer(heads, causal):
 
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None)
-@given(batch=st.sampled_from([None, 1, 3]), time=st.sampled_from([1, 2, 5]),
-       heads=st.integers(1, 3), head_dim=st.integers(1, 3), causal=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    batch=st.sampled_from([None, 1, 3]),
+    time=st.sampled_from([1, 2, 5]),
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 3),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_attention_property(batch, time, heads, head_dim, causal, seed):
     dim = heads * head_dim
     shape = (time, dim) if batch is None else (batch, time, dim)
@@ -198,8 +225,13 @@ def embedding_layers(vocab, max_len):
 
 @pytest.mark.slow
 @settings(max_examples=10, deadline=None)
-@given(batch=st.sampled_from([None, 1, 4]), time=st.sampled_from([1, 3, 6]),
-       vocab=st.integers(1, 4), max_extra=st.sampled_from([0, 2]), seed=st.integers(0, 2**16))
+@given(
+    batch=st.sampled_from([None, 1, 4]),
+    time=st.sampled_from([1, 3, 6]),
+    vocab=st.integers(1, 4),
+    max_extra=st.sampled_from([0, 2]),
+    seed=st.integers(0, 2**16),
+)
 def test_embeddings_property(batch, time, vocab, max_extra, seed):
     k_ids, k_dy, k_x = jax.random.split(jax.random.key(seed), 3)
     ids_shape = (time,) if batch is None else (batch, time)
@@ -266,7 +298,8 @@ def test_layernorm_matches_numpy():
     y, _ = LayerNorm(eps=1e-3).forward(params, jnp.asarray(x))
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     expected = (x - mean) / np.sqrt(var + 1e-3) * np.asarray(params["scale"]) + np.asarray(
-        params["bias"])
+        params["bias"]
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -320,8 +353,8 @@ def params_from_torch(in_proj_weight, in_proj_bias, out_weight, out_bias):
     d = out_weight.shape[0]
     params = {}
     for i, n in enumerate("qkv"):
-        params["W" + n] = jnp.asarray(in_proj_weight[i * d:(i + 1) * d].T)
-        params["b" + n] = jnp.asarray(in_proj_bias[i * d:(i + 1) * d])
+        params["W" + n] = jnp.asarray(in_proj_weight[i * d : (i + 1) * d].T)
+        params["b" + n] = jnp.asarray(in_proj_bias[i * d : (i + 1) * d])
     params["Wo"], params["bo"] = jnp.asarray(out_weight.T), jnp.asarray(out_bias)
     return params
 
@@ -347,15 +380,22 @@ def numpy_attention(x, in_proj_weight, in_proj_bias, out_weight, out_bias, heads
 
 def torch_layout_weights(d, seed):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(3 * d, d)) / np.sqrt(d), rng.normal(size=3 * d) * 0.1,
-            rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1)
+    return (
+        rng.normal(size=(3 * d, d)) / np.sqrt(d),
+        rng.normal(size=3 * d) * 0.1,
+        rng.normal(size=(d, d)) / np.sqrt(d),
+        rng.normal(size=d) * 0.1,
+    )
 
 
 def grads_in_torch_layout(dparams):
     """jaxbp gradients back to ``(in_proj_weight, in_proj_bias, out_weight, out_bias)``."""
-    return (np.concatenate([np.asarray(dparams["W" + n]).T for n in "qkv"]),
-            np.concatenate([np.asarray(dparams["b" + n]) for n in "qkv"]),
-            np.asarray(dparams["Wo"]).T, np.asarray(dparams["bo"]))
+    return (
+        np.concatenate([np.asarray(dparams["W" + n]).T for n in "qkv"]),
+        np.concatenate([np.asarray(dparams["b" + n]) for n in "qkv"]),
+        np.asarray(dparams["Wo"]).T,
+        np.asarray(dparams["bo"]),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -366,8 +406,9 @@ def test_attention_matches_numpy_in_torch_layout(causal):
     dy = np.random.default_rng(6).normal(size=x.shape)
     layer = MultiHeadAttention(heads, causal=causal)
     y, cache = layer.forward(params_from_torch(*weights), jnp.asarray(x))
-    np.testing.assert_allclose(y, numpy_attention(x, *weights, heads, causal), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        y, numpy_attention(x, *weights, heads, causal), rtol=1e-12, atol=1e-12
+    )
     dparams, _ = layer.backward(params_from_torch(*weights), cache, jnp.asarray(dy))
 
     def loss(ws):
@@ -395,15 +436,21 @@ def test_attention_matches_pytorch(causal):
     y_torch, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
     dy = torch.randn_like(y_torch)
     y_torch.backward(dy)
-    weights = [t.detach().numpy() for t in (mha.in_proj_weight, mha.in_proj_bias,
-                                             mha.out_proj.weight, mha.out_proj.bias)]
+    weights = [
+        t.detach().numpy()
+        for t in (mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+    ]
     layer = MultiHeadAttention(heads, causal=causal)
     params = params_from_torch(*weights)
     y, cache = layer.forward(params, jnp.asarray(x.detach().numpy()))
     np.testing.assert_allclose(y, y_torch.detach().numpy(), rtol=1e-10, atol=1e-12)
     dparams, dx = layer.backward(params, cache, jnp.asarray(dy.numpy()))
-    torch_grads = (mha.in_proj_weight.grad, mha.in_proj_bias.grad, mha.out_proj.weight.grad,
-                   mha.out_proj.bias.grad)
+    torch_grads = (
+        mha.in_proj_weight.grad,
+        mha.in_proj_bias.grad,
+        mha.out_proj.weight.grad,
+        mha.out_proj.bias.grad,
+    )
     for manual, ref in zip(grads_in_torch_layout(dparams), torch_grads, strict=True):
         np.testing.assert_allclose(manual, ref.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dx, x.grad.numpy(), rtol=1e-10, atol=1e-12)
@@ -436,8 +483,14 @@ def residual_by_hand(*layers):
 def tiny_gpt(vocab, dim, heads, max_len, residual=residual_by_hand):
     attention = residual(LayerNorm(), MultiHeadAttention(heads, causal=True))
     mlp = residual(LayerNorm(), jaxbp.Dense(4 * dim), jaxbp.Gelu, jaxbp.Dense(dim))
-    return jaxbp.serial(Embedding(vocab, dim), PositionalEmbedding(max_len, dim), attention,
-                        mlp, LayerNorm(), jaxbp.Dense(vocab))
+    return jaxbp.serial(
+        Embedding(vocab, dim),
+        PositionalEmbedding(max_len, dim),
+        attention,
+        mlp,
+        LayerNorm(),
+        jaxbp.Dense(vocab),
+    )
 
 
 def gpt_grads(net, params, ids, labels):
@@ -448,17 +501,22 @@ def gpt_grads(net, params, ids, labels):
     return value, logits, manual, reference
 
 
-@pytest.mark.parametrize("use_jit", [pytest.param(False, marks=pytest.mark.slow), True],
-                         ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "use_jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"]
+)
 def test_transformer_block_under_serial(use_jit):
     vocab, batch, time = 13, 2, 5
-    net = tiny_gpt(vocab, dim=8, heads=2, max_len=7,
-                   residual=getattr(jaxbp, "residual", residual_by_hand))
+    net = tiny_gpt(
+        vocab, dim=8, heads=2, max_len=7, residual=getattr(jaxbp, "residual", residual_by_hand)
+    )
     _, params = net.init(jax.random.key(0), (batch, time))
     ids = jax.random.randint(jax.random.key(1), (batch, time), 0, vocab)
     labels = jax.random.randint(jax.random.key(2), (batch, time), 0, vocab)
-    run = jax.jit(lambda p: gpt_grads(net, p, ids, labels)) if use_jit else (
-        lambda p: gpt_grads(net, p, ids, labels))
+    run = (
+        jax.jit(lambda p: gpt_grads(net, p, ids, labels))
+        if use_jit
+        else (lambda p: gpt_grads(net, p, ids, labels))
+    )
     value, logits, manual, reference = run(params)
     assert_agree(manual, reference, 1e-11)
     # The loss is the mean over every (example, position) of -log softmax at the label.
@@ -495,29 +553,61 @@ def raises_under_jit(error, match, fn, *args):
 
 def test_shape_and_type_errors_fire_under_jit():
     _, p_attn = MultiHeadAttention(2).init(jax.random.key(0), (2, 5, 8))
-    raises_under_jit(ValueError, r"num_heads 3 does not divide dim 8",
-                     lambda x: MultiHeadAttention(3).forward(p_attn, x)[0], jnp.ones((5, 8)))
-    raises_under_jit(ValueError, r"MultiHeadAttention expects inputs of shape \(batch, time, "
-                     r"dim\) or \(time, dim\) with dim 8, got shape \(2, 5, 6\)",
-                     lambda x: MultiHeadAttention(2).forward(p_attn, x)[0], jnp.ones((2, 5, 6)))
-    raises_under_jit(ValueError, r"got shape \(8,\)",
-                     lambda x: MultiHeadAttention(2).forward(p_attn, x)[0], jnp.ones(8))
+    raises_under_jit(
+        ValueError,
+        r"num_heads 3 does not divide dim 8",
+        lambda x: MultiHeadAttention(3).forward(p_attn, x)[0],
+        jnp.ones((5, 8)),
+    )
+    raises_under_jit(
+        ValueError,
+        r"MultiHeadAttention expects inputs of shape \(batch, time, "
+        r"dim\) or \(time, dim\) with dim 8, got shape \(2, 5, 6\)",
+        lambda x: MultiHeadAttention(2).forward(p_attn, x)[0],
+        jnp.ones((2, 5, 6)),
+    )
+    raises_under_jit(
+        ValueError,
+        r"got shape \(8,\)",
+        lambda x: MultiHeadAttention(2).forward(p_attn, x)[0],
+        jnp.ones(8),
+    )
     positions = PositionalEmbedding(4, 8)
     _, p_pos = positions.init(jax.random.key(0), (2, 4, 8))
-    raises_under_jit(ValueError, r"at most max_len 4 positions, got 5",
-                     lambda x: positions.forward(p_pos, x)[0], jnp.ones((2, 5, 8)))
+    raises_under_jit(
+        ValueError,
+        r"at most max_len 4 positions, got 5",
+        lambda x: positions.forward(p_pos, x)[0],
+        jnp.ones((2, 5, 8)),
+    )
     _, p_ln = LayerNorm().init(jax.random.key(0), (3, 8))
-    raises_under_jit(ValueError, r"LayerNorm expects .* with 8 features, got shape \(3, 7\)",
-                     lambda x: LayerNorm().forward(p_ln, x)[0], jnp.ones((3, 7)))
+    raises_under_jit(
+        ValueError,
+        r"LayerNorm expects .* with 8 features, got shape \(3, 7\)",
+        lambda x: LayerNorm().forward(p_ln, x)[0],
+        jnp.ones((3, 7)),
+    )
     embed = Embedding(5, 8)
     _, p_emb = embed.init(jax.random.key(0), (2, 3))
-    raises_under_jit(TypeError, r"Embedding expects integer token ids, got dtype float",
-                     lambda x: embed.forward(p_emb, x)[0], jnp.ones((2, 3)))
-    raises_under_jit(ValueError, r"Embedding expects token ids of shape \(batch, time\) or "
-                     r"\(time,\), got shape \(2, 3, 1\)",
-                     lambda x: embed.forward(p_emb, x)[0], jnp.ones((2, 3, 1), int))
-    raises_under_jit(TypeError, r"MultiHeadAttention expects floating-point inputs",
-                     lambda x: MultiHeadAttention(2).forward(p_attn, x)[0], jnp.ones((5, 8), int))
+    raises_under_jit(
+        TypeError,
+        r"Embedding expects integer token ids, got dtype float",
+        lambda x: embed.forward(p_emb, x)[0],
+        jnp.ones((2, 3)),
+    )
+    raises_under_jit(
+        ValueError,
+        r"Embedding expects token ids of shape \(batch, time\) or "
+        r"\(time,\), got shape \(2, 3, 1\)",
+        lambda x: embed.forward(p_emb, x)[0],
+        jnp.ones((2, 3, 1), int),
+    )
+    raises_under_jit(
+        TypeError,
+        r"MultiHeadAttention expects floating-point inputs",
+        lambda x: MultiHeadAttention(2).forward(p_attn, x)[0],
+        jnp.ones((5, 8), int),
+    )
 
 
 def test_init_and_construction_errors():
@@ -527,13 +617,15 @@ def test_init_and_construction_errors():
         PositionalEmbedding(4, 2).init(jax.random.key(0), (-1, 6, 2))
     with pytest.raises(ValueError, match=r"layer 1 \(MultiHeadAttention\): .*shape \(batch, time"):
         jaxbp.serial(LayerNorm(), MultiHeadAttention(2)).init(jax.random.key(0), (8,))
-    for bad, error in [(lambda: MultiHeadAttention(0), ValueError),
-                       (lambda: MultiHeadAttention(2.0), TypeError),
-                       (lambda: MultiHeadAttention(2, causal="yes"), TypeError),
-                       (lambda: Embedding(0, 4), ValueError),
-                       (lambda: PositionalEmbedding(4, True), TypeError),
-                       (lambda: LayerNorm(eps=0.0), ValueError),
-                       (lambda: LayerNorm(eps="small"), TypeError)]:
+    for bad, error in [
+        (lambda: MultiHeadAttention(0), ValueError),
+        (lambda: MultiHeadAttention(2.0), TypeError),
+        (lambda: MultiHeadAttention(2, causal="yes"), TypeError),
+        (lambda: Embedding(0, 4), ValueError),
+        (lambda: PositionalEmbedding(4, True), TypeError),
+        (lambda: LayerNorm(eps=0.0), ValueError),
+        (lambda: LayerNorm(eps="small"), TypeError),
+    ]:
         with pytest.raises(error):
             bad()
 
@@ -547,11 +639,20 @@ def test_dtypes():
             assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(expected)}
 
 
-@pytest.mark.parametrize("layer", [
-    Embedding(11, 6), Embedding(11, 6, dtype=jnp.float32), PositionalEmbedding(9, 6),
-    LayerNorm(), LayerNorm(eps=1e-6, dtype="float32"), MultiHeadAttention(2),
-    MultiHeadAttention(4, causal=True), tiny_gpt(13, 8, 2, 7, residual=jaxbp.serial),
-], ids=lambda layer: layer.name)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        Embedding(11, 6),
+        Embedding(11, 6, dtype=jnp.float32),
+        PositionalEmbedding(9, 6),
+        LayerNorm(),
+        LayerNorm(eps=1e-6, dtype="float32"),
+        MultiHeadAttention(2),
+        MultiHeadAttention(4, causal=True),
+        tiny_gpt(13, 8, 2, 7, residual=jaxbp.serial),
+    ],
+    ids=lambda layer: layer.name,
+)
 def test_description_round_trip(layer):
     description = describe(layer)
     assert json.loads(json.dumps(description)) == description

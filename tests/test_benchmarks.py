@@ -58,7 +58,8 @@ def test_numpy_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, _, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
     ts, _ = jaxbp.make_train_step(net, loss, opt, check="off")(
-        jaxbp.init_train_state(net, opt, params), x, y)
+        jaxbp.init_train_state(net, opt, params), x, y
+    )
     new = ts.params
     model = NumpyMLP(net, params, loss, LEARNING_RATE)
     model.step(np.asarray(x), np.asarray(y))
@@ -71,7 +72,8 @@ def test_plain_jax_grad_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, value, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
     ts, m = jaxbp.make_train_step(net, loss, opt, check="report")(
-        jaxbp.init_train_state(net, opt, params), x, y)
+        jaxbp.init_train_state(net, opt, params), x, y
+    )
     new = ts.params
     assert bool(m.ok) and bool(m.applied)
     plain, plain_value = jax.jit(jax_grad_step(net, loss, LEARNING_RATE))(params, x, y)
@@ -97,10 +99,14 @@ def test_fused_loop_matches_repeated_steps(problem):
 
 def test_mlp_is_built_from_its_description():
     desc = mlp_description((5, 4, 3), "leaky_relu")
-    assert desc == {"name": "serial", "layers": [
-        {"name": "Dense", "out_dim": 4, "dtype": "float32"},
-        {"name": "LeakyRelu", "slope": 0.01},
-        {"name": "Dense", "out_dim": 3, "dtype": "float32"}]}
+    assert desc == {
+        "name": "serial",
+        "layers": [
+            {"name": "Dense", "out_dim": 4, "dtype": "float32"},
+            {"name": "LeakyRelu", "slope": 0.01},
+            {"name": "Dense", "out_dim": 3, "dtype": "float32"},
+        ],
+    }
     net, params, _, _ = build((5, 4, 3), "leaky_relu", "mse", 2)
     described = jaxbp.describe(net)
     assert [layer["name"] for layer in described["layers"]] == ["Dense", "LeakyRelu", "Dense"]
@@ -113,8 +119,9 @@ def test_torch_mlp_matches_jaxbp_gradients(problem):
 
     net, params, x, y, loss, value, grads = problem
     model = TorchMLP(net, params, loss, LEARNING_RATE)
-    yt = torch.from_numpy(np.asarray(y).astype(np.int64) if loss == "softmax_cross_entropy"
-                          else np.asarray(y).copy())
+    yt = torch.from_numpy(
+        np.asarray(y).astype(np.int64) if loss == "softmax_cross_entropy" else np.asarray(y).copy()
+    )
     t_value, t_grads = model.grads(torch.from_numpy(np.asarray(x).copy()), yt)
     np.testing.assert_allclose(t_value, value, **F32)
     for (dw, db), (gw, gb) in zip(t_grads, _dense_grads(grads), strict=True):
@@ -128,12 +135,15 @@ def test_numpy_seed_step_reproduces_the_seed_program():
     model = NumpyMLP(sp.net, sp.params, "half_sse", sp.learning_rate, dtype=np.float64)
     value = model.step(np.asarray(sp.x)[None], np.asarray(sp.y)[None])
     np.testing.assert_allclose(value, 0.3540, atol=5e-5)  # E_total, 4 places
-    np.testing.assert_allclose(value, jaxbp.backprop(sp.net, "half_sse", sp.params, sp.x,
-                                                     sp.y)[0], rtol=1e-12)
-    np.testing.assert_allclose(model.layers[0][0], [[0.24921513, 0.1993274],
-                                                    [0.49960756, 0.1496637]], atol=1e-8)
-    np.testing.assert_allclose(model.layers[1][0], [[0.66769329, 0.40907027],
-                                                    [0.56799435, 0.35898575]], atol=1e-8)
+    np.testing.assert_allclose(
+        value, jaxbp.backprop(sp.net, "half_sse", sp.params, sp.x, sp.y)[0], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        model.layers[0][0], [[0.24921513, 0.1993274], [0.49960756, 0.1496637]], atol=1e-8
+    )
+    np.testing.assert_allclose(
+        model.layers[1][0], [[0.66769329, 0.40907027], [0.56799435, 0.35898575]], atol=1e-8
+    )
 
 
 def test_per_example_variants_agree_with_single_example_backprop():
@@ -144,8 +154,9 @@ def test_per_example_variants_agree_with_single_example_backprop():
     auto = jax.jit(fns["vmap(jax.grad)"])(params, x, y)
     for i in (0, batch - 1):
         _, one = jaxbp.backprop(net, loss, params, x[i], y[i])
-        for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (manual, auto, one)),
-                           strict=True):
+        for a, b, c in zip(
+            *(jax.tree_util.tree_leaves(t) for t in (manual, auto, one)), strict=True
+        ):
             np.testing.assert_allclose(a[i], c, **F32)
             np.testing.assert_allclose(b[i], c, **F32)
     # all `batch` gradients, not a sum: leading axis of every leaf is the batch
@@ -155,7 +166,7 @@ def test_per_example_variants_agree_with_single_example_backprop():
 def test_matmul_flops_counts_forward_dw_and_dx():
     # one layer: forward + dW, no dx into the data: 2 * 2*B*i*o
     assert matmul_flops((3, 4), 5) == 2 * 2 * 5 * 3 * 4
-    assert matmul_flops((1024,) * 4, 1024) == 8 * 2.0 * 1024 ** 3
+    assert matmul_flops((1024,) * 4, 1024) == 8 * 2.0 * 1024**3
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
@@ -169,14 +180,21 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert data["tiny"] is True
     for w in ("W1", "W2"):
         names = set(data[w]["variants"])
-        assert {"jaxbp step check=off", "jaxbp step check=report", "jax.value_and_grad step",
-                "numpy (seed style)"} <= names
+        assert {
+            "jaxbp step check=off",
+            "jaxbp step check=report",
+            "jax.value_and_grad step",
+            "numpy (seed style)",
+        } <= names
         for v in data[w]["variants"].values():
             assert v["median_s"] > 0 and v["gflops"] > 0
         assert ("PyTorch eager" in names) != ("PyTorch eager" in data[w]["skipped"])
     assert {"vmap(jaxbp manual backward)", "vmap(jax.grad)"} <= set(data["W3"]["variants"])
-    assert {"jaxbp fused loop check=off", "jaxbp fused loop check=report",
-            "numpy loop (seed style)"} <= set(data["W0"]["variants"])
+    assert {
+        "jaxbp fused loop check=off",
+        "jaxbp fused loop check=report",
+        "numpy loop (seed style)",
+    } <= set(data["W0"]["variants"])
     assert data["machine"]["blas"], "the JSON names numpy's BLAS"
     assert len(data["targets"]) >= 8
     assert all({"what", "value", "target", "met"} <= set(t) for t in data["targets"])

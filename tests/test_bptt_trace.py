@@ -52,12 +52,12 @@ def numpy_gru(params, x, bump=None):
         ax = x[t] @ params["Wi"] + params["bi"]
         ah = h @ params["Wh"] + params["bh"]
         r = 1 / (1 + np.exp(-(ax[:hidden] + ah[:hidden])))
-        z = 1 / (1 + np.exp(-(ax[hidden:2 * hidden] + ah[hidden:2 * hidden])))
-        n = np.tanh(ax[2 * hidden:] + r * ah[2 * hidden:])
+        z = 1 / (1 + np.exp(-(ax[hidden : 2 * hidden] + ah[hidden : 2 * hidden])))
+        n = np.tanh(ax[2 * hidden :] + r * ah[2 * hidden :])
         h_new = (1 - z) * n + z * h
         if bump is not None:
             h_new = h_new + bump[t]
-        gates.append((h, r, z, n, ah[2 * hidden:]))
+        gates.append((h, r, z, n, ah[2 * hidden :]))
         states.append(h_new)
         h = h_new
     return np.array(states), gates
@@ -82,7 +82,7 @@ def numpy_bptt(params, x, targets, sequences):
         dh = carry + (dy[t] if sequences else (states[-1] - targets if t == steps - 1 else 0))
         dhs[t] = dh
         dn = dh * (1 - z)
-        dan = dn * (1 - n ** 2)
+        dan = dn * (1 - n**2)
         dz_pre = dh * (h_prev - n) * z * (1 - z)
         dr_pre = dan * ahn * r * (1 - r)
         dax = np.concatenate([dr_pre, dz_pre, dan])
@@ -114,6 +114,7 @@ def finite_differences(params, x, targets, sequences, eps=1e-6):
 
 def jax_state_gradients(params, x, targets, sequences):
     """jax.grad of the loss by a bump added to each h_t: dE/dh_t, all it reaches."""
+
     def loss(bump):
         hidden = params["Wh"].shape[0]
         h, states = jnp.zeros(hidden), []
@@ -121,8 +122,8 @@ def jax_state_gradients(params, x, targets, sequences):
             ax = x[t] @ params["Wi"] + params["bi"]
             ah = h @ params["Wh"] + params["bh"]
             r = jax.nn.sigmoid(ax[:hidden] + ah[:hidden])
-            z = jax.nn.sigmoid(ax[hidden:2 * hidden] + ah[hidden:2 * hidden])
-            n = jnp.tanh(ax[2 * hidden:] + r * ah[2 * hidden:])
+            z = jax.nn.sigmoid(ax[hidden : 2 * hidden] + ah[hidden : 2 * hidden])
+            n = jnp.tanh(ax[2 * hidden :] + r * ah[2 * hidden :])
             h = (1 - z) * n + z * h + bump[t]
             states.append(h)
         y = jnp.stack(states) if sequences else states[-1]
@@ -135,19 +136,20 @@ def _assert_matches_references(traced, sequences):
     params, x, t = _spec_arrays(traced.spec)
     grads, dx, dhs = numpy_bptt(params, x, t, sequences)
     for key in ("Wi", "Wh", "bi", "bh"):
-        np.testing.assert_allclose(traced.manual[key], traced.autodiff[key], rtol=1e-12,
-                                   atol=1e-14)
+        np.testing.assert_allclose(traced.manual[key], traced.autodiff[key], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(traced.manual[key], grads[key], rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(traced.manual["x"], traced.autodiff["x"], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(traced.manual["x"], dx, rtol=1e-11, atol=1e-14)
     worked = traced.numbers["gradients"]["intermediate"]
     np.testing.assert_allclose(worked["h"], dhs, rtol=1e-11, atol=1e-14)
-    np.testing.assert_allclose(worked["h"], jax_state_gradients(params, x, t, sequences),
-                               rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(
+        worked["h"], jax_state_gradients(params, x, t, sequences), rtol=1e-11, atol=1e-14
+    )
     per_step = traced.numbers["gradients"]["per_step"]
     for key, terms in per_step.items():
-        np.testing.assert_allclose(np.sum(terms, axis=0), traced.manual[key], rtol=1e-12,
-                                   atol=1e-15)
+        np.testing.assert_allclose(
+            np.sum(terms, axis=0), traced.manual[key], rtol=1e-12, atol=1e-15
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,20 +188,30 @@ def test_per_step_terms_are_real_and_distinct(gru):
 def test_text_shows_states_dh_flow_and_sums(gru):
     text = gru.render("text")
     assert "r1.1 = sigmoid(ar1.1) = 1/(1+e^-0.6000) = 0.6457" in text
-    assert ("h1.1 = (1 - z1.1)*n1.1 + z1.1*h0.1 = (1 - 0.5744)*0.5856 + 0.5744*0.0000 = 0.2492"
-            in text)
+    assert (
+        "h1.1 = (1 - z1.1)*n1.1 + z1.1*h0.1 = (1 - 0.5744)*0.5856 + 0.5744*0.0000 = 0.2492" in text
+    )
     # the last step's dh comes from the loss, the earlier ones flow back through time
     assert "dE/dh3.1 = (h3.1 - t1) = (0.2740 - 0.5) = -0.2260" in text
     assert "-- Time step 2: dE/dh2 flows back from step 3 --" in text
-    assert re.search(r"dE/dh2\.1 = dE/dh3\.1\*z3\.1 \+ dE/dar3\.1\*Whr\[1\]\[1\] \+ .* "
-                     r"dE/dahn3\.2\*Whn\[1\]\[2\] = \(-0\.2260\)\*0\.6314 \+ .* = -0\.1243", text)
-    assert ("dE/dan3.1 = dE/dh3.1*(1 - z3.1)*(1 - n3.1^2) = (-0.2260)*(1 - 0.6314)*"
-            "(1 - 0.8910^2) = -0.0172") in text
+    assert re.search(
+        r"dE/dh2\.1 = dE/dh3\.1\*z3\.1 \+ dE/dar3\.1\*Whr\[1\]\[1\] \+ .* "
+        r"dE/dahn3\.2\*Whn\[1\]\[2\] = \(-0\.2260\)\*0\.6314 \+ .* = -0\.1243",
+        text,
+    )
+    assert (
+        "dE/dan3.1 = dE/dh3.1*(1 - z3.1)*(1 - n3.1^2) = (-0.2260)*(1 - 0.6314)*"
+        "(1 - 0.8910^2) = -0.0172"
+    ) in text
     # each shared weight: one term per step, summing to the layer's total
-    assert ("dE/dbhn[1] = dE/dahn1.1 + dE/dahn2.1 + dE/dahn3.1 = (-0.0211) + (-0.0241) + "
-            "(-0.0130) = -0.0581") in text
-    assert ("dE/dWir[1][1] = x1.1*dE/dar1.1 + x2.1*dE/dar2.1 + x3.1*dE/dar3.1 = "
-            "1*0.001498 + (-0.5)*0.001176 + 2*0.0007292 = 0.002368") in text
+    assert (
+        "dE/dbhn[1] = dE/dahn1.1 + dE/dahn2.1 + dE/dahn3.1 = (-0.0211) + (-0.0241) + "
+        "(-0.0130) = -0.0581"
+    ) in text
+    assert (
+        "dE/dWir[1][1] = x1.1*dE/dar1.1 + x2.1*dE/dar2.1 + x3.1*dE/dar3.1 = "
+        "1*0.001498 + (-0.5)*0.001176 + 2*0.0007292 = 0.002368"
+    ) in text
     order = [text.index(f"-- Time step {s}: dE/dh{s}") for s in (3, 2, 1)]
     assert order == sorted(order)  # reverse time
 
@@ -238,9 +250,11 @@ def test_a_wrong_per_step_term_is_caught(monkeypatch):
 
 
 def test_return_sequences_two_features_default_params():
-    spec = {"model": {"name": "GRU", "hidden": 3},
-            "inputs": [[0.5, -1.0], [1.0, 0.25], [0.0, 2.0], [-0.7, 0.3]],
-            "targets": [[0.1, 0.0, -0.2], [0.3, 0.3, 0.3], [0.0, -0.5, 0.5], [1.0, 0.0, 0.0]]}
+    spec = {
+        "model": {"name": "GRU", "hidden": 3},
+        "inputs": [[0.5, -1.0], [1.0, 0.25], [0.0, 2.0], [-0.7, 0.3]],
+        "targets": [[0.1, 0.0, -0.2], [0.3, 0.3, 0.3], [0.0, -0.5, 0.5], [1.0, 0.0, 0.0]],
+    }
     traced = trace_layer(spec)
     assert all(round(v, 2) == v for row in traced.spec["params"]["Wh"] for v in row)
     _assert_matches_references(traced, sequences=True)
@@ -250,19 +264,28 @@ def test_return_sequences_two_features_default_params():
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(steps=st.sampled_from([1, 3]), features=st.sampled_from([1, 2]),
-       hidden=st.sampled_from([1, 3]), sequences=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    steps=st.sampled_from([1, 3]),
+    features=st.sampled_from([1, 2]),
+    hidden=st.sampled_from([1, 3]),
+    sequences=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_grus_match_every_reference(steps, features, hidden, sequences, seed):
     """Random weights and data; shapes from a small set (each new shape is a compilation)."""
     rng = np.random.default_rng(seed)
     out = (steps, hidden) if sequences else (hidden,)
-    spec = {"model": {"name": "GRU", "hidden": hidden, "return_sequences": sequences},
-            "params": {"Wi": rng.normal(size=(features, 3 * hidden)).tolist(),
-                       "Wh": rng.normal(size=(hidden, 3 * hidden)).tolist(),
-                       "bi": rng.normal(size=3 * hidden).tolist(),
-                       "bh": rng.normal(size=3 * hidden).tolist()},
-            "inputs": rng.normal(size=(steps, features)).tolist(),
-            "targets": rng.normal(size=out).tolist()}
+    spec = {
+        "model": {"name": "GRU", "hidden": hidden, "return_sequences": sequences},
+        "params": {
+            "Wi": rng.normal(size=(features, 3 * hidden)).tolist(),
+            "Wh": rng.normal(size=(hidden, 3 * hidden)).tolist(),
+            "bi": rng.normal(size=3 * hidden).tolist(),
+            "bh": rng.normal(size=3 * hidden).tolist(),
+        },
+        "inputs": rng.normal(size=(steps, features)).tolist(),
+        "targets": rng.normal(size=out).tolist(),
+    }
     traced = trace_layer(spec)
     _assert_matches_references(traced, sequences)
     assert traced.render("text").count("-- Time step") == 2 * steps
@@ -310,19 +333,30 @@ def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
     assert json.loads(out)["input"]["inputs"] == [[v] for v in example_spec("gru")["inputs"]]
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ({"name": "GRU", "hidden": 2, "reverse": True}, "expected reverse false"),
-    ({"model": {"name": "GRU", "hidden": 2}, "inputs": [[[1.0]]]},
-     "inputs of shape (time,) or (time, features), got shape (1, 1, 1)"),
-    ({"model": {"name": "GRU", "hidden": 2}, "inputs": [0.1] * 7}, "at most 6 steps"),
-    ({"model": {"name": "GRU", "hidden": 4}}, "hidden 3"),
-    ({"model": {"name": "GRU", "hidden": 2}, "params": {"Wi": [[1.0]], "Wh": [[1.0]],
-                                                        "bi": [0.0], "bh": [0.0]}},
-     "params.Wi has shape (1, 1)"),
-    ({"model": {"name": "GRU", "hidden": 2, "return_sequences": False}, "targets": [1.0]},
-     "targets has shape (1,); expected (2,)"),
-    ({"model": {"name": "GRU", "hidden": 0}}, "GRU expects a positive integer hidden size"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ({"name": "GRU", "hidden": 2, "reverse": True}, "expected reverse false"),
+        (
+            {"model": {"name": "GRU", "hidden": 2}, "inputs": [[[1.0]]]},
+            "inputs of shape (time,) or (time, features), got shape (1, 1, 1)",
+        ),
+        ({"model": {"name": "GRU", "hidden": 2}, "inputs": [0.1] * 7}, "at most 6 steps"),
+        ({"model": {"name": "GRU", "hidden": 4}}, "hidden 3"),
+        (
+            {
+                "model": {"name": "GRU", "hidden": 2},
+                "params": {"Wi": [[1.0]], "Wh": [[1.0]], "bi": [0.0], "bh": [0.0]},
+            },
+            "params.Wi has shape (1, 1)",
+        ),
+        (
+            {"model": {"name": "GRU", "hidden": 2, "return_sequences": False}, "targets": [1.0]},
+            "targets has shape (1,); expected (2,)",
+        ),
+        ({"model": {"name": "GRU", "hidden": 0}}, "GRU expects a positive integer hidden size"),
+    ],
+)
 def test_bad_gru_file_is_one_line_exit_2(tmp_path, capsys, content, fragment):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))

@@ -20,8 +20,9 @@ from jaxbp.checkpoint import (
 
 
 def _net(width=5):
-    return jaxbp.serial(jaxbp.Dense(width, dtype=jnp.float32), jaxbp.Tanh,
-                        jaxbp.Dense(3, dtype=jnp.float32))
+    return jaxbp.serial(
+        jaxbp.Dense(width, dtype=jnp.float32), jaxbp.Tanh, jaxbp.Dense(3, dtype=jnp.float32)
+    )
 
 
 def _state(width=5, seed=0):
@@ -38,8 +39,11 @@ def _state(width=5, seed=0):
 @pytest.fixture
 def saved(tmp_path):
     net, state = _state()
-    path = save_checkpoint(tmp_path / "ck.npz", state,
-                           {"network": jaxbp.describe(net), "epoch": 7, "note": [1.5, None]})
+    path = save_checkpoint(
+        tmp_path / "ck.npz",
+        state,
+        {"network": jaxbp.describe(net), "epoch": 7, "note": [1.5, None]},
+    )
     return path, net, state
 
 
@@ -56,8 +60,9 @@ def test_round_trip_is_bit_identical_with_structure(saved):
     path, net, state = saved
     ck = load_checkpoint(path, state, network=jaxbp.describe(net))
     _same_bits(ck.state, state)
-    assert jax.tree_util.tree_structure(ck.state["opt_state"]) == \
-        jax.tree_util.tree_structure(state["opt_state"])
+    assert jax.tree_util.tree_structure(ck.state["opt_state"]) == jax.tree_util.tree_structure(
+        state["opt_state"]
+    )
     assert ck.header["epoch"] == 7 and ck.header["note"] == [1.5, None]
     assert ck.header["format"] == "jaxbp-checkpoint" and len(ck.header["sha256"]) == 64
     # the adam step count (an int32 leaf) survives with its dtype
@@ -72,8 +77,12 @@ def test_load_without_templates_gives_named_arrays(saved):
     # plain numpy can read it too: the format is just an .npz with a JSON header
     with np.load(path) as f:
         header = json.loads(str(f["header"][()]))
-        assert header["leaves"][0] == {"group": "params", "path": "[0]['W']",
-                                       "shape": [4, 5], "dtype": "<f4"}
+        assert header["leaves"][0] == {
+            "group": "params",
+            "path": "[0]['W']",
+            "shape": [4, 5],
+            "dtype": "<f4",
+        }
         np.testing.assert_array_equal(f["leaf_00000"], state["params"][0]["W"])
 
 
@@ -90,8 +99,11 @@ def test_atomic_write_leaves_no_temporary_and_keeps_old_file_on_failure(saved):
 def test_truncated_file_is_named(saved, keep):
     path, _, state = saved
     data = path.read_bytes()
-    cut = keep if isinstance(keep, int) and keep >= 0 else (
-        len(data) - 1 if keep == -1 else int(keep * len(data)))
+    cut = (
+        keep
+        if isinstance(keep, int) and keep >= 0
+        else (len(data) - 1 if keep == -1 else int(keep * len(data)))
+    )
     path.write_bytes(data[:cut])
     with pytest.raises(CheckpointError, match=r"truncated or corrupted|corrupted|incomplete"):
         load_checkpoint(path, state)
@@ -141,9 +153,11 @@ def test_edited_header_fails_the_checksum(saved):
 def test_different_network_is_named(saved):
     path, _, _ = saved
     net, state = _state(width=6)
-    with pytest.raises(CheckpointError,
-                       match=r"different network: network.layers\[0\].out_dim is 5 in the "
-                             r"checkpoint, expected 6"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"different network: network.layers\[0\].out_dim is 5 in the "
+        r"checkpoint, expected 6",
+    ):
         load_checkpoint(path, state, network=jaxbp.describe(net))
     # without the description the leaf shapes still catch it
     with pytest.raises(CheckpointError, match=r"params leaf \[0\]\['W'\] has shape \(4, 5\)"):
@@ -153,15 +167,17 @@ def test_different_network_is_named(saved):
 def test_different_optimizer_is_named(saved):
     path, _, state = saved
     other = {"params": state["params"], "opt_state": jaxbp.sgd(0.1).init(state["params"])}
-    with pytest.raises(CheckpointError, match="opt_state has 9 arrays in the checkpoint, "
-                                              "expected 1"):
+    with pytest.raises(
+        CheckpointError, match="opt_state has 9 arrays in the checkpoint, expected 1"
+    ):
         load_checkpoint(path, other)
 
 
 def test_wrong_dtype_is_named(saved):
     path, _, state = saved
-    as64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64)
-                                  if np.asarray(a).dtype == np.float32 else a, state)
+    as64 = jax.tree_util.tree_map(
+        lambda a: np.asarray(a, np.float64) if np.asarray(a).dtype == np.float32 else a, state
+    )
     with pytest.raises(CheckpointError, match="dtype float32, expected float64"):
         load_checkpoint(path, as64)
 

@@ -37,11 +37,14 @@ def assert_one_line_error(code, err, *fragments):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command, flags", [
-    ("trace", ["--config", "--steps", "--freeze-bias", "--format", "--plot"]),
-    ("check", ["--layers", "--activation", "--loss", "--batch", "--seed", "--dtype"]),
-    ("lr-sweep", ["--dataset", "--lrs", "--steps", "--plot", "--out"]),
-])
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("trace", ["--config", "--steps", "--freeze-bias", "--format", "--plot"]),
+        ("check", ["--layers", "--activation", "--loss", "--batch", "--seed", "--dtype"]),
+        ("lr-sweep", ["--dataset", "--lrs", "--steps", "--plot", "--out"]),
+    ],
+)
 def test_help(capsys, command, flags):
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0
@@ -58,8 +61,10 @@ def test_trace_default_is_the_seed_with_errata(capsys):
     code, out, _ = run_cli(capsys, "trace")
     assert code == 0
     assert "in_h1 = W1*i1 + W3*i2 + b1*1 = 0.25*0.1 + 0.5*0.05 + 0.3*1 = 0.3500" in out
-    assert "dE/dW7 = dE/dout_o1 * dout_o1/din_o1 * din_o1/dW7 = 0.8201 * 0.1343 * 0.5812 = 0.0640" \
+    assert (
+        "dE/dW7 = dE/dout_o1 * dout_o1/din_o1 * din_o1/dW7 = 0.8201 * 0.1343 * 0.5812 = 0.0640"
         in out
+    )
     assert "Errata" in out
     assert "dE/dW7    0.0745       0.0640   NO" in out
     assert "out_h2    0.5812       0.5812   yes" in out
@@ -69,8 +74,14 @@ def test_trace_json(capsys):
     code, out, _ = run_cli(capsys, "trace", "--format", "json")
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"layers", "errors", "loss", "gradients", "updated",
-                         "autodiff_max_abs_diff"}
+    assert set(data) == {
+        "layers",
+        "errors",
+        "loss",
+        "gradients",
+        "updated",
+        "autodiff_max_abs_diff",
+    }
     assert data["layers"][1]["out"][0] == pytest.approx(0.8401, abs=5e-5)
     assert data["loss"] == pytest.approx(0.3540, abs=5e-5)
     assert data["gradients"][1]["weights"][1][0] == pytest.approx(0.0640, abs=5e-5)
@@ -82,10 +93,12 @@ def test_trace_freeze_bias_matches_the_seeds_numpy_program(capsys):
     code, out, _ = run_cli(capsys, "trace", "--freeze-bias", "--format", "json")
     assert code == 0
     updated = json.loads(out)["updated"]
-    np.testing.assert_allclose(updated[0]["weights"], [[0.24921513, 0.1993274],
-                                                       [0.49960756, 0.1496637]], atol=1e-8)
-    np.testing.assert_allclose(updated[1]["weights"], [[0.66769329, 0.40907027],
-                                                       [0.56799435, 0.35898575]], atol=1e-8)
+    np.testing.assert_allclose(
+        updated[0]["weights"], [[0.24921513, 0.1993274], [0.49960756, 0.1496637]], atol=1e-8
+    )
+    np.testing.assert_allclose(
+        updated[1]["weights"], [[0.66769329, 0.40907027], [0.56799435, 0.35898575]], atol=1e-8
+    )
     assert updated[0]["bias"] == 0.3 and updated[1]["bias"] == 0.9
 
 
@@ -110,16 +123,20 @@ def test_trace_markdown_and_plot(capsys, tmp_path):
 
 def test_trace_config_file(capsys, tmp_path):
     config = {
-        "inputs": [[0, 0], [0, 1], [1, 0], [1, 1]], "targets": [[0], [1], [1], [0]],
-        "layers": [{"weights": [[0.5, -0.3], [0.4, 0.6]], "bias": [0.1, -0.1],
-                    "activation": "tanh"},
-                   {"weights": [[0.7], [-0.6]], "bias": 0.0, "activation": "sigmoid"}],
-        "loss": "half_sse", "learning_rate": 2.0,
+        "inputs": [[0, 0], [0, 1], [1, 0], [1, 1]],
+        "targets": [[0], [1], [1], [0]],
+        "layers": [
+            {"weights": [[0.5, -0.3], [0.4, 0.6]], "bias": [0.1, -0.1], "activation": "tanh"},
+            {"weights": [[0.7], [-0.6]], "bias": 0.0, "activation": "sigmoid"},
+        ],
+        "loss": "half_sse",
+        "learning_rate": 2.0,
     }
     path = tmp_path / "xor.json"
     path.write_text(json.dumps(config))
-    code, out, _ = run_cli(capsys, "trace", "--config", str(path), "--steps", "3",
-                           "--format", "json")
+    code, out, _ = run_cli(
+        capsys, "trace", "--config", str(path), "--steps", "3", "--format", "json"
+    )
     assert code == 0
     data = json.loads(out)
     assert np.shape(data["layers"][0]["out"]) == (4, 2)
@@ -129,24 +146,34 @@ def test_trace_config_file(capsys, tmp_path):
     h = np.tanh(x @ np.asarray(config["layers"][0]["weights"]) + [0.1, -0.1])
     o = 1 / (1 + np.exp(-(h @ np.asarray(config["layers"][1]["weights"]))))
     np.testing.assert_allclose(data["layers"][1]["out"], o, rtol=1e-13)
-    assert data["loss"] == pytest.approx(np.mean(0.5 * (o - config["targets"]) ** 2 * 1),
-                                         rel=1e-13)
+    assert data["loss"] == pytest.approx(np.mean(0.5 * (o - config["targets"]) ** 2 * 1), rel=1e-13)
     code, out, _ = run_cli(capsys, "trace", "--config", str(path))
     assert "w[0][1][0]" in out and "Errata" not in out and "[example 4]" in out
 
 
-@pytest.mark.parametrize("content, fragments", [
-    ('{"inputs": [0.1, 0.05], "targets": [0.02, 0.98], "layers": [{"weights": [[0.25, 0.2], '
-     '[0.5, 0.15]], "activation": "sigmoid"}, {"weights": [[0.7, 0.4], [0.6, 0.35], [1, 1]], '
-     '"activation": "sigmoid"}]}',
-     ["layers[1].weights has 3 rows", "expected 2 rows"]),
-    ('{"inputs": [0.1, 0.05], "targets": [0.02, 0.98]}', ["missing key 'layers'"]),
-    ('{"inputs": [0.1, 0.05], "targets": [0.02], "layers": [{"weights": [[1, 2], [3, 4]], '
-     '"activation": "softmax"}]}', ["layers[0].activation is \"softmax\"", "expected one of"]),
-    ('{"inputs": [0.1, 0.05], "targets": [0.02, 0.98], "learning_rate": -1, "layers": '
-     '[{"weights": [[1, 2], [3, 4]], "activation": "tanh"}]}', ["learning_rate is -1"]),
-    ('{"inputs": [0.1, 0.05] "targets"}', ["is not valid JSON", "line 1 column"]),
-])
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        (
+            '{"inputs": [0.1, 0.05], "targets": [0.02, 0.98], "layers": '
+            '[{"weights": [[0.25, 0.2], [0.5, 0.15]], "activation": "sigmoid"}, '
+            '{"weights": [[0.7, 0.4], [0.6, 0.35], [1, 1]], "activation": "sigmoid"}]}',
+            ["layers[1].weights has 3 rows", "expected 2 rows"],
+        ),
+        ('{"inputs": [0.1, 0.05], "targets": [0.02, 0.98]}', ["missing key 'layers'"]),
+        (
+            '{"inputs": [0.1, 0.05], "targets": [0.02], "layers": [{"weights": [[1, 2], [3, 4]], '
+            '"activation": "softmax"}]}',
+            ['layers[0].activation is "softmax"', "expected one of"],
+        ),
+        (
+            '{"inputs": [0.1, 0.05], "targets": [0.02, 0.98], "learning_rate": -1, "layers": '
+            '[{"weights": [[1, 2], [3, 4]], "activation": "tanh"}]}',
+            ["learning_rate is -1"],
+        ),
+        ('{"inputs": [0.1, 0.05] "targets"}', ["is not valid JSON", "line 1 column"]),
+    ],
+)
 def test_trace_bad_config_one_line_exit_2(capsys, tmp_path, content, fragments):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -155,15 +182,18 @@ def test_trace_bad_config_one_line_exit_2(capsys, tmp_path, content, fragments):
     assert_one_line_error(code, err, "jaxbp trace: error:", *fragments)
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["trace", "--config", "/nonexistent/x.json"], "not found"),
-    (["trace", "--steps", "0"], "--steps: expected a positive integer"),
-    (["trace", "--steps", "many"], "--steps: expected a positive integer"),
-    (["trace", "--format", "xml"], "invalid choice: 'xml'"),
-    (["trace", "--bogus"], "unrecognized arguments: --bogus"),
-    (["trace", "--plot", "/nonexistent/dir/net.png"], "does not exist"),
-    (["trace", "--plot", "net.jpgg"], "--plot expects a file name ending in .png"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["trace", "--config", "/nonexistent/x.json"], "not found"),
+        (["trace", "--steps", "0"], "--steps: expected a positive integer"),
+        (["trace", "--steps", "many"], "--steps: expected a positive integer"),
+        (["trace", "--format", "xml"], "invalid choice: 'xml'"),
+        (["trace", "--bogus"], "unrecognized arguments: --bogus"),
+        (["trace", "--plot", "/nonexistent/dir/net.png"], "does not exist"),
+        (["trace", "--plot", "net.jpgg"], "--plot expects a file name ending in .png"),
+    ],
+)
 def test_trace_bad_flags(capsys, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, fragment)
@@ -185,9 +215,24 @@ def test_check_default_agrees(capsys):
 
 
 def test_check_json_float32(capsys):
-    code, out, _ = run_cli(capsys, "check", "--layers", "3,5,4", "--activation", "sigmoid",
-                           "--loss", "softmax_cross_entropy", "--dtype", "float32",
-                           "--batch", "6", "--entries", "50", "--format", "json")
+    code, out, _ = run_cli(
+        capsys,
+        "check",
+        "--layers",
+        "3,5,4",
+        "--activation",
+        "sigmoid",
+        "--loss",
+        "softmax_cross_entropy",
+        "--dtype",
+        "float32",
+        "--batch",
+        "6",
+        "--entries",
+        "50",
+        "--format",
+        "json",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["ok"] is True and data["dtype"] == "float32"
@@ -207,24 +252,30 @@ def test_check_catches_a_wrong_backward(capsys, monkeypatch):
     # a tanh whose backward forgets the derivative: dE/dx = dy; registered, so --model builds it
     broken = layers.elementwise("ForgetfulTanh", jnp.tanh, lambda y, dy: dy, cache_output=True)
     register_layer("ForgetfulTanh", broken)
-    model = ('{"name": "serial", "layers": [{"name": "Dense", "out_dim": 4}, '
-             '{"name": "ForgetfulTanh"}, {"name": "Dense", "out_dim": 1}]}')
-    code, out, _ = run_cli(capsys, "check", "--model", model, "--input-shape", "2",
-                           "--entries", "0")
+    model = (
+        '{"name": "serial", "layers": [{"name": "Dense", "out_dim": 4}, '
+        '{"name": "ForgetfulTanh"}, {"name": "Dense", "out_dim": 1}]}'
+    )
+    code, out, _ = run_cli(
+        capsys, "check", "--model", model, "--input-shape", "2", "--entries", "0"
+    )
     assert code == 1
     assert "MISMATCH: worst leaf [0]['" in out
     assert "NO" in out
     assert "every entry" not in out
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["check", "--layers", "2"], "at least two positive widths"),
-    (["check", "--layers", "2,0,1"], "at least two positive widths"),
-    (["check", "--dtype", "float16"], "invalid choice: 'float16'"),
-    (["check", "--loss", "hinge"], "invalid choice: 'hinge'"),
-    (["check", "--batch", "-1"], "--batch: expected a positive integer"),
-    (["check", "--layers", "3,1", "--loss", "softmax_cross_entropy"], "at least 2 outputs"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["check", "--layers", "2"], "at least two positive widths"),
+        (["check", "--layers", "2,0,1"], "at least two positive widths"),
+        (["check", "--dtype", "float16"], "invalid choice: 'float16'"),
+        (["check", "--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["check", "--batch", "-1"], "--batch: expected a positive integer"),
+        (["check", "--layers", "3,1", "--loss", "softmax_cross_entropy"], "at least 2 outputs"),
+    ],
+)
 def test_check_bad_flags(capsys, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, fragment)
@@ -259,9 +310,22 @@ def test_lr_sweep_seed(capsys, tmp_path):
 
 def test_lr_sweep_xor_json(capsys, tmp_path):
     plot = tmp_path / "xor.png"
-    code, out, _ = run_cli(capsys, "lr-sweep", "--dataset", "xor", "--lrs", "1,100",
-                           "--steps", "300", "--out", str(tmp_path), "--plot", str(plot),
-                           "--format", "json")
+    code, out, _ = run_cli(
+        capsys,
+        "lr-sweep",
+        "--dataset",
+        "xor",
+        "--lrs",
+        "1,100",
+        "--steps",
+        "300",
+        "--out",
+        str(tmp_path),
+        "--plot",
+        str(plot),
+        "--format",
+        "json",
+    )
     assert code == 0
     data = json.loads(out)
     verdicts = {r["lr"]: r["verdict"] for r in data["runs"]}
@@ -270,12 +334,15 @@ def test_lr_sweep_xor_json(capsys, tmp_path):
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["lr-sweep", "--lrs", "0.1,abc"], "--lrs: expected comma-separated learning rates"),
-    (["lr-sweep", "--lrs", "0.1,-1"], "positive finite numbers"),
-    (["lr-sweep", "--dataset", "mnist"], "invalid choice: 'mnist'"),
-    (["lr-sweep", "--steps", "0"], "--steps: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["lr-sweep", "--lrs", "0.1,abc"], "--lrs: expected comma-separated learning rates"),
+        (["lr-sweep", "--lrs", "0.1,-1"], "positive finite numbers"),
+        (["lr-sweep", "--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["lr-sweep", "--steps", "0"], "--steps: expected a positive integer"),
+    ],
+)
 def test_lr_sweep_bad_flags(capsys, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, fragment)
@@ -283,8 +350,9 @@ def test_lr_sweep_bad_flags(capsys, argv, fragment):
 
 def test_lr_sweep_bad_out_and_plot_folder_fail_before_anything_is_written(capsys, tmp_path):
     out = tmp_path / "sweep"
-    code, _, err = run_cli(capsys, "lr-sweep", "--out", str(out), "--plot",
-                           str(tmp_path / "missing" / "curves.png"))
+    code, _, err = run_cli(
+        capsys, "lr-sweep", "--out", str(out), "--plot", str(tmp_path / "missing" / "curves.png")
+    )
     assert_one_line_error(code, err, "folder")
     assert "does not exist" in err and not out.exists()
     f = tmp_path / "file"
@@ -294,8 +362,9 @@ def test_lr_sweep_bad_out_and_plot_folder_fail_before_anything_is_written(capsys
 
 
 def test_lr_sweep_bad_plot_name(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "lr-sweep", "--out", str(tmp_path), "--plot",
-                           str(tmp_path / "curves.txt"))
+    code, _, err = run_cli(
+        capsys, "lr-sweep", "--out", str(tmp_path), "--plot", str(tmp_path / "curves.txt")
+    )
     assert_one_line_error(code, err, "--plot expects a file name ending in .png")
 
 
@@ -306,8 +375,9 @@ def test_lr_sweep_bad_plot_name(capsys, tmp_path):
 
 def _script(*argv, cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "JAXBP_DEBUG"}
-    return subprocess.run([str(JAXBP), *argv], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env=env)
+    return subprocess.run(
+        [str(JAXBP), *argv], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
 
 
 @pytest.mark.skipif(not JAXBP.exists(), reason="console script not installed")
@@ -322,14 +392,17 @@ def test_console_script_trace_json():
 @pytest.mark.skipif(not JAXBP.exists(), reason="console script not installed")
 def test_console_script_bad_config(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('{"inputs": [1, 2], "targets": [1], "layers": [{"weights": [[1], [2, 3]], '
-                    '"activation": "relu"}]}')
+    path.write_text(
+        '{"inputs": [1, 2], "targets": [1], "layers": [{"weights": [[1], [2, 3]], '
+        '"activation": "relu"}]}'
+    )
     result = _script("trace", "--config", str(path))
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "jaxbp trace: error: config: layers[0].weights is ragged: row 1 has 2 entries but "
-        "row 0 has 1; expected every row to have one entry per neuron"]
+        "row 0 has 1; expected every row to have one entry per neuron"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,12 +414,12 @@ def test_plot_training_curves(tmp_path):
     from jaxbp.plots import plot_training_curves
 
     history = {
-        "loss": np.linspace(2.3, 0.1, 300),          # per step
-        "epoch": np.arange(1, 11),                   # x axis of the per-epoch series
+        "loss": np.linspace(2.3, 0.1, 300),  # per step
+        "epoch": np.arange(1, 11),  # x axis of the per-epoch series
         "train_accuracy": np.linspace(0.3, 0.99, 10),
         "test_accuracy": np.linspace(0.3, 0.97, 10),
         "max_grad_rel_error": np.full(10, 1e-7),
-        "dataset": "digits",                         # not numeric: ignored
+        "dataset": "digits",  # not numeric: ignored
     }
     path = plot_training_curves(history, tmp_path / "curves.png", title="digits")
     assert Path(path).read_bytes()[:8] == PNG_MAGIC

@@ -43,8 +43,9 @@ def one_line_error(err):
 @pytest.fixture(scope="module")
 def iris_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("iris")
-    code = cli.main(["train", "--dataset", "iris", "--epochs", "4", "--out", str(out),
-                     "--progress", "lines"])
+    code = cli.main(
+        ["train", "--dataset", "iris", "--epochs", "4", "--out", str(out), "--progress", "lines"]
+    )
     return code, out
 
 
@@ -52,8 +53,14 @@ def test_run_writes_metrics_curves_checkpoint(iris_run):
     code, out = iris_run
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("train_accuracy", "test_accuracy", "final_loss", "max_grad_rel_error", "steps",
-                "seconds"):
+    for key in (
+        "train_accuracy",
+        "test_accuracy",
+        "final_loss",
+        "max_grad_rel_error",
+        "steps",
+        "seconds",
+    ):
         assert key in m, key
     assert 0.5 <= m["test_accuracy"] <= 1.0 and 0.5 <= m["train_accuracy"] <= 1.0
     assert m["steps"] == 4 * m["steps_per_epoch"] and m["epochs"] == 4
@@ -65,8 +72,9 @@ def test_run_writes_metrics_curves_checkpoint(iris_run):
 
 
 def test_output_lines(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "--dataset", "xor", "--epochs", "30", "--out",
-                             str(tmp_path), "--progress", "lines")
+    code, out, err = run_cli(
+        capsys, "--dataset", "xor", "--epochs", "30", "--out", str(tmp_path), "--progress", "lines"
+    )
     assert code == 0
     assert "test accuracy" in out and "manual vs jax.grad: worst relative error" in out
     # not a terminal: plain lines, about ten, not one per epoch
@@ -87,8 +95,22 @@ def test_resume_finished_run_and_contradicting_flags(capsys, iris_run):
 
 def test_corrupted_checkpoint_is_one_line(capsys, tmp_path):
     ck = tmp_path / "checkpoint.npz"
-    assert cli.main(["train", "--dataset", "xor", "--epochs", "2", "--out", str(tmp_path),
-                     "--progress", "none"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "xor",
+                "--epochs",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--progress",
+                "none",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     data = bytearray(ck.read_bytes())
     ck.write_bytes(bytes(data[:-40]))
@@ -98,9 +120,23 @@ def test_corrupted_checkpoint_is_one_line(capsys, tmp_path):
 
 
 def test_blow_up_stops_with_exit_3(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "--dataset", "iris", "--optimizer", "sgd", "--lr", "1e38",
-                           "--epochs", "20", "--max-bad-steps", "3", "--out", str(tmp_path),
-                           "--progress", "none")
+    code, _, err = run_cli(
+        capsys,
+        "--dataset",
+        "iris",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e38",
+        "--epochs",
+        "20",
+        "--max-bad-steps",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--progress",
+        "none",
+    )
     assert code == 3
     assert "stopped after" in err and "--max-bad-steps 3" in err
     assert "last good checkpoint (epoch 0)" in err
@@ -113,37 +149,44 @@ def test_blow_up_stops_with_exit_3(capsys, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
-    (["--hidden", "0"], "expected comma-separated positive layer widths"),
-    (["--hidden", "12,a"], "expected comma-separated positive layer widths"),
-    (["--hidden", ""], "expected comma-separated positive layer widths"),
-    (["--activation", "swish"], "invalid choice: 'swish'"),
-    (["--output-activation", "softmax"], "invalid choice: 'softmax'"),
-    (["--loss", "hinge"], "invalid choice: 'hinge'"),
-    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
-    (["--lr", "0"], "expected a positive finite number, got '0'"),
-    (["--lr", "-1"], "expected a positive finite number"),
-    (["--lr", "nan"], "expected a positive finite number"),
-    (["--lr", "inf"], "expected a positive finite number"),
-    (["--lr", "fast"], "expected a number, got 'fast'"),
-    (["--schedule", "step"], "invalid choice: 'step'"),
-    (["--weight-decay", "-0.1"], "expected a finite number >= 0"),
-    (["--epochs", "0"], "expected a positive integer, got '0'"),
-    (["--epochs", "2.5"], "expected a positive integer, got '2.5'"),
-    (["--batch-size", "-3"], "expected a positive integer"),
-    (["--seed", "-1"], r"expected a seed in [0, 2**32)"),
-    (["--seed", "x"], "expected an integer seed"),
-    (["--check", "maybe"], "invalid choice: 'maybe'"),
-    (["--max-bad-steps", "0"], "expected a positive integer"),
-    (["--checkpoint-every", "0"], "expected a positive integer"),
-    (["--progress", "fancy"], "invalid choice: 'fancy'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--dataset", "iris", "--batch-size", "500"],
-     "batch_size must be between 1 and the number of training examples ("),
-    (["--dataset", "seed", "--loss", "softmax_cross_entropy"],
-     "loss softmax_cross_entropy needs a classification dataset"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["--hidden", "0"], "expected comma-separated positive layer widths"),
+        (["--hidden", "12,a"], "expected comma-separated positive layer widths"),
+        (["--hidden", ""], "expected comma-separated positive layer widths"),
+        (["--activation", "swish"], "invalid choice: 'swish'"),
+        (["--output-activation", "softmax"], "invalid choice: 'softmax'"),
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+        (["--lr", "0"], "expected a positive finite number, got '0'"),
+        (["--lr", "-1"], "expected a positive finite number"),
+        (["--lr", "nan"], "expected a positive finite number"),
+        (["--lr", "inf"], "expected a positive finite number"),
+        (["--lr", "fast"], "expected a number, got 'fast'"),
+        (["--schedule", "step"], "invalid choice: 'step'"),
+        (["--weight-decay", "-0.1"], "expected a finite number >= 0"),
+        (["--epochs", "0"], "expected a positive integer, got '0'"),
+        (["--epochs", "2.5"], "expected a positive integer, got '2.5'"),
+        (["--batch-size", "-3"], "expected a positive integer"),
+        (["--seed", "-1"], r"expected a seed in [0, 2**32)"),
+        (["--seed", "x"], "expected an integer seed"),
+        (["--check", "maybe"], "invalid choice: 'maybe'"),
+        (["--max-bad-steps", "0"], "expected a positive integer"),
+        (["--checkpoint-every", "0"], "expected a positive integer"),
+        (["--progress", "fancy"], "invalid choice: 'fancy'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["--dataset", "iris", "--batch-size", "500"],
+            "batch_size must be between 1 and the number of training examples (",
+        ),
+        (
+            ["--dataset", "seed", "--loss", "softmax_cross_entropy"],
+            "loss softmax_cross_entropy needs a classification dataset",
+        ),
+    ],
+)
 def test_bad_flag_is_one_line_exit_2(capsys, tmp_path, args, expect):
     code, out, err = run_cli(capsys, *args, "--out", str(tmp_path / "o"), "--progress", "none")
     assert code == 2
@@ -180,9 +223,22 @@ def test_flag_choices_match_the_library():
 def test_help_lists_every_flag(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--dataset", "--hidden", "--activation", "--loss", "--optimizer", "--lr",
-                 "--epochs", "--batch-size", "--seed", "--check", "--out", "--resume",
-                 "--max-bad-steps", "--checkpoint-every"):
+    for flag in (
+        "--dataset",
+        "--hidden",
+        "--activation",
+        "--loss",
+        "--optimizer",
+        "--lr",
+        "--epochs",
+        "--batch-size",
+        "--seed",
+        "--check",
+        "--out",
+        "--resume",
+        "--max-bad-steps",
+        "--checkpoint-every",
+    ):
         assert flag in out
 
 
@@ -190,8 +246,17 @@ def test_help_lists_every_flag(capsys):
 # Faults in a real process: SIGKILL at random moments, Ctrl-C
 # --------------------------------------------------------------------------------------------
 
-FAULT_ARGS = ["train", "--dataset", "xor", "--epochs", "100", "--checkpoint-every", "1",
-              "--progress", "lines"]
+FAULT_ARGS = [
+    "train",
+    "--dataset",
+    "xor",
+    "--epochs",
+    "100",
+    "--checkpoint-every",
+    "1",
+    "--progress",
+    "lines",
+]
 
 
 def _command():
@@ -207,16 +272,22 @@ def _env():
 
 def _params_bytes(path):
     ck = load_checkpoint(path)
-    return {k: v.tobytes() for k, v in ck.state["params"].items()}, \
-        {k: v.tobytes() for k, v in ck.state["opt_state"].items()}
+    return {k: v.tobytes() for k, v in ck.state["params"].items()}, {
+        k: v.tobytes() for k, v in ck.state["opt_state"].items()
+    }
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, in its own process like the interrupted ones."""
     out = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(out)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command() + FAULT_ARGS + ["--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_header(out / "checkpoint.npz")["epoch"] == 100
     return _params_bytes(out / "checkpoint.npz")
@@ -240,9 +311,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
     rng = random.Random(1234)
     seen = []
     for _ in range(3):
-        proc = subprocess.Popen(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
-                                env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             last = read_header(ck)["epoch"] if ck.exists() else -1
             _wait_for_epoch(ck, last, proc)
@@ -255,8 +329,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
         seen.append(header["epoch"])
     assert seen == sorted(seen) and seen[-1] > 0, seen
     print(f"SIGKILLed at checkpoint epochs {seen}")  # shown with pytest -s
-    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_header(ck)["epoch"] == 100
     assert _params_bytes(ck) == reference  # params and optimizer state, bit for bit
@@ -267,8 +346,13 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
     # 100000 epochs: the run cannot finish before the signal lands, so this tests every time.
     ck = tmp_path / "checkpoint.npz"
     long_run = [a if a != "100" else "100000" for a in FAULT_ARGS]
-    proc = subprocess.Popen(_command() + long_run + ["--out", str(tmp_path)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command() + long_run + ["--out", str(tmp_path)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for_epoch(ck, 0, proc), "training never reached epoch 1"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -282,9 +366,13 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
     # just past where it stopped) and compare with an uninterrupted run of that length.
     end = max(100, stopped + 1)
     expected = reference if end == 100 else _reference_run(tmp_path / "ref", end)
-    proc = subprocess.run(_command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume",
-                                                     "--epochs", str(end)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume", "--epochs", str(end)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_header(ck)["epoch"] == end
     assert _params_bytes(ck) == expected
@@ -292,8 +380,13 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
 
 def _reference_run(out, epochs):
     args = [a if a != "100" else str(epochs) for a in FAULT_ARGS]
-    proc = subprocess.run(_command() + args + ["--out", str(out)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command() + args + ["--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return _params_bytes(out / "checkpoint.npz")
 
@@ -304,51 +397,109 @@ def _reference_run(out, epochs):
 
 
 def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path):
-    model = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 6},
-                                          {"name": "BatchNorm"}, {"name": "Tanh"},
-                                          {"name": "Dropout", "rate": 0.1},
-                                          {"name": "Dense", "out_dim": 2}]}
+    model = {
+        "name": "serial",
+        "layers": [
+            {"name": "Dense", "out_dim": 6},
+            {"name": "BatchNorm"},
+            {"name": "Tanh"},
+            {"name": "Dropout", "rate": 0.1},
+            {"name": "Dense", "out_dim": 2},
+        ],
+    }
     path = tmp_path / "model.json"
     path.write_text(json.dumps(model))
     out = tmp_path / "run"
-    code, text, err = run_cli(capsys, "--dataset", "xor", "--model", str(path), "--epochs", "3",
-                              "--out", str(out), "--progress", "none")
+    code, text, err = run_cli(
+        capsys,
+        "--dataset",
+        "xor",
+        "--model",
+        str(path),
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        "--progress",
+        "none",
+    )
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["preset"] == "file" and m["fused"] is True and m["augment"] is None
     assert [l["name"] for l in m["network"]["layers"]] == [
-        "Dense", "BatchNorm", "Tanh", "Dropout", "Dense"]
+        "Dense",
+        "BatchNorm",
+        "Tanh",
+        "Dropout",
+        "Dense",
+    ]
     assert 0.0 <= m["max_grad_rel_error"] < 2e-3
     ck = load_checkpoint(out / "checkpoint.npz")
     assert set(ck.state) == {"params", "opt_state", "state", "key"}  # BatchNorm, Dropout key
     path.unlink()  # resume needs nothing but the checkpoint
-    code, _, err = run_cli(capsys, "--resume", "--out", str(out), "--epochs", "5",
-                           "--progress", "none")
+    code, _, err = run_cli(
+        capsys, "--resume", "--out", str(out), "--epochs", "5", "--progress", "none"
+    )
     assert code == 0, err
     assert read_header(out / "checkpoint.npz")["epoch"] == 5
     # the same 5 epochs without interruption: bit-identical state, layer state and key
     again = tmp_path / "again.json"
     again.write_text(json.dumps(model))
-    code, _, err = run_cli(capsys, "--dataset", "xor", "--model", str(again), "--epochs", "5",
-                           "--out", str(tmp_path / "straight"), "--progress", "none")
+    code, _, err = run_cli(
+        capsys,
+        "--dataset",
+        "xor",
+        "--model",
+        str(again),
+        "--epochs",
+        "5",
+        "--out",
+        str(tmp_path / "straight"),
+        "--progress",
+        "none",
+    )
     assert code == 0, err
     a = load_checkpoint(out / "checkpoint.npz").state
     b = load_checkpoint(tmp_path / "straight" / "checkpoint.npz").state
     for group in a:
-        assert {k: v.tobytes() for k, v in a[group].items()} == \
-            {k: v.tobytes() for k, v in b[group].items()}, group
+        assert {k: v.tobytes() for k, v in a[group].items()} == {
+            k: v.tobytes() for k, v in b[group].items()
+        }, group
 
 
 def test_model_errors_are_one_line(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "--dataset", "xor", "--model", "nope", "--out",
-                           str(tmp_path / "a"))
+    code, _, err = run_cli(
+        capsys, "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")
+    )
     expected = "unknown model 'nope'; expected a preset (cnn, gpt, gru, lstm, mlp, resnet)"
     assert code == 2 and expected in one_line_error(err)
-    code, _, err = run_cli(capsys, "--dataset", "xor", "--model", "mlp", "--hidden", "3",
-                           "--epochs", "1", "--out", str(tmp_path / "b"), "--progress", "none")
+    code, _, err = run_cli(
+        capsys,
+        "--dataset",
+        "xor",
+        "--model",
+        "mlp",
+        "--hidden",
+        "3",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        "--progress",
+        "none",
+    )
     assert code == 0, err  # --hidden shapes the mlp preset
-    code, _, err = run_cli(capsys, "--dataset", "xor", "--model", '{"name": "Tanh"}',
-                           "--hidden", "3", "--out", str(tmp_path / "c"))
+    code, _, err = run_cli(
+        capsys,
+        "--dataset",
+        "xor",
+        "--model",
+        '{"name": "Tanh"}',
+        "--hidden",
+        "3",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert code == 2 and "hidden shapes the default MLP" in one_line_error(err)
 
 
@@ -365,5 +516,6 @@ def test_missing_extra_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     code, _, err = run_cli(capsys, "--dataset", "digits", "--out", str(tmp_path))
     assert code == 2
-    assert err.strip() == "jaxbp train --dataset digits needs scikit-learn: pip install " \
-                          "'jaxbp[data]'"
+    assert (
+        err.strip() == "jaxbp train --dataset digits needs scikit-learn: pip install 'jaxbp[data]'"
+    )

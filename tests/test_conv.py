@@ -44,8 +44,10 @@ TOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
 LAYERS = {
     "conv1d_same_even_s2_d2": (Conv1D(4, 4, stride=2, padding="SAME", dilation=2), (2, 11, 3)),
     "conv1d_pair_s3_unread": (Conv1D(3, 2, stride=3, padding=(2, 1)), (2, 10, 2)),
-    "conv2d_mixed": (Conv2D(4, (2, 3), stride=(2, 1), padding=((0, 2), (1, 0)),
-                            dilation=(1, 2)), (2, 7, 8, 2)),
+    "conv2d_mixed": (
+        Conv2D(4, (2, 3), stride=(2, 1), padding=((0, 2), (1, 0)), dilation=(1, 2)),
+        (2, 7, 8, 2),
+    ),
     "conv2d_int_pad_s2": (Conv2D(3, 3, stride=2, padding=1), (2, 8, 7, 3)),
     "maxpool1d_overlap": (MaxPool1D(3, 1), (2, 8, 3)),
     "maxpool2d": (MaxPool2D(2), (2, 6, 7, 3)),
@@ -68,7 +70,8 @@ def draw(layer, seed, shape, dtype):
     rng = np.random.default_rng(seed)
     out_shape, params = init_shapes(layer, shape)
     params = jax.tree_util.tree_map(
-        lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, dtype), params)
+        lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, dtype), params
+    )
     x = jnp.asarray(rng.normal(size=shape), dtype)
     return params, x, jnp.asarray(rng.normal(size=out_shape), dtype)
 
@@ -81,8 +84,10 @@ def manual_and_vjp(layer, params, x, dy):
 
 
 def all_draws(single, dtype):
-    return {name: draw(layer, i, shape[1:] if single else shape, dtype)
-            for i, (name, (layer, shape)) in enumerate(LAYERS.items())}
+    return {
+        name: draw(layer, i, shape[1:] if single else shape, dtype)
+        for i, (name, (layer, shape)) in enumerate(LAYERS.items())
+    }
 
 
 def all_manual_and_vjp(draws):
@@ -112,15 +117,29 @@ def assert_tree_close(got, want, tol, what):
 
 
 # A Latin square over (shape, dtype, jit) by default; the rest of the cross product is slow.
-@pytest.mark.parametrize("single, dtype, jit", [
-    (False, jnp.float64, False), (True, jnp.float32, False),
-    (False, jnp.float32, True), (True, jnp.float64, True),
-    pytest.param(True, jnp.float64, False, marks=SLOW),
-    pytest.param(False, jnp.float32, False, marks=SLOW),
-    pytest.param(True, jnp.float32, True, marks=SLOW),
-    pytest.param(False, jnp.float64, True, marks=SLOW),
-], ids=["batch-f64-nojit", "single-f32-nojit", "batch-f32-jit", "single-f64-jit",
-        "single-f64-nojit", "batch-f32-nojit", "single-f32-jit", "batch-f64-jit"])
+@pytest.mark.parametrize(
+    "single, dtype, jit",
+    [
+        (False, jnp.float64, False),
+        (True, jnp.float32, False),
+        (False, jnp.float32, True),
+        (True, jnp.float64, True),
+        pytest.param(True, jnp.float64, False, marks=SLOW),
+        pytest.param(False, jnp.float32, False, marks=SLOW),
+        pytest.param(True, jnp.float32, True, marks=SLOW),
+        pytest.param(False, jnp.float64, True, marks=SLOW),
+    ],
+    ids=[
+        "batch-f64-nojit",
+        "single-f32-nojit",
+        "batch-f32-jit",
+        "single-f64-jit",
+        "single-f64-nojit",
+        "batch-f32-nojit",
+        "single-f32-jit",
+        "batch-f64-jit",
+    ],
+)
 def test_backward_equals_vjp(single, dtype, jit):
     draws = all_draws(single, dtype)
     out = (_all_manual_and_vjp_jit if jit else all_manual_and_vjp)(draws)
@@ -135,9 +154,11 @@ def test_backward_equals_vjp(single, dtype, jit):
 def test_check_layer_reports_agreement():
     """``jaxbp.check_layer`` (float32, its default tolerances) on a conv and both pools."""
     names = ["conv2d_mixed", "maxpool1d_overlap", "avgpool2d"]
-    reports = jax.jit(lambda key: [
-        jaxbp.check_layer(LAYERS[n][0], key, LAYERS[n][1], dtype=jnp.float32) for n in names
-    ])(jax.random.key(0))
+    reports = jax.jit(
+        lambda key: [
+            jaxbp.check_layer(LAYERS[n][0], key, LAYERS[n][1], dtype=jnp.float32) for n in names
+        ]
+    )(jax.random.key(0))
     for name, report in zip(names, reports, strict=True):
         assert bool(report.ok), (name, report.table())
         assert float(report.worst_rel_error) < 2e-6, (name, report.table())
@@ -195,12 +216,19 @@ def np_conv(x, w, b, stride, pads, dilation, dy=None):
     """Forward ``y`` and, given ``dy``, ``(dx, dW, db)``, from the index formulas."""
     xp = np.pad(x, [(0, 0), *pads, (0, 0)])
     kernel = w.shape[:-2]
-    out = [(xp.shape[1 + a] - (k - 1) * d - 1) // s + 1
-           for a, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True))]
+    out = [
+        (xp.shape[1 + a] - (k - 1) * d - 1) // s + 1
+        for a, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True))
+    ]
 
     def taps(j):  # xp[:, o*s + j*d, :] for every output o
-        return (slice(None), *(slice(t * d, t * d + (m - 1) * s + 1, s)
-                               for t, d, m, s in zip(j, dilation, out, stride, strict=True)))
+        return (
+            slice(None),
+            *(
+                slice(t * d, t * d + (m - 1) * s + 1, s)
+                for t, d, m, s in zip(j, dilation, out, stride, strict=True)
+            ),
+        )
 
     y = np.zeros((x.shape[0], *out, w.shape[-1])) + b
     for j in np.ndindex(*kernel):
@@ -211,8 +239,10 @@ def np_conv(x, w, b, stride, pads, dilation, dy=None):
     for j in np.ndindex(*kernel):
         dxp[taps(j)] += dy @ w[j].T
         dw[j] = xp[taps(j)].reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
-    inner = (slice(None),
-             *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1], strict=True)))
+    inner = (
+        slice(None),
+        *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1], strict=True)),
+    )
     return y, dxp[inner], dw, dy.reshape(-1, dy.shape[-1]).sum(0)
 
 
@@ -223,8 +253,9 @@ def np_pool(x, window, stride, kind, dy):
     dx = np.zeros_like(x)
     for b, c in np.ndindex(x.shape[0], x.shape[-1]):
         for o in np.ndindex(*out):
-            where = tuple(slice(i * s, i * s + w)
-                          for i, s, w in zip(o, stride, window, strict=True))
+            where = tuple(
+                slice(i * s, i * s + w) for i, s, w in zip(o, stride, window, strict=True)
+            )
             patch = x[(b, *where, c)]
             if kind == "max":
                 j = np.unravel_index(np.argmax(patch), patch.shape)  # row-major: the first max
@@ -252,9 +283,14 @@ def _vjp_and_lax(layer, lax_padding, stride, dilation):
 
     def run(params, x, dy):
         xb = x if x.ndim == rank + 2 else x[None]
-        y_lax = jax.lax.conv_general_dilated(xb, params["W"], stride, lax_padding,
-                                             rhs_dilation=dilation,
-                                             dimension_numbers=conv._FORWARD_DIMS[rank])
+        y_lax = jax.lax.conv_general_dilated(
+            xb,
+            params["W"],
+            stride,
+            lax_padding,
+            rhs_dilation=dilation,
+            dimension_numbers=conv._FORWARD_DIMS[rank],
+        )
         return manual_and_vjp(layer, params, x, dy), (y_lax + params["b"]).reshape(dy.shape)
 
     return jax.jit(run)
@@ -275,8 +311,9 @@ def test_conv_random_geometry_vs_vjp_and_numpy(data):
     k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True)]
     sizes = [k + draw_int(0, 5) for k in k_eff]  # large enough for any padding
     one = (lambda v: v[0]) if rank == 1 else (lambda v: v)
-    layer = (Conv1D if rank == 1 else Conv2D)(cout, one(kernel), stride=one(stride),
-                                              padding=padding, dilation=one(dilation))
+    layer = (Conv1D if rank == 1 else Conv2D)(
+        cout, one(kernel), stride=one(stride), padding=padding, dilation=one(dilation)
+    )
     shape = (*([batch] if batch else []), *sizes, cin)
     params, x, dy = draw(layer, draw_int(0, 10**6), shape, jnp.float64)
     explicit = conv._padding("t", padding, rank)
@@ -289,8 +326,15 @@ def test_conv_random_geometry_vs_vjp_and_numpy(data):
 
     pads = conv._explicit_padding(explicit, sizes, k_eff, stride)
     expand = (lambda a: np.asarray(a)) if batch else (lambda a: np.asarray(a)[None])
-    y_np, dx_np, dw_np, db_np = np_conv(expand(x), np.asarray(params["W"]),
-                                        np.asarray(params["b"]), stride, pads, dilation, expand(dy))
+    y_np, dx_np, dw_np, db_np = np_conv(
+        expand(x),
+        np.asarray(params["W"]),
+        np.asarray(params["b"]),
+        stride,
+        pads,
+        dilation,
+        expand(dy),
+    )
     assert_close(expand(y), y_np, 1e-12, what)
     assert_close(expand(dx), dx_np, 1e-12, what)
     assert_close(dparams["W"], dw_np, 1e-12, what)
@@ -305,8 +349,12 @@ def test_pool_random_geometry_vs_vjp_and_numpy(data):
     window = [data.draw(st.integers(1, 3)) for _ in range(rank)]
     stride = [data.draw(st.integers(1, 3)) for _ in range(rank)]
     sizes = [w + data.draw(st.integers(0, 4)) for w in window]
-    factory = {("max", 1): MaxPool1D, ("max", 2): MaxPool2D,
-               ("avg", 1): AvgPool1D, ("avg", 2): AvgPool2D}[kind, rank]
+    factory = {
+        ("max", 1): MaxPool1D,
+        ("max", 2): MaxPool2D,
+        ("avg", 1): AvgPool1D,
+        ("avg", 2): AvgPool2D,
+    }[kind, rank]
     layer = factory(window[0] if rank == 1 else window, stride[0] if rank == 1 else stride)
     _, x, dy = draw(layer, data.draw(st.integers(0, 10**6)), (2, *sizes, 2), jnp.float64)
     x = jnp.round(2 * x)  # plenty of ties inside windows
@@ -325,9 +373,11 @@ def test_finite_differences_agree():
 
     @jax.jit
     def grads(params, x):
-        return (layer.backward(params, layer.forward(params, x)[1], dy),
-                jaxbp.finite_difference_grads(lambda p: loss(p, x), params),
-                jaxbp.finite_difference_grads(lambda xx: loss(params, xx), x))
+        return (
+            layer.backward(params, layer.forward(params, x)[1], dy),
+            jaxbp.finite_difference_grads(lambda p: loss(p, x), params),
+            jaxbp.finite_difference_grads(lambda xx: loss(params, xx), x),
+        )
 
     (dparams, dx), fd_params, fd_x = grads(params, x)
     assert_tree_close(dparams, fd_params, 1e-7, "params")
@@ -336,9 +386,15 @@ def test_finite_differences_agree():
 
 def test_network_of_conv_layers_checks():
     """Conv, pool, flatten and Dense in one serial network: every leaf against jax.vjp."""
-    net = jaxbp.serial(Conv2D(4, 3, padding="SAME"), jaxbp.Relu, MaxPool2D(2),
-                       Conv2D(6, 3, stride=2, padding="SAME"), jaxbp.Relu, GlobalAvgPool(),
-                       jaxbp.Dense(3))
+    net = jaxbp.serial(
+        Conv2D(4, 3, padding="SAME"),
+        jaxbp.Relu,
+        MaxPool2D(2),
+        Conv2D(6, 3, stride=2, padding="SAME"),
+        jaxbp.Relu,
+        GlobalAvgPool(),
+        jaxbp.Dense(3),
+    )
     report = jax.jit(lambda k: jaxbp.check_layer(net, k, (4, 8, 8, 2)))(jax.random.key(0))
     assert bool(report.ok), report.table()
     assert float(report.worst_rel_error) < 1e-12, report.table()
@@ -350,8 +406,11 @@ def test_network_of_conv_layers_checks():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layer", [MaxPool2D(2), MaxPool2D(3, 1), MaxPool1D(2, 1)],
-                         ids=["2d", "2d_overlap", "1d_overlap"])
+@pytest.mark.parametrize(
+    "layer",
+    [MaxPool2D(2), MaxPool2D(3, 1), MaxPool1D(2, 1)],
+    ids=["2d", "2d_overlap", "1d_overlap"],
+)
 def test_max_pool_ties_route_like_jax_grad(layer):
     """Constant inputs: every window is one big tie; the first element gets the gradient."""
     rank = 2 if layer.name == "MaxPool2D" else 1
@@ -365,8 +424,13 @@ def test_max_pool_ties_route_like_jax_grad(layer):
 
     dx, grad = manual_and_grad(x, dy)
     np.testing.assert_array_equal(dx, grad)
-    _, dx_np = np_pool(np.asarray(x), (layer.config[0][1],) * rank,
-                       (layer.config[1][1] or layer.config[0][1],) * rank, "max", np.asarray(dy))
+    _, dx_np = np_pool(
+        np.asarray(x),
+        (layer.config[0][1],) * rank,
+        (layer.config[1][1] or layer.config[0][1],) * rank,
+        "max",
+        np.asarray(dy),
+    )
     np.testing.assert_allclose(dx, dx_np, rtol=1e-12, atol=1e-12)
 
 
@@ -415,8 +479,9 @@ def test_pytorch_layout_and_numbers():
     dparams, dx = layer.backward(params, cache, jnp.ones_like(y))
     np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 1), rtol=1e-12)
     np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 1), rtol=1e-12)
-    np.testing.assert_allclose(dparams["W"], tconv.weight.grad.numpy().transpose(2, 1, 0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        dparams["W"], tconv.weight.grad.numpy().transpose(2, 1, 0), rtol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,9 +505,13 @@ def test_he_and_glorot_initialisation():
 
 
 ALL_LAYERS = [layer for layer, _ in LAYERS.values()] + [
-    Conv1D(3, 2, dtype=jnp.float32), Conv2D(2, [2, 3], padding=[[1, 0], [0, 1]], w_init="glorot"),
-    GlobalAvgPool(), Flatten(), MaxPool2D([2, 3], [1, 2]),
-    jaxbp.serial(Conv1D(4, 3), jaxbp.Relu, AvgPool1D(2), Flatten(), jaxbp.Dense(2))]
+    Conv1D(3, 2, dtype=jnp.float32),
+    Conv2D(2, [2, 3], padding=[[1, 0], [0, 1]], w_init="glorot"),
+    GlobalAvgPool(),
+    Flatten(),
+    MaxPool2D([2, 3], [1, 2]),
+    jaxbp.serial(Conv1D(4, 3), jaxbp.Relu, AvgPool1D(2), Flatten(), jaxbp.Dense(2)),
+]
 
 
 @pytest.mark.parametrize("layer", ALL_LAYERS, ids=lambda layer: layer.name)
@@ -452,8 +521,11 @@ def test_describe_build_round_trip(layer):
     rebuilt = build(description)
     assert describe(rebuilt) == description
     assert rebuilt.name == layer.name
-    shape = (2, 6, 6, 2) if "2D" in layer.name or layer.name in ("GlobalAvgPool", "Flatten") \
+    shape = (
+        (2, 6, 6, 2)
+        if "2D" in layer.name or layer.name in ("GlobalAvgPool", "Flatten")
         else (2, 8, 3)
+    )
     s1, p1 = init_shapes(layer, shape)
     s2, p2 = init_shapes(rebuilt, shape)
     assert s1 == s2 and p1 == p2, layer.name
@@ -472,25 +544,43 @@ def _forward(layer, params, x, jit):
 def test_shape_errors_name_layer_and_shapes(jit):
     layer = Conv1D(4, 5, dilation=2)
     _, params = layer.init(jax.random.key(0), (2, 12, 3))
-    with pytest.raises(ValueError, match=r"^Conv1D: kernel 5 \(dilated to 9\) is larger than "
-                                         r"the padded input length 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Conv1D: kernel 5 \(dilated to 9\) is larger than "
+        r"the padded input length 7",
+    ):
         _forward(layer, params, jnp.ones((2, 7, 3)), jit)
-    with pytest.raises(ValueError, match=r"^Conv1D expects inputs of shape \(batch, length, "
-                                         r"channels\) with 3 channels, got shape \(8, 40, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Conv1D expects inputs of shape \(batch, length, "
+        r"channels\) with 3 channels, got shape \(8, 40, 4\)",
+    ):
         _forward(layer, params, jnp.ones((8, 40, 4)), jit)
-    with pytest.raises(ValueError, match=r"^Conv1D expects inputs of shape \(batch, length, "
-                                         r"channels\) or \(length, channels\), got shape \(8,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Conv1D expects inputs of shape \(batch, length, "
+        r"channels\) or \(length, channels\), got shape \(8,\)",
+    ):
         _forward(layer, params, jnp.ones((8,)), jit)
     with pytest.raises(ValueError, match=r"no empty dimension, got shape \(2, 0, 3\)"):
         _forward(layer, params, jnp.ones((2, 0, 3)), jit)
-    with pytest.raises(ValueError, match=r"^Conv2D: kernel \(3, 3\) is larger than the padded "
-                                         r"input size \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Conv2D: kernel \(3, 3\) is larger than the padded "
+        r"input size \(2, 5\)",
+    ):
         _forward(Conv2D(2, 3, padding=(0, 1)), None, jnp.ones((2, 3, 1)), jit)
-    with pytest.raises(ValueError, match=r"^MaxPool2D: window \(2, 3\) is larger than the "
-                                         r"input size \(4, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^MaxPool2D: window \(2, 3\) is larger than the "
+        r"input size \(4, 2\)",
+    ):
         _forward(MaxPool2D((2, 3)), (), jnp.ones((1, 4, 2, 1)), jit)
-    with pytest.raises(ValueError, match=r"GlobalAvgPool expects inputs of shape \(batch, "
-                                         r"\*spatial, channels\) with at least one spatial axis"):
+    with pytest.raises(
+        ValueError,
+        match=r"GlobalAvgPool expects inputs of shape \(batch, "
+        r"\*spatial, channels\) with at least one spatial axis",
+    ):
         _forward(GlobalAvgPool(), (), jnp.ones((4, 3)), jit)
     with pytest.raises(ValueError, match=r"Flatten expects inputs of 3 axes per example"):
         _forward(Flatten(3), (), jnp.ones((4, 3)), jit)
@@ -503,36 +593,54 @@ def test_param_errors(jit):
     layer = Conv2D(4, 3)
     good = {"W": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)}
     x = jnp.ones((2, 5, 5, 2))
-    with pytest.raises(ValueError, match=r"^Conv2D expects W of shape \(3, 3, in, out\), got "
-                                         r"shape \(3, 2, 2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Conv2D expects W of shape \(3, 3, in, out\), got "
+        r"shape \(3, 2, 2, 4\)",
+    ):
         _forward(layer, {**good, "W": jnp.ones((3, 2, 2, 4))}, x, jit)
     with pytest.raises(ValueError, match=r"^Conv2D expects b of shape \(4,\)"):
         _forward(layer, {**good, "b": jnp.ones(3)}, x, jit)
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda: Conv1D(0, 3), ValueError, r"^Conv1D expects a positive out_channels, got 0$"),
-    (lambda: Conv1D(4, -1), ValueError, r"^Conv1D expects a positive kernel_size, got -1$"),
-    (lambda: Conv2D(4, (3, 0)), ValueError, r"^Conv2D expects a positive kernel_size, got 0$"),
-    (lambda: Conv1D(4, 3, stride=0), ValueError, r"positive stride, got 0"),
-    (lambda: Conv2D(4, 3, dilation=(1, 0)), ValueError, r"positive dilation, got 0"),
-    (lambda: Conv1D(4, 3, padding=-1), ValueError, r"non-negative padding, got -1"),
-    (lambda: Conv1D(4, 3, padding=(1, -2)), ValueError, r"non-negative padding, got \(1, -2\)"),
-    (lambda: Conv1D(4, 3, padding="same-ish"), ValueError,
-     r"^Conv1D padding must be 'VALID', 'SAME', an int or a pair \(lo, hi\), got 'same-ish'$"),
-    (lambda: Conv2D(4, 3, padding="FULL"), ValueError, r"^Conv2D padding must be 'VALID', 'SAME'"),
-    (lambda: Conv2D(4, 3, padding=(1, 2, 3)), TypeError, r"^Conv2D padding must be"),
-    (lambda: Conv1D(4, 3.0), TypeError, r"^Conv1D expects kernel_size to be an integer, got 3.0$"),
-    (lambda: Conv1D(4, True), TypeError, r"kernel_size to be an integer, got True"),
-    (lambda: Conv2D(4, (3, 3, 3)), TypeError, r"kernel_size to be an integer or a pair"),
-    (lambda: Conv1D("4", 3), TypeError, r"^Conv1D expects an integer out_channels, got '4'$"),
-    (lambda: Conv1D(4, 3, w_init="lecun"), ValueError, r"w_init must be 'he', 'glorot'"),
-    (lambda: Conv1D(4, 3, dtype="int32"), TypeError, r"floating dtype"),
-    (lambda: MaxPool2D(0), ValueError, r"^MaxPool2D expects a positive window, got 0$"),
-    (lambda: AvgPool1D(2, stride=-1), ValueError, r"^AvgPool1D expects a positive stride"),
-    (lambda: GlobalAvgPool(0), ValueError, r"positive spatial_dims"),
-    (lambda: Flatten(1.5), TypeError, r"integer example_ndim"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: Conv1D(0, 3), ValueError, r"^Conv1D expects a positive out_channels, got 0$"),
+        (lambda: Conv1D(4, -1), ValueError, r"^Conv1D expects a positive kernel_size, got -1$"),
+        (lambda: Conv2D(4, (3, 0)), ValueError, r"^Conv2D expects a positive kernel_size, got 0$"),
+        (lambda: Conv1D(4, 3, stride=0), ValueError, r"positive stride, got 0"),
+        (lambda: Conv2D(4, 3, dilation=(1, 0)), ValueError, r"positive dilation, got 0"),
+        (lambda: Conv1D(4, 3, padding=-1), ValueError, r"non-negative padding, got -1"),
+        (lambda: Conv1D(4, 3, padding=(1, -2)), ValueError, r"non-negative padding, got \(1, -2\)"),
+        (
+            lambda: Conv1D(4, 3, padding="same-ish"),
+            ValueError,
+            r"^Conv1D padding must be 'VALID', 'SAME', an int or a pair \(lo, hi\), "
+            r"got 'same-ish'$",
+        ),
+        (
+            lambda: Conv2D(4, 3, padding="FULL"),
+            ValueError,
+            r"^Conv2D padding must be 'VALID', 'SAME'",
+        ),
+        (lambda: Conv2D(4, 3, padding=(1, 2, 3)), TypeError, r"^Conv2D padding must be"),
+        (
+            lambda: Conv1D(4, 3.0),
+            TypeError,
+            r"^Conv1D expects kernel_size to be an integer, got 3.0$",
+        ),
+        (lambda: Conv1D(4, True), TypeError, r"kernel_size to be an integer, got True"),
+        (lambda: Conv2D(4, (3, 3, 3)), TypeError, r"kernel_size to be an integer or a pair"),
+        (lambda: Conv1D("4", 3), TypeError, r"^Conv1D expects an integer out_channels, got '4'$"),
+        (lambda: Conv1D(4, 3, w_init="lecun"), ValueError, r"w_init must be 'he', 'glorot'"),
+        (lambda: Conv1D(4, 3, dtype="int32"), TypeError, r"floating dtype"),
+        (lambda: MaxPool2D(0), ValueError, r"^MaxPool2D expects a positive window, got 0$"),
+        (lambda: AvgPool1D(2, stride=-1), ValueError, r"^AvgPool1D expects a positive stride"),
+        (lambda: GlobalAvgPool(0), ValueError, r"positive spatial_dims"),
+        (lambda: Flatten(1.5), TypeError, r"integer example_ndim"),
+    ],
+)
 def test_construction_errors(make, error, message):
     with pytest.raises(error, match=message):
         make()
@@ -540,5 +648,11 @@ def test_construction_errors(make, error, message):
 
 def test_errors_through_build_name_the_place():
     with pytest.raises(ValueError, match=r"model\.layers\[0\]: Conv1D padding must be"):
-        build({"name": "serial", "layers": [{"name": "Conv1D", "out_channels": 2,
-                                             "kernel_size": 3, "padding": "full"}]})
+        build(
+            {
+                "name": "serial",
+                "layers": [
+                    {"name": "Conv1D", "out_channels": 2, "kernel_size": 3, "padding": "full"}
+                ],
+            }
+        )

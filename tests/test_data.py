@@ -61,8 +61,8 @@ def test_unknown_name_lists_available():
     with pytest.raises(ValueError) as err:
         load_dataset("foo")
     assert str(err.value) == (
-        "unknown dataset 'foo'; expected one of: "
-        "breast_cancer, digits, iris, mnist1d, seed, xor")
+        "unknown dataset 'foo'; expected one of: breast_cancer, digits, iris, mnist1d, seed, xor"
+    )
 
 
 @pytest.mark.parametrize("name", ["xor", "seed", "mnist1d"])
@@ -83,6 +83,7 @@ def test_defaults_are_valid(name):
     required = {"hidden", "activation", "loss", "optimizer", "lr", "epochs", "batch_size"}
     assert required <= set(d) <= required | {"schedule", "weight_decay", "output_activation"}
     from jaxbp.trainer import SCHEDULES
+
     assert d.get("schedule", "constant") in SCHEDULES
     assert d.get("weight_decay", 0.0) >= 0
     assert isinstance(d["hidden"], tuple) and d["hidden"]
@@ -350,6 +351,7 @@ def test_missing_mnist1d_gives_install_hint(monkeypatch, tmp_path):
 
 def _mnist1d_version():
     from importlib.metadata import version
+
     return version("mnist1d")
 
 
@@ -376,18 +378,23 @@ def test_epoch_permutations_full_batch_and_determinism():
     assert perms.shape == (3, 1, 5)
     for e in perms:
         np.testing.assert_array_equal(np.sort(e[0]), np.arange(5))
-    np.testing.assert_array_equal(epoch_permutations(50, 8, 4, seed=9),
-                                  epoch_permutations(50, 8, 4, seed=9))
-    assert not np.array_equal(epoch_permutations(50, 8, 4, seed=9),
-                              epoch_permutations(50, 8, 4, seed=10))
+    np.testing.assert_array_equal(
+        epoch_permutations(50, 8, 4, seed=9), epoch_permutations(50, 8, 4, seed=9)
+    )
+    assert not np.array_equal(
+        epoch_permutations(50, 8, 4, seed=9), epoch_permutations(50, 8, 4, seed=10)
+    )
 
 
-@pytest.mark.parametrize("n,bs,ep,msg", [
-    (10, 0, 1, "batch_size must be between 1 and"),
-    (10, 11, 1, r"batch_size must be between 1 and the number of examples \(10\), got 11"),
-    (10, 2, 0, "num_epochs must be >= 1"),
-    (0, 1, 1, "n must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "n,bs,ep,msg",
+    [
+        (10, 0, 1, "batch_size must be between 1 and"),
+        (10, 11, 1, r"batch_size must be between 1 and the number of examples \(10\), got 11"),
+        (10, 2, 0, "num_epochs must be >= 1"),
+        (0, 1, 1, "n must be >= 1"),
+    ],
+)
 def test_epoch_permutations_errors(n, bs, ep, msg):
     with pytest.raises(ValueError, match=msg):
         epoch_permutations(n, bs, ep, seed=0)

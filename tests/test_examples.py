@@ -14,8 +14,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run_example(name: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -57,8 +63,9 @@ def test_custom_layer():
     assert "{'name': 'Swish', 'beta_init': 1.0, 'wrong': False}" in out
 
 
-@pytest.mark.parametrize("name", ["seed_example.py", "xor.py", "per_example_grads.py",
-                                  "custom_layer.py"])
+@pytest.mark.parametrize(
+    "name", ["seed_example.py", "xor.py", "per_example_grads.py", "custom_layer.py"]
+)
 def test_examples_have_a_docstring_that_says_how_to_run_them(name):
     text = (EXAMPLES / name).read_text()
     assert text.startswith('"""') and f"python examples/{name}" in text
@@ -68,7 +75,7 @@ def test_examples_have_a_docstring_that_says_how_to_run_them(name):
 # docs/tutorial.md: its code runs, and prints exactly the output shown under it
 # --------------------------------------------------------------------------------------------
 
-_RUNNER = r'''
+_RUNNER = r"""
 import contextlib, io, json, sys
 blocks = json.load(open(sys.argv[1]))
 namespace, outputs = {"__name__": "__tutorial__"}, []
@@ -78,7 +85,7 @@ for code in blocks:
         exec(compile(code, "<tutorial>", "exec"), namespace)
     outputs.append(buffer.getvalue())
 print(json.dumps(outputs))
-'''
+"""
 
 
 def _tutorial_blocks():
@@ -109,8 +116,14 @@ def test_tutorial_code_prints_what_the_page_shows(tmp_path):
     runner.write_text(_RUNNER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, str(runner), str(blocks)], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+    result = subprocess.run(
+        [sys.executable, str(runner), str(blocks)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
     assert result.returncode == 0, result.stderr
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     for (code, expected), got in zip(pairs, outputs):

@@ -49,7 +49,8 @@ def optimizers():
 def same(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     return len(la) == len(lb) and all(
-        np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True) for u, v in zip(la, lb))
+        np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True) for u, v in zip(la, lb)
+    )
 
 
 def tol(dtype):
@@ -101,9 +102,10 @@ def test_fault_matrix_row(index, kind, dtype, jit=False):
                 # ... and the update follows the faulty gradient, not the true one.
                 ref_updates, _ = opt.update(g_bad, opt.init(params), params)
                 jax.tree_util.tree_map(
-                    lambda a, b: np.testing.assert_allclose(a, b, rtol=tol(dtype),
-                                                            atol=tol(dtype)),
-                    new_params, optax.apply_updates(params, ref_updates))
+                    lambda a, b: np.testing.assert_allclose(a, b, rtol=tol(dtype), atol=tol(dtype)),
+                    new_params,
+                    optax.apply_updates(params, ref_updates),
+                )
                 continue
             report = m.report
             assert not bool(m.ok), mode
@@ -124,8 +126,13 @@ def test_fault_matrix_row(index, kind, dtype, jit=False):
 
 
 # A diagonal of the matrix again under jit: (index, kind, mode), every mode and kind once.
-JIT_CELLS = [(2, "factor2", "off"), (0, "transpose", "report"), (1, "missing_term", "skip"),
-             (2, "sign", "raise"), (0, "missing_term", "skip")]
+JIT_CELLS = [
+    (2, "factor2", "off"),
+    (0, "transpose", "report"),
+    (1, "missing_term", "skip"),
+    (2, "sign", "raise"),
+    (0, "missing_term", "skip"),
+]
 
 
 @pytest.mark.parametrize("index, kind, mode", JIT_CELLS)
@@ -155,8 +162,9 @@ def test_fault_under_jit_matches_eager(index, kind, mode):
     if mode != "off":
         np.testing.assert_allclose(float(m1.rel_error), float(m0.rel_error), rtol=1e-9)
         assert m1.report.worst_path in faulty_leaves(index, kind)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
-                           t1.params, t0.params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), t1.params, t0.params
+    )
     if mode == "skip":
         assert same(t1, ts)
 
@@ -170,9 +178,10 @@ def test_fit_raise_names_step_and_leaf_and_keeps_params():
     bad = faults.inject(NET, 0, "sign")
     keep = jax.tree_util.tree_map(np.array, PARAMS64)
     ts = jaxbp.init_train_state(bad, jaxbp.sgd(0.1), PARAMS64)
-    with pytest.raises(jaxbp.GradientMismatchError,
-                       match=r"at step 0: worst leaf \[0\]\['W'\], relative error 2\.000e\+00"
-                       ) as info:
+    with pytest.raises(
+        jaxbp.GradientMismatchError,
+        match=r"at step 0: worst leaf \[0\]\['W'\], relative error 2\.000e\+00",
+    ) as info:
         jaxbp.fit(bad, "mse", jaxbp.sgd(0.1), ts, X64, Y64, steps=4, check="raise")
     assert info.value.step == 0 and info.value.report.worst_path == "[0]['W']"
     assert same(PARAMS64, keep)
@@ -182,8 +191,9 @@ def test_fit_skip_leaves_everything_bit_identical():
     opt = optax.adam(1e-2)  # a state with moments, not only a counter
     bad = faults.inject(NET, 2, "missing_term")
     ts = jaxbp.init_train_state(bad, opt, PARAMS64)
-    res = jaxbp.fit(bad, "mse", opt, ts, X64, Y64, steps=5, batch_size=8, check="skip",
-                    key=jax.random.key(3))
+    res = jaxbp.fit(
+        bad, "mse", opt, ts, X64, Y64, steps=5, batch_size=8, check="skip", key=jax.random.key(3)
+    )
     assert not np.asarray(res.history.applied).any()
     assert (np.asarray(res.history.reason) == jaxbp.REASON_MISMATCH).all()
     assert same(res.state, ts)
@@ -236,14 +246,24 @@ def test_nonfinite_data_under_jit_and_fit():
     assert int(m.reason) == jaxbp.REASON_NONFINITE
     assert same(new_ts, ts)
     # Mini-batches of 4: only the batches holding example 2 are skipped; the rest train.
-    res = jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), jaxbp.init_train_state(NET, jaxbp.sgd(0.1),
-                    PARAMS64), x, Y64, steps=12, batch_size=4, check="report",
-                    key=jax.random.key(5))
+    res = jaxbp.fit(
+        NET,
+        "mse",
+        jaxbp.sgd(0.1),
+        jaxbp.init_train_state(NET, jaxbp.sgd(0.1), PARAMS64),
+        x,
+        Y64,
+        steps=12,
+        batch_size=4,
+        check="report",
+        key=jax.random.key(5),
+    )
     reasons = np.asarray(res.history.reason)
     assert (reasons == jaxbp.REASON_NONFINITE).sum() == 3  # one batch per epoch, 3 epochs
     assert (reasons == jaxbp.REASON_APPLIED).sum() == 9
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(
-        res.state.params))
+    assert all(
+        np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(res.state.params)
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
@@ -256,8 +276,9 @@ def test_learning_rate_that_blows_up_never_corrupts_params(dtype):
     for _ in range(40):
         ts, m = step(ts, x, y)
         reasons.append(int(m.reason))
-        assert all(np.isfinite(np.asarray(leaf)).all()
-                   for leaf in jax.tree_util.tree_leaves(ts.params))
+        assert all(
+            np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(ts.params)
+        )
     # It diverges (some steps applied, then the loss or update overflows) and from then on
     # every step is refused.
     assert reasons[0] == jaxbp.REASON_APPLIED
@@ -267,8 +288,9 @@ def test_learning_rate_that_blows_up_never_corrupts_params(dtype):
     assert set(reasons[first_bad:]) == {jaxbp.REASON_NONFINITE}
     if dtype == jnp.float32:  # the same inside fit's compiled loop (one compile is enough)
         opt = jaxbp.sgd(1e12)
-        res = jaxbp.fit(NET, "mse", opt, jaxbp.init_train_state(NET, opt, problem(dtype)[0]),
-                        x, y, steps=40)
+        res = jaxbp.fit(
+            NET, "mse", opt, jaxbp.init_train_state(NET, opt, problem(dtype)[0]), x, y, steps=40
+        )
         np.testing.assert_array_equal(np.asarray(res.history.reason), reasons)
         jax.tree_util.tree_map(np.testing.assert_array_equal, res.state.params, ts.params)
 
@@ -285,8 +307,11 @@ def test_faulty_network_has_the_same_params_and_outputs():
         assert same(p, PARAMS64)
         np.testing.assert_array_equal(jaxbp.forward(bad, p, X64), jaxbp.forward(NET, p, X64))
         described = jaxbp.describe(bad)["layers"][index]
-        assert described == {"name": "Fault", "kind": kind,
-                             "layer": jaxbp.describe(NET.children[index])}
+        assert described == {
+            "name": "Fault",
+            "kind": kind,
+            "layer": jaxbp.describe(NET.children[index]),
+        }
         # The faulty network travels as a description: rebuilt, it is still faulty.
         rebuilt = jaxbp.model.build(jaxbp.describe(bad))
         assert jaxbp.describe(rebuilt) == jaxbp.describe(bad)
@@ -311,9 +336,12 @@ def test_dense_faults_exactly():
     dy = jax.random.normal(jax.random.key(2), (4, 3))
     _, cache = dense.forward(p, x)
     g, dx = dense.backward(p, cache, dy)
-    expect = {"sign": (-g["W"], g["b"]), "factor2": (2 * g["W"], g["b"]),
-              "missing_term": (g["W"], jnp.zeros(3)),
-              "transpose": (g["W"].T.reshape(2, 3), g["b"])}  # non-square: read in W's shape
+    expect = {
+        "sign": (-g["W"], g["b"]),
+        "factor2": (2 * g["W"], g["b"]),
+        "missing_term": (g["W"], jnp.zeros(3)),
+        "transpose": (g["W"].T.reshape(2, 3), g["b"]),
+    }  # non-square: read in W's shape
     for kind, (w, b) in expect.items():
         gb, dxb = faults.wrong_backward(dense, kind).backward(p, cache, dy)
         np.testing.assert_array_equal(gb["W"], w)
@@ -331,9 +359,16 @@ def test_activation_faults_exactly():
         np.testing.assert_allclose(got, want, rtol=1e-15)
 
 
-@pytest.mark.parametrize("layer, kind", [(jaxbp.Dense(3), "sign"), (jaxbp.Dense(3), "transpose"),
-                                         (jaxbp.Relu, "missing_term"), (jaxbp.Gelu, "factor2"),
-                                         (jaxbp.LeakyRelu(0.1), "sign")])
+@pytest.mark.parametrize(
+    "layer, kind",
+    [
+        (jaxbp.Dense(3), "sign"),
+        (jaxbp.Dense(3), "transpose"),
+        (jaxbp.Relu, "missing_term"),
+        (jaxbp.Gelu, "factor2"),
+        (jaxbp.LeakyRelu(0.1), "sign"),
+    ],
+)
 def test_check_layer_catches_each_fault(layer, kind):
     key = jax.random.key(7)
     assert bool(jaxbp.check_layer(layer, key, (5, 3)).ok)
@@ -352,8 +387,10 @@ def test_three_way_check_blames_the_manual_gradient():
 
 
 def test_toolkit_errors():
-    with pytest.raises(ValueError, match="unknown fault kind 'flip'; expected one of: sign, "
-                                         "transpose, missing_term, factor2"):
+    with pytest.raises(
+        ValueError,
+        match="unknown fault kind 'flip'; expected one of: sign, transpose, missing_term, factor2",
+    ):
         faults.wrong_backward(jaxbp.Dense(2), "flip")
     with pytest.raises(ValueError, match="'transpose' does not apply.*Tanh.*diagonal"):
         faults.wrong_backward(jaxbp.Tanh, "transpose")
@@ -393,8 +430,12 @@ def test_poison():
 def test_matrix_tables():
     # The matrix's network comes from a description and holds a BatchNorm (layer state).
     assert faults.MATRIX_MODEL["layers"][2] == {"name": "BatchNorm"}
-    rows = faults.fault_matrix(jnp.float64, jit=False, kinds=("sign", "transpose"),
-                               positions=(("last Dense", 3), ("activation (Tanh)", 1)))
+    rows = faults.fault_matrix(
+        jnp.float64,
+        jit=False,
+        kinds=("sign", "transpose"),
+        positions=(("last Dense", 3), ("activation (Tanh)", 1)),
+    )
     skip = rows[0]["modes"]["skip"]["adam"]
     assert not skip["applied"] and skip["unchanged"] and not skip["state_moved"]
     assert rows[0]["modes"]["report"]["adam"]["state_moved"]  # applied: the statistics move
@@ -404,13 +445,17 @@ def test_matrix_tables():
     assert lines[2] == (
         "| sign | last Dense (layer 3) | applied; not detected | `[3]['W']`, rel 2.00e+00; "
         "applied | `[3]['W']`, rel 2.00e+00; skipped, params+opt+layer state bit-identical | "
-        "raised: `[3]['W']`, rel 2.000e+00; params unchanged |")
+        "raised: `[3]['W']`, rel 2.000e+00; params unchanged |"
+    )
     assert lines[5].startswith("| transpose | activation (Tanh) (layer 1) | n/a: a diagonal")
     assert "NOT" not in "\n".join(lines) and "UNEXPECTED" not in "\n".join(lines)
-    table = faults.format_nonfinite(faults.nonfinite_matrix(jnp.float32, jit=False,
-                                                            blowup_steps=6))
+    table = faults.format_nonfinite(faults.nonfinite_matrix(jnp.float32, jit=False, blowup_steps=6))
     body = table.splitlines()[2:]
     assert len(body) == 5 and "UNEXPECTED" not in table and "NOT FINITE" not in table
     assert body[0].count("skipped (non-finite); params+opt+layer state bit-identical") == 4
-    assert body[-1].count(" steps applied, then every step skipped (non-finite); "
-                          "params and state finite") == 4
+    assert (
+        body[-1].count(
+            " steps applied, then every step skipped (non-finite); params and state finite"
+        )
+        == 4
+    )

@@ -42,8 +42,9 @@ def assert_close(a, b, tol):
 
 def same(a, b) -> bool:
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(u), np.asarray(v))
-                                      for u, v in zip(la, lb))
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(la, lb)
+    )
 
 
 def cast(tree, dtype):
@@ -55,16 +56,26 @@ def cast(tree, dtype):
 # --------------------------------------------------------------------------------------------
 
 SAMPLES = {  # a description per registered name that needs arguments (or has some to vary)
-    "Dense": {"name": "Dense", "out_dim": 3, "shared_bias": True, "w_init": "he",
-              "b_init": 0.5, "dtype": "float32"},
+    "Dense": {
+        "name": "Dense",
+        "out_dim": 3,
+        "shared_bias": True,
+        "w_init": "he",
+        "b_init": 0.5,
+        "dtype": "float32",
+    },
     "LeakyRelu": {"name": "LeakyRelu", "slope": 0.2},
     "BatchNorm": {"name": "BatchNorm", "momentum": 0.8, "eps": 1e-3, "dtype": None},
     "Dropout": {"name": "Dropout", "rate": 0.25},
     "serial": {"name": "serial", "layers": [{"name": "Dense", "out_dim": 4}, {"name": "Relu"}]},
-    "residual": {"name": "residual", "layers": [{"name": "Dense", "out_dim": 4},
-                                                {"name": "BatchNorm"}]},
-    "concat": {"name": "concat", "layers": [{"name": "Dense", "out_dim": 2},
-                                            {"name": "Dropout", "rate": 0.5}]},
+    "residual": {
+        "name": "residual",
+        "layers": [{"name": "Dense", "out_dim": 4}, {"name": "BatchNorm"}],
+    },
+    "concat": {
+        "name": "concat",
+        "layers": [{"name": "Dense", "out_dim": 2}, {"name": "Dropout", "rate": 0.5}],
+    },
     "Conv1D": {"name": "Conv1D", "out_channels": 4, "kernel_size": 3, "stride": 2},
     "Conv2D": {"name": "Conv2D", "out_channels": 4, "kernel_size": [3, 3]},
     "AvgPool1D": {"name": "AvgPool1D", "window": 2},
@@ -80,25 +91,44 @@ SAMPLES = {  # a description per registered name that needs arguments (or has so
     "Fault": {"name": "Fault", "kind": "sign", "layer": {"name": "Dense", "out_dim": 2}},
 }
 
-NESTED = {"name": "serial", "layers": [
-    {"name": "Dense", "out_dim": 6},
-    {"name": "residual", "layers": [{"name": "Dense", "out_dim": 6}, {"name": "BatchNorm"},
-                                    {"name": "Tanh"}, {"name": "Dropout", "rate": 0.1}]},
-    {"name": "concat", "layers": [
-        {"name": "serial", "layers": [{"name": "Dense", "out_dim": 2}, {"name": "Relu"}]},
-        {"name": "residual", "layers": [{"name": "Dense", "out_dim": 6}]},
-        {"name": "Identity"}]},
-    {"name": "Dense", "out_dim": 3}]}
+NESTED = {
+    "name": "serial",
+    "layers": [
+        {"name": "Dense", "out_dim": 6},
+        {
+            "name": "residual",
+            "layers": [
+                {"name": "Dense", "out_dim": 6},
+                {"name": "BatchNorm"},
+                {"name": "Tanh"},
+                {"name": "Dropout", "rate": 0.1},
+            ],
+        },
+        {
+            "name": "concat",
+            "layers": [
+                {"name": "serial", "layers": [{"name": "Dense", "out_dim": 2}, {"name": "Relu"}]},
+                {"name": "residual", "layers": [{"name": "Dense", "out_dim": 6}]},
+                {"name": "Identity"},
+            ],
+        },
+        {"name": "Dense", "out_dim": 3},
+    ],
+}
 
 
 def _is_subset(small, big) -> bool:
     """Every key of ``small`` is in ``big`` with the same value (nested descriptions too)."""
     if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and _is_subset(v, big[k])
-                                             for k, v in small.items())
+        return isinstance(big, dict) and all(
+            k in big and _is_subset(v, big[k]) for k, v in small.items()
+        )
     if isinstance(small, list):
-        return isinstance(big, list) and len(small) == len(big) and all(
-            _is_subset(u, v) for u, v in zip(small, big))
+        return (
+            isinstance(big, list)
+            and len(small) == len(big)
+            and all(_is_subset(u, v) for u, v in zip(small, big))
+        )
     return small == big
 
 
@@ -139,40 +169,75 @@ def test_nested_network_round_trips_and_builds_the_same_network():
 
 
 def test_a_layer_built_in_python_describes_as_it_was_called():
-    net = jaxbp.serial(jaxbp.Dense(4, w_init="glorot"), jaxbp.BatchNorm(momentum=0.5),
-                       jaxbp.residual(jaxbp.Dense(4), jaxbp.Dropout(0.2)),
-                       jaxbp.concat(jaxbp.Tanh, jaxbp.LeakyRelu(0.3)))
+    net = jaxbp.serial(
+        jaxbp.Dense(4, w_init="glorot"),
+        jaxbp.BatchNorm(momentum=0.5),
+        jaxbp.residual(jaxbp.Dense(4), jaxbp.Dropout(0.2)),
+        jaxbp.concat(jaxbp.Tanh, jaxbp.LeakyRelu(0.3)),
+    )
     d = describe(net)
-    assert [layer["name"] for layer in d["layers"]] == ["Dense", "BatchNorm", "residual",
-                                                        "concat"]
+    assert [layer["name"] for layer in d["layers"]] == ["Dense", "BatchNorm", "residual", "concat"]
     assert d["layers"][1]["momentum"] == 0.5 and d["layers"][2]["layers"][1]["rate"] == 0.2
     assert d["layers"][3]["layers"][1] == {"name": "LeakyRelu", "slope": 0.3}
     assert describe(build(d)) == d
     assert [child.name for child in net.children] == ["Dense", "BatchNorm", "residual", "concat"]
 
 
-UNKNOWN = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 3}, {"name": "Relu"},
-                                        {"name": "Conv3D"}]}
+UNKNOWN = {
+    "name": "serial",
+    "layers": [{"name": "Dense", "out_dim": 3}, {"name": "Relu"}, {"name": "Conv3D"}],
+}
 
 
-@pytest.mark.parametrize("description, fragments", [
-    (UNKNOWN, ["model.layers[2]: unknown layer 'Conv3D'; expected one of: ", "Dense",
-               "BatchNorm", "Dropout", "residual"]),
-    ({"name": "Dense", "width": 3}, ["model: Dense got an unexpected keyword argument 'width'"]),
-    ({"name": "serial", "layers": [{"name": "Relu"}, {"name": "Dense"}]},
-     ["model.layers[1]: Dense", "missing 1 required positional argument: 'out_dim'"]),
-    ({"name": "serial", "layers": [{"name": "Dense", "out_dim": -2}]},
-     ["model.layers[0]: Dense expects a positive integer out_dim, got -2"]),
-    ({"name": "residual", "layers": [{"name": "Tanh"}, {"name": "Dropout", "rate": 1.5}]},
-     ["model.layers[1]: Dropout expects a rate in [0, 1), got 1.5"]),
-    ({"name": "serial", "layers": [{"name": "BatchNorm", "momentum": 2}]},
-     ["model.layers[0]: BatchNorm expects momentum in [0, 1], got 2"]),
-    ({"name": "serial", "layers": 3}, ["model.layers: expected a list of layer descriptions"]),
-    ({"layers": []}, ["model: expected a layer description, a dict with a 'name' key"]),
-    ({"name": "concat", "layers": [{"name": "serial", "layers": [{"name": "Dense", "out_dim": 2},
-                                                                {"name": "Pool"}]}]},
-     ["model.layers[0].layers[1]: unknown layer 'Pool'"]),
-])
+@pytest.mark.parametrize(
+    "description, fragments",
+    [
+        (
+            UNKNOWN,
+            [
+                "model.layers[2]: unknown layer 'Conv3D'; expected one of: ",
+                "Dense",
+                "BatchNorm",
+                "Dropout",
+                "residual",
+            ],
+        ),
+        (
+            {"name": "Dense", "width": 3},
+            ["model: Dense got an unexpected keyword argument 'width'"],
+        ),
+        (
+            {"name": "serial", "layers": [{"name": "Relu"}, {"name": "Dense"}]},
+            ["model.layers[1]: Dense", "missing 1 required positional argument: 'out_dim'"],
+        ),
+        (
+            {"name": "serial", "layers": [{"name": "Dense", "out_dim": -2}]},
+            ["model.layers[0]: Dense expects a positive integer out_dim, got -2"],
+        ),
+        (
+            {"name": "residual", "layers": [{"name": "Tanh"}, {"name": "Dropout", "rate": 1.5}]},
+            ["model.layers[1]: Dropout expects a rate in [0, 1), got 1.5"],
+        ),
+        (
+            {"name": "serial", "layers": [{"name": "BatchNorm", "momentum": 2}]},
+            ["model.layers[0]: BatchNorm expects momentum in [0, 1], got 2"],
+        ),
+        ({"name": "serial", "layers": 3}, ["model.layers: expected a list of layer descriptions"]),
+        ({"layers": []}, ["model: expected a layer description, a dict with a 'name' key"]),
+        (
+            {
+                "name": "concat",
+                "layers": [
+                    {
+                        "name": "serial",
+                        "layers": [{"name": "Dense", "out_dim": 2}, {"name": "Pool"}],
+                    }
+                ],
+            },
+            ["model.layers[0].layers[1]: unknown layer 'Pool'"],
+        ),
+    ],
+)
 def test_build_errors_name_the_place(description, fragments):
     with pytest.raises(ValueError) as info:
         build(description)
@@ -205,8 +270,9 @@ def vjp_pair(layer, params, state, x, train, key):
     y, cache, new_state = jaxbp.apply(layer, params, state, x, key=key, train=train)
     dy = jax.random.normal(jax.random.key(99), y.shape, y.dtype)
     manual = layer.backward(params, cache, dy)
-    _, vjp = jax.vjp(lambda p, xx: jaxbp.apply(layer, p, state, xx, key=key, train=train)[0],
-                     params, x)
+    _, vjp = jax.vjp(
+        lambda p, xx: jaxbp.apply(layer, p, state, xx, key=key, train=train)[0], params, x
+    )
     return manual, vjp(dy), y, new_state
 
 
@@ -220,12 +286,14 @@ def check_against_vjp(layer, shape, dtype, train, jit, key=VJP_KEY, state=None):
     _, params = layer.init(jax.random.key(0), shape)
     # Non-trivial scale and bias, so that their gradients and dx's every term matter.
     params = jax.tree_util.tree_map(
-        lambda p: p + 0.3 * jax.random.normal(jax.random.key(5), p.shape, p.dtype), params)
+        lambda p: p + 0.3 * jax.random.normal(jax.random.key(5), p.shape, p.dtype), params
+    )
     params = cast(params, dtype)
     x = 1.5 + 2.0 * jax.random.normal(jax.random.key(1), shape, dtype)
     state = cast(jaxbp.init_state(layer, shape) if state is None else state, dtype)
-    manual, ref, y, new_state = (_vjp_pair_jit if jit else vjp_pair)(layer, params, state, x,
-                                                                      train, key)
+    manual, ref, y, new_state = (_vjp_pair_jit if jit else vjp_pair)(
+        layer, params, state, x, train, key
+    )
     assert y.dtype == dtype and dx_dtype(manual) == dtype
     assert_close(manual, ref, TOL[dtype])
     return manual, y, new_state, params, state, x
@@ -254,8 +322,13 @@ def test_batchnorm_backward_matches_vjp(shape, train, dtype, jit):
 
 @pytest.mark.slow  # ~30 s of CPU: one eager check per example
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(batch=st.integers(2, 7), length=st.integers(1, 4), features=st.integers(1, 5),
-       momentum=st.floats(0.0, 1.0), spatial=st.booleans())
+@given(
+    batch=st.integers(2, 7),
+    length=st.integers(1, 4),
+    features=st.integers(1, 5),
+    momentum=st.floats(0.0, 1.0),
+    spatial=st.booleans(),
+)
 def test_batchnorm_property(batch, length, features, momentum, spatial):
     shape = (batch, length, features) if spatial else (batch, features)
     layer = jaxbp.BatchNorm(momentum=momentum)
@@ -269,8 +342,10 @@ def batchnorm_reference(x, state, momentum):
     axes = tuple(range(x.ndim - 1))
     mean, var = x.mean(axis=axes), x.var(axis=axes)
     n = x.size // x.shape[-1]
-    new = {"mean": momentum * np.asarray(state["mean"]) + (1 - momentum) * mean,
-           "var": momentum * np.asarray(state["var"]) + (1 - momentum) * var * n / (n - 1)}
+    new = {
+        "mean": momentum * np.asarray(state["mean"]) + (1 - momentum) * mean,
+        "var": momentum * np.asarray(state["var"]) + (1 - momentum) * var * n / (n - 1),
+    }
     return mean, var, new
 
 
@@ -295,12 +370,16 @@ def test_batchnorm_running_statistics_and_eval(shape):
     # Evaluation: the running statistics, and the state comes back unchanged.
     x = jax.random.normal(jax.random.key(20), shape)
     for jit in (False, True):
-        run = jax.jit(jaxbp.apply, static_argnums=0, static_argnames="train") if jit \
-            else jaxbp.apply
+        run = (
+            jax.jit(jaxbp.apply, static_argnums=0, static_argnames="train") if jit else jaxbp.apply
+        )
         y, _, after = run(layer, params, state, x, train=False)
         assert same(after, state)
-        expect = ((np.asarray(x) - np.asarray(state["mean"])) / np.sqrt(state["var"] + eps)
-                  * [1.0, 2.0, 0.5] + [0.0, -1.0, 3.0])
+        expect = (np.asarray(x) - np.asarray(state["mean"])) / np.sqrt(state["var"] + eps) * [
+            1.0,
+            2.0,
+            0.5,
+        ] + [0.0, -1.0, 3.0]
         np.testing.assert_allclose(y, expect, rtol=1e-12, atol=1e-12)
 
 
@@ -312,8 +391,11 @@ def test_batchnorm_errors():
     _, params = BN.init(jax.random.key(0), (-1, 4))
     state = jaxbp.init_state(BN, (2, 4))
     for run in (jaxbp.apply, jax.jit(jaxbp.apply, static_argnums=0)):
-        with pytest.raises(ValueError, match=r"BatchNorm expects inputs with 4 features on the "
-                                             r"last axis, got shape \(2, 3\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"BatchNorm expects inputs with 4 features on the "
+            r"last axis, got shape \(2, 3\)",
+        ):
             run(BN, params, state, jnp.ones((2, 3)))
 
 
@@ -336,8 +418,10 @@ def test_dropout_backward_matches_vjp(shape, train, dtype, jit):
 
 def test_dropout_mask_statistics():
     x = jnp.ones((200, 50))
-    apply = jax.jit(lambda key, train=True: jaxbp.apply(DROP, (), (), x, key=key, train=train)[0],
-                    static_argnums=1)
+    apply = jax.jit(
+        lambda key, train=True: jaxbp.apply(DROP, (), (), x, key=key, train=train)[0],
+        static_argnums=1,
+    )
     y = np.asarray(apply(jax.random.key(0)))
     assert set(np.unique(y)) == {0.0, 1 / 0.6}
     assert abs((y != 0).mean() - 0.6) < 0.02  # 10,000 draws: about 4 standard deviations
@@ -351,14 +435,19 @@ def test_dropout_mask_statistics():
 
 def test_dropout_needs_a_key_in_training():
     for run in (jaxbp.apply, jax.jit(jaxbp.apply, static_argnums=0)):
-        with pytest.raises(ValueError, match="Dropout needs a random key in training: pass "
-                                             "key="):
+        with pytest.raises(ValueError, match="Dropout needs a random key in training: pass key="):
             run(DROP, (), (), jnp.ones((2, 3)))
     net = jaxbp.serial(jaxbp.Dense(3), DROP)
     _, params = net.init(jax.random.key(0), (-1, 2))
     with pytest.raises(ValueError, match=r"layer 1 \(Dropout\): Dropout needs a random key"):
-        jaxbp.backprop(net, "mse", params, jnp.ones((4, 2)), jnp.ones((4, 3)),
-                       state=jaxbp.init_state(net, (4, 2)))
+        jaxbp.backprop(
+            net,
+            "mse",
+            params,
+            jnp.ones((4, 2)),
+            jnp.ones((4, 3)),
+            state=jaxbp.init_state(net, (4, 2)),
+        )
     for rate in (1.0, -0.1, "half", True):
         with pytest.raises(ValueError, match="Dropout expects a rate in \\[0, 1\\)"):
             jaxbp.Dropout(rate)
@@ -369,8 +458,7 @@ def test_dropout_needs_a_key_in_training():
 # --------------------------------------------------------------------------------------------
 
 RES = jaxbp.residual(jaxbp.Dense(4), jaxbp.BatchNorm(), jaxbp.Tanh, jaxbp.Dropout(0.3))
-CAT = jaxbp.concat(jaxbp.Dense(3), jaxbp.serial(jaxbp.BatchNorm(), jaxbp.Dropout(0.5)),
-                   jaxbp.Tanh)
+CAT = jaxbp.concat(jaxbp.Dense(3), jaxbp.serial(jaxbp.BatchNorm(), jaxbp.Dropout(0.5)), jaxbp.Tanh)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
@@ -414,8 +502,8 @@ def test_concat_splits_dy_and_sums_dx():
         # branch i sees the key fold_in(key, i) and its own slice of dy
         yi, ci, _ = jaxbp.apply(branch, p, s, x, key=jax.random.fold_in(key, i))
         width = yi.shape[-1]
-        np.testing.assert_array_equal(y[:, offset:offset + width], yi)
-        gi, dxi = branch.backward(p, ci, dy[:, offset:offset + width])
+        np.testing.assert_array_equal(y[:, offset : offset + width], yi)
+        gi, dxi = branch.backward(p, ci, dy[:, offset : offset + width])
         assert same(grads[i], gi)
         total = total + dxi
         offset += width
@@ -423,8 +511,11 @@ def test_concat_splits_dy_and_sums_dx():
 
 
 def test_combinator_errors():
-    with pytest.raises(ValueError, match=r"residual: the branch maps shape \(-1, 4\) to "
-                                         r"\(-1, 3\); y = x \+ f\(x\) needs f to keep the shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"residual: the branch maps shape \(-1, 4\) to "
+        r"\(-1, 3\); y = x \+ f\(x\) needs f to keep the shape",
+    ):
         jaxbp.residual(jaxbp.Dense(3)).init(jax.random.key(0), (-1, 4))
     with pytest.raises(ValueError, match="residual expects at least one layer, got none"):
         jaxbp.residual()
@@ -436,8 +527,9 @@ def test_combinator_errors():
 # (d) The verified step on a network with BatchNorm and Dropout
 # --------------------------------------------------------------------------------------------
 
-NET = jaxbp.serial(jaxbp.Dense(8), jaxbp.BatchNorm(), jaxbp.Relu, jaxbp.Dropout(0.25),
-                   jaxbp.Dense(3))
+NET = jaxbp.serial(
+    jaxbp.Dense(8), jaxbp.BatchNorm(), jaxbp.Relu, jaxbp.Dropout(0.25), jaxbp.Dense(3)
+)
 X = jax.random.normal(jax.random.key(1), (16, 5))
 Y = jax.random.normal(jax.random.key(2), (16, 3))
 _, PARAMS = NET.init(jax.random.key(0), (-1, 5))
@@ -466,8 +558,7 @@ def test_manual_and_autodiff_agree_with_state_and_key(dtype):
         assert_close((g1[0]["W"], g1[1], g1[4]), (g2[0]["W"], g2[1], g2[4]), TOL[dtype])
         assert_close(s1, s2, 1e-13 if dtype == jnp.float64 else 1e-6)  # same batch statistics
     # A different key, a different mask: a different loss.
-    v3, _, _ = jaxbp.backprop(NET, "mse", ts.params, x, y, state=ts.state,
-                              key=jax.random.key(8))
+    v3, _, _ = jaxbp.backprop(NET, "mse", ts.params, x, y, state=ts.state, key=jax.random.key(8))
     assert float(v3) != float(v1)
 
 
@@ -518,8 +609,10 @@ def test_raise_carries_the_report():
     assert float(report.worst_rel_error) == pytest.approx(2.0, rel=1e-9)
     failing = {p for p, ok in zip(report.paths, np.asarray(report.leaf_ok)) if not ok}
     assert failing == {"[4]['W']"}
-    assert str(info.value).startswith("manual gradient disagrees with jax.grad: worst leaf "
-                                      "[4]['W'], relative error 2.000e+00; nothing was updated")
+    assert str(info.value).startswith(
+        "manual gradient disagrees with jax.grad: worst leaf "
+        "[4]['W'], relative error 2.000e+00; nothing was updated"
+    )
     with pytest.raises(jaxbp.GradientMismatchError) as info:
         jaxbp.fit(BAD, "mse", OPT, ts, X, Y, steps=3, check="raise")
     assert info.value.step == 0 and info.value.report.worst_path == "[4]['W']"
@@ -532,11 +625,18 @@ def test_step_metrics_have_the_same_fields_in_every_mode():
         new, m = jaxbp.make_train_step(NET, "mse", OPT, check=mode)(ts, X, Y)
         assert type(m) is jaxbp.StepMetrics and bool(m.applied)
         probe = m  # same tree, shapes and dtypes, report.worst's int32 included
-        shapes[mode] = (jax.tree_util.tree_structure(m),
-                        [(np.shape(a), np.asarray(a).dtype)
-                         for a in jax.tree_util.tree_leaves(probe)])
-        assert m.report.paths == ("[0]['W']", "[0]['b']", "[1]['bias']", "[1]['scale']",
-                                  "[4]['W']", "[4]['b']")
+        shapes[mode] = (
+            jax.tree_util.tree_structure(m),
+            [(np.shape(a), np.asarray(a).dtype) for a in jax.tree_util.tree_leaves(probe)],
+        )
+        assert m.report.paths == (
+            "[0]['W']",
+            "[0]['b']",
+            "[1]['bias']",
+            "[1]['scale']",
+            "[4]['W']",
+            "[4]['b']",
+        )
         if mode == "off":
             assert int(m.worst_leaf) == -1 and np.isnan(float(m.rel_error))
             assert np.isnan(np.asarray(m.leaf_rel_error)).all()
@@ -547,8 +647,10 @@ def test_step_metrics_have_the_same_fields_in_every_mode():
 
 def test_report_worst_has_one_dtype_in_every_mode():
     ts = train_state()
-    dtypes = {mode: jaxbp.train_step(NET, "mse", OPT, ts, X, Y, check=mode)[1].report.worst.dtype
-              for mode in ("off", "report")}
+    dtypes = {
+        mode: jaxbp.train_step(NET, "mse", OPT, ts, X, Y, check=mode)[1].report.worst.dtype
+        for mode in ("off", "report")
+    }
     assert dtypes["off"] == dtypes["report"]
 
 
@@ -558,8 +660,11 @@ def test_train_step_is_pure_and_needs_a_train_state():
     b = jax.jit(lambda t: jaxbp.train_step(NET, "mse", OPT, t, X, Y, check="report"))(ts)
     # atol: the bias before the BatchNorm has a gradient of rounding noise, which Adam turns
     # into updates of ~lr * noise / eps ~ 1e-11 that differ between the two compilations.
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-9),
-                           (a[0].params, a[0].state), (b[0].params, b[0].state))
+    jax.tree_util.tree_map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-9),
+        (a[0].params, a[0].state),
+        (b[0].params, b[0].state),
+    )
     assert a[1]._fields == b[1]._fields == jaxbp.StepMetrics._fields
     with pytest.raises(ValueError, match="the network \\(serial\\) has state; pass input_shape="):
         jaxbp.init_train_state(NET, OPT, PARAMS)
@@ -577,10 +682,11 @@ def test_fit_fused_and_stepwise_give_identical_results():
     for name in ("applied", "reason", "worst_leaf", "ok"):
         np.testing.assert_array_equal(getattr(fused.history, name), getattr(stepwise.history, name))
     np.testing.assert_allclose(fused.history.loss, stepwise.history.loss, rtol=1e-13)
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14),
-                           (fused.state.params, fused.state.opt_state, fused.state.state),
-                           (stepwise.state.params, stepwise.state.opt_state,
-                            stepwise.state.state))
+    jax.tree_util.tree_map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14),
+        (fused.state.params, fused.state.opt_state, fused.state.state),
+        (stepwise.state.params, stepwise.state.opt_state, stepwise.state.state),
+    )
     assert same(jax.random.key_data(fused.state.key), jax.random.key_data(stepwise.state.key))
     # Five steps advanced the key five times.
     key = ts.key

@@ -29,9 +29,12 @@ from jaxbp.losses import LOSSES
 
 FUZZ_COUNTS = collections.Counter()
 EXAMPLES = 200  # per flag test; the config test runs 2x: ~1000 inputs, a few seconds
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,9 +43,11 @@ def fuzz_summary():
     yield FUZZ_COUNTS
     bad = FUZZ_COUNTS.pop("FAILED", 0)
     total = sum(FUZZ_COUNTS.values()) + bad
-    sys.__stderr__.write(f"\ntest_fuzz_cli: {total} bad inputs tried, {bad} broke the contract "
-                         f"(one line, exit code 2, no traceback); by kind: "
-                         f"{dict(sorted(FUZZ_COUNTS.items()))}\n")
+    sys.__stderr__.write(
+        f"\ntest_fuzz_cli: {total} bad inputs tried, {bad} broke the contract "
+        f"(one line, exit code 2, no traceback); by kind: "
+        f"{dict(sorted(FUZZ_COUNTS.items()))}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,10 @@ def assert_one_line_error(capsys, command, argv, kind):
     try:
         code = cli.main(argv)
     except BaseException as e:  # whatever escapes is what the user would see
-        pytest.fail(f"jaxbp {' '.join(map(repr, argv))}: {type(e).__name__} escaped main() "
-                    f"(a traceback for the user): {str(e)[:300]}")
+        pytest.fail(
+            f"jaxbp {' '.join(map(repr, argv))}: {type(e).__name__} escaped main() "
+            f"(a traceback for the user): {str(e)[:300]}"
+        )
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err, (argv, err)
     lines = err.splitlines()
@@ -75,11 +82,15 @@ def assert_one_line_error(capsys, command, argv, kind):
 
 finite = st.floats(-3, 3, allow_nan=False, allow_infinity=False)
 non_finite = st.sampled_from([float("nan"), float("inf"), -float("inf")])
-not_a_number = st.one_of(st.text(max_size=5), st.none(), st.booleans(), st.just([1.0]),
-                         st.just({"x": 1}))
-bad_name = st.one_of(st.text(max_size=12).filter(
-    lambda s: s not in ACTIVATIONS and s not in LOSSES), st.integers(), st.none(),
-    st.just(["tanh"]))
+not_a_number = st.one_of(
+    st.text(max_size=5), st.none(), st.booleans(), st.just([1.0]), st.just({"x": 1})
+)
+bad_name = st.one_of(
+    st.text(max_size=12).filter(lambda s: s not in ACTIVATIONS and s not in LOSSES),
+    st.integers(),
+    st.none(),
+    st.just(["tanh"]),
+)
 
 
 @st.composite
@@ -96,8 +107,10 @@ def valid_configs(draw):
 
     layers = []
     for fan_in, fan_out in zip(widths, widths[1:]):
-        layer = {"weights": [vec(fan_out) for _ in range(fan_in)],
-                 "activation": draw(st.sampled_from(sorted(ACTIVATIONS)))}
+        layer = {
+            "weights": [vec(fan_out) for _ in range(fan_in)],
+            "activation": draw(st.sampled_from(sorted(ACTIVATIONS))),
+        }
         bias = draw(st.sampled_from(["shared", "per-neuron", "none"]))
         if bias == "shared":
             layer["bias"] = draw(finite)
@@ -131,14 +144,26 @@ def m_unknown_key(draw, c):
 
 
 def m_not_an_object(draw, c):
-    return json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(),
-                                     st.text(max_size=5), st.none(), st.booleans())))
+    return json.dumps(
+        draw(
+            st.one_of(
+                st.lists(st.integers(), max_size=3),
+                st.integers(),
+                st.text(max_size=5),
+                st.none(),
+                st.booleans(),
+            )
+        )
+    )
 
 
 def m_bad_examples(draw, c):
     key = draw(st.sampled_from(["inputs", "targets"]))
-    c[key] = draw(st.sampled_from([[], "0.1, 0.2", {}, None, 0.5, [[]], [1.0, [2.0]],
-                                   [[1.0, 2.0], [1.0]], [[1.0], []]]))
+    c[key] = draw(
+        st.sampled_from(
+            [[], "0.1, 0.2", {}, None, 0.5, [[]], [1.0, [2.0]], [[1.0, 2.0], [1.0]], [[1.0], []]]
+        )
+    )
 
 
 def m_examples_bad_number(draw, c):
@@ -160,8 +185,11 @@ def m_targets_width(draw, c):
 
 def m_examples_count(draw, c):
     # One example in inputs, several in targets (or the other way round).
-    c["targets"] = [c["targets"]] * 2 if not isinstance(c["targets"][0], list) \
+    c["targets"] = (
+        [c["targets"]] * 2
+        if not isinstance(c["targets"][0], list)
         else c["targets"] + [c["targets"][0]]
+    )
 
 
 def m_bad_layers(draw, c):
@@ -200,8 +228,9 @@ def m_weights_rows(draw, c):
 
 
 def m_weights_shape(draw, c):
-    _pick_layer(draw, c)["weights"] = draw(st.sampled_from(
-        [[], [[]], [0.1, 0.2], 0.1, "[[0.1]]", None, {"0": [0.1]}, [[[0.1]]]]))
+    _pick_layer(draw, c)["weights"] = draw(
+        st.sampled_from([[], [[]], [0.1, 0.2], 0.1, "[[0.1]]", None, {"0": [0.1]}, [[[0.1]]]])
+    )
 
 
 def m_weights_number(draw, c):
@@ -213,10 +242,18 @@ def m_weights_number(draw, c):
 def m_bias(draw, c):
     layer = _pick_layer(draw, c)
     width = len(layer["weights"][0])
-    layer["bias"] = draw(st.one_of(
-        non_finite, st.text(max_size=4), st.none(), st.booleans(), st.just([]),
-        st.just([0.1] * (width + 1)), st.just([[0.1] * width]),
-        st.just([float("nan")] * width)))
+    layer["bias"] = draw(
+        st.one_of(
+            non_finite,
+            st.text(max_size=4),
+            st.none(),
+            st.booleans(),
+            st.just([]),
+            st.just([0.1] * (width + 1)),
+            st.just([[0.1] * width]),
+            st.just([float("nan")] * width),
+        )
+    )
 
 
 def m_activation(draw, c):
@@ -228,9 +265,14 @@ def m_loss(draw, c):
 
 
 def m_learning_rate(draw, c):
-    c["learning_rate"] = draw(st.one_of(
-        st.sampled_from([0, 0.0, -0.5, -1, 10**400]), non_finite, not_a_number,
-        st.floats(max_value=0, allow_nan=False)))
+    c["learning_rate"] = draw(
+        st.one_of(
+            st.sampled_from([0, 0.0, -0.5, -1, 10**400]),
+            non_finite,
+            not_a_number,
+            st.floats(max_value=0, allow_nan=False),
+        )
+    )
 
 
 def m_huge_integer(draw, c):
@@ -241,51 +283,89 @@ def m_huge_integer(draw, c):
 
 def m_truncated(draw, c):
     text = json.dumps(c)
-    return text[:draw(st.integers(0, len(text) - 1))]
+    return text[: draw(st.integers(0, len(text) - 1))]
 
 
 def m_garbage(draw, c):
-    return draw(st.sampled_from([
-        json.dumps(c).replace(":", "=", 1), json.dumps(c) + "}", json.dumps(c) + " extra",
-        json.dumps(c).replace('"', "'"), "{inputs: [1]}", "", "   ", "\x00",
-        "[" * 100_000 + "]" * 100_000,  # nested deeper than Python's recursion limit
-        '{"inputs": ' * 50_000 + "1" + "}" * 50_000,
-    ]))
+    return draw(
+        st.sampled_from(
+            [
+                json.dumps(c).replace(":", "=", 1),
+                json.dumps(c) + "}",
+                json.dumps(c) + " extra",
+                json.dumps(c).replace('"', "'"),
+                "{inputs: [1]}",
+                "",
+                "   ",
+                "\x00",
+                "[" * 100_000 + "]" * 100_000,  # nested deeper than Python's recursion limit
+                '{"inputs": ' * 50_000 + "1" + "}" * 50_000,
+            ]
+        )
+    )
 
 
-MUTATIONS = [m_missing_key, m_unknown_key, m_not_an_object, m_bad_examples,
-             m_examples_bad_number, m_targets_width, m_examples_count, m_bad_layers,
-             m_layer_missing_key, m_layer_unknown_key, m_weights_ragged, m_weights_rows,
-             m_weights_shape, m_weights_number, m_bias, m_activation, m_loss, m_learning_rate,
-             m_huge_integer, m_truncated, m_garbage]
+MUTATIONS = [
+    m_missing_key,
+    m_unknown_key,
+    m_not_an_object,
+    m_bad_examples,
+    m_examples_bad_number,
+    m_targets_width,
+    m_examples_count,
+    m_bad_layers,
+    m_layer_missing_key,
+    m_layer_unknown_key,
+    m_weights_ragged,
+    m_weights_rows,
+    m_weights_shape,
+    m_weights_number,
+    m_bias,
+    m_activation,
+    m_loss,
+    m_learning_rate,
+    m_huge_integer,
+    m_truncated,
+    m_garbage,
+]
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.__name__[2:])
 @settings(SETTINGS, max_examples=EXAMPLES // 8)
-@given(config=valid_configs(), data=st.data(),
-       flags=st.sampled_from([[], ["--steps", "2"], ["--format", "json"], ["--freeze-bias"]]))
+@given(
+    config=valid_configs(),
+    data=st.data(),
+    flags=st.sampled_from([[], ["--steps", "2"], ["--format", "json"], ["--freeze-bias"]]),
+)
 def test_trace_broken_config(mutation, config, data, flags, capsys, workdir):
     text = mutation(data.draw, config)
     path = workdir / f"config-{mutation.__name__}.json"
     path.write_text(json.dumps(config) if text is None else text, encoding="utf-8")
-    line = assert_one_line_error(capsys, "trace", ["trace", "--config", str(path), *flags],
-                                 f"trace config ({mutation.__name__})")
+    line = assert_one_line_error(
+        capsys,
+        "trace",
+        ["trace", "--config", str(path), *flags],
+        f"trace config ({mutation.__name__})",
+    )
     assert "config" in line
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(kind=st.sampled_from(["missing", "directory", "not utf-8", "empty"]))
 def test_trace_bad_config_file(kind, capsys, workdir):
     path = workdir / f"file-{kind.replace(' ', '-')}"
     if kind == "directory":
         path.mkdir(exist_ok=True)
     elif kind == "not utf-8":
-        path.write_bytes(b"\xff\xfe{\"inputs\": [1]}")
+        path.write_bytes(b'\xff\xfe{"inputs": [1]}')
     elif kind == "empty":
         path.write_bytes(b"")
-    assert_one_line_error(capsys, "trace", ["trace", "--config", str(path)],
-                          f"trace file ({kind})")
+    assert_one_line_error(capsys, "trace", ["trace", "--config", str(path)], f"trace file ({kind})")
 
 
 def test_the_valid_configs_are_valid(workdir):
@@ -304,21 +384,28 @@ def test_the_valid_configs_are_valid(workdir):
 # Bad flags: train, check, lr-sweep, trace
 # --------------------------------------------------------------------------------------------
 
-text_value = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
-                                            blacklist_characters="\x00"), max_size=10)
+text_value = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=10
+)
 not_positive_number = st.one_of(
-    st.sampled_from(["0", "-1", "-0.5", "nan", "inf", "-inf", "NaN", "1e999", "", "0x10",
-                     "1,5", "one"]),
-    st.floats(max_value=0, allow_nan=False).map(repr))
+    st.sampled_from(
+        ["0", "-1", "-0.5", "nan", "inf", "-inf", "NaN", "1e999", "", "0x10", "1,5", "one"]
+    ),
+    st.floats(max_value=0, allow_nan=False).map(repr),
+)
 not_positive_int = st.one_of(
     st.sampled_from(["0", "-1", "-3", "1.5", "2e3", "", "ten", "nan", "inf", "0x3", "1,2"]),
-    st.integers(max_value=0).map(str))
-bad_seed = st.sampled_from(["-1", "abc", "1.5", "", str(2**32), str(2**70), "-99999999999999",
-                            "99999999999999999999999"])
+    st.integers(max_value=0).map(str),
+)
+bad_seed = st.sampled_from(
+    ["-1", "abc", "1.5", "", str(2**32), str(2**70), "-99999999999999", "99999999999999999999999"]
+)
 bad_hidden = st.one_of(
-    st.sampled_from(["", ",", "3,,4", "0", "-1", "a", "3.5", "3;4", "128 128", "4,0",
-                     "1e2", "[3]", "-", "3,-3"]),
-    st.lists(st.integers(-5, 0), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v))))
+    st.sampled_from(
+        ["", ",", "3,,4", "0", "-1", "a", "3.5", "3;4", "128 128", "4,0", "1e2", "[3]", "-", "3,-3"]
+    ),
+    st.lists(st.integers(-5, 0), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v))),
+)
 
 
 def _not_in(choices):
@@ -343,10 +430,18 @@ TRAIN_FLAGS = {
     "--checkpoint-every": not_positive_int,
     "--seed": bad_seed,
     "--hidden": bad_hidden,
-    "--model": st.sampled_from(["no-such-preset", "missing.json", "{not json",
-                                '{"name": "Conv9D"}', '{"name": "Dense", "out_dim": 0}',
-                                '{"name": "serial", "layers": [{"name": "Dense", "out_dim": 7}]}',
-                                '{"model": {"name": "Tanh"}, "colour": 1}', ""]),
+    "--model": st.sampled_from(
+        [
+            "no-such-preset",
+            "missing.json",
+            "{not json",
+            '{"name": "Conv9D"}',
+            '{"name": "Dense", "out_dim": 0}',
+            '{"name": "serial", "layers": [{"name": "Dense", "out_dim": 7}]}',
+            '{"model": {"name": "Tanh"}, "colour": 1}',
+            "",
+        ]
+    ),
     "--devices": not_positive_int,
 }
 
@@ -368,10 +463,13 @@ LR_SWEEP_BASE = ["lr-sweep", "--dataset", "xor", "--steps", "2"]
 LR_SWEEP_FLAGS = {
     "--dataset": _not_in({"seed", "xor"}),
     "--lrs": st.one_of(
-        st.sampled_from(["", ",", "0", "-1", "nan", "inf", "a,b", "0.1,,x", "0.5,-0.5",
-                         "0.1;0.2", "1e999"]),
-        st.lists(not_positive_number.filter(lambda s: "," not in s and s.strip()),
-                 min_size=1, max_size=3).map(lambda v: ",".join(["0.1", *v]))),
+        st.sampled_from(
+            ["", ",", "0", "-1", "nan", "inf", "a,b", "0.1,,x", "0.5,-0.5", "0.1;0.2", "1e999"]
+        ),
+        st.lists(
+            not_positive_number.filter(lambda s: "," not in s and s.strip()), min_size=1, max_size=3
+        ).map(lambda v: ",".join(["0.1", *v])),
+    ),
     "--steps": not_positive_int,
     "--format": _not_in({"text", "json"}),
     "--seed": bad_seed,
@@ -388,14 +486,17 @@ TRACE_FLAGS = {
 def _flag_cases(base, flags):
     """A bad value for one flag (given last, so it wins), or a structural mistake."""
     value_case = st.sampled_from(sorted(flags)).flatmap(
-        lambda flag: flags[flag].map(lambda value: (flag, [*base, f"{flag}={value}"])))
-    structural = st.sampled_from([
-        ("unknown flag", [*base, "--bogus"]),
-        ("unknown flag", [*base, "--lr-rate", "0.1"]),
-        ("missing value", [*base, sorted(flags)[0]]),
-        ("stray argument", [*base, "extra"]),
-        ("stray argument", [*base, "two\nlines"]),
-    ])
+        lambda flag: flags[flag].map(lambda value: (flag, [*base, f"{flag}={value}"]))
+    )
+    structural = st.sampled_from(
+        [
+            ("unknown flag", [*base, "--bogus"]),
+            ("unknown flag", [*base, "--lr-rate", "0.1"]),
+            ("missing value", [*base, sorted(flags)[0]]),
+            ("stray argument", [*base, "extra"]),
+            ("stray argument", [*base, "two\nlines"]),
+        ]
+    )
     return st.one_of(value_case, structural)
 
 
@@ -424,8 +525,12 @@ def test_lr_sweep_bad_flags(case, capsys, workdir):
     _flag_test("lr-sweep", LR_SWEEP_BASE, LR_SWEEP_FLAGS, capsys, workdir, case)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(case=_flag_cases(["trace"], TRACE_FLAGS))
 def test_trace_bad_flags(case, capsys, workdir):
     _flag_test("trace", ["trace"], TRACE_FLAGS, capsys, workdir, case)
@@ -434,8 +539,9 @@ def test_trace_bad_flags(case, capsys, workdir):
 STRUCTURAL = [["--bogus"], ["--lr-rate", "0.1"], ["extra"], ["two\nlines"]]
 
 
-@pytest.mark.parametrize("base", [TRAIN_BASE, CHECK_BASE, LR_SWEEP_BASE, ["trace"]],
-                         ids=lambda b: b[0])
+@pytest.mark.parametrize(
+    "base", [TRAIN_BASE, CHECK_BASE, LR_SWEEP_BASE, ["trace"]], ids=lambda b: b[0]
+)
 def test_structural_mistakes_every_command(base, capsys, workdir):
     """A fixed table, so this asserts the contract on every run, whichever tests ran before."""
     kind = f"{base[0]} structural"
@@ -452,8 +558,10 @@ def test_structural_mistakes_every_command(base, capsys, workdir):
 
 
 def _net(*layers):
-    return {"name": "serial", "layers": [*layers, {"name": "Flatten"},
-                                         {"name": "Dense", "out_dim": 10}]}
+    return {
+        "name": "serial",
+        "layers": [*layers, {"name": "Flatten"}, {"name": "Dense", "out_dim": 10}],
+    }
 
 
 def _conv1d(**arguments):
@@ -467,62 +575,156 @@ def _gru(**arguments):
 # (case, description, check --input-shape or None, train's input_shape or None (mnist1d flat),
 #  what the one line must say). check runs when its shape is given; train always runs.
 BAD_LAYER_MODELS = [
-    ("conv kernel > padded input", _net(_conv1d(kernel_size=45, padding=2)), "40,1", [40, 1],
-     "Conv1D: kernel 45 is larger than the padded input length 44"),
-    ("conv kernel > input", _net(_conv1d(kernel_size=41)), "40,1", [40, 1],
-     "Conv1D: kernel 41 is larger than the padded input length 40"),
-    ("conv out_channels 0", _net(_conv1d(out_channels=0)), "40,1", [40, 1],
-     "Conv1D expects a positive out_channels, got 0"),
-    ("conv kernel_size -1", _net(_conv1d(kernel_size=-1)), "40,1", [40, 1],
-     "Conv1D expects a positive kernel_size, got -1"),
-    ("conv without channel axis", _net(_conv1d()), None, None,
-     "Conv1D expects inputs of shape (batch, length, channels) or (length, channels), got "
-     "shape (-1, 40): a batch whose examples lack an axis"),
-    ("conv2d on 1-D data", _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
-     "40,1", [40, 1], "Conv2D expects inputs of shape (batch, height, width, channels) or "
-                      "(height, width, channels), got shape (-1, 40, 1)"),
-    ("conv2d on flat data", _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
-     None, None, "Conv2D expects inputs of shape (batch, height, width, channels) or "
-                 "(height, width, channels), got shape (-1, 40)"),
-    ("dropout rate 1.5", _net(_conv1d(), {"name": "Dropout", "rate": 1.5}), "40,1", [40, 1],
-     "Dropout expects a rate in [0, 1), got 1.5"),
-    ("unknown layer Conv3D", _net({"name": "Conv3D", "out_channels": 2}), "40,1", [40, 1],
-     "unknown layer 'Conv3D'; expected one of: "),
-    ("wrong argument name", _net({"name": "Conv1D", "out_channels": 2, "kernel": 3}), "40,1",
-     [40, 1], "Conv1D got an unexpected keyword argument 'kernel'"),
-    ("gru hidden 0", _net(_gru(hidden=0)), "40,1", [40, 1],
-     "GRU expects a positive integer hidden size, got 0"),
-    ("lstm hidden -2", _net({"name": "LSTM", "hidden": -2}), "40,1", [40, 1],
-     "LSTM expects a positive integer hidden size, got -2"),
-    ("gru sequence of rank 4", _net(_gru()), "40,1,1", [40, 1, 1],
-     "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
-     "(-1, 40, 1, 1)"),
-    ("gru on flat vectors", _net(_gru()), None, None,
-     "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
-     "(-1, 40): a batch of vectors"),
-    ("bidirectional of a reversed gru", _net({"name": "bidirectional", "layer": _gru(
-        reverse=True)}), "40,1", [40, 1], "bidirectional expects a layer built with "
-                                          "reverse=False"),
+    (
+        "conv kernel > padded input",
+        _net(_conv1d(kernel_size=45, padding=2)),
+        "40,1",
+        [40, 1],
+        "Conv1D: kernel 45 is larger than the padded input length 44",
+    ),
+    (
+        "conv kernel > input",
+        _net(_conv1d(kernel_size=41)),
+        "40,1",
+        [40, 1],
+        "Conv1D: kernel 41 is larger than the padded input length 40",
+    ),
+    (
+        "conv out_channels 0",
+        _net(_conv1d(out_channels=0)),
+        "40,1",
+        [40, 1],
+        "Conv1D expects a positive out_channels, got 0",
+    ),
+    (
+        "conv kernel_size -1",
+        _net(_conv1d(kernel_size=-1)),
+        "40,1",
+        [40, 1],
+        "Conv1D expects a positive kernel_size, got -1",
+    ),
+    (
+        "conv without channel axis",
+        _net(_conv1d()),
+        None,
+        None,
+        "Conv1D expects inputs of shape (batch, length, channels) or (length, channels), got "
+        "shape (-1, 40): a batch whose examples lack an axis",
+    ),
+    (
+        "conv2d on 1-D data",
+        _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
+        "40,1",
+        [40, 1],
+        "Conv2D expects inputs of shape (batch, height, width, channels) or "
+        "(height, width, channels), got shape (-1, 40, 1)",
+    ),
+    (
+        "conv2d on flat data",
+        _net({"name": "Conv2D", "out_channels": 2, "kernel_size": 3}),
+        None,
+        None,
+        "Conv2D expects inputs of shape (batch, height, width, channels) or "
+        "(height, width, channels), got shape (-1, 40)",
+    ),
+    (
+        "dropout rate 1.5",
+        _net(_conv1d(), {"name": "Dropout", "rate": 1.5}),
+        "40,1",
+        [40, 1],
+        "Dropout expects a rate in [0, 1), got 1.5",
+    ),
+    (
+        "unknown layer Conv3D",
+        _net({"name": "Conv3D", "out_channels": 2}),
+        "40,1",
+        [40, 1],
+        "unknown layer 'Conv3D'; expected one of: ",
+    ),
+    (
+        "wrong argument name",
+        _net({"name": "Conv1D", "out_channels": 2, "kernel": 3}),
+        "40,1",
+        [40, 1],
+        "Conv1D got an unexpected keyword argument 'kernel'",
+    ),
+    (
+        "gru hidden 0",
+        _net(_gru(hidden=0)),
+        "40,1",
+        [40, 1],
+        "GRU expects a positive integer hidden size, got 0",
+    ),
+    (
+        "lstm hidden -2",
+        _net({"name": "LSTM", "hidden": -2}),
+        "40,1",
+        [40, 1],
+        "LSTM expects a positive integer hidden size, got -2",
+    ),
+    (
+        "gru sequence of rank 4",
+        _net(_gru()),
+        "40,1,1",
+        [40, 1, 1],
+        "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
+        "(-1, 40, 1, 1)",
+    ),
+    (
+        "gru on flat vectors",
+        _net(_gru()),
+        None,
+        None,
+        "GRU expects inputs of shape (batch, time, features) or (time, features), got shape "
+        "(-1, 40): a batch of vectors",
+    ),
+    (
+        "bidirectional of a reversed gru",
+        _net({"name": "bidirectional", "layer": _gru(reverse=True)}),
+        "40,1",
+        [40, 1],
+        "bidirectional expects a layer built with reverse=False",
+    ),
     # A PyTorch state_dict is read by jaxbp.from_torch_state_dict only (no CLI flag): no row.
 ]
 
 
-@pytest.mark.parametrize("case, description, check_shape, train_shape, fragment",
-                         BAD_LAYER_MODELS, ids=[row[0] for row in BAD_LAYER_MODELS])
-def test_bad_layer_model_files(case, description, check_shape, train_shape, fragment, capsys,
-                               workdir):
+@pytest.mark.parametrize(
+    "case, description, check_shape, train_shape, fragment",
+    BAD_LAYER_MODELS,
+    ids=[row[0] for row in BAD_LAYER_MODELS],
+)
+def test_bad_layer_model_files(
+    case, description, check_shape, train_shape, fragment, capsys, workdir
+):
     path = workdir / f"model-{case.replace(' ', '-')}.json"
     runs = []
     if check_shape is not None:
         path.write_text(json.dumps(description))
         runs.append(("check", ["check", "--model", str(path), "--input-shape", check_shape]))
     train_file = workdir / f"train-{case.replace(' ', '-')}.json"
-    wrapped = description if train_shape is None else {"model": description,
-                                                        "input_shape": train_shape}
+    wrapped = (
+        description if train_shape is None else {"model": description, "input_shape": train_shape}
+    )
     train_file.write_text(json.dumps(wrapped))
-    runs.append(("train", ["train", "--out", str(workdir / "out-layers"), "--model",
-                           str(train_file), "--dataset", "mnist1d", "--epochs", "1",
-                           "--progress", "none"]))
+    runs.append(
+        (
+            "train",
+            [
+                "train",
+                "--out",
+                str(workdir / "out-layers"),
+                "--model",
+                str(train_file),
+                "--dataset",
+                "mnist1d",
+                "--epochs",
+                "1",
+                "--progress",
+                "none",
+            ],
+        )
+    )
     for command, argv in runs:
         line = assert_one_line_error(capsys, command, argv, f"{command} layer model ({case})")
         assert fragment in line, (argv, line)
@@ -534,12 +736,22 @@ def test_bad_layer_model_files(case, description, check_shape, train_shape, frag
 
 
 def _tiny_gpt(vocab: int, *, max_len: int = 8, heads: int = 2, width: int = 8) -> dict:
-    return {"name": "serial", "layers": [
-        {"name": "Embedding", "vocab_size": vocab, "dim": width},
-        {"name": "PositionalEmbedding", "max_len": max_len, "dim": width},
-        {"name": "residual", "layers": [{"name": "LayerNorm"}, {
-            "name": "MultiHeadAttention", "num_heads": heads, "causal": True}]},
-        {"name": "LayerNorm"}, {"name": "Dense", "out_dim": vocab}]}
+    return {
+        "name": "serial",
+        "layers": [
+            {"name": "Embedding", "vocab_size": vocab, "dim": width},
+            {"name": "PositionalEmbedding", "max_len": max_len, "dim": width},
+            {
+                "name": "residual",
+                "layers": [
+                    {"name": "LayerNorm"},
+                    {"name": "MultiHeadAttention", "num_heads": heads, "causal": True},
+                ],
+            },
+            {"name": "LayerNorm"},
+            {"name": "Dense", "out_dim": vocab},
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -551,11 +763,44 @@ def text_runs(workdir):
     model = workdir / "tiny-gpt.json"
     model.write_text(json.dumps({"model": _tiny_gpt(vocab), "input_shape": [8]}))
     text_run, xor_run = workdir / "text-run", workdir / "xor-run"
-    assert cli.main(["train", "--dataset", "text", "--text", str(corpus), "--model", str(model),
-                     "--epochs", "1", "--batch-size", "8", "--progress", "none",
-                     "--out", str(text_run)]) == 0
-    assert cli.main(["train", "--dataset", "xor", "--epochs", "1", "--progress", "none",
-                     "--out", str(xor_run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "text",
+                "--text",
+                str(corpus),
+                "--model",
+                str(model),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--progress",
+                "none",
+                "--out",
+                str(text_run),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "xor",
+                "--epochs",
+                "1",
+                "--progress",
+                "none",
+                "--out",
+                str(xor_run),
+            ]
+        )
+        == 0
+    )
     return corpus, vocab, text_run, xor_run
 
 
@@ -567,20 +812,33 @@ def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
     latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     models = {"long": _tiny_gpt(vocab, max_len=4), "heads": _tiny_gpt(vocab, heads=3, width=8)}
     for name, model in models.items():
-        (workdir / f"gpt-{name}.json").write_text(json.dumps({"model": model,
-                                                              "input_shape": [8]}))
-    train = ["train", "--dataset", "text", "--epochs", "1", "--progress", "none",
-             "--out", str(workdir / "text-bad")]
+        (workdir / f"gpt-{name}.json").write_text(json.dumps({"model": model, "input_shape": [8]}))
+    train = [
+        "train",
+        "--dataset",
+        "text",
+        "--epochs",
+        "1",
+        "--progress",
+        "none",
+        "--out",
+        str(workdir / "text-bad"),
+    ]
     cases = [
         (train + ["--text", str(empty)], "train", "empty"),
         (train + ["--text", str(latin1)], "train", "UTF-8"),
-        (train + ["--text", str(corpus), "--model", str(workdir / "gpt-long.json")], "train",
-         "PositionalEmbedding"),
-        (train + ["--text", str(corpus), "--model", str(workdir / "gpt-heads.json")], "train",
-         "num_heads 3 does not divide"),
+        (
+            train + ["--text", str(corpus), "--model", str(workdir / "gpt-long.json")],
+            "train",
+            "PositionalEmbedding",
+        ),
+        (
+            train + ["--text", str(corpus), "--model", str(workdir / "gpt-heads.json")],
+            "train",
+            "num_heads 3 does not divide",
+        ),
         (["generate", "--checkpoint", str(xor_run)], "generate", "not a text model"),
-        (["generate", "--checkpoint", str(text_run), "--prompt", "\u2603"], "generate",
-         "\u2603"),
+        (["generate", "--checkpoint", str(text_run), "--prompt", "\u2603"], "generate", "\u2603"),
         (["generate", "--checkpoint", str(workdir / "missing")], "generate", "missing"),
     ]
     for argv, command, fragment in cases:
@@ -588,7 +846,21 @@ def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
         assert fragment in line, (argv, line)
     assert not (workdir / "text-bad" / "checkpoint.npz").exists()  # nothing written half-way
     # And the good path: a sample of the requested length from the trained checkpoint.
-    assert cli.main(["generate", "--checkpoint", str(text_run), "--prompt", "the ",
-                     "--length", "20", "--seed", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--checkpoint",
+                str(text_run),
+                "--prompt",
+                "the ",
+                "--length",
+                "20",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("the ") and len(out.rstrip("\n")) == 24

@@ -12,8 +12,11 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 def tree(dtype=jnp.float64):
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    return ({"W": jax.random.normal(k1, (3, 4), dtype), "b": jax.random.normal(k2, (4,), dtype)},
-            (), {"W": jax.random.normal(k3, (4, 2), dtype), "b": jnp.asarray(0.5, dtype)})
+    return (
+        {"W": jax.random.normal(k1, (3, 4), dtype), "b": jax.random.normal(k2, (4,), dtype)},
+        (),
+        {"W": jax.random.normal(k3, (4, 2), dtype), "b": jnp.asarray(0.5, dtype)},
+    )
 
 
 _compare_jit = jax.jit(jaxbp.compare_grads)
@@ -70,9 +73,17 @@ _compare_internal_jit = jax.jit(jaxbp.gradcheck.compare_with_finiteness)
 # kind of non-finite entry, on either side, at a big leaf (vectorised reductions) and a small one.
 @pytest.mark.parametrize("size", [7, 4099])
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
-@pytest.mark.parametrize("where,value", [("manual", jnp.nan), ("reference", jnp.nan),
-                                         ("manual", jnp.inf), ("reference", -jnp.inf),
-                                         ("both", jnp.inf), ("both", jnp.nan)])
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("manual", jnp.nan),
+        ("reference", jnp.nan),
+        ("manual", jnp.inf),
+        ("reference", -jnp.inf),
+        ("both", jnp.inf),
+        ("both", jnp.nan),
+    ],
+)
 def test_every_nonfinite_entry_is_caught(where, value, jit, size):
     compare = _compare_internal_jit if jit else jaxbp.gradcheck.compare_with_finiteness
     for dtype in (jnp.float32, jnp.float64):
@@ -87,8 +98,11 @@ def test_every_nonfinite_entry_is_caught(where, value, jit, size):
         assert bool(report.leaf_ok[1]) and float(report.rel_error[1]) == 0.0
         assert bool(manual_finite) == (where == "reference")
         assert np.isnan(float(report.cosine[0]))
-        assert (np.isnan(float(report.max_abs_diff[0])) if np.isnan(value)
-                else float(report.max_abs_diff[0]) == np.inf)
+        assert (
+            np.isnan(float(report.max_abs_diff[0]))
+            if np.isnan(value)
+            else float(report.max_abs_diff[0]) == np.inf
+        )
 
 
 def test_manual_finiteness_is_judged_in_its_own_dtype():
@@ -154,8 +168,11 @@ def test_elementwise_tolerance_is_relative_to_the_entry_and_the_leaf():
 
 def test_structure_and_shape_mismatch_errors():
     a = tree()
-    with pytest.raises(ValueError, match=r"same structure.*got unexpected leaves \[2\]\['W'\], "
-                                         r"\[2\]\['b'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"same structure.*got unexpected leaves \[2\]\['W'\], "
+        r"\[2\]\['b'\]",
+    ):
         jaxbp.compare_grads(a, a[:2])
     with pytest.raises(ValueError, match=r"got a list at the top level, expected a tuple"):
         jaxbp.compare_grads(list(a), a)

@@ -77,12 +77,12 @@ def init_scaled_tanh(key, input_shape):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def poly_tree(x, power, params):
     """Pytree argument, a nondiff int, a pytree output; residuals a nested dict."""
-    y = params["a"] * x ** power + params["lin"]["b"] @ x
+    y = params["a"] * x**power + params["lin"]["b"] @ x
     return {"y": y, "pair": (jnp.sum(y), x * params["a"])}
 
 
 def _poly_fwd(x, power, params):
-    return poly_tree(x, power, params), {"x": x, "p": params, "stats": (x ** power,)}
+    return poly_tree(x, power, params), {"x": x, "p": params, "stats": (x**power,)}
 
 
 def _poly_bwd(power, res, g):
@@ -118,23 +118,25 @@ swish_forgot_term.defvjp(_sw_fwd, _sw_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def poly_tree_array(x, power, a):
     """``a * x ** power`` with a nondiff power."""
-    return a * x ** power
+    return a * x**power
 
 
-poly_tree_array.defvjp(lambda x, p, a: (a * x ** p, (x, a)),
-                       lambda p, res, g: (g * res[1] * p * res[0] ** (p - 1),
-                                          jnp.sum(g * res[0] ** p)))
+poly_tree_array.defvjp(
+    lambda x, p, a: (a * x**p, (x, a)),
+    lambda p, res, g: (g * res[1] * p * res[0] ** (p - 1), jnp.sum(g * res[0] ** p)),
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def scaled_power(x, a, power=3):
     """``a * x ** power``: a nondiff argument with a default, as the command line needs."""
-    return a * x ** power
+    return a * x**power
 
 
-scaled_power.defvjp(lambda x, a, p: (a * x ** p, (x, a)),
-                    lambda p, res, g: (g * res[1] * p * res[0] ** (p - 1),
-                                       jnp.sum(g * res[0] ** p)))
+scaled_power.defvjp(
+    lambda x, a, p: (a * x**p, (x, a)),
+    lambda p, res, g: (g * res[1] * p * res[0] ** (p - 1), jnp.sum(g * res[0] ** p)),
+)
 
 
 def _with_bwd(bwd, name="bad"):
@@ -147,15 +149,18 @@ def _with_bwd(bwd, name="bad"):
 
 def _problem(key=0, n=5, d=4, out=3):
     kx, kw = jax.random.split(jax.random.key(key))
-    return (jax.random.normal(kx, (n, d), F64), jax.random.normal(kw, (d, out), F64) / 2,
-            jnp.asarray(1.5, F64))
+    return (
+        jax.random.normal(kx, (n, d), F64),
+        jax.random.normal(kw, (d, out), F64) / 2,
+        jnp.asarray(1.5, F64),
+    )
 
 
 def _numpy_scaled_tanh_grads(x, w, s, dy):
     """The VJP of ``s * tanh(x @ w)`` in numpy: an independent reference."""
     x, w, s, dy = (np.asarray(a, np.float64) for a in (x, w, s, dy))
     t = np.tanh(x @ w)
-    dz = dy * s * (1 - t ** 2)
+    dz = dy * s * (1 - t**2)
     return dz @ w.T, x.T @ dz, np.sum(dy * t)
 
 
@@ -207,8 +212,10 @@ def test_check_vjp_names_a_forgotten_product_rule_term():
 
 def test_check_vjp_pytree_arguments_outputs_residuals_and_nondiff_argnums():
     x = jax.random.normal(jax.random.key(2), (4,), F64)
-    params = {"a": jnp.asarray(0.3, F64), "lin": {"b": jax.random.normal(jax.random.key(3),
-                                                                        (4, 4), F64)}}
+    params = {
+        "a": jnp.asarray(0.3, F64),
+        "lin": {"b": jax.random.normal(jax.random.key(3), (4, 4), F64)},
+    }
     report = check_vjp(poly_tree, x, 3, params)
     assert report.paths == ("x", "params['a']", "params['lin']['b']")
     assert bool(report.ok), report.table()
@@ -241,8 +248,9 @@ def test_check_vjp_float32_tolerances():
     report = check_vjp(scaled_tanh, x, w, s)
     assert bool(report.ok)
     assert float(np.max(report.rel_error)) < 1e-5
-    assert not bool(check_vjp(scaled_tanh_buggy, *(a.astype(jnp.float32)
-                                                    for a in _problem(d=4, out=4))).ok)
+    assert not bool(
+        check_vjp(scaled_tanh_buggy, *(a.astype(jnp.float32) for a in _problem(d=4, out=4))).ok
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,17 +268,41 @@ def _raises(exc, match, fn, *args, jit=False):
 @pytest.mark.parametrize("jit", [False, True])
 def test_errors_name_the_argument_and_the_expected_shape(jit):
     x, w, s = _problem(d=4, out=3)
-    wrong_shape = _with_bwd(lambda res, dy: (_st_bwd(res, dy)[0], dy.T @ res[0],
-                                             _st_bwd(res, dy)[2]), "transposed")
-    _raises(ValueError, r"transposed's bwd returned a cotangent of shape \(3, 4\) for "
-                        r"argument 'w', expected shape \(4, 3\)", wrong_shape, x, w, s, jit=jit)
+    wrong_shape = _with_bwd(
+        lambda res, dy: (_st_bwd(res, dy)[0], dy.T @ res[0], _st_bwd(res, dy)[2]), "transposed"
+    )
+    _raises(
+        ValueError,
+        r"transposed's bwd returned a cotangent of shape \(3, 4\) for "
+        r"argument 'w', expected shape \(4, 3\)",
+        wrong_shape,
+        x,
+        w,
+        s,
+        jit=jit,
+    )
     too_few = _with_bwd(lambda res, dy: _st_bwd(res, dy)[:2], "two")
-    _raises(ValueError, r"two's bwd returned 2 cotangents, expected 3 \(one per "
-                        r"differentiable argument: x, w, s\)", too_few, x, w, s, jit=jit)
+    _raises(
+        ValueError,
+        r"two's bwd returned 2 cotangents, expected 3 \(one per "
+        r"differentiable argument: x, w, s\)",
+        too_few,
+        x,
+        w,
+        s,
+        jit=jit,
+    )
     not_tuple = _with_bwd(lambda res, dy: _st_bwd(res, dy)[0], "single")
     _raises(ValueError, "single's bwd must return a tuple", not_tuple, x, w, s, jit=jit)
-    _raises(TypeError, "argument x of scaled_tanh has dtype int", scaled_tanh,
-            jnp.ones((5, 4), jnp.int32), w, s, jit=jit)
+    _raises(
+        TypeError,
+        "argument x of scaled_tanh has dtype int",
+        scaled_tanh,
+        jnp.ones((5, 4), jnp.int32),
+        w,
+        s,
+        jit=jit,
+    )
 
 
 def test_error_on_a_cotangent_tree_of_the_wrong_structure():
@@ -278,8 +310,11 @@ def test_error_on_a_cotangent_tree_of_the_wrong_structure():
     params = {"a": jnp.asarray(0.3, F64), "lin": {"b": jnp.eye(4, dtype=F64)}}
     fn = jax.custom_vjp(poly_tree.fun, nondiff_argnums=(1,))
     fn.defvjp(_poly_fwd, lambda p, res, g: (_poly_bwd(p, res, g)[0], {"a": 0.0}))
-    with pytest.raises(ValueError, match=r"argument 'params' that does not match the "
-                                         r"argument: got no leaf \['lin'\]\['b'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"argument 'params' that does not match the "
+        r"argument: got no leaf \['lin'\]\['b'\]",
+    ):
         check_vjp(fn, x, 3, params)
 
 
@@ -330,13 +365,11 @@ def test_from_custom_vjp_output_shape_and_single_example():
     assert out_shape == (-1, 3)
     x = jnp.arange(4.0)
     y, _ = CELL.forward(params, x)
-    np.testing.assert_allclose(y, params["s"] * np.tanh(np.asarray(x) @ params["w"]),
-                               rtol=1e-14)
+    np.testing.assert_allclose(y, params["s"] * np.tanh(np.asarray(x) @ params["w"]), rtol=1e-14)
 
 
 def _net(cell_fn):
-    return jaxbp.serial(jaxbp.Dense(4), from_custom_vjp(cell_fn, init_scaled_tanh),
-                        jaxbp.Dense(1))
+    return jaxbp.serial(jaxbp.Dense(4), from_custom_vjp(cell_fn, init_scaled_tanh), jaxbp.Dense(1))
 
 
 def _regression(n=16):
@@ -362,8 +395,14 @@ def test_verified_train_step_checks_a_custom_vjp_every_step():
 
 def test_verified_train_step_names_the_wrong_leaf_of_a_buggy_custom_vjp():
     x, y = _regression()
-    net = jaxbp.serial(jaxbp.Dense(4), from_custom_vjp(scaled_tanh_buggy, lambda k, s: {
-        "w": jax.random.normal(k, (4, 4)) / 2, "s": jnp.asarray(1.0)}), jaxbp.Dense(1))
+    net = jaxbp.serial(
+        jaxbp.Dense(4),
+        from_custom_vjp(
+            scaled_tanh_buggy,
+            lambda k, s: {"w": jax.random.normal(k, (4, 4)) / 2, "s": jnp.asarray(1.0)},
+        ),
+        jaxbp.Dense(1),
+    )
     _, params = net.init(jax.random.key(1), (-1, 3))
     optimizer = jaxbp.sgd(0.1)
     step = jaxbp.make_train_step(net, "mse", optimizer, check="raise")
@@ -380,8 +419,9 @@ def test_from_custom_vjp_three_opinions_in_a_network():
 
 
 def test_from_custom_vjp_with_nondiff_constants_and_named_input():
-    layer = from_custom_vjp(poly_tree_array, lambda k, s: {"a": jnp.asarray(0.5)},
-                            input_arg="x", constants={"power": 3})
+    layer = from_custom_vjp(
+        poly_tree_array, lambda k, s: {"a": jnp.asarray(0.5)}, input_arg="x", constants={"power": 3}
+    )
     report = check_layer(layer, jax.random.key(0), (4,))
     assert bool(report.ok) and report.paths == ("['params']['a']", "['x']")
 
@@ -389,11 +429,17 @@ def test_from_custom_vjp_with_nondiff_constants_and_named_input():
 def test_describe_build_round_trip():
     layer = from_custom_vjp(f"{__name__}:scaled_tanh", f"{__name__}:init_scaled_tanh")
     d = describe(layer)
-    assert d == {"name": "CustomVJP", "fn": f"{__name__}:scaled_tanh",
-                 "init": f"{__name__}:init_scaled_tanh", "input_arg": 0, "constants": []}
+    assert d == {
+        "name": "CustomVJP",
+        "fn": f"{__name__}:scaled_tanh",
+        "init": f"{__name__}:init_scaled_tanh",
+        "input_arg": 0,
+        "constants": [],
+    }
     assert describe(build(json.loads(json.dumps(d)))) == d
-    with_constants = from_custom_vjp(poly_tree_array, f"{__name__}:init_scaled_tanh",
-                                     constants={"power": 2})
+    with_constants = from_custom_vjp(
+        poly_tree_array, f"{__name__}:init_scaled_tanh", constants={"power": 2}
+    )
     d2 = describe(with_constants)
     assert d2["fn"] == f"{__name__}:poly_tree_array"
     assert describe(build(json.loads(json.dumps(d2)))) == d2
@@ -404,12 +450,14 @@ def test_describe_build_round_trip():
 def test_from_custom_vjp_errors():
     with pytest.raises(ValueError, match="has no argument 'z'; its arguments are x, w, s"):
         from_custom_vjp(scaled_tanh, init_scaled_tanh, input_arg="z")
-    with pytest.raises(ValueError, match=r"constants must give exactly the nondiff arguments "
-                                         r"of poly_tree_array \(power\); missing \['power'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"constants must give exactly the nondiff arguments "
+        r"of poly_tree_array \(power\); missing \['power'\]",
+    ):
         from_custom_vjp(poly_tree_array, init_scaled_tanh)
     with pytest.raises(ValueError, match="is in nondiff_argnums"):
-        from_custom_vjp(poly_tree_array, init_scaled_tanh, input_arg=1,
-                        constants={"power": 2})
+        from_custom_vjp(poly_tree_array, init_scaled_tanh, input_arg=1, constants={"power": 2})
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
         from_custom_vjp("no_such_module:f", init_scaled_tanh)
     with pytest.raises(TypeError, match="expects a jax.custom_vjp function"):
@@ -451,15 +499,19 @@ def _grads_by_backprop(params, x, y):
 def _net_problem(batch, key=0, width=4):
     k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
     _, params = NET.init(k1, (-1, width))
-    return params, jax.random.normal(k2, (batch, width), F64), jax.random.normal(k3, (batch, 2),
-                                                                                 F64)
+    return (
+        params,
+        jax.random.normal(k2, (batch, width), F64),
+        jax.random.normal(k3, (batch, 2), F64),
+    )
 
 
 def test_as_custom_vjp_is_a_custom_vjp_using_the_hand_written_backward():
     assert isinstance(APPLY, jax.custom_vjp) and APPLY.layer is NET
     # A buggy backward shows through: jax.grad really runs the layer's backward.
-    broken = NET._replace(backward=lambda p, c, dy: jax.tree_util.tree_map(
-        jnp.zeros_like, NET.backward(p, c, dy)))
+    broken = NET._replace(
+        backward=lambda p, c, dy: jax.tree_util.tree_map(jnp.zeros_like, NET.backward(p, c, dy))
+    )
     params, x, y = _net_problem(3)
     grads = jax.grad(_half_sse_via(as_custom_vjp(broken)))(params, x, y)
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree_util.tree_leaves(grads))
@@ -481,8 +533,12 @@ def test_jax_grad_through_as_custom_vjp_equals_backprop(jit):
 def _apply_vs_backprop(seed, batch):
     # One compiled program per batch size: problem, both gradients and the comparison.
     params, x, y = _net_problem(batch, key=seed)
-    return jaxbp.compare_grads(jax.grad(_half_sse_via(APPLY), argnums=(0, 1))(params, x, y),
-                               _grads_by_backprop(params, x, y), rtol=1e-12, atol=1e-12)
+    return jaxbp.compare_grads(
+        jax.grad(_half_sse_via(APPLY), argnums=(0, 1))(params, x, y),
+        _grads_by_backprop(params, x, y),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @settings(max_examples=10, deadline=None)
@@ -512,9 +568,11 @@ def test_as_custom_vjp_inside_lax_scan():
         def loss(p):
             def body(h, x_t):
                 h = apply(p, h) + x_t
-                return h, jnp.sum(h ** 2)
+                return h, jnp.sum(h**2)
+
             _, per_step = jax.lax.scan(body, jnp.zeros((2, 3), F64), xs)
             return jnp.sum(per_step)
+
         return loss
 
     got = jax.jit(jax.grad(unroll(as_custom_vjp(cell))))(params)
@@ -563,16 +621,23 @@ def test_run_vjp_json_and_module_target(capsys):
     assert [row["argument"] for row in result["arguments"]] == ["x", "a"]
 
 
-@pytest.mark.parametrize("target, shapes, exc, match", [
-    ("nomodule:f", [(3,)], ValueError, "cannot import module 'nomodule'"),
-    ("no_colon", [(3,)], ValueError, "expects MODULE:NAME"),
-    (f"{BUGGY}:nothing", [(3,)], ValueError, "has no 'nothing'"),
-    (f"{BUGGY}:init_cell", [(3,)], TypeError, "expects a jax.custom_vjp function"),
-    (f"{BUGGY}:recurrent_cell", [(5, 4)], ValueError,
-     r"recurrent_cell takes 3 array arguments \(x, W, s\), got 1 shape"),
-    (f"{BUGGY}:recurrent_cell", [(5, 4), (3, 4), ()], (TypeError, ValueError), "."),
-    (f"{BUGGY}:recurrent_cell", None, ValueError, "needs --shapes"),
-])
+@pytest.mark.parametrize(
+    "target, shapes, exc, match",
+    [
+        ("nomodule:f", [(3,)], ValueError, "cannot import module 'nomodule'"),
+        ("no_colon", [(3,)], ValueError, "expects MODULE:NAME"),
+        (f"{BUGGY}:nothing", [(3,)], ValueError, "has no 'nothing'"),
+        (f"{BUGGY}:init_cell", [(3,)], TypeError, "expects a jax.custom_vjp function"),
+        (
+            f"{BUGGY}:recurrent_cell",
+            [(5, 4)],
+            ValueError,
+            r"recurrent_cell takes 3 array arguments \(x, W, s\), got 1 shape",
+        ),
+        (f"{BUGGY}:recurrent_cell", [(5, 4), (3, 4), ()], (TypeError, ValueError), "."),
+        (f"{BUGGY}:recurrent_cell", None, ValueError, "needs --shapes"),
+    ],
+)
 def test_run_vjp_bad_input_is_one_line(target, shapes, exc, match):
     with pytest.raises(exc, match=match) as info:
         run_vjp(target, shapes)
@@ -582,6 +647,7 @@ def test_run_vjp_bad_input_is_one_line(target, shapes, exc, match):
 def test_parse_shape_and_nondiff_defaults():
     assert parse_shape("4,3") == (4, 3) and parse_shape("scalar") == () and parse_shape("7") == (7,)
     import argparse
+
     for bad in ("4,x", "0,3", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_shape(bad)
@@ -598,8 +664,14 @@ def test_parse_shape_and_nondiff_defaults():
 def _run_example(name: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -615,8 +687,9 @@ def test_example_buggy_custom_vjp():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, model", [("flax_nnx_layer.py", "flax nnx"),
-                                         ("equinox_layer.py", "equinox")])
+@pytest.mark.parametrize(
+    "name, model", [("flax_nnx_layer.py", "flax nnx"), ("equinox_layer.py", "equinox")]
+)
 def test_example_framework_models(name, model):
     out = _run_example(name)
     assert "hand-written backward vs autodiff: all leaves agree (8 leaves" in out
@@ -630,15 +703,35 @@ def test_check_vjp_command_exit_codes(name, code):
     """``jaxbp check --vjp FILE:NAME --shapes ...``: exit 1 names W for the buggy cell, 0 when
     fixed; --shapes without --vjp is a usage error (exit 2, one line)."""
     target = f"{EXAMPLES / 'buggy_custom_vjp.py'}:{name}"
-    result = subprocess.run([sys.executable, "-m", "jaxbp.cli", "check", "--vjp", target,
-                             "--shapes", "5,4", "4,4", "scalar", "--format", "json"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxbp.cli",
+            "check",
+            "--vjp",
+            target,
+            "--shapes",
+            "5,4",
+            "4,4",
+            "scalar",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == code, result.stderr
     report = json.loads(result.stdout)
     verdicts = {row["argument"]: row["ok"] for row in report["arguments"]}
     assert verdicts == {"x": True, "W": code == 0, "s": True}
     assert report["ok"] is (code == 0)
-    bad = subprocess.run([sys.executable, "-m", "jaxbp.cli", "check", "--shapes", "3"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxbp.cli", "check", "--shapes", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "--shapes needs --vjp" in bad.stderr

@@ -81,8 +81,9 @@ def test_conv_numbers_equal_jax_grad_and_numpy(conv):
     np.testing.assert_allclose(conv.manual["x"], dx, rtol=1e-12, atol=1e-14)
     x = np.asarray(spec["inputs"])[:, 0]
     w = np.asarray(spec["params"]["W"])[:, 0, 0]
-    y, _dy, dw, db, dxr = conv_reference(x, w, spec["params"]["b"][0],
-                                        np.asarray(spec["targets"])[:, 0], 2)
+    y, _dy, dw, db, dxr = conv_reference(
+        x, w, spec["params"]["b"][0], np.asarray(spec["targets"])[:, 0], 2
+    )
     numbers = conv.numbers
     np.testing.assert_allclose(np.asarray(numbers["forward"]["y"])[:, 0], y, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(numbers["gradients"]["W"])[:, 0, 0], dw, rtol=1e-12)
@@ -96,8 +97,7 @@ def test_conv_text_shows_the_per_position_sums(conv):
     text = conv.render("text")
     # w1 touched x1 (for y1) and x3 (for y2): its gradient is the sum of those two terms
     assert "w1      x1, x3" in text
-    assert ("dE/dw1 = dE/dy1*x1 + dE/dy2*x3 = (-1.6500)*1 + (-1.1500)*(-1) = -0.5000"
-            in text)
+    assert "dE/dw1 = dE/dy1*x1 + dE/dy2*x3 = (-1.6500)*1 + (-1.1500)*(-1) = -0.5000" in text
     assert "dE/dw2 = dE/dy1*x2 + dE/dy2*x4 = (-1.6500)*2 + (-1.1500)*0.5 = -3.8750" in text
     assert "dE/db = dE/dy1 + dE/dy2 = (-1.6500) + (-1.1500) = -2.8000" in text
     # x3 is read by both windows: the transposed convolution adds both paths
@@ -126,9 +126,17 @@ def test_conv_printed_arithmetic_is_right(conv):
 
 
 def test_conv_with_padding_dilation_and_channels_matches_jax_grad():
-    spec = {"model": {"name": "Conv1D", "out_channels": 2, "kernel_size": 2, "stride": 2,
-                      "padding": "SAME", "dilation": 2},
-            "inputs": [[1.0, -0.5], [2.0, 0.25], [0.5, 1.0], [-1.0, 3.0], [0.3, 0.2]]}
+    spec = {
+        "model": {
+            "name": "Conv1D",
+            "out_channels": 2,
+            "kernel_size": 2,
+            "stride": 2,
+            "padding": "SAME",
+            "dilation": 2,
+        },
+        "inputs": [[1.0, -0.5], [2.0, 0.25], [0.5, 1.0], [-1.0, 3.0], [0.3, 0.2]],
+    }
     traced = trace_layer(spec)
     dparams, dx = _jax_grads(traced.spec)
     np.testing.assert_allclose(traced.manual["W"], dparams["W"], rtol=1e-12, atol=1e-14)
@@ -167,8 +175,15 @@ def attention_reference(spec):
     dp = dh @ v.T
     jac = [np.diag(p[r]) - np.outer(p[r], p[r]) for r in range(3)]  # the softmax Jacobian
     ds = np.stack([jac[r] @ dp[r] for r in range(3)])
-    return {"p": p, "y": y, "dp": dp, "ds": ds, "dWo": h.T @ dy,
-            "dWq": x.T @ (ds @ k / math.sqrt(d)), "dWv": x.T @ (p.T @ dh)}
+    return {
+        "p": p,
+        "y": y,
+        "dp": dp,
+        "ds": ds,
+        "dWo": h.T @ dy,
+        "dWq": x.T @ (ds @ k / math.sqrt(d)),
+        "dWv": x.T @ (p.T @ dh),
+    }
 
 
 def test_attention_numbers_equal_jax_grad_and_numpy(attention):
@@ -195,16 +210,23 @@ def test_attention_text_shows_softmax_jacobian_and_mask(attention):
     assert "dp3/ds3 = diag(p3) - p3 p3^T = [[0.2246, (-0.1036), (-0.1210)]" in text
     assert "dE/ds1.2 = p1.2 * (dE/dp1.2 - r1) = 0 * " in text
     assert "nothing reaches the -inf score" in text
-    assert ("r3 = p3.1*dE/dp3.1 + p3.2*dE/dp3.2 + p3.3*dE/dp3.3 = "
-            "0.3406*(-0.6522) + 0.3041*0.3519 + 0.3553*(-0.3003) = -0.2218") in text
-    assert re.search(r"dE/dWo\[1\]\[1\] = h1\.1\*dE/dy1\.1 \+ h2\.1\*dE/dy2\.1 \+ "
-                     r"h3\.1\*dE/dy3\.1 = ", text)
+    assert (
+        "r3 = p3.1*dE/dp3.1 + p3.2*dE/dp3.2 + p3.3*dE/dp3.3 = "
+        "0.3406*(-0.6522) + 0.3041*0.3519 + 0.3553*(-0.3003) = -0.2218"
+    ) in text
+    assert re.search(
+        r"dE/dWo\[1\]\[1\] = h1\.1\*dE/dy1\.1 \+ h2\.1\*dE/dy2\.1 \+ "
+        r"h3\.1\*dE/dy3\.1 = ",
+        text,
+    )
     assert _printed_sums_add_up(text) >= 40
 
 
 def test_attention_without_mask_and_default_params():
-    spec = {"model": {"name": "MultiHeadAttention", "num_heads": 1},
-            "inputs": [[0.5, -1.0], [1.0, 0.25], [0.0, 2.0]]}
+    spec = {
+        "model": {"name": "MultiHeadAttention", "num_heads": 1},
+        "inputs": [[0.5, -1.0], [1.0, 0.25], [0.0, 2.0]],
+    }
     traced = trace_layer(spec)
     assert traced.spec["params"]["Wq"]  # init with key 0, rounded to two places
     assert all(round(v, 2) == v for row in traced.spec["params"]["Wq"] for v in row)
@@ -252,28 +274,43 @@ def test_plot_is_a_png(tmp_path, capsys, kind):
 
 def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
     path = tmp_path / "conv.json"
-    path.write_text(json.dumps({"name": "Conv1D", "out_channels": 1, "kernel_size": 3,
-                                "stride": 2}))
+    path.write_text(
+        json.dumps({"name": "Conv1D", "out_channels": 1, "kernel_size": 3, "stride": 2})
+    )
     code, out, _ = run_cli(capsys, "trace", "--model", str(path), "--format", "json")
     assert code == 0
     assert json.loads(out)["input"]["inputs"] == [[1.0], [2.0], [-1.0], [0.5], [3.0]]
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ({"name": "Dense", "out_dim": 2}, "cannot trace a model whose layer is 'Dense'"),
-    ({"model": {"name": "serial", "layers": []}}, "cannot trace"),
-    ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "params": {"W": 1}},
-     "params must be an object with keys W, b"),
-    ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3},
-      "params": {"W": [[[1.0]]], "b": [0.0]}}, "params.W has shape (1, 1, 1)"),
-    ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "inputs": [1, "a"]},
-     "inputs must hold numbers"),
-    ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "targets": [1.0]},
-     "targets has shape (1, 1); expected (3, 1)"),
-    ({"model": {"name": "MultiHeadAttention", "num_heads": 2}}, "expected num_heads 1"),
-    ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 9}}, "Conv1D"),
-    ({"model": {"name": "Conv1D"}, "extra": 1}, "unknown key 'extra'"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ({"name": "Dense", "out_dim": 2}, "cannot trace a model whose layer is 'Dense'"),
+        ({"model": {"name": "serial", "layers": []}}, "cannot trace"),
+        (
+            {"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "params": {"W": 1}},
+            "params must be an object with keys W, b",
+        ),
+        (
+            {
+                "model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3},
+                "params": {"W": [[[1.0]]], "b": [0.0]},
+            },
+            "params.W has shape (1, 1, 1)",
+        ),
+        (
+            {"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "inputs": [1, "a"]},
+            "inputs must hold numbers",
+        ),
+        (
+            {"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 3}, "targets": [1.0]},
+            "targets has shape (1, 1); expected (3, 1)",
+        ),
+        ({"model": {"name": "MultiHeadAttention", "num_heads": 2}}, "expected num_heads 1"),
+        ({"model": {"name": "Conv1D", "out_channels": 1, "kernel_size": 9}}, "Conv1D"),
+        ({"model": {"name": "Conv1D"}, "extra": 1}, "unknown key 'extra'"),
+    ],
+)
 def test_bad_model_file_is_one_line_exit_2(tmp_path, capsys, content, fragment):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))

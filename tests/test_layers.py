@@ -26,8 +26,14 @@ LAYERS = {
     "Gelu": jaxbp.Gelu,
     "Softplus": jaxbp.Softplus,
     "Identity": jaxbp.Identity,
-    "serial": jaxbp.serial(jaxbp.Dense(6), jaxbp.Tanh, jaxbp.Dense(4, shared_bias=True),
-                           jaxbp.Gelu, jaxbp.Dense(2), jaxbp.Sigmoid),
+    "serial": jaxbp.serial(
+        jaxbp.Dense(6),
+        jaxbp.Tanh,
+        jaxbp.Dense(4, shared_bias=True),
+        jaxbp.Gelu,
+        jaxbp.Dense(2),
+        jaxbp.Sigmoid,
+    ),
 }
 SHAPES = {"batch": (7, 4), "single": (4,)}
 # (rtol, atol) for the direct comparison: float64 to ~1e-12, float32 to its rounding error.
@@ -65,8 +71,11 @@ def all_manual_and_vjp(key, shape, dtype):
 
 def all_check_layer(key, shape, dtype, names=tuple(LAYERS)):
     """``jaxbp.check_layer`` for the layers of ``LAYERS`` called ``names``."""
-    return {name: jaxbp.check_layer(layer, jax.random.fold_in(key, i), shape, dtype=dtype)
-            for i, (name, layer) in enumerate(LAYERS.items()) if name in names}
+    return {
+        name: jaxbp.check_layer(layer, jax.random.fold_in(key, i), shape, dtype=dtype)
+        for i, (name, layer) in enumerate(LAYERS.items())
+        if name in names
+    }
 
 
 # All layers in one compiled program per (shape, dtype): one compilation instead of eleven.
@@ -89,24 +98,43 @@ def test_backward_equals_vjp(shape, dtype, jit):
             y, y_ref, dparams, dx, ref_params, ref_x = out
             assert y.dtype == dtype and dx.dtype == dtype and dx.shape == x.shape, name
             np.testing.assert_array_equal(y, y_ref, err_msg=name)
-            assert (jax.tree_util.tree_structure(dparams)
-                    == jax.tree_util.tree_structure(params)), name
-            for got, want, p in zip(jax.tree_util.tree_leaves(dparams),
-                                    jax.tree_util.tree_leaves(ref_params),
-                                    jax.tree_util.tree_leaves(params)):
+            assert jax.tree_util.tree_structure(dparams) == jax.tree_util.tree_structure(params), (
+                name
+            )
+            for got, want, p in zip(
+                jax.tree_util.tree_leaves(dparams),
+                jax.tree_util.tree_leaves(ref_params),
+                jax.tree_util.tree_leaves(params),
+            ):
                 assert got.shape == p.shape and got.dtype == dtype, name
-                np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(
-                    1.0, float(jnp.max(jnp.abs(want)))), err_msg=name)
-            np.testing.assert_allclose(dx, ref_x, rtol=rtol, atol=atol * max(
-                1.0, float(jnp.max(jnp.abs(ref_x)))), err_msg=name)
+                np.testing.assert_allclose(
+                    got,
+                    want,
+                    rtol=rtol,
+                    atol=atol * max(1.0, float(jnp.max(jnp.abs(want)))),
+                    err_msg=name,
+                )
+            np.testing.assert_allclose(
+                dx,
+                ref_x,
+                rtol=rtol,
+                atol=atol * max(1.0, float(jnp.max(jnp.abs(ref_x)))),
+                err_msg=name,
+            )
 
 
 # Each layer meets both dtypes, both shapes, jit and no jit (a Latin square: the full cross
 # product is covered by test_backward_equals_vjp; compiling check_layer's report is costly).
-@pytest.mark.parametrize("shape, dtype, jit", [
-    (SHAPES["batch"], jnp.float64, False), (SHAPES["single"], jnp.float32, False),
-    (SHAPES["batch"], jnp.float32, True), (SHAPES["single"], jnp.float64, True),
-], ids=["batch-f64-nojit", "single-f32-nojit", "batch-f32-jit", "single-f64-jit"])
+@pytest.mark.parametrize(
+    "shape, dtype, jit",
+    [
+        (SHAPES["batch"], jnp.float64, False),
+        (SHAPES["single"], jnp.float32, False),
+        (SHAPES["batch"], jnp.float32, True),
+        (SHAPES["single"], jnp.float64, True),
+    ],
+    ids=["batch-f64-nojit", "single-f32-nojit", "batch-f32-jit", "single-f64-jit"],
+)
 def test_check_layer(shape, dtype, jit):
     names = JIT_CHECKED if jit else tuple(LAYERS)
     fn = _all_check_layer_jit if jit else all_check_layer
@@ -180,7 +208,7 @@ def test_activation_formulas():
         "Tanh": np.tanh(xs),
         "Relu": np.maximum(xs, 0),
         "LeakyRelu": np.where(xs > 0, xs, 0.1 * xs),
-        "Gelu": 0.5 * xs * (1 + np.tanh(np.sqrt(2 / np.pi) * (xs + 0.044715 * xs ** 3))),
+        "Gelu": 0.5 * xs * (1 + np.tanh(np.sqrt(2 / np.pi) * (xs + 0.044715 * xs**3))),
         "Softplus": np.log1p(np.exp(xs)),
         "Identity": xs,
     }
@@ -194,8 +222,7 @@ def test_activation_formulas():
     # Sigmoid's derivative is computed from its output, as the seed does: y * (1 - y).
     y, cache = jaxbp.Sigmoid.forward((), x)
     np.testing.assert_array_equal(cache, y)
-    np.testing.assert_allclose(jaxbp.Sigmoid.backward((), cache, dy)[1], y * (1 - y),
-                               rtol=1e-15)
+    np.testing.assert_allclose(jaxbp.Sigmoid.backward((), cache, dy)[1], y * (1 - y), rtol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["Relu", "LeakyRelu"])
@@ -224,8 +251,9 @@ def test_layers_under_strict_dtype_promotion():
     with jax.numpy_dtype_promotion("strict"):
         for dtype in (jnp.float32, jnp.float64):
             for shape in SHAPES.values():
-                out = jax.eval_shape(lambda k: all_manual_and_vjp(k, shape, dtype),
-                                     jax.random.key(1))
+                out = jax.eval_shape(
+                    lambda k: all_manual_and_vjp(k, shape, dtype), jax.random.key(1)
+                )
                 for name, (_, _, results) in out.items():
                     assert all(r.dtype == dtype for r in jax.tree_util.tree_leaves(results)), name
 
@@ -243,8 +271,7 @@ def test_default_init_is_he_before_relu_like_and_glorot_otherwise():
         np.testing.assert_array_equal(params[0]["W"], jaxbp.he_normal(k0, (3, 5), jnp.float64))
     for act in (jaxbp.Tanh, jaxbp.Sigmoid, jaxbp.Identity):
         _, params = jaxbp.serial(jaxbp.Dense(5), act).init(key, (-1, 3))
-        np.testing.assert_array_equal(params[0]["W"],
-                                      jaxbp.glorot_uniform(k0, (3, 5), jnp.float64))
+        np.testing.assert_array_equal(params[0]["W"], jaxbp.glorot_uniform(k0, (3, 5), jnp.float64))
     # An explicit choice wins over the automatic one.
     _, params = jaxbp.serial(jaxbp.Dense(5, w_init="glorot"), jaxbp.Relu).init(key, (-1, 3))
     np.testing.assert_array_equal(params[0]["W"], jaxbp.glorot_uniform(k0, (3, 5), jnp.float64))
@@ -275,8 +302,14 @@ def test_describe():
     net = jaxbp.serial(jaxbp.Dense(4, shared_bias=True), jaxbp.LeakyRelu(0.2), jaxbp.Dense(1))
     d = jaxbp.describe(net)
     assert d["name"] == "serial" and len(d["layers"]) == 3
-    assert d["layers"][0] == {"name": "Dense", "out_dim": 4, "shared_bias": True,
-                              "w_init": "auto", "b_init": 0.0, "dtype": None}
+    assert d["layers"][0] == {
+        "name": "Dense",
+        "out_dim": 4,
+        "shared_bias": True,
+        "w_init": "auto",
+        "b_init": 0.0,
+        "dtype": None,
+    }
     assert d["layers"][1] == {"name": "LeakyRelu", "slope": 0.2}
     assert jaxbp.describe(jaxbp.build(d)) == d  # the description builds the same network
     assert jaxbp.describe(jaxbp.Dense(2, dtype=jnp.float32))["dtype"] == "float32"

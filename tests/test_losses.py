@@ -36,14 +36,17 @@ def reference(loss_name, out, target):
         return np.mean(np.asarray(optax.squared_error(out, target)))
     if loss_name == "softmax_cross_entropy":
         if jnp.issubdtype(jnp.result_type(target), jnp.integer):
-            return np.mean(np.asarray(
-                optax.softmax_cross_entropy_with_integer_labels(out, target)))
+            return np.mean(np.asarray(optax.softmax_cross_entropy_with_integer_labels(out, target)))
         return np.mean(np.asarray(optax.softmax_cross_entropy(out, target)))
     return np.mean(np.asarray(optax.sigmoid_binary_cross_entropy(out, target)))
 
 
-CASES = [(name, onehot) for name in jaxbp.LOSSES for onehot in (False, True)
-         if onehot is False or name == "softmax_cross_entropy"]
+CASES = [
+    (name, onehot)
+    for name in jaxbp.LOSSES
+    for onehot in (False, True)
+    if onehot is False or name == "softmax_cross_entropy"
+]
 IDS = [f"{n}{'-onehot' if o else ''}" for n, o in CASES]
 
 
@@ -61,11 +64,13 @@ def test_value_against_independent_formula(name, onehot, shape):
 def test_half_sse_is_the_seeds_e_total():
     out, target = jnp.array([0.8401, 0.7922]), jnp.array([0.02, 0.98])
     assert float(jaxbp.half_sse(out, target)) == pytest.approx(
-        0.5 * (0.02 - 0.8401) ** 2 + 0.5 * (0.98 - 0.7922) ** 2, rel=1e-15)
+        0.5 * (0.02 - 0.8401) ** 2 + 0.5 * (0.98 - 0.7922) ** 2, rel=1e-15
+    )
     # A batch averages the per-example E_total.
     batch = jnp.stack([out, target])
     assert float(jaxbp.half_sse(batch, jnp.stack([target, target]))) == pytest.approx(
-        float(jaxbp.half_sse(out, target)) / 2, rel=1e-15)
+        float(jaxbp.half_sse(out, target)) / 2, rel=1e-15
+    )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
@@ -89,8 +94,9 @@ def test_softmax_ce_soft_labels_gradient():
     out, _ = data("softmax_cross_entropy", (5, 3), jnp.float64)
     soft = jax.random.uniform(jax.random.key(3), (5, 3), jnp.float64)
     g = jaxbp.softmax_cross_entropy.grad(out, soft)
-    np.testing.assert_allclose(g, jax.grad(jaxbp.softmax_cross_entropy.value)(out, soft),
-                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        g, jax.grad(jaxbp.softmax_cross_entropy.value)(out, soft), rtol=1e-13, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
@@ -119,9 +125,11 @@ def test_losses_under_strict_dtype_promotion():
         for name, onehot in CASES:
             for dtype in (jnp.float32, jnp.float64):
                 out, target = data(name, (3, 4), dtype, onehot=onehot)
-                v, g = jax.eval_shape(lambda o, t: (jaxbp.get_loss(name)(o, t),
-                                                    jaxbp.get_loss(name).grad(o, t)),
-                                      out, target)
+                v, g = jax.eval_shape(
+                    lambda o, t: (jaxbp.get_loss(name)(o, t), jaxbp.get_loss(name).grad(o, t)),
+                    out,
+                    target,
+                )
                 assert v.dtype == dtype and g.dtype == dtype, name
 
 
@@ -134,8 +142,11 @@ def test_losses_under_strict_dtype_promotion():
 def test_target_shape_and_dtype_errors(name):
     loss = jaxbp.get_loss(name)
     out = jnp.zeros((4, 2))
-    with pytest.raises(ValueError, match=rf"{name} expects targets of the output's shape "
-                                         r"\(4, 2\), got shape \(4, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name} expects targets of the output's shape "
+        r"\(4, 2\), got shape \(4, 3\)",
+    ):
         loss(out, jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match=r"got shape \(4,\)"):
         loss.grad(out, jnp.zeros((4,)))

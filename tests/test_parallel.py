@@ -42,8 +42,11 @@ TOL = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=2e-6, atol=
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     return env
@@ -94,8 +97,13 @@ def _assert_broken_skipped(result, devices):
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel") / "eight.npz"
-    proc = subprocess.run([sys.executable, str(WORKER), "single", str(out)], env=_env(8),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "single", str(out)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dict(np.load(out))
 
@@ -150,9 +158,16 @@ def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
     port = _free_port()
     outs = [tmp / f"process{i}.npz" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(i), str(port),
-                               str(outs[i])], env=_env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multi", str(i), str(port), str(outs[i])],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     try:
         for p in procs:
@@ -173,8 +188,7 @@ def test_two_processes_match_one_device(two_processes):
     for i, result in enumerate(two_processes):
         assert int(result["process_index"]) == i
         for dtype, opt_name, check in worker.MULTI_CONFIGS:
-            _assert_matches(result, worker.key_of(dtype, opt_name, check), dtype, opt_name,
-                            check)
+            _assert_matches(result, worker.key_of(dtype, opt_name, check), dtype, opt_name, check)
         # Each process passed only its own half of the batch: the same global batch.
         _assert_matches(result, "local/float64-sgd-report", "float64", "sgd", "report")
     # Both hosts hold bit-identical replicated params.
@@ -206,13 +220,13 @@ def test_one_device_mesh_is_bitwise_make_train_step(mesh1, dtype, check):
     net, params, x, y = worker.problem(dtype)
     opt = optax.adam(0.05)
     ref = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, opt, check)
-    par = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, check,
-                                            mesh=mesh1)
+    par = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, check, mesh=mesh1
+    )
     ref_params, ref_losses, _ = worker.train(ref, opt, params, x, y, steps=2)
     par_params, par_losses, _ = worker.train(par, opt, params, x, y, steps=2)
     np.testing.assert_array_equal(par_losses, ref_losses)
-    for a, b in zip(jax.tree_util.tree_leaves(par_params),
-                    jax.tree_util.tree_leaves(ref_params)):
+    for a, b in zip(jax.tree_util.tree_leaves(par_params), jax.tree_util.tree_leaves(ref_params)):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(a, b)
 
@@ -233,8 +247,9 @@ def test_metrics_and_outputs_are_replicated(mesh1):
 def test_raise_on_one_device_names_the_leaf(mesh1):
     net, params, x, y = worker.broken_net("float64")
     opt = jaxbp.sgd(0.5)
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "raise",
-                                             mesh=mesh1)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "raise", mesh=mesh1
+    )
     with pytest.raises(jaxbp.GradientMismatchError) as info:
         step(jaxbp.TrainState(params, opt.init(params)), x, y)
     assert info.value.report.worst_path.startswith("[2]")
@@ -244,8 +259,9 @@ def test_donate_reuses_buffers(mesh1):
     net, params, x, y = worker.problem("float64")
     opt = jaxbp.sgd(0.5)
     ref = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, opt, "off")
-    step = parallel.make_parallel_train_step(net, jaxbp.softmax_cross_entropy, opt, "off",
-                                             mesh=mesh1, donate=True)
+    step = parallel.make_parallel_train_step(
+        net, jaxbp.softmax_cross_entropy, opt, "off", mesh=mesh1, donate=True
+    )
     expected = ref(jaxbp.TrainState(params, opt.init(params)), x, y)[0].params
     placed = parallel.replicate(mesh1, jaxbp.TrainState(params, opt.init(params)))
     new_params = step(placed, x, y)[0].params
@@ -267,18 +283,20 @@ def test_shard_batch_and_replicate_place_on_the_mesh(mesh1):
 
 
 def test_errors(mesh1):
-    with pytest.raises(ValueError, match="asked for 2 devices, but JAX sees only 1 .*"
-                                         "xla_force_host_platform_device_count=2"):
+    with pytest.raises(
+        ValueError,
+        match="asked for 2 devices, but JAX sees only 1 .*xla_force_host_platform_device_count=2",
+    ):
         parallel.data_parallel_mesh(2)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="num_devices must be a positive integer"):
             parallel.data_parallel_mesh(bad)
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
-        parallel.make_parallel_train_step(jaxbp.Dense(2), "mse", jaxbp.sgd(0.1),
-                                          mesh="cpu")
+        parallel.make_parallel_train_step(jaxbp.Dense(2), "mse", jaxbp.sgd(0.1), mesh="cpu")
     with pytest.raises(ValueError, match="unknown check mode 'always'"):
-        parallel.make_parallel_train_step(jaxbp.Dense(2), "mse", jaxbp.sgd(0.1), "always",
-                                          mesh=mesh1)
+        parallel.make_parallel_train_step(
+            jaxbp.Dense(2), "mse", jaxbp.sgd(0.1), "always", mesh=mesh1
+        )
     with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
         parallel.make_parallel_train_step(jaxbp.Dense(2), "mse", 0.1, mesh=mesh1)
     with pytest.raises(ValueError, match="x is a scalar; it needs a leading batch axis"):
@@ -288,11 +306,23 @@ def test_errors(mesh1):
 def test_cli_devices_beyond_what_jax_sees(tmp_path, capsys):
     from jaxbp.cli import main
 
-    code = main(["train", "--dataset", "xor", "--devices", "2", "--progress", "none",
-                 "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "xor",
+            "--devices",
+            "2",
+            "--progress",
+            "none",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("jaxbp train: error: data_parallel_mesh: asked for 2 devices, but JAX "
-                          "sees only 1 (cpu)")
+    assert err.startswith(
+        "jaxbp train: error: data_parallel_mesh: asked for 2 devices, but JAX sees only 1 (cpu)"
+    )
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in err
     assert main(["train", "--devices", "0"]) == 2  # argparse: a positive integer

@@ -58,8 +58,11 @@ def manual_and_vjp(layer, params, x, dy):
 
 
 def all_manual_and_vjp(key, shape, dtype, names=tuple(LAYERS)):
-    return {name: manual_and_vjp(layer, *draw(layer, jax.random.fold_in(key, i), shape, dtype))
-            for i, (name, layer) in enumerate(LAYERS.items()) if name in names}
+    return {
+        name: manual_and_vjp(layer, *draw(layer, jax.random.fold_in(key, i), shape, dtype))
+        for i, (name, layer) in enumerate(LAYERS.items())
+        if name in names
+    }
 
 
 # The layers of one test in one compiled program: XLA takes ~1 s of CPU to compile each
@@ -80,8 +83,13 @@ def assert_close(manual, reference, rtol, atol, what=""):
     for (path, b), a in zip(paths, jax.tree_util.tree_leaves(manual), strict=True):
         a, b = np.asarray(a), np.asarray(b)
         assert a.shape == b.shape and a.dtype == b.dtype, f"{what}{jax.tree_util.keystr(path)}"
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * np.max(np.abs(b)),
-                                   err_msg=f"{what}{jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            a,
+            b,
+            rtol=rtol,
+            atol=atol * np.max(np.abs(b)),
+            err_msg=f"{what}{jax.tree_util.keystr(path)}",
+        )
 
 
 def assert_agree(results, dtype):
@@ -95,8 +103,9 @@ def assert_agree(results, dtype):
 FLOAT64 = tuple(name for name in LAYERS if name not in ("GRU", "GRU_reverse"))
 
 
-@pytest.mark.parametrize("dtype, names", [(jnp.float64, FLOAT64), (jnp.float32, FEW)],
-                         ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "dtype, names", [(jnp.float64, FLOAT64), (jnp.float32, FEW)], ids=["f64", "f32"]
+)
 def test_backward_equals_vjp_jit(dtype, names):
     assert_agree(_all_manual_and_vjp_jit(jax.random.key(1), SHAPES["batch"], dtype, names), dtype)
 
@@ -114,17 +123,19 @@ def test_backward_equals_vjp_without_jit():
     """Eagerly, on a one-step sequence and a single example."""
     for name, shape in (("GRU_reverse_last", (2, 1, 3)), ("bi_LSTM_last", (4, 3))):
         layer = LAYERS[name]
-        manual, reference = manual_and_vjp(layer, *draw(layer, jax.random.key(2), shape,
-                                                          jnp.float64))
+        manual, reference = manual_and_vjp(
+            layer, *draw(layer, jax.random.key(2), shape, jnp.float64)
+        )
         assert_close(manual, reference, *TOL[jnp.float64], what=name)
 
 
 @jax.jit
 def _check_layer_reports():
     layer = LAYERS["bi_LSTM_last"]
-    return {str(np.dtype(dtype)): jaxbp.check_layer(layer, jax.random.key(4), (2, 4, 3),
-                                                     dtype=dtype)
-            for dtype in (jnp.float64, jnp.float32)}
+    return {
+        str(np.dtype(dtype)): jaxbp.check_layer(layer, jax.random.key(4), (2, 4, 3), dtype=dtype)
+        for dtype in (jnp.float64, jnp.float32)
+    }
 
 
 def test_check_layer_default_tolerances():
@@ -145,17 +156,24 @@ def test_finite_differences(name):
     # One flat vector of params and x: one compiled difference quotient instead of one per leaf.
     flat, unflatten = ravel_pytree({"params": params, "x": x})
     fd = jaxbp.finite_difference_grads(
-        lambda v: jnp.sum(layer.forward(unflatten(v)["params"], unflatten(v)["x"])[0] * dy), flat)
+        lambda v: jnp.sum(layer.forward(unflatten(v)["params"], unflatten(v)["x"])[0] * dy), flat
+    )
     assert_close({"params": dparams, "x": dx}, unflatten(fd), 1e-7, 1e-8)
 
 
 @settings(max_examples=10, deadline=None)
-@given(kind=st.sampled_from(["GRU", "LSTM", "bi_GRU"]), batch=st.integers(1, 3),
-       time=st.integers(1, 5), features=st.integers(1, 4), hidden=st.integers(1, 5),
-       reverse=st.booleans(), return_sequences=st.booleans(), single=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_random_sizes(kind, batch, time, features, hidden, reverse, return_sequences, single,
-                      seed):
+@given(
+    kind=st.sampled_from(["GRU", "LSTM", "bi_GRU"]),
+    batch=st.integers(1, 3),
+    time=st.integers(1, 5),
+    features=st.integers(1, 4),
+    hidden=st.integers(1, 5),
+    reverse=st.booleans(),
+    return_sequences=st.booleans(),
+    single=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_sizes(kind, batch, time, features, hidden, reverse, return_sequences, single, seed):
     if kind == "bi_GRU":
         layer = bidirectional(GRU(hidden, return_sequences))
     else:
@@ -197,8 +215,11 @@ def test_init_shapes_dtype_and_range():
             assert tuple(1 if d == -1 else d for d in out_shape) == y.shape, name
     _, p = GRU(6, dtype="float32").init(jax.random.key(0), (2, 3, 5))
     assert {k: (v.shape, v.dtype) for k, v in p.items()} == {
-        "Wi": ((5, 18), jnp.float32), "Wh": ((6, 18), jnp.float32),
-        "bi": ((18,), jnp.float32), "bh": ((18,), jnp.float32)}
+        "Wi": ((5, 18), jnp.float32),
+        "Wh": ((6, 18), jnp.float32),
+        "bi": ((18,), jnp.float32),
+        "bh": ((18,), jnp.float32),
+    }
     _, p = LSTM(4).init(jax.random.key(0), (3, 2))
     assert p["Wh"].shape == (4, 16) and p["Wh"].dtype == jnp.float64
     # PyTorch's initialisation: uniform in +-1/sqrt(hidden).
@@ -229,12 +250,22 @@ def test_describe_build_round_trip():
         description = model.describe(layer)
         assert model.describe(model.build(description)) == description, name
     assert model.describe(bidirectional(LSTM(2, False, dtype=np.float32))) == {
-        "name": "bidirectional", "layer": {"name": "LSTM", "hidden": 2,
-                                           "return_sequences": False, "reverse": False,
-                                           "dtype": "float32"}}
+        "name": "bidirectional",
+        "layer": {
+            "name": "LSTM",
+            "hidden": 2,
+            "return_sequences": False,
+            "reverse": False,
+            "dtype": "float32",
+        },
+    }
     rebuilt = model.build({"name": "GRU", "hidden": 3, "reverse": True})
-    assert dict(rebuilt.config) == {"hidden": 3, "return_sequences": True, "reverse": True,
-                                    "dtype": None}
+    assert dict(rebuilt.config) == {
+        "hidden": 3,
+        "return_sequences": True,
+        "reverse": True,
+        "dtype": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,12 +283,12 @@ def np_gru_direction(x, w_ih, w_hh, b_ih, b_hh, reverse):
     hidden = w_hh.shape[1]
     h = np.zeros((batch, hidden))
     out = np.zeros((batch, time, hidden))
-    for t in (reversed(range(time)) if reverse else range(time)):
+    for t in reversed(range(time)) if reverse else range(time):
         gi = x[:, t] @ w_ih.T + b_ih
         gh = h @ w_hh.T + b_hh
         r = _sigmoid(gi[:, :hidden] + gh[:, :hidden])
-        z = _sigmoid(gi[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
-        n = np.tanh(gi[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
+        z = _sigmoid(gi[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
+        n = np.tanh(gi[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
         h = (1 - z) * n + z * h
         out[:, t] = h
     return out, h
@@ -269,9 +300,9 @@ def np_lstm_direction(x, w_ih, w_hh, b_ih, b_hh, reverse):
     hidden = w_hh.shape[1]
     h, c = np.zeros((batch, hidden)), np.zeros((batch, hidden))
     out = np.zeros((batch, time, hidden))
-    for t in (reversed(range(time)) if reverse else range(time)):
+    for t in reversed(range(time)) if reverse else range(time):
         a = x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
-        i, f, g, o = (a[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        i, f, g, o = (a[:, k * hidden : (k + 1) * hidden] for k in range(4))
         c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
         h = _sigmoid(o) * np.tanh(c)
         out[:, t] = h
@@ -300,18 +331,22 @@ def torch_state_dict(kind, rng, features, hidden, *, layers=1, bidirectional=Fal
 def np_reference(kind, state, x, layer_index, bidirectional):
     """(output (batch, time, H or 2H), final states concatenated) of one torch layer."""
     outs, finals = [], []
-    for suffix, reverse in ([("", False), ("_reverse", True)] if bidirectional else [("", False)]):
-        w = [state.get(f"{n}_l{layer_index}{suffix}", 0.0)
-             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    for suffix, reverse in [("", False), ("_reverse", True)] if bidirectional else [("", False)]:
+        w = [
+            state.get(f"{n}_l{layer_index}{suffix}", 0.0)
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
         out, final = NP_DIRECTION[kind](x, *w, reverse)
         outs.append(out)
         finals.append(final)
     return np.concatenate(outs, -1), np.concatenate(finals, -1)
 
 
-@pytest.mark.parametrize("kind, bidir, bias", [("GRU", False, True), ("GRU", True, True),
-                                                ("LSTM", False, True), ("LSTM", True, False)],
-                         ids=["GRU", "bi_GRU", "LSTM", "bi_LSTM_no_bias"])
+@pytest.mark.parametrize(
+    "kind, bidir, bias",
+    [("GRU", False, True), ("GRU", True, True), ("LSTM", False, True), ("LSTM", True, False)],
+    ids=["GRU", "bi_GRU", "LSTM", "bi_LSTM_no_bias"],
+)
 def test_from_torch_state_dict_matches_numpy_reference(kind, bidir, bias):
     rng = np.random.default_rng(0)
     state = torch_state_dict(kind, rng, 3, 5, layers=2, bidirectional=bidir, bias=bias)
@@ -319,8 +354,9 @@ def test_from_torch_state_dict_matches_numpy_reference(kind, bidir, bias):
     for layer_index in (0, 1):
         out, final = np_reference(kind, state, x, layer_index, bidir)
         for return_sequences, expected in ((True, out), (False, final)):
-            layer, params = from_torch_state_dict(kind, state, layer_index=layer_index,
-                                                  return_sequences=return_sequences)
+            layer, params = from_torch_state_dict(
+                kind, state, layer_index=layer_index, return_sequences=return_sequences
+            )
             assert layer.name == ("bidirectional" if bidir else kind)
             y, _ = jax.jit(layer.forward)(params, jnp.asarray(x))
             np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
@@ -347,19 +383,31 @@ def test_from_torch_state_dict_errors():
     gru = torch_state_dict("GRU", rng, 5, 6)
     bi = torch_state_dict("GRU", rng, 5, 6, bidirectional=True)
     cases = [
-        (_renamed(gru, "weight_hh_l0", np.zeros((18, 5))),
-         r"^GRU state_dict: weight_hh_l0 has shape \(18, 5\), expected \(18, 6\)$"),
-        (_renamed(gru, "bias_ih_l0", np.zeros(17)),
-         r"^GRU state_dict: bias_ih_l0 has shape \(17,\), expected \(18,\)$"),
-        (_renamed(gru, "weight_ih_l0", np.zeros((17, 5))),
-         r"^GRU state_dict: weight_ih_l0 has shape \(17, 5\), expected \(3 \* hidden, in\)$"),
-        ({k: v for k, v in gru.items() if k != "weight_hh_l0"},
-         r"^GRU state_dict: missing weight_hh_l0; got keys \["),
-        ({k: v for k, v in gru.items() if k != "bias_hh_l0"},
-         r"^GRU state_dict: missing bias_hh_l0; got keys"),
+        (
+            _renamed(gru, "weight_hh_l0", np.zeros((18, 5))),
+            r"^GRU state_dict: weight_hh_l0 has shape \(18, 5\), expected \(18, 6\)$",
+        ),
+        (
+            _renamed(gru, "bias_ih_l0", np.zeros(17)),
+            r"^GRU state_dict: bias_ih_l0 has shape \(17,\), expected \(18,\)$",
+        ),
+        (
+            _renamed(gru, "weight_ih_l0", np.zeros((17, 5))),
+            r"^GRU state_dict: weight_ih_l0 has shape \(17, 5\), expected \(3 \* hidden, in\)$",
+        ),
+        (
+            {k: v for k, v in gru.items() if k != "weight_hh_l0"},
+            r"^GRU state_dict: missing weight_hh_l0; got keys \[",
+        ),
+        (
+            {k: v for k, v in gru.items() if k != "bias_hh_l0"},
+            r"^GRU state_dict: missing bias_hh_l0; got keys",
+        ),
         (bi, r"^GRU state_dict holds weight_ih_l0_reverse .*pass bidirectional=True$"),
-        (_renamed(bi, "weight_ih_l0_reverse", np.zeros((18, 4))),
-         r"^GRU state_dict: weight_ih_l0_reverse has shape \(18, 4\), expected \(18, 5\)$"),
+        (
+            _renamed(bi, "weight_ih_l0_reverse", np.zeros((18, 4))),
+            r"^GRU state_dict: weight_ih_l0_reverse has shape \(18, 4\), expected \(18, 5\)$",
+        ),
     ]
     for i, (state, pattern) in enumerate(cases):
         flag = False if i == 5 else None
@@ -372,16 +420,18 @@ def test_from_torch_state_dict_errors():
     with pytest.raises(ValueError, match=r"expects kind 'GRU' or 'LSTM', got 'RNN'"):
         from_torch_state_dict("RNN", gru)
     with pytest.raises(ValueError, match=r"proj_size"):
-        from_torch_state_dict("LSTM", {**torch_state_dict("LSTM", rng, 2, 3),
-                                       "weight_hr_l0": np.zeros((2, 3))})
+        from_torch_state_dict(
+            "LSTM", {**torch_state_dict("LSTM", rng, 2, 3), "weight_hr_l0": np.zeros((2, 3))}
+        )
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_against_torch(kind):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    module = getattr(torch.nn, kind)(3, 4, num_layers=1, batch_first=True,
-                                     bidirectional=True).double()
+    module = getattr(torch.nn, kind)(
+        3, 4, num_layers=1, batch_first=True, bidirectional=True
+    ).double()
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     out, h_n = module(x)
     h_n = h_n[0] if kind == "LSTM" else h_n
@@ -392,12 +442,14 @@ def test_against_torch(kind):
     np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-12, atol=1e-12)
     final_layer, _ = from_torch_state_dict(kind, module.state_dict(), return_sequences=False)
     y_final, _ = final_layer.forward(params, jnp.asarray(x.detach().numpy()))
-    np.testing.assert_allclose(y_final, torch.cat([h_n[0], h_n[1]], -1).detach().numpy(),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y_final, torch.cat([h_n[0], h_n[1]], -1).detach().numpy(), rtol=1e-12, atol=1e-12
+    )
     grads, dx = layer.backward(params, cache, jnp.asarray(dy.numpy()))
     np.testing.assert_allclose(dx, x.grad.numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(grads["backward"]["Wh"], module.weight_hh_l0_reverse.grad.T,
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        grads["backward"]["Wh"], module.weight_hh_l0_reverse.grad.T, rtol=1e-10, atol=1e-12
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,16 +462,24 @@ def test_input_errors_fire_under_jit(jit):
     layer = GRU(4)
     _, params = layer.init(jax.random.key(0), (2, 3, 5))
     forward = jax.jit(layer.forward) if jit else layer.forward
-    with pytest.raises(jaxbp.InputShapeError,
-                       match=r"^GRU expects inputs of shape \(batch, time, features\) or "
-                             r"\(time, features\) with 5 features, got shape \(2, 3, 4\)"):
+    with pytest.raises(
+        jaxbp.InputShapeError,
+        match=r"^GRU expects inputs of shape \(batch, time, features\) or "
+        r"\(time, features\) with 5 features, got shape \(2, 3, 4\)",
+    ):
         forward(params, jnp.zeros((2, 3, 4)))
     for shape in [(5,), (1, 2, 3, 5)]:
-        with pytest.raises(ValueError, match=rf"^GRU expects inputs of shape .*, got shape "
-                                             rf"\({shape[0]},"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^GRU expects inputs of shape .*, got shape "
+            rf"\({shape[0]},",
+        ):
             forward(params, jnp.zeros(shape))
-    with pytest.raises(ValueError, match=r"^GRU expects at least one time step, got shape "
-                                         r"\(2, 0, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^GRU expects at least one time step, got shape "
+        r"\(2, 0, 5\)",
+    ):
         forward(params, jnp.zeros((2, 0, 5)))
     with pytest.raises(TypeError, match=r"^GRU expects floating-point inputs, got dtype int"):
         forward(params, jnp.zeros((2, 3, 5), jnp.int32))
@@ -432,24 +492,39 @@ def test_argument_errors():
     for make in (GRU, LSTM):
         name = make.__name__
         for bad in (0, -3, 2.5, True, "8"):
-            with pytest.raises(ValueError, match=rf"^{name} expects a positive integer hidden "
-                                                 rf"size, got {bad!r}$".replace("(", r"\(")):
+            with pytest.raises(
+                ValueError,
+                match=rf"^{name} expects a positive integer hidden "
+                rf"size, got {bad!r}$".replace("(", r"\("),
+            ):
                 make(bad)
-        with pytest.raises(ValueError, match=rf"^{name} expects return_sequences to be True or "
-                                             rf"False, got 'no'$"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} expects return_sequences to be True or "
+            rf"False, got 'no'$",
+        ):
             make(3, return_sequences="no")
-        with pytest.raises(ValueError, match=rf"^{name} expects reverse to be True or False, "
-                                             rf"got 1$"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} expects reverse to be True or False, "
+            rf"got 1$",
+        ):
             make(3, reverse=1)
         with pytest.raises(ValueError, match=rf"^{name} expects dtype .* got int32$"):
             make(3, dtype="int32")
     with pytest.raises(ValueError, match=r"^GRU expects inputs of shape .*, got shape \(4,\)$"):
         GRU(3).init(jax.random.key(0), (4,))
-    with pytest.raises(ValueError, match=r"^bidirectional expects a GRU or LSTM layer, got "
-                                         r"Dense$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^bidirectional expects a GRU or LSTM layer, got "
+        r"Dense$",
+    ):
         bidirectional(jaxbp.Dense(3))
-    with pytest.raises(ValueError, match=r"^bidirectional expects a layer built with "
-                                         r"reverse=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"^bidirectional expects a layer built with "
+        r"reverse=False",
+    ):
         bidirectional(GRU(3, reverse=True))
     with pytest.raises(ValueError, match=r"^model: GRU expects a positive integer hidden size"):
         model.build({"name": "GRU", "hidden": 0})

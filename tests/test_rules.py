@@ -81,8 +81,9 @@ def test_fa_dx_is_dy_times_b_transposed_exactly(jit):
 
 
 @settings(max_examples=8, deadline=None)
-@given(n=st.integers(1, 6), d_in=st.integers(1, 7), d_out=st.integers(1, 7),
-       seed=st.integers(0, 100))
+@given(
+    n=st.integers(1, 6), d_in=st.integers(1, 7), d_out=st.integers(1, 7), seed=st.integers(0, 100)
+)
 def test_fa_and_sign_formulas_property(n, d_in, d_out, seed):
     layer, p, x, dy = dense_case(rules.FeedbackAlignment, n, d_in, d_out, seed=seed)
     _, dx = layer.backward(p, layer.forward(p, x)[1], dy)
@@ -111,13 +112,15 @@ def test_feedback_with_b_equal_w_is_backprop(rule):
     p = with_b_equal_w(p)
     x, y = data()
     _, g = jaxbp.backprop(net, LOSS, p, x, y)
-    _, ref = jaxbp.backprop(mlp(), LOSS, tuple({k: v for k, v in q.items() if k != "B"}
-                                              if q else q for q in p), x, y)
+    _, ref = jaxbp.backprop(
+        mlp(), LOSS, tuple({k: v for k, v in q.items() if k != "B"} if q else q for q in p), x, y
+    )
     for i in (0, 2, 4):
         np.testing.assert_allclose(g[i]["W"], ref[i]["W"], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(g[i]["b"], ref[i]["b"], rtol=1e-12, atol=1e-14)
         want_b = ref[i]["W"] if rule == "kp" else jnp.zeros_like(ref[i]["W"])
         np.testing.assert_allclose(g[i]["B"], want_b, rtol=1e-12, atol=1e-14)
+
     # A third opinion on the W leaves: central finite differences of the loss.
     def loss_of_first_w(w):
         return jaxbp.loss_fn(net, LOSS)((dict(p[0], W=w), *p[1:]), x, y)
@@ -151,8 +154,9 @@ def test_kp_b_minus_w_shrinks_by_the_decay_factor():
     lr, wd, steps = 0.1, 0.05, 30
     opt = rules.optimizer(sgd_with_decay(lr, wd), net)
     assert opt is not None
-    result = jaxbp.fit(net, LOSS, opt, jaxbp.init_train_state(net, opt, p), x, y, steps=steps,
-                       check="report")
+    result = jaxbp.fit(
+        net, LOSS, opt, jaxbp.init_train_state(net, opt, p), x, y, steps=steps, check="report"
+    )
     assert bool(np.all(result.history.applied))
     q = result.state.params
     for i in (0, 2, 4):
@@ -189,7 +193,7 @@ def test_dfa_hidden_updates_use_only_the_output_error():
     h0 = jnp.tanh(a0)
     a1 = h0 @ w1 + b1
     h1 = jnp.maximum(a1, 0)
-    d0 = (e @ p["B"][0]) * (1 - h0 ** 2)
+    d0 = (e @ p["B"][0]) * (1 - h0**2)
     d1 = (e @ p["B"][1]) * (a1 > 0)
     np.testing.assert_allclose(g["net"][0]["W"], x.T @ d0, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(g["net"][0]["b"], d0.sum(0), rtol=1e-12, atol=1e-13)
@@ -198,8 +202,16 @@ def test_dfa_hidden_updates_use_only_the_output_error():
     np.testing.assert_array_equal(dx, 0)
     np.testing.assert_array_equal(g["B"][0], 0)
     # The layers above a hidden layer do not reach it: other upper weights, same hidden grads.
-    other = dict(p, net=(p["net"][0], (), {"W": -3 * w1, "b": b1}, (),
-                         {"W": 7 * p["net"][4]["W"], "b": p["net"][4]["b"]}))
+    other = dict(
+        p,
+        net=(
+            p["net"][0],
+            (),
+            {"W": -3 * w1, "b": b1},
+            (),
+            {"W": 7 * p["net"][4]["W"], "b": p["net"][4]["b"]},
+        ),
+    )
     g2, _ = net.backward(other, cache, e)
     np.testing.assert_array_equal(g2["net"][0]["W"], g["net"][0]["W"])
     np.testing.assert_array_equal(g2["net"][2]["W"], g["net"][2]["W"])
@@ -238,8 +250,7 @@ def test_verified_step_applies_rule_and_reports_alignment():
     a, b = np.ravel(man[0]["W"]), np.ravel(ref[0]["W"])
     cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     assert al["[0]"]["angle"] == pytest.approx(np.degrees(np.arccos(cos)), rel=1e-9)
-    assert al["[0]"]["norm_ratio"] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(b),
-                                                    rel=1e-9)
+    assert al["[0]"]["norm_ratio"] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(b), rel=1e-9)
     # NaN data: not applied, even in report mode.
     bad, m = step(ts, x.at[0, 0].set(jnp.nan), y)
     assert not bool(m.applied) and int(m.reason) == jaxbp.REASON_NONFINITE
@@ -251,11 +262,14 @@ def test_step_check_and_alignment_of_stacked_reports():
     assert rules.step_check("raise", "dfa") == "report"
     assert rules.step_check("skip", "bp") == "skip"
     assert rules.step_check("off", "kp") == "off"
-    report = jaxbp.compare_grads({"W": jnp.array([[1.0, 0.0]] * 2)},
-                                 {"W": jnp.array([[0.0, 2.0]] * 2)})
+    report = jaxbp.compare_grads(
+        {"W": jnp.array([[1.0, 0.0]] * 2)}, {"W": jnp.array([[0.0, 2.0]] * 2)}
+    )
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), report)
     assert rules.layer_alignment(stacked, keep=[True, False])["<root>"] == {
-        "angle": pytest.approx(90.0), "norm_ratio": pytest.approx(0.5)}
+        "angle": pytest.approx(90.0),
+        "norm_ratio": pytest.approx(0.5),
+    }
     assert "|a|/|b|" in report.table() and report.to_dict()["leaves"]["['W']"]["norm_ratio"] == 0.5
 
 
@@ -295,8 +309,23 @@ def test_trainer_and_command(tmp_path, capsys):
     from jaxbp.cli import main
 
     out = tmp_path / "run"
-    code = main(["train", "--dataset", "xor", "--rule", "fa", "--epochs", "3", "--check",
-                 "skip", "--out", str(out), "--progress", "none"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "xor",
+            "--rule",
+            "fa",
+            "--epochs",
+            "3",
+            "--check",
+            "skip",
+            "--out",
+            str(out),
+            "--progress",
+            "none",
+        ]
+    )
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["rule"] == "fa" and m["skipped_mismatch"] == 0 and m["applied_steps"] == m["steps"]
@@ -315,11 +344,32 @@ def test_trainer_and_command(tmp_path, capsys):
 def test_command_rejects_a_rule_undefined_for_the_model(tmp_path, capsys):
     from jaxbp.cli import main
 
-    model = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 4},
-                                          {"name": "LayerNorm"}, {"name": "Dense", "out_dim": 2}]}
+    model = {
+        "name": "serial",
+        "layers": [
+            {"name": "Dense", "out_dim": 4},
+            {"name": "LayerNorm"},
+            {"name": "Dense", "out_dim": 2},
+        ],
+    }
     path = tmp_path / "m.json"
     path.write_text(json.dumps(model))
-    code = main(["train", "--dataset", "xor", "--model", str(path), "--rule", "sign",
-                 "--epochs", "1", "--out", str(tmp_path / "o"), "--progress", "none"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "xor",
+            "--model",
+            str(path),
+            "--rule",
+            "sign",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--progress",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "LayerNorm" in err and len(err.strip().splitlines()) == 1

@@ -95,9 +95,17 @@ def seed_values(problem):
     e = 0.5 * (y - out_o) ** 2
     value, grads = jaxbp.backprop(net, jaxbp.half_sse, params, x, y)
     return {
-        "in_h1": in_h[0], "in_h2": in_h[1], "out_h1": out_h[0], "out_h2": out_h[1],
-        "in_o1": in_o[0], "in_o2": in_o[1], "out_o1": out_o[0], "out_o2": out_o[1],
-        "E_o1": e[0], "E_o2": e[1], "E_total": value,
+        "in_h1": in_h[0],
+        "in_h2": in_h[1],
+        "out_h1": out_h[0],
+        "out_h2": out_h[1],
+        "in_o1": in_o[0],
+        "in_o2": in_o[1],
+        "out_o1": out_o[0],
+        "out_o2": out_o[1],
+        "E_o1": e[0],
+        "E_o2": e[1],
+        "E_total": value,
         # W7 joins hidden 2 to output 1: row 1, column 0 of the second weight matrix.
         "dE/dW7": grads[2]["W"][1, 0],
         "W7_new": params[2]["W"][1, 0] - problem.learning_rate * grads[2]["W"][1, 0],
@@ -126,7 +134,11 @@ def test_problem_matches_the_seed_code(problem):
     assert problem.params[1] == () and problem.params[3] == ()
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(problem.params))
     assert (SEED_INPUTS, SEED_TARGETS, SEED_BIASES, SEED_LEARNING_RATE) == (
-        [0.1, 0.05], [0.02, 0.98], (0.3, 0.9), 0.5)
+        [0.1, 0.05],
+        [0.02, 0.98],
+        (0.3, 0.9),
+        0.5,
+    )
     assert SEED_W_INPUT_HIDDEN == [[0.25, 0.2], [0.5, 0.15]]
     assert SEED_W_HIDDEN_OUTPUT == [[0.7, 0.4], [0.6, 0.35]]
     assert SEED_WEIGHT_NAMES[(1, 1, 0)] == "W7"
@@ -136,7 +148,8 @@ def test_problem_matches_the_seed_code(problem):
 @pytest.mark.parametrize("name", list(CORRECT))
 def test_worked_numbers_to_four_places(values, name):
     assert round(values[name], 4) == pytest.approx(CORRECT[name], abs=1e-12), (
-        f"{name} = {values[name]!r}")
+        f"{name} = {values[name]!r}"
+    )
 
 
 def test_worked_numbers_by_hand(values):
@@ -155,10 +168,21 @@ def test_worked_numbers_by_hand(values):
     e1, e2 = 0.5 * (t1 - out_o1) ** 2, 0.5 * (t2 - out_o2) ** 2
     # The chain rule of the slides: dE/dout_o1 * dout_o1/din_o1 * din_o1/dW7.
     de_dw7 = (out_o1 - t1) * out_o1 * (1 - out_o1) * out_h2
-    by_hand = {"in_h1": in_h1, "in_h2": in_h2, "out_h1": out_h1, "out_h2": out_h2,
-               "in_o1": in_o1, "in_o2": in_o2, "out_o1": out_o1, "out_o2": out_o2,
-               "E_o1": e1, "E_o2": e2, "E_total": e1 + e2, "dE/dW7": de_dw7,
-               "W7_new": w7 - 0.5 * de_dw7}
+    by_hand = {
+        "in_h1": in_h1,
+        "in_h2": in_h2,
+        "out_h1": out_h1,
+        "out_h2": out_h2,
+        "in_o1": in_o1,
+        "in_o2": in_o2,
+        "out_o1": out_o1,
+        "out_o2": out_o2,
+        "E_o1": e1,
+        "E_o2": e2,
+        "E_total": e1 + e2,
+        "dE/dW7": de_dw7,
+        "W7_new": w7 - 0.5 * de_dw7,
+    }
     for name, expected in by_hand.items():
         assert values[name] == pytest.approx(expected, rel=1e-13, abs=1e-15), name
 
@@ -180,10 +204,10 @@ def test_seed_slide_value_for_in_h2_uses_w2(values):
 
 
 def test_autodiff_agrees_on_the_seed(problem):
-    value, grads = jaxbp.backprop(problem.net, jaxbp.half_sse, problem.params, problem.x,
-                                  problem.y)
-    value_ad, grads_ad = jaxbp.autodiff(problem.net, jaxbp.half_sse, problem.params,
-                                        problem.x, problem.y)
+    value, grads = jaxbp.backprop(problem.net, jaxbp.half_sse, problem.params, problem.x, problem.y)
+    value_ad, grads_ad = jaxbp.autodiff(
+        problem.net, jaxbp.half_sse, problem.params, problem.x, problem.y
+    )
     assert float(value) == pytest.approx(float(value_ad), rel=1e-15)
     report = jaxbp.compare_grads(grads, grads_ad)
     assert bool(report.ok) and float(report.worst_rel_error) < 1e-14
@@ -199,19 +223,21 @@ def test_autodiff_agrees_on_the_seed(problem):
 def test_one_sgd_step_updates_w7_and_biases(problem, jit):
     opt = jaxbp.sgd(problem.learning_rate)
     step = jaxbp.make_train_step(problem.net, jaxbp.half_sse, opt, check="raise", jit=jit)
-    ts, metrics = step(jaxbp.init_train_state(problem.net, opt, problem.params), problem.x,
-                       problem.y)
+    ts, metrics = step(
+        jaxbp.init_train_state(problem.net, opt, problem.params), problem.x, problem.y
+    )
     params, state = ts.params, ts.opt_state
     assert bool(metrics.applied) and bool(metrics.ok)
     assert int(metrics.reason) == jaxbp.REASON_APPLIED
     assert float(metrics.loss) == pytest.approx(0.35396085, abs=1e-8)
     assert round(float(params[2]["W"][1, 0]), 4) == 0.5680
-    _, grads = jaxbp.backprop(problem.net, jaxbp.half_sse, problem.params, problem.x,
-                              problem.y)
+    _, grads = jaxbp.backprop(problem.net, jaxbp.half_sse, problem.params, problem.x, problem.y)
     # jaxbp.sgd updates every leaf, biases included: W <- W - lr * dE/dW.
-    for new, old, g in zip(jax.tree_util.tree_leaves(params),
-                           jax.tree_util.tree_leaves(problem.params),
-                           jax.tree_util.tree_leaves(grads)):
+    for new, old, g in zip(
+        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_leaves(problem.params),
+        jax.tree_util.tree_leaves(grads),
+    ):
         np.testing.assert_allclose(new, old - 0.5 * g, rtol=0, atol=1e-15)
     assert float(params[0]["b"]) == pytest.approx(0.3 - 0.5 * float(grads[0]["b"]), abs=1e-15)
     assert float(params[0]["b"]) != 0.3 and float(params[2]["b"]) != 0.9
@@ -228,8 +254,9 @@ def test_parity_with_the_seed_numpy_program(problem, jit):
 
     opt = jaxbp.freeze(jaxbp.sgd(0.5), jaxbp.biases)
     step = jaxbp.make_train_step(problem.net, jaxbp.half_sse, opt, check="skip", jit=jit)
-    ts, metrics = step(jaxbp.init_train_state(problem.net, opt, problem.params), problem.x,
-                       problem.y)
+    ts, metrics = step(
+        jaxbp.init_train_state(problem.net, opt, problem.params), problem.x, problem.y
+    )
     params = ts.params
     assert bool(metrics.applied)
     assert float(metrics.loss) == pytest.approx(float(np.sum(error)), rel=1e-14)
@@ -263,8 +290,9 @@ def test_seed_in_float32(problem):
 def test_seed_trains_with_the_fused_loop(problem):
     opt = jaxbp.sgd(problem.learning_rate)
     ts = jaxbp.init_train_state(problem.net, opt, problem.params)
-    result = jaxbp.fit(problem.net, jaxbp.half_sse, opt, ts, problem.x, problem.y,
-                       steps=2000, check="report")
+    result = jaxbp.fit(
+        problem.net, jaxbp.half_sse, opt, ts, problem.x, problem.y, steps=2000, check="report"
+    )
     losses = np.asarray(result.history.loss)
     assert losses.shape == (2000,)
     assert losses[0] == pytest.approx(0.35396085, abs=1e-8)

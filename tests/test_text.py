@@ -51,8 +51,11 @@ def test_encode_decode_round_trip_and_unknown_character():
     assert vocab == "\n dehlorw"
     ids = text.encode("hello", vocab)
     assert ids.dtype == np.int32 and text.decode(ids, vocab) == "hello"
-    with pytest.raises(ValueError, match=r"prompt has character 'z' at position 2, which is not "
-                                         r"in the model's 9-character vocabulary"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt has character 'z' at position 2, which is not "
+        r"in the model's 9-character vocabulary",
+    ):
         text.encode("hez", vocab, what="prompt")
 
 
@@ -121,11 +124,15 @@ def test_sequence_evaluator_is_the_loss_over_every_position():
         loss, acc = evaluate(params, (), jnp.asarray(xs), jnp.asarray(ys))
         total, correct = 0.0, 0
         for start in range(0, len(x), context):  # windows of exactly the real length
-            logits = np.asarray(net.forward(params, jnp.asarray(x[start:start + context]))[0],
-                                np.float64)
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                   keepdims=True)) - logits.max(-1, keepdims=True)
-            target = y[start:start + context]
+            logits = np.asarray(
+                net.forward(params, jnp.asarray(x[start : start + context]))[0], np.float64
+            )
+            logp = (
+                logits
+                - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                - logits.max(-1, keepdims=True)
+            )
+            target = y[start : start + context]
             total -= logp[np.arange(len(target)), target].sum()
             correct += int(np.sum(logits.argmax(-1) == target))
         assert float(loss) == pytest.approx(total / len(x), rel=1e-10)

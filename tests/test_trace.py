@@ -16,9 +16,19 @@ from jaxbp.trace import ConfigError, load_config, parse_config, seed_config, tra
 
 # Correct seed numbers (float64), to 4 places.
 SEED_CORRECT = {
-    "in_h1": 0.35, "in_h2": 0.3275, "out_h1": 0.5866, "out_h2": 0.5812,
-    "in_o1": 1.6593, "in_o2": 1.3380, "out_o1": 0.8401, "out_o2": 0.7922,
-    "E_o1": 0.3363, "E_o2": 0.0176, "E_total": 0.3540, "dE/dW7": 0.0640, "W7_new": 0.5680,
+    "in_h1": 0.35,
+    "in_h2": 0.3275,
+    "out_h1": 0.5866,
+    "out_h2": 0.5812,
+    "in_o1": 1.6593,
+    "in_o2": 1.3380,
+    "out_o1": 0.8401,
+    "out_o2": 0.7922,
+    "E_o1": 0.3363,
+    "E_o2": 0.0176,
+    "E_total": 0.3540,
+    "dE/dW7": 0.0640,
+    "W7_new": 0.5680,
 }
 
 
@@ -74,8 +84,7 @@ def test_seed_numbers_to_four_places(seed_trace):
 
 def test_seed_json_numbers(seed_trace):
     out = seed_trace.to_json()
-    assert set(out) == {"layers", "errors", "loss", "gradients", "updated",
-                        "autodiff_max_abs_diff"}
+    assert set(out) == {"layers", "errors", "loss", "gradients", "updated", "autodiff_max_abs_diff"}
     np.testing.assert_allclose(out["layers"][0]["net"], [0.35, 0.3275], atol=5e-5)
     np.testing.assert_allclose(out["layers"][0]["out"], [0.5866, 0.5812], atol=5e-5)
     np.testing.assert_allclose(out["layers"][1]["net"], [1.6593, 1.3380], atol=5e-5)
@@ -138,7 +147,8 @@ def test_chain_rule_factors_multiply_to_the_gradients(seed_trace):
     h, o = seed_trace.layers
     # dE/dW7 = dE/dout_o1 * dout_o1/din_o1 * out_h2
     assert o.dE_dout[0, 0] * o.dout_dnet[0, 0] * h.out[0, 1] == pytest.approx(
-        o.grad_weights[1, 0], rel=1e-14)
+        o.grad_weights[1, 0], rel=1e-14
+    )
     # the hidden layer's dE/dout is the sum over outputs of dE/din_o * weight
     w_ho = np.asarray(seed.SEED_W_HIDDEN_OUTPUT)
     np.testing.assert_allclose(h.dE_dout[0], w_ho @ o.delta[0], rtol=1e-14)
@@ -151,10 +161,12 @@ def test_freeze_bias_one_step_is_the_seeds_numpy_program(seed_trace_frozen):
     np.testing.assert_allclose(h.final_weights, w_ih, rtol=0, atol=1e-14)
     np.testing.assert_allclose(o.final_weights, w_ho, rtol=0, atol=1e-14)
     # the numbers printed in the brief, to their 8 places
-    np.testing.assert_allclose(h.final_weights, [[0.24921513, 0.1993274],
-                                                 [0.49960756, 0.1496637]], atol=1e-8)
-    np.testing.assert_allclose(o.final_weights, [[0.66769329, 0.40907027],
-                                                 [0.56799435, 0.35898575]], atol=1e-8)
+    np.testing.assert_allclose(
+        h.final_weights, [[0.24921513, 0.1993274], [0.49960756, 0.1496637]], atol=1e-8
+    )
+    np.testing.assert_allclose(
+        o.final_weights, [[0.66769329, 0.40907027], [0.56799435, 0.35898575]], atol=1e-8
+    )
     assert float(h.final_bias) == 0.3 and float(o.final_bias) == 0.9
     assert "b1 stays 0.3 (--freeze-bias" in seed_trace_frozen.to_text()
 
@@ -188,8 +200,11 @@ def test_float64_whatever_the_global_setting():
 # --------------------------------------------------------------------------------------------
 
 ACT_NP = {
-    "sigmoid": _sigmoid, "tanh": np.tanh, "relu": lambda z: np.maximum(z, 0),
-    "identity": lambda z: z, "softplus": lambda z: np.logaddexp(z, 0),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "relu": lambda z: np.maximum(z, 0),
+    "identity": lambda z: z,
+    "softplus": lambda z: np.logaddexp(z, 0),
 }
 
 
@@ -209,8 +224,11 @@ DEEP = {
     "inputs": [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]],
     "targets": [[0.0], [1.0], [1.0], [0.0]],
     "layers": [
-        {"weights": [[0.5, -0.3, 0.2], [0.4, 0.6, -0.1]], "bias": [0.1, -0.1, 0.0],
-         "activation": "tanh"},
+        {
+            "weights": [[0.5, -0.3, 0.2], [0.4, 0.6, -0.1]],
+            "bias": [0.1, -0.1, 0.0],
+            "activation": "tanh",
+        },
         {"weights": [[0.3, 0.1], [-0.2, 0.4], [0.5, -0.5]], "bias": 0.05, "activation": "relu"},
         {"weights": [[0.7], [-0.6]], "activation": "sigmoid"},
     ],
@@ -234,20 +252,30 @@ def test_general_config_against_numpy_and_jax_grad(loss):
     cfg = parse_config(config)
     for k, lt in enumerate(t.layers):
         src = cfg.inputs if k == 0 else t.layers[k - 1].out
-        np.testing.assert_allclose(lt.grad_weights, src.T @ (lt.dE_dout * lt.dout_dnet),
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            lt.grad_weights, src.T @ (lt.dE_dout * lt.dout_dnet), rtol=1e-12, atol=1e-15
+        )
     # the shared bias of layer 1 sums dE/dnet over examples and neurons
     assert float(t.layers[1].grad_bias) == pytest.approx(t.layers[1].delta.sum(), rel=1e-12)
     # the update is plain SGD with the config's learning rate
-    np.testing.assert_allclose(t.layers[0].step1_weights,
-                               cfg.layers[0].weights - 1.0 * t.layers[0].grad_weights,
-                               rtol=1e-14)
+    np.testing.assert_allclose(
+        t.layers[0].step1_weights,
+        cfg.layers[0].weights - 1.0 * t.layers[0].grad_weights,
+        rtol=1e-14,
+    )
 
 
 def test_general_config_json_is_shaped_as_the_config():
     out = trace(DEEP, steps=3).to_json()
-    assert set(out) == {"layers", "errors", "loss", "gradients", "updated",
-                        "autodiff_max_abs_diff", "history"}
+    assert set(out) == {
+        "layers",
+        "errors",
+        "loss",
+        "gradients",
+        "updated",
+        "autodiff_max_abs_diff",
+        "history",
+    }
     assert np.shape(out["layers"][0]["net"]) == (4, 3)  # a list of examples stays a list
     assert np.shape(out["gradients"][0]["weights"]) == (2, 3)
     assert np.shape(out["gradients"][0]["bias"]) == (3,)  # per-neuron list
@@ -258,14 +286,22 @@ def test_general_config_json_is_shaped_as_the_config():
 
 def test_softmax_cross_entropy_config():
     config = {
-        "inputs": [[0.5, -0.2], [0.1, 0.4]], "targets": [[1, 0, 0], [0, 0, 1]],
-        "layers": [{"weights": [[0.2, -0.1, 0.4], [0.3, 0.5, -0.2]], "bias": [0, 0.1, 0],
-                    "activation": "identity"}],
-        "loss": "softmax_cross_entropy", "learning_rate": 0.1,
+        "inputs": [[0.5, -0.2], [0.1, 0.4]],
+        "targets": [[1, 0, 0], [0, 0, 1]],
+        "layers": [
+            {
+                "weights": [[0.2, -0.1, 0.4], [0.3, 0.5, -0.2]],
+                "bias": [0, 0.1, 0],
+                "activation": "identity",
+            }
+        ],
+        "loss": "softmax_cross_entropy",
+        "learning_rate": 0.1,
     }
     t = trace(config)
-    logits = np.asarray(config["inputs"]) @ np.asarray(config["layers"][0]["weights"]) \
-        + np.asarray([0, 0.1, 0])
+    logits = np.asarray(config["inputs"]) @ np.asarray(config["layers"][0]["weights"]) + np.asarray(
+        [0, 0.1, 0]
+    )
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     expected = -np.mean(np.log(p[[0, 1], [0, 2]]))
     assert t.loss == pytest.approx(expected, rel=1e-13)
@@ -278,9 +314,14 @@ def test_generic_names_unless_two_two_two():
     assert "in_h1.1 = w[0][0][0]*i1 + w[0][1][0]*i2 + b[0][0]*1 = 0.5*0 + 0.4*0 + 0.1*1" in text
     assert "in_o1 = w[2][0][0]*out_h2.1 + w[2][1][0]*out_h2.2 + b[2]*1" in text
     assert "W1" not in text and "Errata" not in text
-    one_hidden = {"inputs": [1.0, 2.0, 3.0], "targets": [0.5],
-                  "layers": [{"weights": [[0.1, 0.2]] * 3, "activation": "sigmoid"},
-                             {"weights": [[0.3], [0.4]], "activation": "sigmoid"}]}
+    one_hidden = {
+        "inputs": [1.0, 2.0, 3.0],
+        "targets": [0.5],
+        "layers": [
+            {"weights": [[0.1, 0.2]] * 3, "activation": "sigmoid"},
+            {"weights": [[0.3], [0.4]], "activation": "sigmoid"},
+        ],
+    }
     text = trace(one_hidden).to_text()
     assert "in_h1 = w[0][0][0]*i1 + w[0][1][0]*i2 + w[0][2][0]*i3 + b[0]*1" in text
 
@@ -313,35 +354,59 @@ def _seed_with(path, value):
 _DELETE = object()
 
 
-@pytest.mark.parametrize("path, value, fragments", [
-    (("inputs",), _DELETE, ["missing key 'inputs'"]),
-    (("layers", 1, "weights"), _DELETE, ["layers[1] is missing key 'weights'"]),
-    (("layers", 0, "weights"), [[0.25, 0.2], [0.5]],
-     ["layers[0].weights is ragged", "row 1 has 1 entries but row 0 has 2"]),
-    (("layers", 1, "weights"), [[0.7, 0.4], [0.6, 0.35], [0.1, 0.1]],
-     ["layers[1].weights has 3 rows", "layer 0 has width 2", "expected 2 rows"]),
-    (("layers", 0, "weights"), [[0.25, 0.2]],
-     ["layers[0].weights has 1 rows", "the inputs have width 2"]),
-    (("layers", 0, "activation"), "sigmoyd",
-     ["layers[0].activation is \"sigmoyd\"", "expected one of", "sigmoid"]),
-    (("loss",), "cross_entropy", ["loss is \"cross_entropy\"", "half_sse"]),
-    (("learning_rate",), 0, ["learning_rate is 0", "positive finite number"]),
-    (("learning_rate",), -0.5, ["learning_rate is -0.5"]),
-    (("learning_rate",), float("nan"), ["learning_rate is NaN"]),
-    (("learning_rate",), "0.5", ["learning_rate is \"0.5\""]),
-    (("targets",), [0.02, 0.98, 0.5],
-     ["targets have 3 numbers per example", "layers[1]) has 2 neurons", "expected 2"]),
-    (("targets",), [[0.02, 0.98]], ["inputs give 1 example(s)", "targets give 1"]),
-    (("layers", 0, "bias"), [0.3, 0.3, 0.3],
-     ["layers[0].bias has 3 entries", "the layer has 2 neurons"]),
-    (("layers", 0, "bias"), "0.3", ["layers[0].bias must be a number, got \"0.3\""]),
-    (("layers", 0, "weights"), [[0.25, True], [0.5, 0.15]],
-     ["layers[0].weights[0][1] must be a number, got true"]),
-    (("inputs",), [0.1, float("inf")], ["inputs[1] must be a finite number"]),
-    (("layers",), [], ["layers must be a non-empty list"]),
-    (("learning_rat",), 0.5, ["unknown key 'learning_rat'"]),
-    (("layers", 0, "activaton"), "tanh", ["unknown key 'activaton' in layers[0]"]),
-])
+@pytest.mark.parametrize(
+    "path, value, fragments",
+    [
+        (("inputs",), _DELETE, ["missing key 'inputs'"]),
+        (("layers", 1, "weights"), _DELETE, ["layers[1] is missing key 'weights'"]),
+        (
+            ("layers", 0, "weights"),
+            [[0.25, 0.2], [0.5]],
+            ["layers[0].weights is ragged", "row 1 has 1 entries but row 0 has 2"],
+        ),
+        (
+            ("layers", 1, "weights"),
+            [[0.7, 0.4], [0.6, 0.35], [0.1, 0.1]],
+            ["layers[1].weights has 3 rows", "layer 0 has width 2", "expected 2 rows"],
+        ),
+        (
+            ("layers", 0, "weights"),
+            [[0.25, 0.2]],
+            ["layers[0].weights has 1 rows", "the inputs have width 2"],
+        ),
+        (
+            ("layers", 0, "activation"),
+            "sigmoyd",
+            ['layers[0].activation is "sigmoyd"', "expected one of", "sigmoid"],
+        ),
+        (("loss",), "cross_entropy", ['loss is "cross_entropy"', "half_sse"]),
+        (("learning_rate",), 0, ["learning_rate is 0", "positive finite number"]),
+        (("learning_rate",), -0.5, ["learning_rate is -0.5"]),
+        (("learning_rate",), float("nan"), ["learning_rate is NaN"]),
+        (("learning_rate",), "0.5", ['learning_rate is "0.5"']),
+        (
+            ("targets",),
+            [0.02, 0.98, 0.5],
+            ["targets have 3 numbers per example", "layers[1]) has 2 neurons", "expected 2"],
+        ),
+        (("targets",), [[0.02, 0.98]], ["inputs give 1 example(s)", "targets give 1"]),
+        (
+            ("layers", 0, "bias"),
+            [0.3, 0.3, 0.3],
+            ["layers[0].bias has 3 entries", "the layer has 2 neurons"],
+        ),
+        (("layers", 0, "bias"), "0.3", ['layers[0].bias must be a number, got "0.3"']),
+        (
+            ("layers", 0, "weights"),
+            [[0.25, True], [0.5, 0.15]],
+            ["layers[0].weights[0][1] must be a number, got true"],
+        ),
+        (("inputs",), [0.1, float("inf")], ["inputs[1] must be a finite number"]),
+        (("layers",), [], ["layers must be a non-empty list"]),
+        (("learning_rat",), 0.5, ["unknown key 'learning_rat'"]),
+        (("layers", 0, "activaton"), "tanh", ["unknown key 'activaton' in layers[0]"]),
+    ],
+)
 def test_config_errors(path, value, fragments):
     with pytest.raises(ConfigError) as info:
         parse_config(_seed_with(path, value))

@@ -14,8 +14,9 @@ from jaxbp.trace.compute import ParamTrees, stage_traces
 
 
 def test_walk_of_any_dense_activation_chain_matches_jax_grad():
-    net = jaxbp.serial(jaxbp.Dense(3), jaxbp.Dense(2, shared_bias=True), jaxbp.Tanh,
-                       jaxbp.Sigmoid, jaxbp.Dense(2))
+    net = jaxbp.serial(
+        jaxbp.Dense(3), jaxbp.Dense(2, shared_bias=True), jaxbp.Tanh, jaxbp.Sigmoid, jaxbp.Dense(2)
+    )
     _, params = net.init(jax.random.key(0), (-1, 4))
     x = jax.random.normal(jax.random.key(1), (5, 4))
     y = jax.random.normal(jax.random.key(2), (5, 2))
@@ -32,11 +33,16 @@ def test_walk_of_any_dense_activation_chain_matches_jax_grad():
     np.testing.assert_allclose(second.delta, second.dE_dout * second.dout_dnet, rtol=1e-13)
 
 
-@pytest.mark.parametrize("net, fragment", [
-    (jaxbp.serial(jaxbp.Sigmoid, jaxbp.Dense(2)), "layer 0 (Sigmoid): an activation before"),
-    (jaxbp.serial(jaxbp.Dense(2), jaxbp.residual(jaxbp.Dense(2))),
-     "cannot describe layer 1 (residual) yet"),
-])
+@pytest.mark.parametrize(
+    "net, fragment",
+    [
+        (jaxbp.serial(jaxbp.Sigmoid, jaxbp.Dense(2)), "layer 0 (Sigmoid): an activation before"),
+        (
+            jaxbp.serial(jaxbp.Dense(2), jaxbp.residual(jaxbp.Dense(2))),
+            "cannot describe layer 1 (residual) yet",
+        ),
+    ],
+)
 def test_layers_the_trace_cannot_describe(net, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         neuron_stages(net.children)
@@ -47,11 +53,15 @@ def test_layers_the_trace_cannot_describe(net, fragment):
 def test_loss_terms_add_up_to_the_value(name, batched):
     loss = jaxbp.LOSSES[name]
     out = jax.random.normal(jax.random.key(0), (5, 3))
-    target = (jax.nn.one_hot(jnp.array([0, 2, 1, 1, 0]), 3) if name.startswith("softmax")
-              else jax.random.uniform(jax.random.key(1), (5, 3)))
+    target = (
+        jax.nn.one_hot(jnp.array([0, 2, 1, 1, 0]), 3)
+        if name.startswith("softmax")
+        else jax.random.uniform(jax.random.key(1), (5, 3))
+    )
     if not batched:
         out, target = out[0], target[0]
     for terms in (loss.terms, jax.jit(loss.terms)):
         assert terms(out, target).shape == out.shape
-        assert float(terms(out, target).sum()) == pytest.approx(float(loss.value(out, target)),
-                                                                rel=1e-14)
+        assert float(terms(out, target).sum()) == pytest.approx(
+            float(loss.value(out, target)), rel=1e-14
+        )

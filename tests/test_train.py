@@ -94,12 +94,21 @@ def test_freeze_biases():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opt, steps", [(jaxbp.sgd(2.0), 3000), (optax.adam(0.05), 1000)],
-                         ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "opt, steps", [(jaxbp.sgd(2.0), 3000), (optax.adam(0.05), 1000)], ids=["sgd", "adam"]
+)
 def test_xor_trains_to_near_zero(opt, steps):
     params = init()
-    result = jaxbp.fit(NET, LOSS, opt, jaxbp.init_train_state(NET, opt, params), XOR_X, XOR_Y,
-                       steps=steps, check="report")
+    result = jaxbp.fit(
+        NET,
+        LOSS,
+        opt,
+        jaxbp.init_train_state(NET, opt, params),
+        XOR_X,
+        XOR_Y,
+        steps=steps,
+        check="report",
+    )
     loss = np.asarray(result.history.loss)
     assert loss[0] > 0.1 and loss[-1] < 1e-3, (loss[0], loss[-1])
     assert bool(np.all(result.history.ok))
@@ -157,8 +166,9 @@ def test_fit_minibatches_of_the_whole_set_equal_full_batch():
     params = init()
     ts = jaxbp.init_train_state(NET, opt, params)
     full = jaxbp.fit(NET, LOSS, opt, ts, XOR_X, XOR_Y, steps=5)
-    shuffled = jaxbp.fit(NET, LOSS, opt, ts, XOR_X, XOR_Y, steps=5, batch_size=4,
-                         key=jax.random.key(3))
+    shuffled = jaxbp.fit(
+        NET, LOSS, opt, ts, XOR_X, XOR_Y, steps=5, batch_size=4, key=jax.random.key(3)
+    )
     np.testing.assert_allclose(full.history.loss, shuffled.history.loss, rtol=1e-12)
 
 
@@ -198,7 +208,8 @@ def test_report_applies_the_update_and_says_not_ok():
     opt = jaxbp.sgd(0.5)
     params = init()
     ts, m = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="report")(
-        jaxbp.init_train_state(BAD_NET, opt, params), XOR_X, XOR_Y)
+        jaxbp.init_train_state(BAD_NET, opt, params), XOR_X, XOR_Y
+    )
     new = ts.params
     assert bool(m.applied) and not bool(m.ok)
     assert int(m.worst_leaf) == 2 and float(m.rel_error) > 1.0
@@ -221,7 +232,8 @@ def test_check_off_skips_the_comparison():
     opt = jaxbp.sgd(0.5)
     params = init()
     _, m = jaxbp.make_train_step(BAD_NET, LOSS, opt, check="off")(
-        jaxbp.init_train_state(BAD_NET, opt, params), XOR_X, XOR_Y)
+        jaxbp.init_train_state(BAD_NET, opt, params), XOR_X, XOR_Y
+    )
     assert bool(m.applied) and np.isnan(float(m.rel_error)) and int(m.worst_leaf) == -1
     # The report is there (one metrics shape in every mode), with nothing compared in it.
     assert np.all(np.isnan(m.report.rel_error)) and np.all(np.isnan(m.leaf_rel_error))
@@ -237,10 +249,14 @@ def test_dtype_kept_end_to_end(dtype):
     opt = optax.adam(0.01)
     params = init(dtype)
     ts, m = jaxbp.make_train_step(NET, LOSS, opt)(
-        jaxbp.init_train_state(NET, opt, params), XOR_X.astype(dtype), XOR_Y.astype(dtype))
+        jaxbp.init_train_state(NET, opt, params), XOR_X.astype(dtype), XOR_Y.astype(dtype)
+    )
     assert bool(m.ok) and m.loss.dtype == dtype
-    floats = [leaf for leaf in jax.tree_util.tree_leaves((ts.params, ts.opt_state))
-              if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    floats = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves((ts.params, ts.opt_state))
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
     assert floats and all(leaf.dtype == dtype for leaf in floats)
 
 
@@ -259,8 +275,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="params do not match the network"):
         step(ts._replace(params=params[:3]), XOR_X, XOR_Y)
     # Integer inputs pass check_inputs (token ids); Dense itself asks for floats.
-    with pytest.raises(TypeError, match=r"layer 0 \(Dense\): Dense expects floating-point "
-                                        r"inputs, got dtype int32"):
+    with pytest.raises(
+        TypeError,
+        match=r"layer 0 \(Dense\): Dense expects floating-point "
+        r"inputs, got dtype int32",
+    ):
         step(ts, XOR_X.astype(jnp.int32), XOR_Y)
     with pytest.raises(TypeError, match="inputs must be floating point .*got dtype bool"):
         step(ts, XOR_X > 0, XOR_Y)
@@ -303,8 +322,11 @@ def test_checked_step_computes_the_backward_once(loss):
     # and a backward), not a second backward.
     net = jaxbp.serial(jaxbp.Dense(16), jaxbp.Relu, jaxbp.Dense(16), jaxbp.Relu, jaxbp.Dense(5))
     x = jax.random.normal(jax.random.key(1), (8, 12), jnp.float32)
-    y = (jnp.arange(8) % 5 if loss == "softmax_cross_entropy"
-         else jax.random.normal(jax.random.key(2), (8, 5), jnp.float32))
+    y = (
+        jnp.arange(8) % 5
+        if loss == "softmax_cross_entropy"
+        else jax.random.normal(jax.random.key(2), (8, 5), jnp.float32)
+    )
     off = _compiled_dots(net, loss, "off", x, y)
     assert off == 8  # 3 forward, 3 dW, 2 dx
     assert _compiled_dots(net, loss, "report", x, y) == off
@@ -312,6 +334,7 @@ def test_checked_step_computes_the_backward_once(loss):
 
 def _abs_layer():
     """|x| written as sqrt(x^2): jax.grad gives NaN at 0 (0 * 1/0), the manual sign(x) gives 0."""
+
     def forward(params, x):
         return jnp.sqrt(x * x), x
 
@@ -333,15 +356,17 @@ def test_nan_only_in_autodiff_is_a_mismatch_not_a_nonfinite_step(check):
     opt = jaxbp.sgd(0.5)
     for jit in (True, False):
         ts, m = jaxbp.make_train_step(net, LOSS, opt, check=check, jit=jit)(
-            jaxbp.init_train_state(net, opt, params), x, y)
+            jaxbp.init_train_state(net, opt, params), x, y
+        )
         new = ts.params
         assert int(m.reason) == jaxbp.REASON_MISMATCH and not bool(m.ok)
         assert np.isinf(float(m.rel_error)) and m.report.worst_path == "[0]['W']"
         _, manual = jaxbp.backprop(net, LOSS, params, x, y)
         if check == "report":
             assert bool(m.applied)
-            np.testing.assert_allclose(new[2]["W"], params[2]["W"] - 0.5 * manual[2]["W"],
-                                       rtol=1e-15)
+            np.testing.assert_allclose(
+                new[2]["W"], params[2]["W"] - 0.5 * manual[2]["W"], rtol=1e-15
+            )
         else:
             assert not bool(m.applied) and leaves_equal(new, params)
 
@@ -357,7 +382,8 @@ def test_donation_only_when_unchecked(check):
     # unchecked step donates its train state, all of it.
     assert all(leaf.is_deleted() == (check == "off") for leaf in jax.tree_util.tree_leaves(ts))
     ref_new, _ = jaxbp.make_train_step(NET, LOSS, opt, check=check)(
-        jaxbp.init_train_state(NET, opt, init()), XOR_X, XOR_Y)
+        jaxbp.init_train_state(NET, opt, init()), XOR_X, XOR_Y
+    )
     assert leaves_equal(new, ref_new)
 
 

@@ -12,15 +12,22 @@ import numpy as np
 import pytest
 
 import jaxbp
+from jaxbp import presets
 from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
 from jaxbp.data import Dataset
 from jaxbp.model import register_layer
 from jaxbp.presets import get_preset, mlp_description, preset_names, register_preset
-from jaxbp import presets
 from jaxbp.trainer import TrainConfig, build_optimizer, finish, prepare, resolve_config, run, train
 
-DEFAULTS = dict(hidden=(8,), activation="tanh", loss="softmax_cross_entropy",
-                optimizer="adam", lr=0.05, epochs=6, batch_size=8)
+DEFAULTS = dict(
+    hidden=(8,),
+    activation="tanh",
+    loss="softmax_cross_entropy",
+    optimizer="adam",
+    lr=0.05,
+    epochs=6,
+    batch_size=8,
+)
 
 
 def blobs(n=48, classes=3, features=4, seed=0, spread=0.3, name="blobs") -> Dataset:
@@ -30,17 +37,40 @@ def blobs(n=48, classes=3, features=4, seed=0, spread=0.3, name="blobs") -> Data
     y = np.arange(n) % classes
     x = (centres[y] + spread * rng.normal(size=(n, features))).astype(np.float32)
     k = 3 * n // 4
-    return Dataset(name, x[:k], y[:k].astype(np.int32), x[k:], y[k:].astype(np.int32), classes,
-                   "classification", dict(DEFAULTS))
+    return Dataset(
+        name,
+        x[:k],
+        y[:k].astype(np.int32),
+        x[k:],
+        y[k:].astype(np.int32),
+        classes,
+        "classification",
+        dict(DEFAULTS),
+    )
 
 
 def regression(n=16) -> Dataset:
     rng = np.random.default_rng(1)
     x = rng.uniform(-1, 1, size=(n, 2)).astype(np.float32)
     t = (0.5 + 0.4 * np.tanh(x @ np.array([[1.0, -0.5], [0.3, 0.8]]))).astype(np.float32)
-    return Dataset("reg", x, t, x.copy(), t.copy(), None, "regression",
-                   dict(hidden=(4,), activation="sigmoid", loss="half_sse", optimizer="sgd",
-                        lr=0.5, epochs=5, batch_size=4))
+    return Dataset(
+        "reg",
+        x,
+        t,
+        x.copy(),
+        t.copy(),
+        None,
+        "regression",
+        dict(
+            hidden=(4,),
+            activation="sigmoid",
+            loss="half_sse",
+            optimizer="sgd",
+            lr=0.5,
+            epochs=5,
+            batch_size=4,
+        ),
+    )
 
 
 def leaves_bytes(tree):
@@ -83,8 +113,9 @@ def test_trains_and_reports(full_run, data):
     assert [r["epoch"] for r in on_disk["history"]] == [1, 2, 3, 4, 5, 6]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every parameter is float32, as asked, even with jax_enable_x64 on in the test session
-    assert {np.asarray(p).dtype for p in jax.tree_util.tree_leaves(result.params)} == \
-        {np.dtype(np.float32)}
+    assert {np.asarray(p).dtype for p in jax.tree_util.tree_leaves(result.params)} == {
+        np.dtype(np.float32)
+    }
 
 
 def test_checkpoint_holds_network_config_and_final_state(full_run):
@@ -94,9 +125,11 @@ def test_checkpoint_holds_network_config_and_final_state(full_run):
     assert header["network"] == json.loads(json.dumps(jaxbp.describe(result.net)))
     assert header["config"]["seed"] == 0 and header["rng"]["seed"] == 0
     assert len(header["history"]) == 6
-    ck = load_checkpoint(out / "checkpoint.npz",
-                         {"params": result.params, "opt_state": result.opt_state},
-                         network=jaxbp.describe(result.net))
+    ck = load_checkpoint(
+        out / "checkpoint.npz",
+        {"params": result.params, "opt_state": result.opt_state},
+        network=jaxbp.describe(result.net),
+    )
     assert leaves_bytes(ck.state["params"]) == leaves_bytes(result.params)
     assert leaves_bytes(ck.state["opt_state"]) == leaves_bytes(result.opt_state)
 
@@ -122,13 +155,15 @@ def test_non_softmax_losses_regress_one_hot_targets(data, loss):
     assert 0.0 <= result.metrics["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("optimizer,wd,schedule", [("sgd", 0.0, "constant"),
-                                                   ("momentum", 1e-3, "cosine"),
-                                                   ("adam", 1e-2, "warmup_cosine")])
+@pytest.mark.parametrize(
+    "optimizer,wd,schedule",
+    [("sgd", 0.0, "constant"), ("momentum", 1e-3, "cosine"), ("adam", 1e-2, "warmup_cosine")],
+)
 def test_optimizers_and_schedules_train(data, optimizer, wd, schedule):
     lr = 0.05 if optimizer == "adam" else 0.2
-    result = train(TrainConfig(optimizer=optimizer, lr=lr, weight_decay=wd, schedule=schedule,
-                               epochs=8), data)
+    result = train(
+        TrainConfig(optimizer=optimizer, lr=lr, weight_decay=wd, schedule=schedule, epochs=8), data
+    )
     assert result.metrics["train_accuracy"] >= 0.9, result.history[-1]
 
 
@@ -140,8 +175,7 @@ def test_weight_decay_spares_biases(data):
     zero = jax.tree_util.tree_map(np.zeros_like, params)
     updates, _ = opt.update(zero, opt.init(params), params)
     assert np.all(np.asarray(updates[0]["b"]) == 0)  # zero gradient: biases stay
-    np.testing.assert_allclose(updates[0]["W"], -0.1 * 0.5 * np.asarray(params[0]["W"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(updates[0]["W"], -0.1 * 0.5 * np.asarray(params[0]["W"]), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +197,9 @@ def test_without_jit_same_numbers(data):
     eager = train(dataclasses.replace(cfg, jit=False), data)
     eager2 = train(dataclasses.replace(cfg, jit=False), data)
     assert leaves_bytes(eager.params) == leaves_bytes(eager2.params)  # deterministic op by op
-    for a, b in zip(jax.tree_util.tree_leaves(jitted.params),
-                    jax.tree_util.tree_leaves(eager.params)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(jitted.params), jax.tree_util.tree_leaves(eager.params)
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # XLA may fuse differently
     assert [r["applied_steps"] for r in eager.history] == [3]
 
@@ -191,18 +226,21 @@ def test_resume_from_middle_checkpoint_of_uninterrupted_run(full_run, data, tmp_
 
 def test_resume_rejects_contradicting_flags(full_run, data):
     _, out = full_run
-    with pytest.raises(ValueError, match=r"--resume: hidden is 16 but the checkpoint's run "
-                                         r"used 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"--resume: hidden is 16 but the checkpoint's run "
+        r"used 8",
+    ):
         train(TrainConfig(out=str(out), resume=True, hidden=(16,)), data)
-    with pytest.raises(ValueError, match="--resume: lr is 0.1 but the checkpoint's run used "
-                                         "0.05"):
+    with pytest.raises(ValueError, match="--resume: lr is 0.1 but the checkpoint's run used 0.05"):
         train(TrainConfig(out=str(out), resume=True, lr=0.1), data)
 
 
 def test_resume_with_schedule_cannot_change_epochs(data, tmp_path):
     train(TrainConfig(out=str(tmp_path), epochs=2, schedule="cosine"), data)
-    with pytest.raises(ValueError, match="cosine learning-rate schedule depends on the number "
-                                         "of epochs"):
+    with pytest.raises(
+        ValueError, match="cosine learning-rate schedule depends on the number of epochs"
+    ):
         train(TrainConfig(out=str(tmp_path), resume=True, epochs=4), data)
 
 
@@ -214,8 +252,11 @@ def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
 def test_resume_wrong_network_checkpoint_is_named(full_run, data, tmp_path):
     other = blobs(features=5)  # same config, inputs of width 5: W0 is (5, 8)
     train(TrainConfig(out=str(tmp_path), epochs=1), other)
-    with pytest.raises(CheckpointError, match=r"params leaf \[0\]\['W'\] has shape \(5, 8\), "
-                                              r"expected leaf \[0\]\['W'\] of shape \(4, 8\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"params leaf \[0\]\['W'\] has shape \(5, 8\), "
+        r"expected leaf \[0\]\['W'\] of shape \(4, 8\)",
+    ):
         train(TrainConfig(out=str(tmp_path), resume=True, epochs=2), data)
 
 
@@ -236,8 +277,9 @@ def test_nan_in_data_never_touches_params_and_stops_cleanly(data, tmp_path):
     x = data.x_train.copy()
     x[5, 2] = np.nan  # every batch holding example 5 is non-finite
     bad = data._replace(x_train=x)
-    result = train(TrainConfig(out=str(tmp_path), max_bad_steps=3, epochs=50,
-                               checkpoint_every=1), bad)
+    result = train(
+        TrainConfig(out=str(tmp_path), max_bad_steps=3, epochs=50, checkpoint_every=1), bad
+    )
     assert result.status == "nonfinite"
     assert "stopped after 3 non-finite steps" in result.message
     assert "none of those steps touched the parameters" in result.message
@@ -267,14 +309,20 @@ def _doubled_dense(out_dim: int, dtype=None):
         grads, dx = dense.backward(params, cache, dy)
         return {"W": 2 * grads["W"], "b": grads["b"]}, dx
 
-    return dense._replace(backward=backward, name="DoubledDense",
-                          config=(("out_dim", out_dim), ("dtype", dtype)))
+    return dense._replace(
+        backward=backward, name="DoubledDense", config=(("out_dim", out_dim), ("dtype", dtype))
+    )
 
 
 register_layer("DoubledDense", _doubled_dense)
-BROKEN = {"name": "serial", "layers": [{"name": "DoubledDense", "out_dim": 8, "dtype": "float32"},
-                                       {"name": "Tanh"},
-                                       {"name": "Dense", "out_dim": 3, "dtype": "float32"}]}
+BROKEN = {
+    "name": "serial",
+    "layers": [
+        {"name": "DoubledDense", "out_dim": 8, "dtype": "float32"},
+        {"name": "Tanh"},
+        {"name": "Dense", "out_dim": 3, "dtype": "float32"},
+    ],
+}
 
 
 def test_check_raise_names_step_and_leaf(data):
@@ -299,27 +347,38 @@ def test_check_raise_names_step_and_leaf(data):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hidden", (0,), "hidden layer widths must be positive integers"),
-    ("hidden", "8", "hidden must be a sequence"),
-    ("activation", "swish", "unknown activation 'swish'"),
-    ("loss", "hinge", "unknown loss 'hinge'"),
-    ("optimizer", "rmsprop", "unknown optimizer 'rmsprop'; expected one of: sgd, momentum, adam"),
-    ("schedule", "step", "unknown schedule 'step'"),
-    ("check", "maybe", "unknown check mode 'maybe'"),
-    ("lr", 0.0, "lr must be a positive finite number, got 0.0"),
-    ("lr", float("nan"), "lr must be a positive finite number"),
-    ("lr", "0.1", "lr must be a number"),
-    ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
-    ("epochs", 0, "epochs must be an integer >= 1, got 0"),
-    ("epochs", 2.5, "epochs must be an integer >= 1, got 2.5"),
-    ("batch_size", 1000, r"batch_size must be between 1 and the number of training examples "
-                         r"\(36\), got 1000"),
-    ("seed", -1, r"seed must be an integer in \[0, 2\*\*32\)"),
-    ("max_bad_steps", 0, "max_bad_steps must be an integer >= 1"),
-    ("checkpoint_every", 0, "checkpoint_every must be an integer >= 1"),
-    ("devices", 0, "devices must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hidden", (0,), "hidden layer widths must be positive integers"),
+        ("hidden", "8", "hidden must be a sequence"),
+        ("activation", "swish", "unknown activation 'swish'"),
+        ("loss", "hinge", "unknown loss 'hinge'"),
+        (
+            "optimizer",
+            "rmsprop",
+            "unknown optimizer 'rmsprop'; expected one of: sgd, momentum, adam",
+        ),
+        ("schedule", "step", "unknown schedule 'step'"),
+        ("check", "maybe", "unknown check mode 'maybe'"),
+        ("lr", 0.0, "lr must be a positive finite number, got 0.0"),
+        ("lr", float("nan"), "lr must be a positive finite number"),
+        ("lr", "0.1", "lr must be a number"),
+        ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+        ("epochs", 0, "epochs must be an integer >= 1, got 0"),
+        ("epochs", 2.5, "epochs must be an integer >= 1, got 2.5"),
+        (
+            "batch_size",
+            1000,
+            r"batch_size must be between 1 and the number of training examples "
+            r"\(36\), got 1000",
+        ),
+        ("seed", -1, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ("max_bad_steps", 0, "max_bad_steps must be an integer >= 1"),
+        ("checkpoint_every", 0, "checkpoint_every must be an integer >= 1"),
+        ("devices", 0, "devices must be an integer >= 1"),
+    ],
+)
 def test_bad_config_values_are_named(data, field, value, message):
     with pytest.raises((ValueError, TypeError), match=message):
         train(TrainConfig(**{field: value}), data)
@@ -334,8 +393,11 @@ def test_bad_datasets_are_named(data):
         train(TrainConfig(), dataset=(data.x_train, data.y_train))
     with pytest.raises(ValueError, match="unknown progress mode"):
         train(TrainConfig(), data, progress="fancy")
-    with pytest.raises(ValueError, match=r"produces outputs of shape \(-1, 5\), but the "
-                                         r"dataset needs \(batch, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"produces outputs of shape \(-1, 5\), but the "
+        r"dataset needs \(batch, 3\)",
+    ):
         train(TrainConfig(model=mlp_description((4,), "tanh", 5)), data)
     with pytest.raises(ValueError, match="hidden shapes the default MLP; it cannot be combined"):
         train(TrainConfig(model=mlp_description((4,), "tanh", 3), hidden=(4,)), data)
@@ -356,6 +418,7 @@ def test_digits_default_reaches_97_percent():
 
 def _flatten_layer():
     """(batch, a, b) -> (batch, a * b): a stand-in so these tests need no conv module."""
+
     def init(key, shape):
         return (shape[0], int(np.prod(shape[1:]))), ()
 
@@ -373,14 +436,26 @@ register_layer("TestFlatten", _flatten_layer)
 
 
 def _sequence_model(num_outputs):
-    return {"name": "serial", "layers": [{"name": "Dense", "out_dim": 6, "dtype": "float32"},
-                                         {"name": "Tanh"}, {"name": "TestFlatten"},
-                                         {"name": "Dense", "out_dim": num_outputs,
-                                          "dtype": "float32"}]}
+    return {
+        "name": "serial",
+        "layers": [
+            {"name": "Dense", "out_dim": 6, "dtype": "float32"},
+            {"name": "Tanh"},
+            {"name": "TestFlatten"},
+            {"name": "Dense", "out_dim": num_outputs, "dtype": "float32"},
+        ],
+    }
 
 
-SEQ = dict(input_shape=(4, 1), fused=False, optimizer="adam", lr=0.05, epochs=4, batch_size=8,
-           loss="softmax_cross_entropy")
+SEQ = dict(
+    input_shape=(4, 1),
+    fused=False,
+    optimizer="adam",
+    lr=0.05,
+    epochs=4,
+    batch_size=8,
+    loss="softmax_cross_entropy",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -406,8 +481,12 @@ def test_preset_reshapes_runs_per_step_and_records_itself(data, tmp_path):
     assert np.shape(result.params[0]["W"]) == (1, 6)  # Dense over the channel axis of (4, 1)
     assert 0.0 <= m["max_grad_rel_error"] < 2e-3
     header = read_header(tmp_path / "checkpoint.npz")
-    assert header["preset"] == {"name": "test-seq", "input_shape": [4, 1], "fused": False,
-                                "augment": {"shift": 1}}
+    assert header["preset"] == {
+        "name": "test-seq",
+        "input_shape": [4, 1],
+        "fused": False,
+        "augment": {"shift": 1},
+    }
 
 
 def test_augmentation_changes_the_run_and_resumes_bit_identically(data, tmp_path):

@@ -34,8 +34,9 @@ _STEPS = {}
 
 def _step(loss, jit):
     if (loss, jit) not in _STEPS:
-        _STEPS[loss, jit] = jaxbp.make_train_step(NET, loss, jaxbp.sgd(0.1), check="report",
-                                                  jit=jit)
+        _STEPS[loss, jit] = jaxbp.make_train_step(
+            NET, loss, jaxbp.sgd(0.1), check="report", jit=jit
+        )
     return _STEPS[loss, jit]
 
 
@@ -66,55 +67,186 @@ def _params_with(index, key, value):
 
 # name: (x, y, loss, params, exception, fragments the message must contain)
 CASES = {
-    "input width": (jnp.ones((8, 5)), Y, "mse", PARAMS, ValueError,
-                    ["layer 0 (Dense)", "width 2", "(8, 5)"]),
-    "input width, one example": (jnp.ones((5,)), Y[0], "mse", PARAMS, ValueError,
-                                 ["layer 0 (Dense)", "width 2", "(5,)"]),
+    "input width": (
+        jnp.ones((8, 5)),
+        Y,
+        "mse",
+        PARAMS,
+        ValueError,
+        ["layer 0 (Dense)", "width 2", "(8, 5)"],
+    ),
+    "input width, one example": (
+        jnp.ones((5,)),
+        Y[0],
+        "mse",
+        PARAMS,
+        ValueError,
+        ["layer 0 (Dense)", "width 2", "(5,)"],
+    ),
     "input scalar": (jnp.array(1.0), Y, "mse", PARAMS, ValueError, ["scalar", "(features,)"]),
     "input list": ([[0.1, 0.2]] * 8, Y, "mse", PARAMS, TypeError, ["inputs", "array", "list"]),
     # Integer inputs are token ids to check_inputs; Dense itself asks for floats.
-    "input int": (jnp.ones((8, 2), jnp.int32), Y, "mse", PARAMS, TypeError,
-                  ["layer 0 (Dense)", "floating-point inputs", "int32"]),
-    "input bool": (jnp.ones((8, 2), bool), Y, "mse", PARAMS, TypeError,
-                   ["inputs", "floating point", "bool"]),
-    "empty batch": (jnp.ones((0, 2)), jnp.ones((0, 3)), "mse", PARAMS, ValueError,
-                    ["empty batch", "got shape (0, 2)", "at least one"]),
-    "target width": (X, jnp.zeros((8, 2)), "mse", PARAMS, ValueError,
-                     ["mse", "targets", "(8, 3)", "(8, 2)"]),
-    "target batch": (X, jnp.zeros((7, 3)), "half_sse", PARAMS, ValueError,
-                     ["half_sse", "targets", "(8, 3)", "(7, 3)"]),
+    "input int": (
+        jnp.ones((8, 2), jnp.int32),
+        Y,
+        "mse",
+        PARAMS,
+        TypeError,
+        ["layer 0 (Dense)", "floating-point inputs", "int32"],
+    ),
+    "input bool": (
+        jnp.ones((8, 2), bool),
+        Y,
+        "mse",
+        PARAMS,
+        TypeError,
+        ["inputs", "floating point", "bool"],
+    ),
+    "empty batch": (
+        jnp.ones((0, 2)),
+        jnp.ones((0, 3)),
+        "mse",
+        PARAMS,
+        ValueError,
+        ["empty batch", "got shape (0, 2)", "at least one"],
+    ),
+    "target width": (
+        X,
+        jnp.zeros((8, 2)),
+        "mse",
+        PARAMS,
+        ValueError,
+        ["mse", "targets", "(8, 3)", "(8, 2)"],
+    ),
+    "target batch": (
+        X,
+        jnp.zeros((7, 3)),
+        "half_sse",
+        PARAMS,
+        ValueError,
+        ["half_sse", "targets", "(8, 3)", "(7, 3)"],
+    ),
     "target list": (X, [[0.0] * 3] * 8, "mse", PARAMS, TypeError, ["mse", "targets", "list"]),
-    "target int mse": (X, jnp.zeros((8, 3), jnp.int32), "mse", PARAMS, TypeError,
-                       ["mse", "floating-point targets", "int32"]),
-    "target int half_sse": (X, jnp.zeros((8, 3), jnp.int32), "half_sse", PARAMS, TypeError,
-                            ["half_sse", "floating-point targets", "int32"]),
-    "target int bce": (X, jnp.zeros((8, 3), jnp.int32), "sigmoid_binary_cross_entropy",
-                       PARAMS, TypeError, ["sigmoid_binary_cross_entropy", "int32"]),
-    "label too large": (X, LABELS.at[3].set(3), "softmax_cross_entropy", PARAMS, ValueError,
-                        ["softmax_cross_entropy", "labels in [0, 3)", "[3]"]),
-    "label negative": (X, LABELS.at[0].set(-1), "softmax_cross_entropy", PARAMS, ValueError,
-                       ["labels in [0, 3)", "[-1]"]),
-    "labels shape": (X, LABELS[:7], "softmax_cross_entropy", PARAMS, ValueError,
-                     ["integer labels of shape (8,)", "(7,)"]),
-    "one-hot width": (X, jnp.zeros((8, 4)), "softmax_cross_entropy", PARAMS, ValueError,
-                      ["one-hot targets of shape (8, 3)", "(8, 4)"]),
-    "one-hot int": (X, jnp.zeros((8, 3), jnp.int32), "softmax_cross_entropy", PARAMS,
-                    ValueError, ["integer labels of shape (8,)", "(8, 3)"]),
-    "params too few": (X, Y, "mse", PARAMS[:2], ValueError,
-                       ["params do not match the network", "got no leaves [2]['W'], [2]['b']",
-                        "net.init"]),
-    "params None": (X, Y, "mse", None, ValueError,
-                    ["params do not match", "got None, which holds no arrays"]),
-    "params missing bias": (X, Y, "mse", _params_with(2, "b", None), ValueError,
-                            ["params do not match", "got no leaf [2]['b']"]),
-    "params leaf shape": (X, Y, "mse", _params_with(2, "W", jnp.ones((4, 2))), ValueError,
-                          ["leaf [2]['W']", "expected shape (4, 3), got shape (4, 2)"]),
-    "params inner width": (X, Y, "mse", _params_with(0, "W", jnp.ones((2, 5))), ValueError,
-                           ["leaf [0]['W']", "expected shape (2, 4), got shape (2, 5)"]),
-    "params bias shape": (X, Y, "mse", _params_with(0, "b", jnp.ones((3,))), ValueError,
-                          ["leaf [0]['b']", "expected shape (4,), got shape (3,)"]),
-    "params int": (X, Y, "mse", _params_with(2, "W", jnp.ones((4, 3), jnp.int32)), TypeError,
-                   ["params", "floating point", "[2]['W']", "int32"]),
+    "target int mse": (
+        X,
+        jnp.zeros((8, 3), jnp.int32),
+        "mse",
+        PARAMS,
+        TypeError,
+        ["mse", "floating-point targets", "int32"],
+    ),
+    "target int half_sse": (
+        X,
+        jnp.zeros((8, 3), jnp.int32),
+        "half_sse",
+        PARAMS,
+        TypeError,
+        ["half_sse", "floating-point targets", "int32"],
+    ),
+    "target int bce": (
+        X,
+        jnp.zeros((8, 3), jnp.int32),
+        "sigmoid_binary_cross_entropy",
+        PARAMS,
+        TypeError,
+        ["sigmoid_binary_cross_entropy", "int32"],
+    ),
+    "label too large": (
+        X,
+        LABELS.at[3].set(3),
+        "softmax_cross_entropy",
+        PARAMS,
+        ValueError,
+        ["softmax_cross_entropy", "labels in [0, 3)", "[3]"],
+    ),
+    "label negative": (
+        X,
+        LABELS.at[0].set(-1),
+        "softmax_cross_entropy",
+        PARAMS,
+        ValueError,
+        ["labels in [0, 3)", "[-1]"],
+    ),
+    "labels shape": (
+        X,
+        LABELS[:7],
+        "softmax_cross_entropy",
+        PARAMS,
+        ValueError,
+        ["integer labels of shape (8,)", "(7,)"],
+    ),
+    "one-hot width": (
+        X,
+        jnp.zeros((8, 4)),
+        "softmax_cross_entropy",
+        PARAMS,
+        ValueError,
+        ["one-hot targets of shape (8, 3)", "(8, 4)"],
+    ),
+    "one-hot int": (
+        X,
+        jnp.zeros((8, 3), jnp.int32),
+        "softmax_cross_entropy",
+        PARAMS,
+        ValueError,
+        ["integer labels of shape (8,)", "(8, 3)"],
+    ),
+    "params too few": (
+        X,
+        Y,
+        "mse",
+        PARAMS[:2],
+        ValueError,
+        ["params do not match the network", "got no leaves [2]['W'], [2]['b']", "net.init"],
+    ),
+    "params None": (
+        X,
+        Y,
+        "mse",
+        None,
+        ValueError,
+        ["params do not match", "got None, which holds no arrays"],
+    ),
+    "params missing bias": (
+        X,
+        Y,
+        "mse",
+        _params_with(2, "b", None),
+        ValueError,
+        ["params do not match", "got no leaf [2]['b']"],
+    ),
+    "params leaf shape": (
+        X,
+        Y,
+        "mse",
+        _params_with(2, "W", jnp.ones((4, 2))),
+        ValueError,
+        ["leaf [2]['W']", "expected shape (4, 3), got shape (4, 2)"],
+    ),
+    "params inner width": (
+        X,
+        Y,
+        "mse",
+        _params_with(0, "W", jnp.ones((2, 5))),
+        ValueError,
+        ["leaf [0]['W']", "expected shape (2, 4), got shape (2, 5)"],
+    ),
+    "params bias shape": (
+        X,
+        Y,
+        "mse",
+        _params_with(0, "b", jnp.ones((3,))),
+        ValueError,
+        ["leaf [0]['b']", "expected shape (4,), got shape (3,)"],
+    ),
+    "params int": (
+        X,
+        Y,
+        "mse",
+        _params_with(2, "W", jnp.ones((4, 3), jnp.int32)),
+        TypeError,
+        ["params", "floating point", "[2]['W']", "int32"],
+    ),
 }
 
 
@@ -128,8 +260,10 @@ FIT_FRAGMENTS = {
 def _assert_untouched(params):
     jax.tree_util.tree_map(np.testing.assert_array_equal, PARAMS, PARAMS_NP)
     if params is not None:
-        assert all(not getattr(leaf, "is_deleted", lambda: False)()
-                   for leaf in jax.tree_util.tree_leaves(params))
+        assert all(
+            not getattr(leaf, "is_deleted", lambda: False)()
+            for leaf in jax.tree_util.tree_leaves(params)
+        )
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -156,17 +290,26 @@ def test_bad_input_message_float32():
     """The same message in float32 as in float64, under jit."""
     params32 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), PARAMS)
     step = jaxbp.make_train_step(NET, "mse", jaxbp.sgd(0.1), check="skip")
-    with pytest.raises(jaxbp.InputShapeError, match=r"layer 0 \(Dense\): Dense expects inputs "
-                                                   r"of width 2, got shape \(8, 5\)"):
-        step(jaxbp.init_train_state(NET, jaxbp.sgd(0.1), params32),
-             jnp.ones((8, 5), jnp.float32), Y.astype(jnp.float32))
+    with pytest.raises(
+        jaxbp.InputShapeError,
+        match=r"layer 0 \(Dense\): Dense expects inputs "
+        r"of width 2, got shape \(8, 5\)",
+    ):
+        step(
+            jaxbp.init_train_state(NET, jaxbp.sgd(0.1), params32),
+            jnp.ones((8, 5), jnp.float32),
+            Y.astype(jnp.float32),
+        )
 
 
 def test_first_layer_without_params_still_names_the_input():
     net = jaxbp.serial(jaxbp.Tanh, jaxbp.Dense(3))
     _, params = net.init(jax.random.key(0), (-1, 2))
-    with pytest.raises(ValueError, match=r"layer 1 \(Dense\): Dense expects inputs of width 2, "
-                                         r"got shape \(8, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 1 \(Dense\): Dense expects inputs of width 2, "
+        r"got shape \(8, 5\)",
+    ):
         jaxbp.backprop(net, "mse", params, jnp.ones((8, 5)), Y)
 
 
@@ -189,17 +332,28 @@ def test_labels_under_jit_turn_the_loss_nan_and_skip_the_step():
 
 def test_fit_checks_labels_before_compiling():
     with pytest.raises(ValueError, match=r"labels in \[0, 3\), got values \[5\]"):
-        jaxbp.fit(NET, "softmax_cross_entropy", jaxbp.sgd(0.1), train_state(PARAMS), X,
-                  LABELS.at[1].set(5), steps=3, batch_size=4)
+        jaxbp.fit(
+            NET,
+            "softmax_cross_entropy",
+            jaxbp.sgd(0.1),
+            train_state(PARAMS),
+            X,
+            LABELS.at[1].set(5),
+            steps=3,
+            batch_size=4,
+        )
 
 
-@pytest.mark.parametrize("kwargs, exc, fragments", [
-    (dict(steps=0), ValueError, ["steps", "positive integer", "0"]),
-    (dict(steps=2.5), ValueError, ["steps", "2.5"]),
-    (dict(steps=2, batch_size=0), ValueError, ["batch_size", "[1, 8]", "got 0"]),
-    (dict(steps=2, batch_size=9), ValueError, ["batch_size", "[1, 8]", "got 9"]),
-    (dict(steps=2, check="sometimes"), ValueError, ["check mode", "'sometimes'", "skip"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, fragments",
+    [
+        (dict(steps=0), ValueError, ["steps", "positive integer", "0"]),
+        (dict(steps=2.5), ValueError, ["steps", "2.5"]),
+        (dict(steps=2, batch_size=0), ValueError, ["batch_size", "[1, 8]", "got 0"]),
+        (dict(steps=2, batch_size=9), ValueError, ["batch_size", "[1, 8]", "got 9"]),
+        (dict(steps=2, check="sometimes"), ValueError, ["check mode", "'sometimes'", "skip"]),
+    ],
+)
 def test_fit_arguments(kwargs, exc, fragments):
     with pytest.raises(exc) as info:
         jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), train_state(PARAMS), X, Y, **kwargs)
@@ -209,17 +363,29 @@ def test_fit_arguments(kwargs, exc, fragments):
 
 def test_fit_rejects_targets_of_another_length():
     """Batched fit gathers x[idx] and y[idx]; a short y would be clamped silently by JAX."""
-    with pytest.raises(ValueError, match=r"one entry per example \(8 examples\), got shape "
-                                         r"\(5, 3\)"):
-        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), train_state(PARAMS), X, Y[:5], steps=2,
-                  batch_size=2)
+    with pytest.raises(
+        ValueError,
+        match=r"one entry per example \(8 examples\), got shape "
+        r"\(5, 3\)",
+    ):
+        jaxbp.fit(NET, "mse", jaxbp.sgd(0.1), train_state(PARAMS), X, Y[:5], steps=2, batch_size=2)
 
 
-@pytest.mark.parametrize("lr, exc", [
-    (0, ValueError), (0.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
-    (float("inf"), ValueError), (-float("inf"), ValueError), ("fast", TypeError),
-    (None, TypeError), (True, TypeError), (jnp.array([0.1, 0.2]), TypeError),
-])
+@pytest.mark.parametrize(
+    "lr, exc",
+    [
+        (0, ValueError),
+        (0.0, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (-float("inf"), ValueError),
+        ("fast", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (jnp.array([0.1, 0.2]), TypeError),
+    ],
+)
 def test_sgd_rejects_bad_learning_rates(lr, exc):
     with pytest.raises(exc, match="sgd: learning_rate must be") as info:
         jaxbp.sgd(lr)
@@ -274,8 +440,9 @@ def test_unknown_loss(name):
 def test_make_train_step_arguments():
     with pytest.raises(ValueError, match="unknown check mode 'always'; expected one of"):
         jaxbp.make_train_step(NET, "mse", jaxbp.sgd(0.1), check="always")
-    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation.*"
-                                        "got None"):
+    with pytest.raises(
+        TypeError, match="optimizer must be an optax GradientTransformation.*got None"
+    ):
         jaxbp.make_train_step(NET, "mse", None)
     with pytest.raises(TypeError, match="optimizer must be.*got 0.1"):
         jaxbp.make_train_step(NET, "mse", 0.1)
@@ -297,25 +464,36 @@ def test_failed_step_loses_nothing_even_with_donation(check="off"):
     params = jax.tree_util.tree_map(jnp.array, PARAMS)  # own copies: donation would eat them
     ts = jaxbp.init_train_state(NET, opt, params)
     step = jaxbp.make_train_step(NET, "mse", opt, check=check, donate=True)
-    for bad_x, bad_y in ((jnp.ones((8, 5)), Y), (X, jnp.ones((8, 4))),
-                         (jnp.ones((8, 2), jnp.int32), Y)):
+    for bad_x, bad_y in (
+        (jnp.ones((8, 5)), Y),
+        (X, jnp.ones((8, 4))),
+        (jnp.ones((8, 2), jnp.int32), Y),
+    ):
         with pytest.raises((ValueError, TypeError)):
             step(ts, bad_x, bad_y)
         jax.tree_util.tree_map(np.testing.assert_array_equal, ts.params, PARAMS_NP)
     # Still usable: the very same arrays train, and give the reference step's numbers.
     ref_ts, ref_m = jaxbp.make_train_step(NET, "mse", opt, check=check, jit=False)(
-        jaxbp.init_train_state(NET, opt, PARAMS), X, Y)
+        jaxbp.init_train_state(NET, opt, PARAMS), X, Y
+    )
     new_ts, m = step(ts, X, Y)
     assert bool(m.applied)
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(ts))  # now donated
     np.testing.assert_allclose(float(m.loss), float(ref_m.loss), rtol=1e-12)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
-                           new_ts.params, ref_ts.params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
+        new_ts.params,
+        ref_ts.params,
+    )
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(widths=st.lists(st.integers(1, 4), min_size=2, max_size=4), batch=st.integers(1, 3),
-       wrong=st.integers(1, 6), where=st.sampled_from(["input", "target", "leaf"]))
+@given(
+    widths=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    batch=st.integers(1, 3),
+    wrong=st.integers(1, 6),
+    where=st.sampled_from(["input", "target", "leaf"]),
+)
 def test_random_networks_name_the_mismatch(widths, batch, wrong, where):
     """Over random architectures: the message names the right layer, leaf and widths.
 
@@ -334,21 +512,33 @@ def test_random_networks_name_the_mismatch(widths, batch, wrong, where):
 
     if where == "input":
         assume(wrong != widths[0])
-        with pytest.raises(jaxbp.InputShapeError, match=re.escape(
+        with pytest.raises(
+            jaxbp.InputShapeError,
+            match=re.escape(
                 f"layer 0 (Dense): Dense expects inputs of width {widths[0]}, got shape "
-                f"({batch}, {wrong})")):
+                f"({batch}, {wrong})"
+            ),
+        ):
             bp(params, jax.ShapeDtypeStruct((batch, wrong), jnp.float64), y)
     elif where == "target":
         assume(wrong != widths[-1])
-        with pytest.raises(ValueError, match=re.escape(
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
                 f"mse expects targets of the output's shape ({batch}, {widths[-1]}), got shape "
-                f"({batch}, {wrong})")):
+                f"({batch}, {wrong})"
+            ),
+        ):
             bp(params, x, jax.ShapeDtypeStruct((batch, wrong), jnp.float64), jaxbp.autodiff)
     else:
         last = 2 * (len(widths) - 2)  # the last Dense
         assume(wrong != widths[-1])
         params = list(params)
         params[last] = {**params[last], "b": jax.ShapeDtypeStruct((wrong,), jnp.float64)}
-        with pytest.raises(ValueError, match=re.escape(
-                f"leaf [{last}]['b'] expected shape ({widths[-1]},), got shape ({wrong},)")):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"leaf [{last}]['b'] expected shape ({widths[-1]},), got shape ({wrong},)"
+            ),
+        ):
             bp(tuple(params), x, y)

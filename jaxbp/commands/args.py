@@ -12,8 +12,18 @@ import math
 import os
 from typing import NoReturn
 
-__all__ = ["positive_int", "nonnegative_int", "positive_number", "nonnegative_number",
-           "probability", "seed", "widths", "numbers", "output_path", "model"]
+__all__ = [
+    "positive_int",
+    "nonnegative_int",
+    "positive_number",
+    "nonnegative_number",
+    "probability",
+    "seed",
+    "widths",
+    "numbers",
+    "output_path",
+    "model",
+]
 
 
 def _fail(message: str) -> NoReturn:
@@ -84,10 +94,12 @@ def seed(text: str) -> int:
     return value
 
 
-def widths(minimum: int = 1, example: str = "128,128",
-           what: str = "comma-separated positive layer widths"):
+def widths(
+    minimum: int = 1, example: str = "128,128", what: str = "comma-separated positive layer widths"
+):
     """Comma-separated positive integers, at least ``minimum`` of them; ``what`` names them
     in the error."""
+
     def parse(text: str) -> tuple:
         try:
             values = tuple(int(p.strip()) for p in text.split(","))
@@ -96,6 +108,7 @@ def widths(minimum: int = 1, example: str = "128,128",
         if len(values) < minimum or any(v < 1 for v in values):
             _fail(f"expected {what} such as {example}, got {text!r}")
         return values
+
     return parse
 
 

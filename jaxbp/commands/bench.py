@@ -22,25 +22,39 @@ def _suite():
     except ImportError:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if not os.path.isfile(os.path.join(root, "benchmarks", "suite.py")):
-            raise UsageError("the benchmark suite ships with the jaxbp source tree "
-                             "(benchmarks/); run this from a checkout or an editable install") \
-                from None
+            raise UsageError(
+                "the benchmark suite ships with the jaxbp source tree "
+                "(benchmarks/); run this from a checkout or an editable install"
+            ) from None
         sys.path.insert(0, root)
         return importlib.import_module("benchmarks.suite")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few steps: a smoke test (seconds; the numbers "
-                             "mean nothing)")
-    parser.add_argument("--short", action="store_true",
-                        help="full sizes, fewer rounds (about half the time of a full run)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few steps: a smoke test (seconds; the numbers mean nothing)",
+    )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="full sizes, fewer rounds (about half the time of a full run)",
+    )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # = --quick
-    parser.add_argument("--workloads", nargs="+", metavar="W", default=list(_WORKLOADS),
-                        help="which workloads, e.g. W0,W1 or W0 W1 (default: all)")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="where to write the results (default: "
-                             "benchmarks/results/latest.json)")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="W",
+        default=list(_WORKLOADS),
+        help="which workloads, e.g. W0,W1 or W0 W1 (default: all)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="where to write the results (default: benchmarks/results/latest.json)",
+    )
 
 
 def run(args) -> int:
@@ -48,9 +62,12 @@ def run(args) -> int:
     workloads = suite.split_workloads(args.workloads)
     unknown = [w for w in workloads if w not in _WORKLOADS]
     if unknown or not workloads:
-        raise UsageError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; "
-                         f"expected some of {','.join(_WORKLOADS)}")
+        raise UsageError(
+            f"unknown workload(s) {', '.join(unknown) or '(none given)'}; "
+            f"expected some of {','.join(_WORKLOADS)}"
+        )
     tiny = args.quick or args.tiny
-    suite.run_suite(workloads, quick=tiny or args.short, tiny=tiny,
-                    json_path=args.json or suite.DEFAULT_JSON)
+    suite.run_suite(
+        workloads, quick=tiny or args.short, tiny=tiny, json_path=args.json or suite.DEFAULT_JSON
+    )
     return 0

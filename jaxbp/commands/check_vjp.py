@@ -32,7 +32,8 @@ def parse_shape(text: str) -> tuple:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a shape such as 4,3 (or 'scalar'), got {text!r}") from None
+            f"expected a shape such as 4,3 (or 'scalar'), got {text!r}"
+        ) from None
     if any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"expected positive dimensions, got {text!r}")
     return shape
@@ -40,12 +41,20 @@ def parse_shape(text: str) -> tuple:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--vjp`` and ``--shapes``; ``--seed``, ``--eps``, ``--dtype``, ``--format`` are check's."""
-    parser.add_argument("--vjp", metavar="MODULE:NAME",
-                        help="check a jax.custom_vjp function instead of a network: "
-                             "mypkg.ops:linear or path/to/file.py:linear")
-    parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="SHAPE",
-                        help="with --vjp: one comma-separated shape per differentiable "
-                             "argument, such as 4,3 3 (random inputs)")
+    parser.add_argument(
+        "--vjp",
+        metavar="MODULE:NAME",
+        help="check a jax.custom_vjp function instead of a network: "
+        "mypkg.ops:linear or path/to/file.py:linear",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        metavar="SHAPE",
+        help="with --vjp: one comma-separated shape per differentiable "
+        "argument, such as 4,3 3 (random inputs)",
+    )
 
 
 def _import_module(spec: str):
@@ -72,8 +81,7 @@ def load_target(target: str):
     """The object ``MODULE:NAME`` (or ``path/file.py:NAME``) names."""
     module_spec, sep, name = target.rpartition(":")
     if not sep or not module_spec or not name:
-        raise ValueError(f"--vjp expects MODULE:NAME (such as mypkg.ops:linear), got "
-                         f"{target!r}")
+        raise ValueError(f"--vjp expects MODULE:NAME (such as mypkg.ops:linear), got {target!r}")
     obj = _import_module(module_spec)
     for part in name.split("."):
         if not hasattr(obj, part):
@@ -103,9 +111,11 @@ def random_arguments(fn, shapes, seed: int, dtype) -> tuple:
     for index, p in enumerate(params):
         if index in nondiff:
             if p.default is p.empty:
-                raise ValueError(f"--vjp: argument {p.name!r} of {fn.__name__} is in "
-                                 f"nondiff_argnums without a default; the command line can "
-                                 f"only give it arrays")
+                raise ValueError(
+                    f"--vjp: argument {p.name!r} of {fn.__name__} is in "
+                    f"nondiff_argnums without a default; the command line can "
+                    f"only give it arrays"
+                )
             args.append(p.default)
         elif remaining:
             args.append(jax.random.normal(next(keys), remaining.pop(0), dtype))
@@ -122,15 +132,23 @@ def random_arguments(fn, shapes, seed: int, dtype) -> tuple:
 def _count_message(fn, params, nondiff, given) -> str:
     diff = [p for i, p in enumerate(params) if i not in nondiff]
     required = [p for p in diff if p.default is p.empty]
-    want = (f"{len(required)}" if len(required) == len(diff)
-            else f"{len(required)} to {len(diff)}")
-    return (f"--shapes: {fn.__name__} takes {want} array arguments "
-            f"({', '.join(p.name for p in diff)}), got {given} "
-            f"shape{'s' if given != 1 else ''}")
+    want = f"{len(required)}" if len(required) == len(diff) else f"{len(required)} to {len(diff)}"
+    return (
+        f"--shapes: {fn.__name__} takes {want} array arguments "
+        f"({', '.join(p.name for p in diff)}), got {given} "
+        f"shape{'s' if given != 1 else ''}"
+    )
 
 
-def run_vjp(target, shapes, seed: int = 0, *, eps: float | None = None,
-            dtype: str = "float64", format: str = "text") -> int:
+def run_vjp(
+    target,
+    shapes,
+    seed: int = 0,
+    *,
+    eps: float | None = None,
+    dtype: str = "float64",
+    format: str = "text",
+) -> int:
     """Check the custom_vjp function ``target`` (``MODULE:NAME`` or the function itself) on
     random inputs of ``shapes``; print the table (or JSON); 0 when all agree, else 1."""
     import jax
@@ -147,12 +165,16 @@ def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
 
     fn = load_target(target) if isinstance(target, str) else target
     if not isinstance(fn, jax.custom_vjp):
-        raise TypeError(f"--vjp expects a jax.custom_vjp function (decorated with "
-                        f"@jax.custom_vjp, then given .defvjp(fwd, bwd)); {target} is a "
-                        f"{type(fn).__name__}")
+        raise TypeError(
+            f"--vjp expects a jax.custom_vjp function (decorated with "
+            f"@jax.custom_vjp, then given .defvjp(fwd, bwd)); {target} is a "
+            f"{type(fn).__name__}"
+        )
     if not shapes:
-        raise ValueError("--vjp needs --shapes: one comma-separated shape per array argument, "
-                         "such as --shapes 4,3 3")
+        raise ValueError(
+            "--vjp needs --shapes: one comma-separated shape per array argument, "
+            "such as --shapes 4,3 3"
+        )
     args = random_arguments(fn, shapes, seed, jnp.dtype(dtype))
     names = argument_names(fn, len(args))
     key = jax.random.key(seed + 1)
@@ -162,18 +184,32 @@ def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
     ok = result.ok
     # custom_vjp copies its function's __name__ at runtime; jax's class does not declare it.
     label = target if isinstance(target, str) else fn.__name__  # type: ignore[attr-defined]
-    header = (f"custom_vjp {label}({', '.join(names)}), shapes "
-              f"{' '.join(','.join(map(str, s)) or 'scalar' for s in shapes)}, {dtype}, "
-              f"seed {seed}")
+    header = (
+        f"custom_vjp {label}({', '.join(names)}), shapes "
+        f"{' '.join(','.join(map(str, s)) or 'scalar' for s in shapes)}, {dtype}, "
+        f"seed {seed}"
+    )
     worst = result.manual_vs_autodiff
-    verdict = ("all arguments agree: bwd = jax.vjp of the primal = finite differences" if ok
-               else f"MISMATCH: worst argument {worst.worst_path} (bwd vs jax.vjp relative "
-                    f"error {float(worst.worst_rel_error):.3e})")
+    verdict = (
+        "all arguments agree: bwd = jax.vjp of the primal = finite differences"
+        if ok
+        else f"MISMATCH: worst argument {worst.worst_path} (bwd vs jax.vjp relative "
+        f"error {float(worst.worst_rel_error):.3e})"
+    )
     if format == "json":
-        print(json.dumps({"function": label, "dtype": dtype, "seed": seed, "ok": ok,
-                          "arguments": rows,
-                          "reports": {n: getattr(result, n).to_dict()
-                                      for n in result._fields}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "function": label,
+                    "dtype": dtype,
+                    "seed": seed,
+                    "ok": ok,
+                    "arguments": rows,
+                    "reports": {n: getattr(result, n).to_dict() for n in result._fields},
+                },
+                indent=2,
+            )
+        )
     else:
         _print_table(header, rows, verdict, ok, dtype)
     return 0 if ok else 1
@@ -187,14 +223,16 @@ def _rows(result, diff_args) -> list[dict]:
     rows = []
     for index, path in enumerate(result.manual_vs_autodiff.paths):
         reports = (result.manual_vs_autodiff, result.manual_vs_fd, result.autodiff_vs_fd)
-        rows.append({
-            "argument": path,
-            "shape": list(np.shape(leaves[index])),
-            "bwd_vs_vjp": float(reports[0].rel_error[index]),
-            "bwd_vs_fd": float(reports[1].rel_error[index]),
-            "vjp_vs_fd": float(reports[2].rel_error[index]),
-            "ok": all(bool(r.leaf_ok[index]) for r in reports),
-        })
+        rows.append(
+            {
+                "argument": path,
+                "shape": list(np.shape(leaves[index])),
+                "bwd_vs_vjp": float(reports[0].rel_error[index]),
+                "bwd_vs_fd": float(reports[1].rel_error[index]),
+                "vjp_vs_fd": float(reports[2].rel_error[index]),
+                "ok": all(bool(r.leaf_ok[index]) for r in reports),
+            }
+        )
     return rows
 
 
@@ -206,18 +244,32 @@ def _print_table(header, rows, verdict, ok, dtype) -> None:
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
     console.print(header, highlight=False)
-    table = Table(title="relative error per argument: max|a - b| / max(|a|, |b|)",
-                  title_justify="left")
-    for name in ("argument", "shape", "bwd vs jax.vjp", "bwd vs finite diff",
-                 "jax.vjp vs finite diff", "ok"):
+    table = Table(
+        title="relative error per argument: max|a - b| / max(|a|, |b|)", title_justify="left"
+    )
+    for name in (
+        "argument",
+        "shape",
+        "bwd vs jax.vjp",
+        "bwd vs finite diff",
+        "jax.vjp vs finite diff",
+        "ok",
+    ):
         table.add_column(name, justify="left" if name == "argument" else "right")
     for r in rows:
-        table.add_row(r["argument"], "x".join(map(str, r["shape"])) or "scalar",
-                      f"{r['bwd_vs_vjp']:.2e}", f"{r['bwd_vs_fd']:.2e}", f"{r['vjp_vs_fd']:.2e}",
-                      "[green]yes[/]" if r["ok"] else "[red bold]NO[/]")
+        table.add_row(
+            r["argument"],
+            "x".join(map(str, r["shape"])) or "scalar",
+            f"{r['bwd_vs_vjp']:.2e}",
+            f"{r['bwd_vs_fd']:.2e}",
+            f"{r['vjp_vs_fd']:.2e}",
+            "[green]yes[/]" if r["ok"] else "[red bold]NO[/]",
+        )
     console.print(table)
     rtol, _ = default_tolerance(dtype)
     fd_rtol, _ = fd_tolerance(dtype)
-    console.print(f"tolerances ({dtype}): bwd vs jax.vjp {rtol:g}, against finite "
-                  f"differences {fd_rtol:g}", highlight=False)
+    console.print(
+        f"tolerances ({dtype}): bwd vs jax.vjp {rtol:g}, against finite differences {fd_rtol:g}",
+        highlight=False,
+    )
     console.print(("[green]" if ok else "[red bold]") + verdict + "[/]", highlight=False)

@@ -25,17 +25,32 @@ __all__ = ["add_arguments", "load_text_model", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a run folder of jaxbp train --dataset text (or its checkpoint.npz)")
-    parser.add_argument("--prompt", default=None, metavar="TEXT",
-                        help="text to continue (default: a newline)")
-    parser.add_argument("--length", type=types.positive_int, default=500, metavar="N",
-                        help="characters to generate (default 500)")
-    parser.add_argument("--temperature", type=types.nonnegative_number, default=1.0,
-                        metavar="T", help="softmax temperature; 0 takes the most likely "
-                                          "character (default 1)")
-    parser.add_argument("--seed", type=types.seed, default=0, metavar="N",
-                        help="sampling seed (default 0)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a run folder of jaxbp train --dataset text (or its checkpoint.npz)",
+    )
+    parser.add_argument(
+        "--prompt", default=None, metavar="TEXT", help="text to continue (default: a newline)"
+    )
+    parser.add_argument(
+        "--length",
+        type=types.positive_int,
+        default=500,
+        metavar="N",
+        help="characters to generate (default 500)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=types.nonnegative_number,
+        default=1.0,
+        metavar="T",
+        help="softmax temperature; 0 takes the most likely character (default 1)",
+    )
+    parser.add_argument(
+        "--seed", type=types.seed, default=0, metavar="N", help="sampling seed (default 0)"
+    )
 
 
 def _checkpoint_file(path: str):
@@ -46,8 +61,10 @@ def _checkpoint_file(path: str):
     p = Path(path)
     p = p / CHECKPOINT_FILE if p.is_dir() else p
     if not p.is_file():
-        raise ValueError(f"no checkpoint at {str(p)!r}; expected a run folder of jaxbp train "
-                         f"--dataset text (holding {CHECKPOINT_FILE}) or the file itself")
+        raise ValueError(
+            f"no checkpoint at {str(p)!r}; expected a run folder of jaxbp train "
+            f"--dataset text (holding {CHECKPOINT_FILE}) or the file itself"
+        )
     return p
 
 
@@ -64,9 +81,11 @@ def load_text_model(path: str):
     ckpt = load_checkpoint(file)
     text = ckpt.header.get("text")
     if not isinstance(text, dict) or "vocabulary" not in text:
-        raise ValueError(f"checkpoint {file} is not a text model (it was trained on dataset "
-                         f"{ckpt.header.get('dataset')!r}); jaxbp generate needs a checkpoint "
-                         f"of jaxbp train --dataset text")
+        raise ValueError(
+            f"checkpoint {file} is not a text model (it was trained on dataset "
+            f"{ckpt.header.get('dataset')!r}); jaxbp generate needs a checkpoint "
+            f"of jaxbp train --dataset text"
+        )
     vocabulary = check_vocabulary(text["vocabulary"], f"checkpoint {file}: the vocabulary")
     context = int(text["context"])
     net = build(ckpt.header["network"])
@@ -84,8 +103,10 @@ def _params_like(template, stored: dict, file):
     for path, leaf in leaves:
         name = tu.keystr(path)
         if name not in stored or tuple(stored[name].shape) != tuple(leaf.shape):
-            raise ValueError(f"checkpoint {file}: params leaf {name} is missing or not of "
-                             f"shape {tuple(leaf.shape)}")
+            raise ValueError(
+                f"checkpoint {file}: params leaf {name} is missing or not of "
+                f"shape {tuple(leaf.shape)}"
+            )
         out.append(jnp.asarray(stored[name], leaf.dtype))
     return tu.tree_unflatten(treedef, out)
 
@@ -96,12 +117,20 @@ def run(args) -> int:
     from ..text import decode, encode, sample
 
     net, params, vocabulary, context = load_text_model(args.checkpoint)
-    prompt = args.prompt if args.prompt is not None else (
-        "\n" if "\n" in vocabulary else vocabulary[0])
+    prompt = (
+        args.prompt if args.prompt is not None else ("\n" if "\n" in vocabulary else vocabulary[0])
+    )
     if not prompt:
         raise ValueError("--prompt is empty; give at least one character (or leave it out)")
     ids = encode(prompt, vocabulary, what="--prompt")
-    out = sample(net, params, ids, args.length, context=context,
-                 temperature=args.temperature, key=jax.random.key(args.seed))
+    out = sample(
+        net,
+        params,
+        ids,
+        args.length,
+        context=context,
+        temperature=args.temperature,
+        key=jax.random.key(args.seed),
+    )
     print(prompt + decode(out, vocabulary))
     return 0

@@ -22,10 +22,16 @@ if TYPE_CHECKING:  # numpy is imported when a sweep runs, not when the CLI start
 
 # dataset -> (default learning rates, default steps, what is trained)
 PROBLEMS = {
-    "seed": ((0.05, 0.5, 5.0, 50.0, 500.0), 200,
-             "the seed's 2-2-2 sigmoid network, its weights and its one example, half_sse"),
-    "xor": ((0.1, 1.0, 10.0, 100.0), 1000,
-            "XOR: 2-3-1, tanh hidden, sigmoid output, half_sse, full batch of the 4 points"),
+    "seed": (
+        (0.05, 0.5, 5.0, 50.0, 500.0),
+        200,
+        "the seed's 2-2-2 sigmoid network, its weights and its one example, half_sse",
+    ),
+    "xor": (
+        (0.1, 1.0, 10.0, 100.0),
+        1000,
+        "XOR: 2-3-1, tanh hidden, sigmoid output, half_sse, full batch of the 4 points",
+    ),
 }
 
 VERDICTS = ("slow", "converges", "overshoots, then converges", "diverges")
@@ -40,30 +46,66 @@ class SweepResult(NamedTuple):
 
 
 # XOR's network, as a model description (--model replaces it).
-XOR_MODEL = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 3}, {"name": "Tanh"},
-                                          {"name": "Dense", "out_dim": 1},
-                                          {"name": "Sigmoid"}]}
+XOR_MODEL = {
+    "name": "serial",
+    "layers": [
+        {"name": "Dense", "out_dim": 3},
+        {"name": "Tanh"},
+        {"name": "Dense", "out_dim": 1},
+        {"name": "Sigmoid"},
+    ],
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=sorted(PROBLEMS), default="seed",
-                        help="seed: the seed's 2-2-2 example (default); xor: a 2-3-1 net on XOR")
-    parser.add_argument("--lrs", type=types.numbers, metavar="LR,LR,...",
-                        help="learning rates (default: seed 0.05,0.5,5,50,500; "
-                             "xor 0.1,1,10,100)")
-    parser.add_argument("--steps", type=types.positive_int, metavar="N",
-                        help="full-batch gradient-descent steps (default: seed 200, xor 1000)")
-    parser.add_argument("--seed", type=types.seed, default=0,
-                        help="initialisation seed for xor (the seed problem has fixed weights)")
-    parser.add_argument("--model", type=types.model, metavar="FILE.json",
-                        help="train this model description instead (JSON file or string; "
-                             "initialised from --seed; it must take 2 inputs)")
-    parser.add_argument("--out", default=os.path.join("runs", "lr-sweep"), metavar="DIR",
-                        help="folder for lr_sweep.png and lr_sweep.json (default: runs/lr-sweep)")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="where to draw the loss curves (default: DIR/lr_sweep.png)")
-    parser.add_argument("--format", choices=("text", "json"), default="text",
-                        help="the table as text (default) or JSON on stdout")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(PROBLEMS),
+        default="seed",
+        help="seed: the seed's 2-2-2 example (default); xor: a 2-3-1 net on XOR",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=types.numbers,
+        metavar="LR,LR,...",
+        help="learning rates (default: seed 0.05,0.5,5,50,500; xor 0.1,1,10,100)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=types.positive_int,
+        metavar="N",
+        help="full-batch gradient-descent steps (default: seed 200, xor 1000)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=types.seed,
+        default=0,
+        help="initialisation seed for xor (the seed problem has fixed weights)",
+    )
+    parser.add_argument(
+        "--model",
+        type=types.model,
+        metavar="FILE.json",
+        help="train this model description instead (JSON file or string; "
+        "initialised from --seed; it must take 2 inputs)",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("runs", "lr-sweep"),
+        metavar="DIR",
+        help="folder for lr_sweep.png and lr_sweep.json (default: runs/lr-sweep)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="where to draw the loss curves (default: DIR/lr_sweep.png)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="the table as text (default) or JSON on stdout",
+    )
 
 
 def problem(dataset: str, seed: int = 0, model=None):
@@ -92,8 +134,9 @@ def problem(dataset: str, seed: int = 0, model=None):
     return net, "half_sse", params, x, y
 
 
-def sweep(dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0,
-          model=None) -> SweepResult:
+def sweep(
+    dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0, model=None
+) -> SweepResult:
     """Train ``dataset``'s network from the same start at every learning rate in ``lrs``
     (float64, full batch, plain SGD; each run is :func:`jaxbp.fit`, vmapped over the rates)."""
     import jax
@@ -147,15 +190,17 @@ def summary(result: SweepResult) -> list[dict]:
 
     rows = []
     for lr, curve in zip(result.lrs, result.losses):
-        rows.append({
-            "lr": lr,
-            "start": float(curve[0]),
-            "after_1_step": float(curve[1]),
-            "lowest": float(np.nanmin(curve)),
-            "final": float(curve[-1]),
-            "steps_loss_rose": int(np.sum(np.diff(curve) > 0)),
-            "verdict": verdict(curve),
-        })
+        rows.append(
+            {
+                "lr": lr,
+                "start": float(curve[0]),
+                "after_1_step": float(curve[1]),
+                "lowest": float(np.nanmin(curve)),
+                "final": float(curve[-1]),
+                "steps_loss_rose": int(np.sum(np.diff(curve) > 0)),
+                "verdict": verdict(curve),
+            }
+        )
     return rows
 
 
@@ -167,8 +212,9 @@ def run(args) -> int:
         check_plot_path(args.plot)
     plot_path = args.plot or os.path.join(args.out, "lr_sweep.png")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} is a file; expected a folder (it is created if "
-                         f"missing)")
+        raise ValueError(
+            f"--out {args.out!r} is a file; expected a folder (it is created if missing)"
+        )
     os.makedirs(args.out, exist_ok=True)
     result = sweep(args.dataset, args.lrs, args.steps, args.seed, args.model)
     rows = summary(result)
@@ -179,19 +225,28 @@ def run(args) -> int:
         own = " (the seed's)" if args.dataset == "seed" and r["lr"] == SEED_LEARNING_RATE else ""
         return f"lr {r['lr']:g}{own}: {r['verdict']}"
 
-    plot_loss_curves({label(r): curve for r, curve in zip(rows, result.losses)}, plot_path,
-                     title=f"{result.description}\nplain gradient descent, "
-                           f"{steps} steps, same starting weights",
-                     ylabel="loss (log scale)")
-    record = {"dataset": args.dataset, "description": result.description, "steps": steps,
-              "runs": [{**r, "losses": curve.tolist()} for r, curve in zip(rows, result.losses)]}
+    plot_loss_curves(
+        {label(r): curve for r, curve in zip(rows, result.losses)},
+        plot_path,
+        title=f"{result.description}\nplain gradient descent, {steps} steps, same starting weights",
+        ylabel="loss (log scale)",
+    )
+    record = {
+        "dataset": args.dataset,
+        "description": result.description,
+        "steps": steps,
+        "runs": [{**r, "losses": curve.tolist()} for r, curve in zip(rows, result.losses)],
+    }
     json_path = os.path.join(args.out, "lr_sweep.json")
     write_json(json_path, record, indent=1, allow_nan=True)  # diverged runs: NaN
     if args.format == "json":
         import json
 
-        print(json.dumps({"dataset": args.dataset, "steps": steps, "runs": rows,
-                          "plot": plot_path}, indent=2))
+        print(
+            json.dumps(
+                {"dataset": args.dataset, "steps": steps, "runs": rows, "plot": plot_path}, indent=2
+            )
+        )
     else:
         _print_table(args.dataset, result.description, steps, rows)
         print(f"loss curves: {plot_path}\nevery loss value: {json_path}")
@@ -202,19 +257,35 @@ def _print_table(dataset, description, steps, rows) -> None:
     from rich.console import Console, JustifyMethod
     from rich.table import Table
 
-    table = Table(title=f"lr-sweep on {dataset}: {description}, {steps} steps",
-                  title_justify="left")
+    table = Table(
+        title=f"lr-sweep on {dataset}: {description}, {steps} steps", title_justify="left"
+    )
     columns: list[tuple[str, JustifyMethod]] = [
-        ("lr", "right"), ("loss at start", "right"), ("after 1 step", "right"),
-        ("lowest", "right"), ("final", "right"), ("steps loss rose", "right"),
-        ("verdict", "left")]
+        ("lr", "right"),
+        ("loss at start", "right"),
+        ("after 1 step", "right"),
+        ("lowest", "right"),
+        ("final", "right"),
+        ("steps loss rose", "right"),
+        ("verdict", "left"),
+    ]
     for name, justify in columns:
         table.add_column(name, justify=justify)
-    style = {"diverges": "red", "overshoots, then converges": "yellow", "slow": "cyan",
-             "converges": "green"}
+    style = {
+        "diverges": "red",
+        "overshoots, then converges": "yellow",
+        "slow": "cyan",
+        "converges": "green",
+    }
     for r in rows:
-        table.add_row(f"{r['lr']:g}", f"{r['start']:.4g}", f"{r['after_1_step']:.4g}",
-                      f"{r['lowest']:.4g}", f"{r['final']:.4g}", str(r["steps_loss_rose"]),
-                      f"[{style[r['verdict']]}]{r['verdict']}[/]")
+        table.add_row(
+            f"{r['lr']:g}",
+            f"{r['start']:.4g}",
+            f"{r['after_1_step']:.4g}",
+            f"{r['lowest']:.4g}",
+            f"{r['final']:.4g}",
+            str(r["steps_loss_rose"]),
+            f"[{style[r['verdict']]}]{r['verdict']}[/]",
+        )
     # A pipe or file gets plain text at a fixed width, so the table reads the same in a log.
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110).print(table)

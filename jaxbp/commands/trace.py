@@ -27,44 +27,71 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Config format (JSON): {\"inputs\": [0.1, 0.05], \"targets\": [0.02, 0.98], "
-        "\"layers\": [{\"weights\": [[0.25, 0.2], [0.5, 0.15]], \"bias\": 0.3, "
-        "\"activation\": \"sigmoid\"}, ...], \"loss\": \"half_sse\", \"learning_rate\": 0.5}. "
+        'Config format (JSON): {"inputs": [0.1, 0.05], "targets": [0.02, 0.98], '
+        '"layers": [{"weights": [[0.25, 0.2], [0.5, 0.15]], "bias": 0.3, '
+        '"activation": "sigmoid"}, ...], "loss": "half_sse", "learning_rate": 0.5}. '
         "weights[i][j] joins input i to neuron j; bias is one shared number or one per neuron; "
-        "inputs/targets are one example or a list of examples.")
-    parser.add_argument("--config", metavar="FILE.json",
-                        help="the network to trace (default: the seed tutorial's 2-2-2 example)")
-    parser.add_argument("--example", choices=("conv", "attention", "gru"),
-                        help="a built-in layer example: a Conv1D (5 inputs, kernel 3, stride 2), "
-                             "one causal attention head (3 tokens of dimension 2) or a GRU "
-                             "(3 steps of one input, hidden 2: backpropagation through time)")
-    parser.add_argument("--model", metavar="FILE.json",
-                        help="one layer to trace (Conv1D, MultiHeadAttention, GRU) with its "
-                             "numbers: "
-                             "{\"model\": {\"name\": \"Conv1D\", ...}, \"params\": {...}, "
-                             "\"inputs\": [...], \"targets\": [...]}")
-    parser.add_argument("--steps", type=_positive_int, metavar="N",
-                        help="train N full-batch steps; report the loss after each and the last "
-                             "weights")
-    parser.add_argument("--freeze-bias", action="store_true",
-                        help="update weights only, as the seed's code does")
-    parser.add_argument("--format", choices=FORMATS, default="text",
-                        help="output format (default: text)")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="also draw the network with its weights, activations and gradients")
+        "inputs/targets are one example or a list of examples."
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="the network to trace (default: the seed tutorial's 2-2-2 example)",
+    )
+    parser.add_argument(
+        "--example",
+        choices=("conv", "attention", "gru"),
+        help="a built-in layer example: a Conv1D (5 inputs, kernel 3, stride 2), "
+        "one causal attention head (3 tokens of dimension 2) or a GRU "
+        "(3 steps of one input, hidden 2: backpropagation through time)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="FILE.json",
+        help="one layer to trace (Conv1D, MultiHeadAttention, GRU) with its "
+        "numbers: "
+        '{"model": {"name": "Conv1D", ...}, "params": {...}, '
+        '"inputs": [...], "targets": [...]}',
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help="train N full-batch steps; report the loss after each and the last weights",
+    )
+    parser.add_argument(
+        "--freeze-bias", action="store_true", help="update weights only, as the seed's code does"
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, default="text", help="output format (default: text)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the network with its weights, activations and gradients",
+    )
 
 
 def _layer_trace(args):
     """The traced layer of ``--example`` / ``--model``; flags of the network trace are errors."""
     from ..trace.layer_traces import trace_example, trace_file
 
-    chosen = [flag for flag, value in (("--config", args.config), ("--steps", args.steps),
-                                       ("--freeze-bias", args.freeze_bias),
-                                       ("--example", args.example), ("--model", args.model))
-              if value]
+    chosen = [
+        flag
+        for flag, value in (
+            ("--config", args.config),
+            ("--steps", args.steps),
+            ("--freeze-bias", args.freeze_bias),
+            ("--example", args.example),
+            ("--model", args.model),
+        )
+        if value
+    ]
     if len(chosen) > 1:
-        raise ValueError(f"{chosen[0]} and {chosen[1]} cannot be combined; --example and "
-                         f"--model trace one layer, --config/--steps/--freeze-bias a network")
+        raise ValueError(
+            f"{chosen[0]} and {chosen[1]} cannot be combined; --example and "
+            f"--model trace one layer, --config/--steps/--freeze-bias a network"
+        )
     return trace_example(args.example) if args.example else trace_file(args.model)
 
 

@@ -31,62 +31,121 @@ _hidden = types.widths(1, "128,128")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Choices are listed here rather than imported, so `jaxbp train --help` stays light; a test
     # checks they match the library's tables.
-    parser.add_argument("--dataset", choices=("xor", "seed", "digits", "iris", "breast_cancer",
-                                              "mnist1d", "text"),
-                        help="what to train on (default: digits; text: a character-level GPT)")
-    parser.add_argument("--text", metavar="FILE",
-                        help="with --dataset text: a UTF-8 file to train on (default: the "
-                             "pydoc_data.topics reference text every Python ships)")
-    parser.add_argument("--model", type=types.model, metavar="NAME|FILE.json",
-                        help="a preset (mlp: the dataset's MLP, the default) or a JSON model "
-                             "description (see jaxbp.model)")
-    parser.add_argument("--hidden", type=_hidden, metavar="W,W,...",
-                        help="hidden-layer widths, e.g. 128,128")
-    parser.add_argument("--activation", choices=("gelu", "identity", "leaky_relu", "relu",
-                                                 "sigmoid", "softplus", "tanh"),
-                        help="activation after each hidden layer")
-    parser.add_argument("--output-activation", choices=("auto", "gelu", "identity",
-                                                        "leaky_relu", "relu", "sigmoid",
-                                                        "softplus", "tanh"),
-                        help="after the last layer (auto: none, except sigmoid for a sigmoid "
-                             "network on a squared error, as in the seed tutorial)")
-    parser.add_argument("--loss", choices=("half_sse", "mse", "sigmoid_binary_cross_entropy",
-                                           "softmax_cross_entropy"))
-    parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"),
-                        help="sgd: jaxbp.sgd; momentum: optax.sgd(lr, momentum=0.9); "
-                             "adam: optax.adam (adamw with --weight-decay)")
-    parser.add_argument("--lr", type=types.positive_number, metavar="LR",
-                        help="(peak) learning rate")
-    parser.add_argument("--schedule", choices=("constant", "cosine", "warmup_cosine"),
-                        help="learning-rate schedule over the run")
-    parser.add_argument("--weight-decay", type=types.nonnegative_number, metavar="WD",
-                        help="decoupled weight decay of the weights (not the biases)")
+    parser.add_argument(
+        "--dataset",
+        choices=("xor", "seed", "digits", "iris", "breast_cancer", "mnist1d", "text"),
+        help="what to train on (default: digits; text: a character-level GPT)",
+    )
+    parser.add_argument(
+        "--text",
+        metavar="FILE",
+        help="with --dataset text: a UTF-8 file to train on (default: the "
+        "pydoc_data.topics reference text every Python ships)",
+    )
+    parser.add_argument(
+        "--model",
+        type=types.model,
+        metavar="NAME|FILE.json",
+        help="a preset (mlp: the dataset's MLP, the default) or a JSON model "
+        "description (see jaxbp.model)",
+    )
+    parser.add_argument(
+        "--hidden", type=_hidden, metavar="W,W,...", help="hidden-layer widths, e.g. 128,128"
+    )
+    parser.add_argument(
+        "--activation",
+        choices=("gelu", "identity", "leaky_relu", "relu", "sigmoid", "softplus", "tanh"),
+        help="activation after each hidden layer",
+    )
+    parser.add_argument(
+        "--output-activation",
+        choices=("auto", "gelu", "identity", "leaky_relu", "relu", "sigmoid", "softplus", "tanh"),
+        help="after the last layer (auto: none, except sigmoid for a sigmoid "
+        "network on a squared error, as in the seed tutorial)",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("half_sse", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"),
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("sgd", "momentum", "adam"),
+        help="sgd: jaxbp.sgd; momentum: optax.sgd(lr, momentum=0.9); "
+        "adam: optax.adam (adamw with --weight-decay)",
+    )
+    parser.add_argument(
+        "--lr", type=types.positive_number, metavar="LR", help="(peak) learning rate"
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "warmup_cosine"),
+        help="learning-rate schedule over the run",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=types.nonnegative_number,
+        metavar="WD",
+        help="decoupled weight decay of the weights (not the biases)",
+    )
     parser.add_argument("--epochs", type=types.positive_int, metavar="N")
     parser.add_argument("--batch-size", type=types.positive_int, metavar="N")
-    parser.add_argument("--seed", type=types.seed, metavar="N",
-                        help="initialisation and data-order seed (default 0)")
-    parser.add_argument("--check", choices=("off", "report", "skip", "raise"),
-                        help="compare each step's manual gradients with jax.grad: off, report "
-                             "(default), skip disagreeing updates, or raise")
-    parser.add_argument("--rule", choices=("bp", "fa", "kp", "sign", "dfa"),
-                        help="learning rule: bp (backprop, the default), fa (feedback "
-                             "alignment), kp (Kolen-Pollack), sign (sign symmetry), dfa (direct "
-                             "feedback alignment); the angle of each layer's update to jax.grad "
-                             "goes to metrics.json and alignment.png (see jaxbp.rules)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="folder for checkpoint.npz, metrics.json, curves.png "
-                             "(default: runs/<dataset>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from DIR's checkpoint (flags left out: as that run)")
-    parser.add_argument("--max-bad-steps", type=types.positive_int, default=10, metavar="N",
-                        help="stop after N non-finite (skipped) steps (default 10)")
-    parser.add_argument("--checkpoint-every", type=types.positive_int, metavar="EPOCHS",
-                        help="epochs between checkpoints (default: about 20 per run)")
-    parser.add_argument("--devices", type=types.positive_int, default=1, metavar="N",
-                        help="data parallel over N devices: each batch split across them, "
-                             "params replicated (default 1; see docs/scaling.md)")
-    parser.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
-                        help="progress display (auto: a bar on a terminal, lines otherwise)")
+    parser.add_argument(
+        "--seed",
+        type=types.seed,
+        metavar="N",
+        help="initialisation and data-order seed (default 0)",
+    )
+    parser.add_argument(
+        "--check",
+        choices=("off", "report", "skip", "raise"),
+        help="compare each step's manual gradients with jax.grad: off, report "
+        "(default), skip disagreeing updates, or raise",
+    )
+    parser.add_argument(
+        "--rule",
+        choices=("bp", "fa", "kp", "sign", "dfa"),
+        help="learning rule: bp (backprop, the default), fa (feedback "
+        "alignment), kp (Kolen-Pollack), sign (sign symmetry), dfa (direct "
+        "feedback alignment); the angle of each layer's update to jax.grad "
+        "goes to metrics.json and alignment.png (see jaxbp.rules)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for checkpoint.npz, metrics.json, curves.png (default: runs/<dataset>)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from DIR's checkpoint (flags left out: as that run)",
+    )
+    parser.add_argument(
+        "--max-bad-steps",
+        type=types.positive_int,
+        default=10,
+        metavar="N",
+        help="stop after N non-finite (skipped) steps (default 10)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=types.positive_int,
+        metavar="EPOCHS",
+        help="epochs between checkpoints (default: about 20 per run)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=types.positive_int,
+        default=1,
+        metavar="N",
+        help="data parallel over N devices: each batch split across them, "
+        "params replicated (default 1; see docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="progress display (auto: a bar on a terminal, lines otherwise)",
+    )
 
 
 def run(args) -> int:
@@ -96,13 +155,28 @@ def run(args) -> int:
 
     out = args.out or os.path.join("runs", args.dataset or "digits")
     config = TrainConfig(
-        dataset=args.dataset, model=args.model, hidden=args.hidden, activation=args.activation,
-        output_activation=args.output_activation, loss=args.loss, optimizer=args.optimizer,
-        lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, check=args.check,
-        out=out, resume=args.resume, max_bad_steps=args.max_bad_steps,
-        checkpoint_every=args.checkpoint_every, devices=args.devices, text=args.text,
-        rule=getattr(args, "rule", None))
+        dataset=args.dataset,
+        model=args.model,
+        hidden=args.hidden,
+        activation=args.activation,
+        output_activation=args.output_activation,
+        loss=args.loss,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        check=args.check,
+        out=out,
+        resume=args.resume,
+        max_bad_steps=args.max_bad_steps,
+        checkpoint_every=args.checkpoint_every,
+        devices=args.devices,
+        text=args.text,
+        rule=getattr(args, "rule", None),
+    )
     session = prepare(config)
     assert session.cfg.epochs is not None  # resolve_config filled it
     bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
@@ -110,6 +184,7 @@ def run(args) -> int:
         print(f"note: {note}", file=bar.stream)
     try:
         with SigintFlag() as sigint:
+
             def on_epoch(row: dict) -> bool:  # a true return stops the run: Ctrl-C was pressed
                 bar.update(row)
                 return sigint.set
@@ -119,8 +194,9 @@ def run(args) -> int:
         print(f"jaxbp train: stopped: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_FAULT
     except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint on disk is the previous one
-        print(f"jaxbp train: interrupted; the last complete checkpoint is in {out}",
-              file=sys.stderr)
+        print(
+            f"jaxbp train: interrupted; the last complete checkpoint is in {out}", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     finally:
         bar.close()
@@ -142,29 +218,48 @@ def _print_summary(result, out: str) -> None:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     err = m["max_grad_rel_error"]
-    check = ("gradient check off" if cfg.check == "off" else
-             f"manual vs jax.grad: worst relative error {err:.2e} ({m['worst_grad_leaf']})"
-             if err is not None else "manual vs jax.grad: no finite step to compare")
-    model = (f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}" if cfg.hidden is not None
-             else m["preset"])
-    print(f"{m['dataset']}: {model}, {cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, "
-          f"{m['steps']} steps in {m['seconds']:.1f}s")
+    check = (
+        "gradient check off"
+        if cfg.check == "off"
+        else f"manual vs jax.grad: worst relative error {err:.2e} ({m['worst_grad_leaf']})"
+        if err is not None
+        else "manual vs jax.grad: no finite step to compare"
+    )
+    model = (
+        f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}"
+        if cfg.hidden is not None
+        else m["preset"]
+    )
+    print(
+        f"{m['dataset']}: {model}, {cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, "
+        f"{m['steps']} steps in {m['seconds']:.1f}s"
+    )
     if m["dataset"] == "text":  # a sequence model: the loss per character is the measure
-        print(f"validation loss {m['test_loss']:.4f} nats per character (the whole validation "
-              f"split)  train loss {m['final_loss']:.4f}  next-character accuracy "
-              f"{pct(m['test_accuracy'])}")
+        print(
+            f"validation loss {m['test_loss']:.4f} nats per character (the whole validation "
+            f"split)  train loss {m['final_loss']:.4f}  next-character accuracy "
+            f"{pct(m['test_accuracy'])}"
+        )
     elif m["test_accuracy"] is not None:
-        print(f"test accuracy {pct(m['test_accuracy'])}  train accuracy "
-              f"{pct(m['train_accuracy'])}  final loss {m['final_loss']:.4g}")
+        print(
+            f"test accuracy {pct(m['test_accuracy'])}  train accuracy "
+            f"{pct(m['train_accuracy'])}  final loss {m['final_loss']:.4g}"
+        )
     else:
         print(f"final loss {m['final_loss']:.4g}  test loss {m['test_loss']:.4g}")
     if m["skipped_nonfinite"] + m["skipped_mismatch"]:
-        check += (f"; {m['skipped_nonfinite']} non-finite and {m['skipped_mismatch']} "
-                  f"disagreeing steps skipped")
+        check += (
+            f"; {m['skipped_nonfinite']} non-finite and {m['skipped_mismatch']} "
+            f"disagreeing steps skipped"
+        )
     print(check)
     if m.get("alignment"):
-        print(f"{m['rule']}: angle to jax.grad by layer " + ", ".join(
-            f"{layer} {_fmt(a['angle'], '.1f')} deg" for layer, a in m["alignment"].items()))
+        print(
+            f"{m['rule']}: angle to jax.grad by layer "
+            + ", ".join(
+                f"{layer} {_fmt(a['angle'], '.1f')} deg" for layer, a in m["alignment"].items()
+            )
+        )
     extra = ", alignment.png" if m.get("alignment") else ""
     print(f"wrote {out}/metrics.json, curves.png{extra}, checkpoint.npz")
 
@@ -200,18 +295,26 @@ class Progress:
             TimeRemainingColumn,
         )
 
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                       MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(),
-                       console=Console(file=self.stream), transient=False)
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream),
+            transient=False,
+        )
         self.task = bar.add_task(self.title, total=self.total, completed=start, stats="")
         bar.start()
         return bar
 
     def update(self, row: dict) -> None:
-        stats = (f"loss {_fmt(row['loss'])}  acc {_fmt(row['train_accuracy'], '.3f')}/"
-                 f"{_fmt(row['test_accuracy'], '.3f')}  grad err "
-                 f"{_fmt(row['max_grad_rel_error'], '.1e')}")
+        stats = (
+            f"loss {_fmt(row['loss'])}  acc {_fmt(row['train_accuracy'], '.3f')}/"
+            f"{_fmt(row['test_accuracy'], '.3f')}  grad err "
+            f"{_fmt(row['max_grad_rel_error'], '.1e')}"
+        )
         if row["skipped_nonfinite"] or row["skipped_mismatch"]:
             stats += f"  skipped {row['skipped_nonfinite']}+{row['skipped_mismatch']}"
         if self.mode == "bar":
@@ -220,8 +323,7 @@ class Progress:
         elif self.mode == "lines":
             e = row["epoch"]
             if e % self.every == 0 or e == self.total or row["skipped_nonfinite"]:
-                print(f"{self.title} epoch {e}/{self.total}  {stats}", file=self.stream,
-                      flush=True)
+                print(f"{self.title} epoch {e}/{self.total}  {stats}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -72,8 +72,14 @@ def walk_network(net, params, loss, x, y) -> NetworkWalk:
     for i in reversed(range(len(layers))):
         output_grads[i] = output_grad
         grads[i], output_grad = layers[i].backward(params[i], caches[i], output_grad)
-    return NetworkWalk(layers, tuple(outputs), tuple(output_grads), tuple(caches), tuple(grads),
-                       loss.value(hidden, y))
+    return NetworkWalk(
+        layers,
+        tuple(outputs),
+        tuple(output_grads),
+        tuple(caches),
+        tuple(grads),
+        loss.value(hidden, y),
+    )
 
 
 def _elementwise_names() -> set:
@@ -84,11 +90,15 @@ def _elementwise_names() -> set:
 
 def _undescribable(index: int, layer, elementwise: set) -> str:
     if layer.name in elementwise:
-        return (f"trace cannot describe layer {index} ({layer.name}): an activation before any "
-                f"Dense layer; expected each activation to follow a Dense layer")
-    return (f"trace cannot describe layer {index} ({layer.name}) yet: expected a chain of "
-            f"Dense layers, each followed by element-wise activations "
-            f"({', '.join(sorted(elementwise))})")
+        return (
+            f"trace cannot describe layer {index} ({layer.name}): an activation before any "
+            f"Dense layer; expected each activation to follow a Dense layer"
+        )
+    return (
+        f"trace cannot describe layer {index} ({layer.name}) yet: expected a chain of "
+        f"Dense layers, each followed by element-wise activations "
+        f"({', '.join(sorted(elementwise))})"
+    )
 
 
 def neuron_stages(layers) -> list[Stage]:
@@ -135,20 +145,23 @@ def stage_traces(walk: NetworkWalk, trees: ParamTrees) -> tuple:
     traces = []
     for stage in neuron_stages(walk.layers):
         dense = stage.dense
-        traces.append(LayerTrace(
-            net=_as_numpy(walk.outputs[dense]), out=_as_numpy(walk.outputs[stage.last]),
-            dE_dout=_as_numpy(walk.output_grads[stage.last]),
-            dout_dnet=_as_numpy(_activation_derivative(walk, stage)),
-            delta=_as_numpy(walk.output_grads[dense]),
-            grad_weights=_as_numpy(trees.manual_grads[dense]["W"]),
-            grad_bias=_as_numpy(trees.manual_grads[dense]["b"]),
-            autodiff_weights=_as_numpy(trees.autodiff_grads[dense]["W"]),
-            autodiff_bias=_as_numpy(trees.autodiff_grads[dense]["b"]),
-            step1_weights=_as_numpy(trees.after_one_step[dense]["W"]),
-            step1_bias=_as_numpy(trees.after_one_step[dense]["b"]),
-            final_weights=_as_numpy(trees.after_training[dense]["W"]),
-            final_bias=_as_numpy(trees.after_training[dense]["b"]),
-        ))
+        traces.append(
+            LayerTrace(
+                net=_as_numpy(walk.outputs[dense]),
+                out=_as_numpy(walk.outputs[stage.last]),
+                dE_dout=_as_numpy(walk.output_grads[stage.last]),
+                dout_dnet=_as_numpy(_activation_derivative(walk, stage)),
+                delta=_as_numpy(walk.output_grads[dense]),
+                grad_weights=_as_numpy(trees.manual_grads[dense]["W"]),
+                grad_bias=_as_numpy(trees.manual_grads[dense]["b"]),
+                autodiff_weights=_as_numpy(trees.autodiff_grads[dense]["W"]),
+                autodiff_bias=_as_numpy(trees.autodiff_grads[dense]["b"]),
+                step1_weights=_as_numpy(trees.after_one_step[dense]["W"]),
+                step1_bias=_as_numpy(trees.after_one_step[dense]["b"]),
+                final_weights=_as_numpy(trees.after_training[dense]["W"]),
+                final_bias=_as_numpy(trees.after_training[dense]["b"]),
+            )
+        )
     return tuple(traces)
 
 
@@ -161,8 +174,10 @@ def _max_abs_difference(tree_a, tree_b) -> float:
     import jax
     import jax.numpy as jnp
 
-    return max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree_util.tree_leaves(tree_a), jax.tree_util.tree_leaves(tree_b)))
+    return max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(tree_a), jax.tree_util.tree_leaves(tree_b))
+    )
 
 
 def _optimizer(learning_rate: float, freeze_bias: bool):
@@ -181,8 +196,8 @@ def _one_step(optimizer, params, grads):
 
 class Training(NamedTuple):
     params: tuple
-    history: np.ndarray      # the loss before each step, then after the last
-    rel_errors: np.ndarray   # per step, the worst leaf's relative error, manual vs jax.grad
+    history: np.ndarray  # the loss before each step, then after the last
+    rel_errors: np.ndarray  # per step, the worst leaf's relative error, manual vs jax.grad
 
 
 def _train(net, loss, optimizer, params, x, y, steps: int) -> Training:
@@ -190,12 +205,23 @@ def _train(net, loss, optimizer, params, x, y, steps: int) -> Training:
     from ..backprop import loss_fn
     from ..train import fit, init_train_state
 
-    result = fit(net, loss, optimizer, init_train_state(net, optimizer, params), x, y,
-                 steps=steps, check="report")
+    result = fit(
+        net,
+        loss,
+        optimizer,
+        init_train_state(net, optimizer, params),
+        x,
+        y,
+        steps=steps,
+        check="report",
+    )
     final = result.state.params
     after = loss_fn(net, loss)(final, x, y)
-    return Training(final, np.append(np.asarray(result.history.loss), float(after)),
-                    np.asarray(result.history.rel_error))
+    return Training(
+        final,
+        np.append(np.asarray(result.history.loss), float(after)),
+        np.asarray(result.history.rel_error),
+    )
 
 
 def _trace_float64(config: TraceConfig, steps: int | None, freeze_bias: bool) -> Trace:
@@ -207,8 +233,9 @@ def _trace_float64(config: TraceConfig, steps: int | None, freeze_bias: bool) ->
     net, params = network_from_config(config)
     loss = get_loss(config.loss)
     if loss.terms is None:  # every built-in loss has terms; a registered one may not
-        raise ValueError(f"trace needs a loss that splits into per-output terms, "
-                         f"{config.loss!r} does not")
+        raise ValueError(
+            f"trace needs a loss that splits into per-output terms, {config.loss!r} does not"
+        )
     x = jnp.asarray(config.inputs, jnp.float64)
     y = jnp.asarray(config.targets, jnp.float64)
     walk = walk_network(net, params, loss, x, y)
@@ -216,17 +243,26 @@ def _trace_float64(config: TraceConfig, steps: int | None, freeze_bias: bool) ->
     optimizer = _optimizer(config.learning_rate, freeze_bias)
     after_one_step = _one_step(optimizer, params, walk.grads)
     training = _train(net, loss, optimizer, params, x, y, steps) if steps is not None else None
-    trees = ParamTrees(walk.grads, autodiff_grads, after_one_step,
-                       training.params if training else after_one_step)
+    trees = ParamTrees(
+        walk.grads, autodiff_grads, after_one_step, training.params if training else after_one_step
+    )
     errors = _as_numpy(loss.terms(walk.outputs[-1], y))
-    return Trace(config, stage_traces(walk, trees), errors, float(walk.value),
-                 _max_abs_difference(walk.grads, autodiff_grads), bool(freeze_bias), steps,
-                 training.history if training else None,
-                 training.rel_errors if training else None)
+    return Trace(
+        config,
+        stage_traces(walk, trees),
+        errors,
+        float(walk.value),
+        _max_abs_difference(walk.grads, autodiff_grads),
+        bool(freeze_bias),
+        steps,
+        training.history if training else None,
+        training.rel_errors if training else None,
+    )
 
 
-def trace(config: TraceConfig | dict | None = None, *, steps: int | None = None,
-          freeze_bias: bool = False) -> Trace:
+def trace(
+    config: TraceConfig | dict | None = None, *, steps: int | None = None, freeze_bias: bool = False
+) -> Trace:
     """Trace one backprop step of ``config`` (default: the seed's example) in float64.
 
     The gradients are jaxbp's manual chain rule (each layer's ``backward``), compared with
@@ -241,8 +277,7 @@ def trace(config: TraceConfig | dict | None = None, *, steps: int | None = None,
         config = seed_config()
     if not isinstance(config, TraceConfig):
         config = parse_config(config)
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
-                              or steps < 1):
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     # The worked numbers are float64 whatever the caller's global setting.
     with jax.enable_x64(True):

@@ -31,8 +31,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConfigError", "TraceLayer", "TraceConfig", "seed_config", "parse_config",
-           "load_config", "traceable_losses"]
+__all__ = [
+    "ConfigError",
+    "TraceLayer",
+    "TraceConfig",
+    "seed_config",
+    "parse_config",
+    "load_config",
+    "traceable_losses",
+]
 
 _TOP_KEYS = ("inputs", "targets", "layers", "loss", "learning_rate")
 _LAYER_KEYS = ("weights", "bias", "activation")
@@ -92,11 +99,15 @@ class TraceConfig:
     def is_seed(self) -> bool:
         """Exactly the seed tutorial's example (so its stated numbers can be checked)."""
         seed = parse_config(seed_config())
-        return (self.is_seed_shape and self.single and self.loss == seed.loss
-                and self.learning_rate == seed.learning_rate
-                and np.array_equal(self.inputs, seed.inputs)
-                and np.array_equal(self.targets, seed.targets)
-                and all(_same_layer(a, b) for a, b in zip(self.layers, seed.layers)))
+        return (
+            self.is_seed_shape
+            and self.single
+            and self.loss == seed.loss
+            and self.learning_rate == seed.learning_rate
+            and np.array_equal(self.inputs, seed.inputs)
+            and np.array_equal(self.targets, seed.targets)
+            and all(_same_layer(a, b) for a, b in zip(self.layers, seed.layers))
+        )
 
     def to_dict(self) -> dict:
         """The config as JSON-ready Python values (shaped as a config file would give them)."""
@@ -104,16 +115,26 @@ class TraceConfig:
         return {
             "inputs": unbatch(self.inputs),
             "targets": unbatch(self.targets),
-            "layers": [{"weights": layer.weights.tolist(), "bias": layer.bias.tolist(),
-                        "activation": layer.activation} for layer in self.layers],
+            "layers": [
+                {
+                    "weights": layer.weights.tolist(),
+                    "bias": layer.bias.tolist(),
+                    "activation": layer.activation,
+                }
+                for layer in self.layers
+            ],
             "loss": self.loss,
             "learning_rate": self.learning_rate,
         }
 
 
 def _same_layer(a: TraceLayer, b: TraceLayer) -> bool:
-    return (a.activation == b.activation and np.array_equal(a.weights, b.weights)
-            and a.bias.shape == b.bias.shape and np.array_equal(a.bias, b.bias))
+    return (
+        a.activation == b.activation
+        and np.array_equal(a.weights, b.weights)
+        and a.bias.shape == b.bias.shape
+        and np.array_equal(a.bias, b.bias)
+    )
 
 
 def seed_config() -> dict:
@@ -124,10 +145,16 @@ def seed_config() -> dict:
         "inputs": list(seed.SEED_INPUTS),
         "targets": list(seed.SEED_TARGETS),
         "layers": [
-            {"weights": [list(row) for row in seed.SEED_W_INPUT_HIDDEN],
-             "bias": seed.SEED_BIASES[0], "activation": "sigmoid"},
-            {"weights": [list(row) for row in seed.SEED_W_HIDDEN_OUTPUT],
-             "bias": seed.SEED_BIASES[1], "activation": "sigmoid"},
+            {
+                "weights": [list(row) for row in seed.SEED_W_INPUT_HIDDEN],
+                "bias": seed.SEED_BIASES[0],
+                "activation": "sigmoid",
+            },
+            {
+                "weights": [list(row) for row in seed.SEED_W_HIDDEN_OUTPUT],
+                "bias": seed.SEED_BIASES[1],
+                "activation": "sigmoid",
+            },
         ],
         "loss": "half_sse",
         "learning_rate": seed.SEED_LEARNING_RATE,
@@ -152,8 +179,11 @@ def _is_number(value) -> bool:
 
 def _shown(value) -> str:
     """``value`` as the error message shows it: JSON, cut to 60 characters."""
-    text = json.dumps(value) if isinstance(value, (list, dict, str, int, float, bool, type(None))) \
+    text = (
+        json.dumps(value)
+        if isinstance(value, (list, dict, str, int, float, bool, type(None)))
         else repr(value)
+    )
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -174,8 +204,9 @@ def _number(value, where: str) -> float:
 
 def _vector(value, where: str) -> list:
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"config: {where} must be a non-empty list of numbers, got "
-                          f"{_shown(value)}")
+        raise ConfigError(
+            f"config: {where} must be a non-empty list of numbers, got {_shown(value)}"
+        )
     return [_number(entry, f"{where}[{i}]") for i, entry in enumerate(value)]
 
 
@@ -187,32 +218,39 @@ def _examples(value, where: str) -> tuple[np.ndarray, bool]:
             if len(row) != len(rows[0]):
                 raise ConfigError(
                     f"config: {where}[{i}] has {len(row)} numbers but {where}[0] has "
-                    f"{len(rows[0])}; expected every example to have the same length")
+                    f"{len(rows[0])}; expected every example to have the same length"
+                )
         return np.asarray(rows, np.float64), False
     if isinstance(value, list) and any(isinstance(e, list) for e in value):
-        raise ConfigError(f"config: {where} mixes numbers and lists; expected one example "
-                          f"(a list of numbers) or a list of examples (a list of lists)")
+        raise ConfigError(
+            f"config: {where} mixes numbers and lists; expected one example "
+            f"(a list of numbers) or a list of examples (a list of lists)"
+        )
     return np.asarray([_vector(value, where)], np.float64), True
 
 
 def _matrix(value, where: str) -> np.ndarray:
     if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
-        raise ConfigError(f"config: {where} must be a non-empty list of rows (weights[i][j] "
-                          f"joins input i to neuron j), got {_shown(value)}")
+        raise ConfigError(
+            f"config: {where} must be a non-empty list of rows (weights[i][j] "
+            f"joins input i to neuron j), got {_shown(value)}"
+        )
     rows = [_vector(row, f"{where}[{i}]") for i, row in enumerate(value)]
     for i, row in enumerate(rows):
         if len(row) != len(rows[0]):
             raise ConfigError(
                 f"config: {where} is ragged: row {i} has {len(row)} entries but row 0 has "
-                f"{len(rows[0])}; expected every row to have one entry per neuron")
+                f"{len(rows[0])}; expected every row to have one entry per neuron"
+            )
     return np.asarray(rows, np.float64)
 
 
 def _check_keys(obj: dict, allowed, where: str) -> None:
     unknown = [key for key in obj if key not in allowed]
     if unknown:
-        raise ConfigError(f"config: unknown key {unknown[0]!r} in {where}; expected keys: "
-                          f"{', '.join(allowed)}")
+        raise ConfigError(
+            f"config: unknown key {unknown[0]!r} in {where}; expected keys: {', '.join(allowed)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +266,8 @@ def _inputs_and_targets(obj: dict) -> tuple[np.ndarray, np.ndarray, bool]:
         raise ConfigError(
             f"config: inputs give {len(inputs)} example(s) {written[single]} but targets give "
             f"{len(targets)} {written[single_targets]}; "
-            f"expected one target per example, written the same way")
+            f"expected one target per example, written the same way"
+        )
     return inputs, targets, single
 
 
@@ -239,7 +278,8 @@ def _bias(raw, where: str, width: int) -> np.ndarray:
     if bias.shape[0] != width:
         raise ConfigError(
             f"config: {where} has {bias.shape[0]} entries but the layer has {width} neurons; "
-            f"expected one number (shared) or {width} (one per neuron)")
+            f"expected one number (shared) or {width} (one per neuron)"
+        )
     return bias
 
 
@@ -247,36 +287,43 @@ def _activation(raw, where: str) -> str:
     from ..layers import ACTIVATIONS
 
     if not isinstance(raw, str) or raw not in ACTIVATIONS:
-        raise ConfigError(f"config: {where} is {_shown(raw)}; expected one "
-                          f"of: {', '.join(sorted(ACTIVATIONS))}")
+        raise ConfigError(
+            f"config: {where} is {_shown(raw)}; expected one of: {', '.join(sorted(ACTIVATIONS))}"
+        )
     return raw
 
 
 def _layer(raw, index: int, input_width: int) -> TraceLayer:
     where = f"layers[{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"config: {where} must be an object with keys "
-                          f"{', '.join(_LAYER_KEYS)}, got {_shown(raw)}")
+        raise ConfigError(
+            f"config: {where} must be an object with keys "
+            f"{', '.join(_LAYER_KEYS)}, got {_shown(raw)}"
+        )
     _check_keys(raw, _LAYER_KEYS, where)
     for key in ("weights", "activation"):
         if key not in raw:
-            raise ConfigError(f"config: {where} is missing key {key!r}; expected keys: "
-                              f"weights, activation (and optionally bias)")
+            raise ConfigError(
+                f"config: {where} is missing key {key!r}; expected keys: "
+                f"weights, activation (and optionally bias)"
+            )
     weights = _matrix(raw["weights"], f"{where}.weights")
     if weights.shape[0] != input_width:
         previous = "the inputs have" if index == 0 else f"layer {index - 1} has"
         raise ConfigError(
             f"config: {where}.weights has {weights.shape[0]} rows but {previous} "
             f"width {input_width}; expected {input_width} rows "
-            f"(weights[i][j] joins input i to neuron j)")
+            f"(weights[i][j] joins input i to neuron j)"
+        )
     bias = _bias(raw.get("bias", 0.0), f"{where}.bias", weights.shape[1])
     return TraceLayer(weights, bias, _activation(raw["activation"], f"{where}.activation"))
 
 
 def _layers(raw_layers, input_width: int) -> tuple:
     if not isinstance(raw_layers, list) or not raw_layers:
-        raise ConfigError(f"config: layers must be a non-empty list of layer objects, got "
-                          f"{_shown(raw_layers)}")
+        raise ConfigError(
+            f"config: layers must be a non-empty list of layer objects, got {_shown(raw_layers)}"
+        )
     layers, width = [], input_width
     for index, raw in enumerate(raw_layers):
         layers.append(_layer(raw, index, width))
@@ -295,8 +342,9 @@ def _loss(obj: dict) -> str:
 def _learning_rate(obj: dict) -> float:
     rate = obj.get("learning_rate", _DEFAULT_LEARNING_RATE)
     if not _is_number(rate) or not _is_finite(rate) or rate <= 0:
-        raise ConfigError(f"config: learning_rate is {_shown(rate)}; expected a positive "
-                          f"finite number")
+        raise ConfigError(
+            f"config: learning_rate is {_shown(rate)}; expected a positive finite number"
+        )
     return float(rate)
 
 
@@ -307,20 +355,24 @@ def parse_config(obj: Any) -> TraceConfig:
     it holds and what was expected.
     """
     if not isinstance(obj, dict):
-        raise ConfigError(f"config: expected a JSON object with keys {', '.join(_TOP_KEYS)}, "
-                          f"got {_shown(obj)}")
+        raise ConfigError(
+            f"config: expected a JSON object with keys {', '.join(_TOP_KEYS)}, got {_shown(obj)}"
+        )
     _check_keys(obj, _TOP_KEYS, "the top level")
     for key in ("inputs", "targets", "layers"):
         if key not in obj:
-            raise ConfigError(f"config: missing key {key!r}; expected keys: inputs, targets, "
-                              f"layers (and optionally loss, learning_rate)")
+            raise ConfigError(
+                f"config: missing key {key!r}; expected keys: inputs, targets, "
+                f"layers (and optionally loss, learning_rate)"
+            )
     inputs, targets, single = _inputs_and_targets(obj)
     layers = _layers(obj["layers"], inputs.shape[1])
     if targets.shape[1] != layers[-1].width:
         raise ConfigError(
             f"config: targets have {targets.shape[1]} numbers per example but the last layer "
             f"(layers[{len(layers) - 1}]) has {layers[-1].width} neurons; "
-            f"expected {layers[-1].width}")
+            f"expected {layers[-1].width}"
+        )
     return TraceConfig(inputs, targets, layers, _loss(obj), _learning_rate(obj), single)
 
 
@@ -339,9 +391,12 @@ def load_config(path: str | os.PathLike) -> TraceConfig:
     try:
         obj = json.loads(text)
     except RecursionError:  # json recurses per nesting level
-        raise ConfigError(f"config file {shown} is nested too deeply; expected a JSON object "
-                          f"of inputs, targets and layers") from None
+        raise ConfigError(
+            f"config file {shown} is nested too deeply; expected a JSON object "
+            f"of inputs, targets and layers"
+        ) from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {shown} is not valid JSON: {e.msg} at line {e.lineno} "
-                          f"column {e.colno}") from None
+        raise ConfigError(
+            f"config file {shown} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     return parse_config(obj)

@@ -86,8 +86,7 @@ def conv_geometry(layer, x_shape, y_shape) -> ConvGeometry:
     first = lambda v: v[0] if isinstance(v, (list, tuple)) else v
     taps, stride, dilation = first(taps), first(stride), first(dilation)
     lo = _pad_lo(config["padding"], x_shape[0], (taps - 1) * dilation + 1, stride)
-    return ConvGeometry(x_shape[0], x_shape[1], y_shape[1], taps, stride, dilation, lo,
-                        y_shape[0])
+    return ConvGeometry(x_shape[0], x_shape[1], y_shape[1], taps, stride, dilation, lo, y_shape[0])
 
 
 class _Names:
@@ -122,7 +121,7 @@ class _Page(NamedTuple):
     t: np.ndarray
     y: np.ndarray
     dy: np.ndarray
-    grads: dict     # the layer's backward: W, b, x
+    grads: dict  # the layer's backward: W, b, x
     autodiff: dict  # jax.grad: W, b, x
     loss: float
 
@@ -135,20 +134,40 @@ class _Page(NamedTuple):
 def _setup_section(page: _Page, layer) -> Section:
     g, n = page.g, page.names
     config = dict(layer.config)
-    inputs = ", ".join(f"{n.x(i, c)} = {given(page.x[i, c])}" for i in range(g.length)
-                       for c in range(g.in_channels))
-    kernel = ", ".join(f"{n.w(j, ci, co)} = {given(page.w[j, ci, co])}"
-                       for j, ci, co in np.ndindex(page.w.shape))
+    inputs = ", ".join(
+        f"{n.x(i, c)} = {given(page.x[i, c])}"
+        for i in range(g.length)
+        for c in range(g.in_channels)
+    )
+    kernel = ", ".join(
+        f"{n.w(j, ci, co)} = {given(page.w[j, ci, co])}" for j, ci, co in np.ndindex(page.w.shape)
+    )
     bias = ", ".join(f"{n.b(co)} = {given(page.b[co])}" for co in range(g.out_channels))
-    targets = ", ".join(f"{n.t(o, co)} = {given(page.t[o, co])}" for o in range(g.outputs)
-                        for co in range(g.out_channels))
-    where = (f"kernel {g.taps}, stride {g.stride}, padding {config['padding']!s}, "
-             f"dilation {g.dilation}: output y_o reads x_(o-1)*{g.stride}+j*{g.dilation}"
-             f"{f'-{g.lo}' if g.lo else ''} with weight w_j (positions 1-based; a position "
-             f"outside 1..{g.length} is a padding zero)")
-    return Section(f"A Conv1D layer: {g.length} inputs, {g.outputs} outputs", [
-        Lines([f"inputs: {inputs}", f"kernel: {kernel}; {bias}", f"targets: {targets}",
-               "loss E = 1/2 sum_o (y_o - t_o)^2"]), Paragraph(where)])
+    targets = ", ".join(
+        f"{n.t(o, co)} = {given(page.t[o, co])}"
+        for o in range(g.outputs)
+        for co in range(g.out_channels)
+    )
+    where = (
+        f"kernel {g.taps}, stride {g.stride}, padding {config['padding']!s}, "
+        f"dilation {g.dilation}: output y_o reads x_(o-1)*{g.stride}+j*{g.dilation}"
+        f"{f'-{g.lo}' if g.lo else ''} with weight w_j (positions 1-based; a position "
+        f"outside 1..{g.length} is a padding zero)"
+    )
+    return Section(
+        f"A Conv1D layer: {g.length} inputs, {g.outputs} outputs",
+        [
+            Lines(
+                [
+                    f"inputs: {inputs}",
+                    f"kernel: {kernel}; {bias}",
+                    f"targets: {targets}",
+                    "loss E = 1/2 sum_o (y_o - t_o)^2",
+                ]
+            ),
+            Paragraph(where),
+        ],
+    )
 
 
 def _touch_rows(page: _Page) -> list:
@@ -167,10 +186,16 @@ def _touch_rows(page: _Page) -> list:
 
 
 def touch_section(page: _Page) -> Section:
-    return Section("Which inputs each kernel weight touches", [
-        Table(["weight", "input positions it touches", "for outputs"], _touch_rows(page)),
-        Paragraph("Every weight is shared by all outputs: its gradient adds one term per "
-                  "position it touched.")])
+    return Section(
+        "Which inputs each kernel weight touches",
+        [
+            Table(["weight", "input positions it touches", "for outputs"], _touch_rows(page)),
+            Paragraph(
+                "Every weight is shared by all outputs: its gradient adds one term per "
+                "position it touched."
+            ),
+        ],
+    )
 
 
 def _read(page: _Page, o: int, j: int, ci: int) -> tuple[str, str, float]:
@@ -190,8 +215,10 @@ def _forward_line(page: _Page, o: int, co: int) -> str:
         numbers.append(f"{given_factor(page.w[j, ci, co])}*{number}")
         terms.append(page.w[j, ci, co] * value)
     total = checked_total([*terms, page.b[co]], page.y[o, co], f"forward {n.y(o, co)}")
-    return (f"{n.y(o, co)} = {' + '.join(symbols)} + {n.b(co)} = {' + '.join(numbers)} + "
-            f"{given_factor(page.b[co])} = {computed(total)}")
+    return (
+        f"{n.y(o, co)} = {' + '.join(symbols)} + {n.b(co)} = {' + '.join(numbers)} + "
+        f"{given_factor(page.b[co])} = {computed(total)}"
+    )
 
 
 def forward_section(page: _Page) -> Section:
@@ -204,8 +231,9 @@ def error_section(page: _Page) -> Section:
     g, n = page.g, page.names
     pairs = [(o, co) for o in range(g.outputs) for co in range(g.out_channels)]
     symbols = " + ".join(f"1/2 ({n.y(o, co)} - {n.t(o, co)})^2" for o, co in pairs)
-    numbers = " + ".join(f"1/2 ({factor(page.y[o, co])} - {given_factor(page.t[o, co])})^2"
-                         for o, co in pairs)
+    numbers = " + ".join(
+        f"1/2 ({factor(page.y[o, co])} - {given_factor(page.t[o, co])})^2" for o, co in pairs
+    )
     terms = [0.5 * (page.y[o, co] - page.t[o, co]) ** 2 for o, co in pairs]
     total = checked_total(terms, page.loss, "the loss")
     return Section("Step 2: the error", [Lines([f"E = {symbols} = {numbers} = {computed(total)}"])])
@@ -218,22 +246,29 @@ def error_section(page: _Page) -> Section:
 
 def _output_gradient_lines(page: _Page) -> list[str]:
     g, n = page.g, page.names
-    return [f"dE/d{n.y(o, co)} = {n.y(o, co)} - {n.t(o, co)} = {factor(page.y[o, co])} - "
-            f"{given_factor(page.t[o, co])} = {computed(page.dy[o, co])}"
-            for o in range(g.outputs) for co in range(g.out_channels)]
+    return [
+        f"dE/d{n.y(o, co)} = {n.y(o, co)} - {n.t(o, co)} = {factor(page.y[o, co])} - "
+        f"{given_factor(page.t[o, co])} = {computed(page.dy[o, co])}"
+        for o in range(g.outputs)
+        for co in range(g.out_channels)
+    ]
 
 
 def _weight_gradient_line(page: _Page, j: int, ci: int, co: int) -> str:
     g, n = page.g, page.names
     outputs = [o for o in range(g.outputs) if g.reads(o, j)]
     name = n.w(j, ci, co)
-    total = checked_total([page.dy[o, co] * page.x[g.position(o, j), ci] for o in outputs],
-                          page.grads["W"][j, ci, co], f"dE/d{name}")
+    total = checked_total(
+        [page.dy[o, co] * page.x[g.position(o, j), ci] for o in outputs],
+        page.grads["W"][j, ci, co],
+        f"dE/d{name}",
+    )
     if not outputs:
         return f"dE/d{name} = 0   ({name} only ever multiplied padding zeros)"
     symbols = " + ".join(f"dE/d{n.y(o, co)}*{n.x(g.position(o, j), ci)}" for o in outputs)
-    numbers = " + ".join(f"{factor(page.dy[o, co])}*{given_factor(page.x[g.position(o, j), ci])}"
-                         for o in outputs)
+    numbers = " + ".join(
+        f"{factor(page.dy[o, co])}*{given_factor(page.x[g.position(o, j), ci])}" for o in outputs
+    )
     return f"dE/d{name} = {symbols} = {numbers} = {computed(total)}"
 
 
@@ -242,8 +277,9 @@ def _bias_gradient_line(page: _Page, co: int) -> str:
     total = checked_total(page.dy[:, co], page.grads["b"][co], f"dE/d{n.b(co)}")
     symbols = " + ".join(f"dE/d{n.y(o, co)}" for o in range(g.outputs))
     numbers = " + ".join(factor(page.dy[o, co]) for o in range(g.outputs))
-    return (f"dE/d{n.b(co)} = {symbols} = {numbers} = {computed(total)}"
-            f"   (b is added to every output)")
+    return (
+        f"dE/d{n.b(co)} = {symbols} = {numbers} = {computed(total)}   (b is added to every output)"
+    )
 
 
 def _readers(g: ConvGeometry, i: int) -> list[tuple[int, int]]:
@@ -255,21 +291,27 @@ def _input_gradient_line(page: _Page, i: int, ci: int) -> str:
     g, n = page.g, page.names
     readers = [(o, j, co) for o, j in _readers(g, i) for co in range(g.out_channels)]
     name = n.x(i, ci)
-    total = checked_total([page.dy[o, co] * page.w[j, ci, co] for o, j, co in readers],
-                          page.grads["x"][i, ci], f"dE/d{name}")
+    total = checked_total(
+        [page.dy[o, co] * page.w[j, ci, co] for o, j, co in readers],
+        page.grads["x"][i, ci],
+        f"dE/d{name}",
+    )
     if not readers:
         return f"dE/d{name} = 0   (no window reads {name}: the stride steps over it)"
     symbols = " + ".join(f"dE/d{n.y(o, co)}*{n.w(j, ci, co)}" for o, j, co in readers)
-    numbers = " + ".join(f"{factor(page.dy[o, co])}*{given_factor(page.w[j, ci, co])}"
-                         for o, j, co in readers)
+    numbers = " + ".join(
+        f"{factor(page.dy[o, co])}*{given_factor(page.w[j, ci, co])}" for o, j, co in readers
+    )
     return f"dE/d{name} = {symbols} = {numbers} = {computed(total)}"
 
 
 def _transposed_paragraph(page: _Page) -> Paragraph:
     g = page.g
-    text = ("dE/dx is the transposed convolution: each dE/dy_o flows back to the inputs its "
-            "window read, times the weight that read them; an input read by two windows sums "
-            "both.")
+    text = (
+        "dE/dx is the transposed convolution: each dE/dy_o flows back to the inputs its "
+        "window read, times the weight that read them; an input read by two windows sums "
+        "both."
+    )
     front = g.taps - 1 - g.lo
     if g.in_channels == g.out_channels == 1 and g.dilation == 1 and front >= 0:
         spread = []
@@ -277,25 +319,38 @@ def _transposed_paragraph(page: _Page) -> Paragraph:
             spread += [computed(page.dy[o, 0])] + ["0"] * (g.stride - 1 if o < g.outputs - 1 else 0)
         back = g.length + g.taps - 1 - len(spread) - front
         flipped = ", ".join(f"w{j + 1}" for j in reversed(range(g.taps)))
-        text += (f" Written as a convolution: dE/dy with {g.stride - 1} zeros between entries "
-                 f"[{', '.join(spread)}], padded by {front} zeros in front and {back} behind, "
-                 f"slid under the flipped kernel [{flipped}]: one dE/dx per position.")
+        text += (
+            f" Written as a convolution: dE/dy with {g.stride - 1} zeros between entries "
+            f"[{', '.join(spread)}], padded by {front} zeros in front and {back} behind, "
+            f"slid under the flipped kernel [{flipped}]: one dE/dx per position."
+        )
     return Paragraph(text)
 
 
 def backward_section(page: _Page) -> Section:
     g = page.g
-    weights = [_weight_gradient_line(page, j, ci, co)
-               for j, ci, co in np.ndindex(g.taps, g.in_channels, g.out_channels)]
-    inputs = [_input_gradient_line(page, i, ci)
-              for i, ci in np.ndindex(g.length, g.in_channels)]
-    return Section("Step 3: backward pass (Conv1D.backward)", [
-        Paragraph("The loss's gradient at each output, then the chain rule into each shared "
-                  "weight: dE/dw_j = sum over outputs o of dE/dy_o * (the input w_j read for "
-                  "y_o)."),
-        Lines(_output_gradient_lines(page) + weights
-              + [_bias_gradient_line(page, co) for co in range(g.out_channels)]),
-        _transposed_paragraph(page), Lines(inputs)])
+    weights = [
+        _weight_gradient_line(page, j, ci, co)
+        for j, ci, co in np.ndindex(g.taps, g.in_channels, g.out_channels)
+    ]
+    inputs = [_input_gradient_line(page, i, ci) for i, ci in np.ndindex(g.length, g.in_channels)]
+    return Section(
+        "Step 3: backward pass (Conv1D.backward)",
+        [
+            Paragraph(
+                "The loss's gradient at each output, then the chain rule into each shared "
+                "weight: dE/dw_j = sum over outputs o of dE/dy_o * (the input w_j read for "
+                "y_o)."
+            ),
+            Lines(
+                _output_gradient_lines(page)
+                + weights
+                + [_bias_gradient_line(page, co) for co in range(g.out_channels)]
+            ),
+            _transposed_paragraph(page),
+            Lines(inputs),
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,12 +360,18 @@ def backward_section(page: _Page) -> Section:
 
 def _check_rows(page: _Page) -> list:
     g, n = page.g, page.names
-    rows = [(f"dE/d{n.w(j, ci, co)}", page.grads["W"][j, ci, co], page.autodiff["W"][j, ci, co])
-            for j, ci, co in np.ndindex(page.w.shape)]
-    rows += [(f"dE/d{n.b(co)}", page.grads["b"][co], page.autodiff["b"][co])
-             for co in range(g.out_channels)]
-    return rows + [(f"dE/d{n.x(i, ci)}", page.grads["x"][i, ci], page.autodiff["x"][i, ci])
-                   for i, ci in np.ndindex(page.x.shape)]
+    rows = [
+        (f"dE/d{n.w(j, ci, co)}", page.grads["W"][j, ci, co], page.autodiff["W"][j, ci, co])
+        for j, ci, co in np.ndindex(page.w.shape)
+    ]
+    rows += [
+        (f"dE/d{n.b(co)}", page.grads["b"][co], page.autodiff["b"][co])
+        for co in range(g.out_channels)
+    ]
+    return rows + [
+        (f"dE/d{n.x(i, ci)}", page.grads["x"][i, ci], page.autodiff["x"][i, ci])
+        for i, ci in np.ndindex(page.x.shape)
+    ]
 
 
 def _inputs_layout(value: np.ndarray) -> np.ndarray:
@@ -318,16 +379,20 @@ def _inputs_layout(value: np.ndarray) -> np.ndarray:
     if value.ndim == 1:
         return value[:, None]
     if value.ndim != 2:
-        raise ConfigError(f"trace file: Conv1D traces one example: inputs of shape (length,) or "
-                          f"(length, channels), got shape {value.shape}")
+        raise ConfigError(
+            f"trace file: Conv1D traces one example: inputs of shape (length,) or "
+            f"(length, channels), got shape {value.shape}"
+        )
     return value
 
 
 def _checked_size(x: np.ndarray, out_channels: int) -> None:
     if x.shape[0] > MAX_POSITIONS or max(x.shape[1], out_channels) > MAX_CHANNELS:
-        raise ConfigError(f"trace file: a Conv1D trace prints every number; expected at most "
-                          f"{MAX_POSITIONS} positions and {MAX_CHANNELS} channels, got inputs "
-                          f"of shape {x.shape} and {out_channels} output channels")
+        raise ConfigError(
+            f"trace file: a Conv1D trace prints every number; expected at most "
+            f"{MAX_POSITIONS} positions and {MAX_CHANNELS} channels, got inputs "
+            f"of shape {x.shape} and {out_channels} output channels"
+        )
 
 
 def _page(spec: dict, example: dict):
@@ -345,20 +410,39 @@ def _page(spec: dict, example: dict):
     grads = {"W": numpy(dparams["W"]), "b": numpy(dparams["b"]), "x": numpy(dx)}
     autodiff = autodiff_gradients(layer, params, jnp.asarray(x), jnp.asarray(t))
     g = conv_geometry(layer, x.shape, y.shape)
-    page = _Page(g, _Names(g), x, numpy(params["W"]), numpy(params["b"]), t, numpy(y),
-                 numpy(dy), grads, autodiff, float(half_sse(numpy(y), t)))
+    page = _Page(
+        g,
+        _Names(g),
+        x,
+        numpy(params["W"]),
+        numpy(params["b"]),
+        t,
+        numpy(y),
+        numpy(dy),
+        grads,
+        autodiff,
+        float(half_sse(numpy(y), t)),
+    )
     return layer, page
 
 
 def _numbers(page: _Page) -> dict:
     g = page.g
-    touches = {f"w{j + 1}": [g.position(o, j) + 1 for o in range(g.outputs) if g.reads(o, j)]
-               for j in range(g.taps)}
-    windows = [[[j + 1, g.position(o, j) + 1] for j in range(g.taps) if g.reads(o, j)]
-               for o in range(g.outputs)]
-    return {"forward": {"y": page.y.tolist()}, "loss": page.loss,
-            "gradients": {"y": page.dy.tolist(), **dict_of_lists(page.grads)},
-            "touches": touches, "windows": windows}
+    touches = {
+        f"w{j + 1}": [g.position(o, j) + 1 for o in range(g.outputs) if g.reads(o, j)]
+        for j in range(g.taps)
+    }
+    windows = [
+        [[j + 1, g.position(o, j) + 1] for j in range(g.taps) if g.reads(o, j)]
+        for o in range(g.outputs)
+    ]
+    return {
+        "forward": {"y": page.y.tolist()},
+        "loss": page.loss,
+        "gradients": {"y": page.dy.tolist(), **dict_of_lists(page.grads)},
+        "touches": touches,
+        "windows": windows,
+    }
 
 
 def trace_conv(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
@@ -369,8 +453,18 @@ def trace_conv(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
 
     with jax.enable_x64(True):
         layer, page = _page(spec, example)
-    sections = [_setup_section(page, layer), touch_section(page), forward_section(page),
-                error_section(page), backward_section(page), check_section(_check_rows(page))]
-    used = {"model": describe(layer), "params": {"W": page.w.tolist(), "b": page.b.tolist()},
-            "inputs": page.x.tolist(), "targets": page.t.tolist()}
+    sections = [
+        _setup_section(page, layer),
+        touch_section(page),
+        forward_section(page),
+        error_section(page),
+        backward_section(page),
+        check_section(_check_rows(page)),
+    ]
+    used = {
+        "model": describe(layer),
+        "params": {"W": page.w.tolist(), "b": page.b.tolist()},
+        "inputs": page.x.tolist(),
+        "targets": page.t.tolist(),
+    }
     return TracedLayer("conv", used, _numbers(page), sections, page.grads, page.autodiff)

@@ -28,7 +28,7 @@ from .render import Block, Lines, Paragraph, Section, Subtitle, Table
 __all__ = ["trace_document", "MAX_EXAMPLES_SHOWN", "MAX_TABLE_PARAMS"]
 
 MAX_EXAMPLES_SHOWN = 8  # more examples: the first ones, and a pointer to --format json
-MAX_TABLE_PARAMS = 64   # more parameters: no table of every gradient
+MAX_TABLE_PARAMS = 64  # more parameters: no table of every gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +98,23 @@ def _bias_index(page: _Page, k: int, j: int) -> tuple:
 def _example_line(page: _Page, n: int) -> str:
     config, names = page.config, page.names
     inputs = ", ".join(f"{names.input(i)} = {given(v)}" for i, v in enumerate(config.inputs[n]))
-    targets = ", ".join(f"target_{names.neuron(page.last, j)} = {given(v)}"
-                        for j, v in enumerate(config.targets[n]))
+    targets = ", ".join(
+        f"target_{names.neuron(page.last, j)} = {given(v)}" for j, v in enumerate(config.targets[n])
+    )
     return f"{page.prefix(n)}{inputs};  {targets}"
 
 
 def _parameters_line(page: _Page, k: int) -> str:
     layer, names = page.config.layers[k], page.names
-    weights = ", ".join(f"{names.weight(k, i, j)} = {given(layer.weights[i, j])}"
-                        for i, j in np.ndindex(layer.weights.shape))
+    weights = ", ".join(
+        f"{names.weight(k, i, j)} = {given(layer.weights[i, j])}"
+        for i, j in np.ndindex(layer.weights.shape)
+    )
     shared = " (shared)" if layer.shared_bias else ""
-    biases = ", ".join(f"{entry.name} = {given(layer.bias[entry.position])}{shared}"
-                       for entry in _bias_entries(page, k))
+    biases = ", ".join(
+        f"{entry.name} = {given(layer.bias[entry.position])}{shared}"
+        for entry in _bias_entries(page, k)
+    )
     return f"layer {k} ({layer.activation}): {weights}; {biases}"
 
 
@@ -123,12 +128,20 @@ def network_section(page: _Page) -> Section:
     lines.append(f"loss {config.loss}, learning rate {given(config.learning_rate)}{frozen}")
     blocks: list[Block] = [Lines(lines)]
     if not page.names.seed:
-        blocks.append(Paragraph("w[l][i][j] is layers[l].weights[i][j] of the config: it joins "
-                                "input i of layer l to its neuron j; in_ is a neuron's weighted "
-                                "sum, out_ its activation."))
+        blocks.append(
+            Paragraph(
+                "w[l][i][j] is layers[l].weights[i][j] of the config: it joins "
+                "input i of layer l to its neuron j; in_ is a neuron's weighted "
+                "sum, out_ its activation."
+            )
+        )
     if page.more:
-        blocks.append(Paragraph(f"Showing the first {len(page.shown)} of {page.examples} "
-                                f"examples; --format json has them all."))
+        blocks.append(
+            Paragraph(
+                f"Showing the first {len(page.shown)} of {page.examples} "
+                f"examples; --format json has them all."
+            )
+        )
     return Section(title, blocks)
 
 
@@ -143,11 +156,12 @@ def _weighted_sum_line(page: _Page, n: int, k: int, j: int) -> str:
     rows = range(layer.weights.shape[0])
     values, write = page.sources(k)
     symbols = " + ".join(f"{names.weight(k, i, j)}*{names.source(k, i)}" for i in rows)
-    numbers = " + ".join(f"{given_factor(layer.weights[i, j])}*{write(values[n, i])}"
-                         for i in rows)
+    numbers = " + ".join(f"{given_factor(layer.weights[i, j])}*{write(values[n, i])}" for i in rows)
     bias = layer.bias[_bias_index(page, k, j)]
-    return (f"{page.prefix(n)}in_{name} = {symbols} + {names.bias_of(k, j)}*1 = "
-            f"{numbers} + {given_factor(bias)}*1 = {computed(page.trace.layers[k].net[n, j])}")
+    return (
+        f"{page.prefix(n)}in_{name} = {symbols} + {names.bias_of(k, j)}*1 = "
+        f"{numbers} + {given_factor(bias)}*1 = {computed(page.trace.layers[k].net[n, j])}"
+    )
 
 
 def _activation_line(page: _Page, n: int, k: int, j: int) -> str:
@@ -180,12 +194,15 @@ def _error_line(page: _Page, formulas, j: int) -> str:
     if page.batch:
         terms = " + ".join(factor(e) for e in trace.errors_per_example[page.shown, j])
         more = " + ..." if page.more else ""
-        return (f"E_{name} = sum over examples of {symbols} = {terms}{more} = "
-                f"{computed(trace.errors[j])}")
+        return (
+            f"E_{name} = sum over examples of {symbols} = {terms}{more} = "
+            f"{computed(trace.errors[j])}"
+        )
     numbers = ""
     if config.loss in ("half_sse", "mse"):  # their numbers fill in element by element
-        numbers = " = " + formulas.error.format(t=given(config.targets[0, j]),
-                                                o=factor(trace.layers[-1].out[0, j]), j=j + 1)
+        numbers = " = " + formulas.error.format(
+            t=given(config.targets[0, j]), o=factor(trace.layers[-1].out[0, j]), j=j + 1
+        )
     return f"E_{name} = {symbols}{numbers} = {computed(trace.errors[j])}"
 
 
@@ -225,12 +242,15 @@ def _output_gradient_line(page: _Page, formulas, n: int, j: int) -> str:
     symbols = formulas.gradient.format(t=f"target_{name}", o=f"out_{name}", j=j + 1)
     numbers = ""
     if config.loss != "softmax_cross_entropy":  # softmax(out)_j needs every output: no numbers
-        numbers = " = " + formulas.gradient.format(t=given(config.targets[n, j]), o=factor(out),
-                                                   j=j + 1)
+        numbers = " = " + formulas.gradient.format(
+            t=given(config.targets[n, j]), o=factor(out), j=j + 1
+        )
     if config.loss == "sigmoid_binary_cross_entropy":  # s(out) written as its value
         numbers = numbers.replace(f"s({factor(out)})", computed(logistic(out)))
-    return (f"{page.prefix(n)}dE/dout_{name} = {symbols}{numbers} = "
-            f"{computed(layer_trace.dE_dout[n, j])}")
+    return (
+        f"{page.prefix(n)}dE/dout_{name} = {symbols}{numbers} = "
+        f"{computed(layer_trace.dE_dout[n, j])}"
+    )
 
 
 def _hidden_gradient_line(page: _Page, n: int, k: int, j: int) -> str:
@@ -238,37 +258,51 @@ def _hidden_gradient_line(page: _Page, n: int, k: int, j: int) -> str:
     names, name = page.names, page.names.neuron(k, j)
     next_layer, next_trace = page.config.layers[k + 1], page.trace.layers[k + 1]
     fed = range(next_layer.width)
-    symbols = " + ".join(f"dE/din_{names.neuron(k + 1, m)}*{names.weight(k + 1, j, m)}"
-                         for m in fed)
+    symbols = " + ".join(
+        f"dE/din_{names.neuron(k + 1, m)}*{names.weight(k + 1, j, m)}" for m in fed
+    )
     numbers = " + ".join(
-        f"{factor(next_trace.delta[n, m])}*{given_factor(next_layer.weights[j, m])}" for m in fed)
-    return (f"{page.prefix(n)}dE/dout_{name} = {symbols} = {numbers} = "
-            f"{computed(page.trace.layers[k].dE_dout[n, j])}")
+        f"{factor(next_trace.delta[n, m])}*{given_factor(next_layer.weights[j, m])}" for m in fed
+    )
+    return (
+        f"{page.prefix(n)}dE/dout_{name} = {symbols} = {numbers} = "
+        f"{computed(page.trace.layers[k].dE_dout[n, j])}"
+    )
 
 
 def _derivative_line(page: _Page, n: int, k: int, j: int) -> str:
     name, layer_trace = page.names.neuron(k, j), page.trace.layers[k]
     formula = ACTIVATION_FORMULAS[page.config.layers[k].activation]
     symbolic = formula.derivative.format(o=f"out_{name}", i=f"in_{name}")
-    filled = (formula.derivative.format(o=factor(layer_trace.out[n, j]), i="") + " = "
-              if formula.fill_derivative else "")
-    return (f"{page.prefix(n)}dout_{name}/din_{name} = {symbolic} = {filled}"
-            f"{computed(layer_trace.dout_dnet[n, j])}")
+    filled = (
+        formula.derivative.format(o=factor(layer_trace.out[n, j]), i="") + " = "
+        if formula.fill_derivative
+        else ""
+    )
+    return (
+        f"{page.prefix(n)}dout_{name}/din_{name} = {symbolic} = {filled}"
+        f"{computed(layer_trace.dout_dnet[n, j])}"
+    )
 
 
 def _delta_line(page: _Page, n: int, k: int, j: int) -> str:
     name, layer_trace = page.names.neuron(k, j), page.trace.layers[k]
-    return (f"{page.prefix(n)}dE/din_{name} = dE/dout_{name} * dout_{name}/din_{name} = "
-            f"{factor(layer_trace.dE_dout[n, j])} * {factor(layer_trace.dout_dnet[n, j])} = "
-            f"{computed(layer_trace.delta[n, j])}")
+    return (
+        f"{page.prefix(n)}dE/din_{name} = dE/dout_{name} * dout_{name}/din_{name} = "
+        f"{factor(layer_trace.dE_dout[n, j])} * {factor(layer_trace.dout_dnet[n, j])} = "
+        f"{computed(layer_trace.delta[n, j])}"
+    )
 
 
 def _neuron_lines(page: _Page, formulas, k: int) -> list[str]:
     lines = []
     for n in page.shown:
         for j in range(page.config.layers[k].width):
-            lines.append(_output_gradient_line(page, formulas, n, j) if k == page.last
-                         else _hidden_gradient_line(page, n, k, j))
+            lines.append(
+                _output_gradient_line(page, formulas, n, j)
+                if k == page.last
+                else _hidden_gradient_line(page, n, k, j)
+            )
             lines += [_derivative_line(page, n, k, j), _delta_line(page, n, k, j)]
     return lines
 
@@ -277,35 +311,49 @@ def _weight_gradient_line(page: _Page, k: int, i: int, j: int) -> str:
     names, layer_trace = page.names, page.trace.layers[k]
     name, weight = names.neuron(k, j), names.weight(k, i, j)
     values, write = page.sources(k)
-    factors = " + ".join(f"{factor(layer_trace.dE_dout[n, j])} * "
-                         f"{factor(layer_trace.dout_dnet[n, j])} * {write(values[n, i])}"
-                         for n in page.shown)
+    factors = " + ".join(
+        f"{factor(layer_trace.dE_dout[n, j])} * "
+        f"{factor(layer_trace.dout_dnet[n, j])} * {write(values[n, i])}"
+        for n in page.shown
+    )
     if page.more:
         factors += " + ..."
     over = "sum over examples of " if page.batch else ""
-    return (f"dE/d{weight} = {over}dE/dout_{name} * dout_{name}/din_{name} * "
-            f"din_{name}/d{weight} = {factors} = {computed(layer_trace.grad_weights[i, j])}"
-            f"   (din_{name}/d{weight} = {names.source(k, i)})")
+    return (
+        f"dE/d{weight} = {over}dE/dout_{name} * dout_{name}/din_{name} * "
+        f"din_{name}/d{weight} = {factors} = {computed(layer_trace.grad_weights[i, j])}"
+        f"   (din_{name}/d{weight} = {names.source(k, i)})"
+    )
 
 
 def _bias_gradient_lines(page: _Page, k: int) -> list[str]:
     layer, layer_trace, names = page.config.layers[k], page.trace.layers[k], page.names
     if not layer.shared_bias:
         over = " summed over examples" if page.batch else " * 1"
-        return [f"dE/d{names.bias(k, j)} = dE/din_{names.neuron(k, j)}{over} = "
-                f"{computed(layer_trace.grad_bias[j])}" for j in range(layer.width)]
+        return [
+            f"dE/d{names.bias(k, j)} = dE/din_{names.neuron(k, j)}{over} = "
+            f"{computed(layer_trace.grad_bias[j])}"
+            for j in range(layer.width)
+        ]
     symbols = " + ".join(f"dE/din_{names.neuron(k, j)}" for j in range(layer.width))
     over = " (summed over examples)" if page.batch else ""
-    numbers = (" + ".join(factor(v) for v in layer_trace.delta.sum(axis=0)) + " = "
-               if layer.width > 1 else "")
-    return [f"dE/d{names.bias(k)} = {symbols}{over} = {numbers}{computed(layer_trace.grad_bias)}"
-            f"   (a shared bias feeds every neuron of the layer, times 1)"]
+    numbers = (
+        " + ".join(factor(v) for v in layer_trace.delta.sum(axis=0)) + " = "
+        if layer.width > 1
+        else ""
+    )
+    return [
+        f"dE/d{names.bias(k)} = {symbols}{over} = {numbers}{computed(layer_trace.grad_bias)}"
+        f"   (a shared bias feeds every neuron of the layer, times 1)"
+    ]
 
 
 def backward_section(page: _Page) -> Section:
-    intro = ("The chain rule, output layer first. For a weight w into neuron n: "
-             "dE/dw = dE/dout_n * dout_n/din_n * din_n/dw, and din_n/dw is the input the "
-             "weight multiplies.")
+    intro = (
+        "The chain rule, output layer first. For a weight w into neuron n: "
+        "dE/dw = dE/dout_n * dout_n/din_n * din_n/dw, and din_n/dw is the input the "
+        "weight multiplies."
+    )
     if page.batch:
         intro += " With several examples each gradient is the sum of one such product per example."
     blocks: list[Block] = [Paragraph(intro)]
@@ -313,8 +361,11 @@ def backward_section(page: _Page) -> Section:
     for k in reversed(range(len(page.config.layers))):
         layer = page.config.layers[k]
         lines = _neuron_lines(page, formulas, k)
-        lines += [_weight_gradient_line(page, k, i, j)
-                  for j in range(layer.width) for i in range(layer.weights.shape[0])]
+        lines += [
+            _weight_gradient_line(page, k, i, j)
+            for j in range(layer.width)
+            for i in range(layer.weights.shape[0])
+        ]
         lines += _bias_gradient_lines(page, k)
         role = "output" if k == page.last else "hidden"
         blocks += [Subtitle(f"Layer {k} ({role}, {layer.activation})"), Lines(lines)]
@@ -331,9 +382,11 @@ def _bias_update_line(page: _Page, k: int, entry: BiasEntry) -> str:
     layer_trace, rate, name = page.trace.layers[k], page.config.learning_rate, entry.name
     if page.trace.freeze_bias:
         return f"{name} stays {given(bias)} (--freeze-bias: weights only, as the seed's code)"
-    return (f"{name}_new = {name} - lr * dE/d{name} = {given(bias)} - {given(rate)} * "
-            f"{factor(layer_trace.grad_bias[entry.position])} = "
-            f"{computed(layer_trace.step1_bias[entry.position])}")
+    return (
+        f"{name}_new = {name} - lr * dE/d{name} = {given(bias)} - {given(rate)} * "
+        f"{factor(layer_trace.grad_bias[entry.position])} = "
+        f"{computed(layer_trace.step1_bias[entry.position])}"
+    )
 
 
 def _update_lines(page: _Page, k: int) -> list[str]:
@@ -342,9 +395,11 @@ def _update_lines(page: _Page, k: int) -> list[str]:
     lines = []
     for i, j in np.ndindex(layer.weights.shape):
         weight = page.names.weight(k, i, j)
-        lines.append(f"{weight}_new = {weight} - lr * dE/d{weight} = {given(layer.weights[i, j])}"
-                     f" - {given(rate)} * {factor(layer_trace.grad_weights[i, j])} = "
-                     f"{computed(layer_trace.step1_weights[i, j])}")
+        lines.append(
+            f"{weight}_new = {weight} - lr * dE/d{weight} = {given(layer.weights[i, j])}"
+            f" - {given(rate)} * {factor(layer_trace.grad_weights[i, j])} = "
+            f"{computed(layer_trace.step1_weights[i, j])}"
+        )
     return lines + [_bias_update_line(page, k, entry) for entry in _bias_entries(page, k)]
 
 
@@ -357,10 +412,14 @@ def update_section(page: _Page) -> Section:
 
 def _final_parameter_lines(page: _Page, k: int) -> list[str]:
     layer, layer_trace = page.config.layers[k], page.trace.layers[k]
-    lines = [f"{page.names.weight(k, i, j)} = {computed(layer_trace.final_weights[i, j])}"
-             for i, j in np.ndindex(layer.weights.shape)]
-    return lines + [f"{entry.name} = {computed(layer_trace.final_bias[entry.position])}"
-                    for entry in _bias_entries(page, k)]
+    lines = [
+        f"{page.names.weight(k, i, j)} = {computed(layer_trace.final_weights[i, j])}"
+        for i, j in np.ndindex(layer.weights.shape)
+    ]
+    return lines + [
+        f"{entry.name} = {computed(layer_trace.final_bias[entry.position])}"
+        for entry in _bias_entries(page, k)
+    ]
 
 
 def training_section(page: _Page) -> Section:
@@ -372,14 +431,19 @@ def training_section(page: _Page) -> Section:
     lines = []
     for k in range(len(page.config.layers)):
         lines += _final_parameter_lines(page, k)
-    return Section(f"Training for {trace.steps} steps", [
-        Paragraph(f"Loss after each of {trace.steps} full-batch steps (step 0 = before "
-                  f"training); every step's manual gradients were checked against jax.grad "
-                  f"(worst leaf relative error {worst:.2e})."),
-        Table(["step", "E_total"], rows),
-        Subtitle(f"Parameters after {trace.steps} steps"),
-        Lines(lines),
-    ])
+    return Section(
+        f"Training for {trace.steps} steps",
+        [
+            Paragraph(
+                f"Loss after each of {trace.steps} full-batch steps (step 0 = before "
+                f"training); every step's manual gradients were checked against jax.grad "
+                f"(worst leaf relative error {worst:.2e})."
+            ),
+            Table(["step", "E_total"], rows),
+            Subtitle(f"Parameters after {trace.steps} steps"),
+            Lines(lines),
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,24 +452,42 @@ def training_section(page: _Page) -> Section:
 
 
 def _gradient_row(name: str, manual, autodiff) -> list[str]:
-    return [name, f"{float(manual):.10f}", f"{float(autodiff):.10f}",
-            f"{abs(manual - autodiff):.1e}"]
+    return [
+        name,
+        f"{float(manual):.10f}",
+        f"{float(autodiff):.10f}",
+        f"{abs(manual - autodiff):.1e}",
+    ]
 
 
 def _gradient_rows(page: _Page, k: int) -> list[list[str]]:
     layer, layer_trace = page.config.layers[k], page.trace.layers[k]
-    rows = [_gradient_row(page.names.weight(k, i, j), layer_trace.grad_weights[i, j],
-                          layer_trace.autodiff_weights[i, j])
-            for i, j in np.ndindex(layer.weights.shape)]
-    return rows + [_gradient_row(entry.name, layer_trace.grad_bias[entry.position],
-                                 layer_trace.autodiff_bias[entry.position])
-                   for entry in _bias_entries(page, k)]
+    rows = [
+        _gradient_row(
+            page.names.weight(k, i, j),
+            layer_trace.grad_weights[i, j],
+            layer_trace.autodiff_weights[i, j],
+        )
+        for i, j in np.ndindex(layer.weights.shape)
+    ]
+    return rows + [
+        _gradient_row(
+            entry.name,
+            layer_trace.grad_bias[entry.position],
+            layer_trace.autodiff_bias[entry.position],
+        )
+        for entry in _bias_entries(page, k)
+    ]
 
 
 def autodiff_section(page: _Page) -> Section:
-    blocks: list[Block] = [Paragraph(f"jax.grad of the same loss gives the same gradients: "
-                        f"max |manual - jax.grad| = {page.trace.autodiff_max_abs_diff:.3e} over "
-                        f"all parameters (float64).")]
+    blocks: list[Block] = [
+        Paragraph(
+            f"jax.grad of the same loss gives the same gradients: "
+            f"max |manual - jax.grad| = {page.trace.autodiff_max_abs_diff:.3e} over "
+            f"all parameters (float64)."
+        )
+    ]
     parameters = sum(layer.weights.size + layer.bias.size for layer in page.config.layers)
     if parameters <= MAX_TABLE_PARAMS:
         rows = []
@@ -416,24 +498,41 @@ def autodiff_section(page: _Page) -> Section:
 
 
 def errata_section(errata: list[dict]) -> Section:
-    rows = [[entry["quantity"], f"{entry['seed_states']:.4f}", f"{entry['correct']:.4f}",
-             "yes" if entry["matches"] else "NO"] for entry in errata]
+    rows = [
+        [
+            entry["quantity"],
+            f"{entry['seed_states']:.4f}",
+            f"{entry['correct']:.4f}",
+            "yes" if entry["matches"] else "NO",
+        ]
+        for entry in errata
+    ]
     wrong = sum(not entry["matches"] for entry in errata)
-    return Section("Errata: the seed's stated numbers", [
-        Table(["quantity", "seed states", "correct", "matches"], rows),
-        Paragraph(f"{wrong} of the {len(errata)} numbers the seed states are wrong: its "
-                  f"hidden-layer values are right, everything from in_o1 on is not. Its "
-                  f"in_h2 line also writes W2*i1 as 0.25*0.1 where W2 is 0.2 (the result it "
-                  f"states, 0.3275 = 0.2*0.1 + 0.15*0.05 + 0.3, is right)."),
-    ])
+    return Section(
+        "Errata: the seed's stated numbers",
+        [
+            Table(["quantity", "seed states", "correct", "matches"], rows),
+            Paragraph(
+                f"{wrong} of the {len(errata)} numbers the seed states are wrong: its "
+                f"hidden-layer values are right, everything from in_o1 on is not. Its "
+                f"in_h2 line also writes W2*i1 as 0.25*0.1 where W2 is 0.2 (the result it "
+                f"states, 0.3275 = 0.2*0.1 + 0.15*0.05 + 0.3, is right)."
+            ),
+        ],
+    )
 
 
 def trace_document(trace) -> list[Section]:
     """Every section of ``trace`` (a :class:`~jaxbp.trace.Trace`), in order."""
     config = trace.config
     page = _Page(trace, config, trace.names, range(min(config.examples, MAX_EXAMPLES_SHOWN)))
-    sections = [network_section(page), forward_section(page), error_section(page),
-                backward_section(page), update_section(page)]
+    sections = [
+        network_section(page),
+        forward_section(page),
+        error_section(page),
+        backward_section(page),
+        update_section(page),
+    ]
     if trace.history is not None:
         sections.append(training_section(page))
     sections.append(autodiff_section(page))

@@ -16,14 +16,21 @@ def seed_values(trace) -> dict:
     hidden, output = trace.layers
     grad_w7 = float(output.grad_weights[1, 0])  # W7 joins hidden 2 to output 1
     return {
-        "in_h1": float(hidden.net[0, 0]), "in_h2": float(hidden.net[0, 1]),
-        "out_h1": float(hidden.out[0, 0]), "out_h2": float(hidden.out[0, 1]),
-        "in_o1": float(output.net[0, 0]), "in_o2": float(output.net[0, 1]),
-        "out_o1": float(output.out[0, 0]), "out_o2": float(output.out[0, 1]),
-        "E_o1": float(trace.errors[0]), "E_o2": float(trace.errors[1]),
-        "E_total": float(trace.loss), "dE/dW7": grad_w7,
-        "W7_new": float(trace.config.layers[1].weights[1, 0]
-                        - trace.config.learning_rate * grad_w7),
+        "in_h1": float(hidden.net[0, 0]),
+        "in_h2": float(hidden.net[0, 1]),
+        "out_h1": float(hidden.out[0, 0]),
+        "out_h2": float(hidden.out[0, 1]),
+        "in_o1": float(output.net[0, 0]),
+        "in_o2": float(output.net[0, 1]),
+        "out_o1": float(output.out[0, 0]),
+        "out_o2": float(output.out[0, 1]),
+        "E_o1": float(trace.errors[0]),
+        "E_o2": float(trace.errors[1]),
+        "E_total": float(trace.loss),
+        "dE/dW7": grad_w7,
+        "W7_new": float(
+            trace.config.layers[1].weights[1, 0] - trace.config.learning_rate * grad_w7
+        ),
     }
 
 
@@ -35,6 +42,12 @@ def seed_errata(trace) -> list[dict] | None:
     from ..seed import SEED_STATED
 
     correct = seed_values(trace)
-    return [{"quantity": name, "seed_states": stated, "correct": correct[name],
-             "matches": abs(stated - correct[name]) <= SEED_PRINTED_TOLERANCE}
-            for name, stated in SEED_STATED.items()]
+    return [
+        {
+            "quantity": name,
+            "seed_states": stated,
+            "correct": correct[name],
+            "matches": abs(stated - correct[name]) <= SEED_PRINTED_TOLERANCE,
+        }
+        for name, stated in SEED_STATED.items()
+    ]

@@ -63,22 +63,22 @@ class _Page(NamedTuple):
     """The numbers (numpy float64), rows indexed by step (0-based: row 0 is step 1)."""
 
     params: dict
-    x: np.ndarray        # (T, in)
-    t: np.ndarray        # targets: (H,) or (T, H) with return_sequences
-    h: np.ndarray        # (T + 1, H): h0 = 0, then h1..hT (the layer's states)
-    r: np.ndarray        # (T, H), likewise z, n
+    x: np.ndarray  # (T, in)
+    t: np.ndarray  # targets: (H,) or (T, H) with return_sequences
+    h: np.ndarray  # (T + 1, H): h0 = 0, then h1..hT (the layer's states)
+    r: np.ndarray  # (T, H), likewise z, n
     z: np.ndarray
     n: np.ndarray
-    ahn: np.ndarray      # h_{t-1} Whn + bhn (the layer's cache)
+    ahn: np.ndarray  # h_{t-1} Whn + bhn (the layer's cache)
     y: np.ndarray
-    dy: np.ndarray       # dE/dy = y - t
-    sequences: bool      # return_sequences: a loss term at every step
-    dh: np.ndarray       # (T, H) dE/dh_t, everything that reaches h_t
-    dar: np.ndarray      # (T, H) dE/d(pre-activation), per gate; dahn = dan * r
+    dy: np.ndarray  # dE/dy = y - t
+    sequences: bool  # return_sequences: a loss term at every step
+    dh: np.ndarray  # (T, H) dE/dh_t, everything that reaches h_t
+    dar: np.ndarray  # (T, H) dE/d(pre-activation), per gate; dahn = dan * r
     daz: np.ndarray
     dan: np.ndarray
     dahn: np.ndarray
-    grads: dict          # the layer's backward: Wi, Wh, bi, bh, x
+    grads: dict  # the layer's backward: Wi, Wh, bi, bh, x
     autodiff: dict
     loss: float
 
@@ -136,8 +136,9 @@ def _projection(page: _Page, gate: str, s: int, a: int, with_hidden: bool) -> tu
     unit ``a`` of ``gate``; ``s`` is the 1-based step."""
     p, col, features = page.params, _column(page, gate, a), range(page.features)
     symbols = [f"{_n('x', s, c)}*{_w('i', gate, c, a)}" for c in features] + [_b("i", gate, a)]
-    numbers = [f"{given_factor(page.x[s - 1, c])}*{given_factor(p['Wi'][c, col])}"
-               for c in features] + [given_factor(p["bi"][col])]
+    numbers = [
+        f"{given_factor(page.x[s - 1, c])}*{given_factor(p['Wi'][c, col])}" for c in features
+    ] + [given_factor(p["bi"][col])]
     terms = [page.x[s - 1, c] * p["Wi"][c, col] for c in features] + [p["bi"][col]]
     if with_hidden:
         units = range(page.hidden)
@@ -155,19 +156,23 @@ def _sigmoid_gate_lines(page: _Page, gate: str, s: int, a: int) -> list[str]:
     out = getattr(page, gate)[s - 1, a]
     checked_total([logistic(pre)], out, f"{_n(gate, s, a)} (sigmoid of the printed sum)")
     name = _n("a" + gate, s, a)
-    return [f"{name} = {' + '.join(symbols)} = {' + '.join(numbers)} = {computed(pre)}",
-            f"{_n(gate, s, a)} = sigmoid({name}) = 1/(1+e^-{factor(pre)}) = {computed(out)}"]
+    return [
+        f"{name} = {' + '.join(symbols)} = {' + '.join(numbers)} = {computed(pre)}",
+        f"{_n(gate, s, a)} = sigmoid({name}) = 1/(1+e^-{factor(pre)}) = {computed(out)}",
+    ]
 
 
 def _candidate_lines(page: _Page, s: int, a: int) -> list[str]:
     p, col, units = page.params, _column(page, "n", a), range(page.hidden)
-    ahn = _sum_line(_n("ahn", s, a),
-                    [f"{_n('h', s - 1, b)}*{_w('h', 'n', b, a)}" for b in units]
-                    + [_b("h", "n", a)],
-                    [f"{factor(page.h[s - 1, b])}*{given_factor(p['Wh'][b, col])}" for b in units]
-                    + [given_factor(p["bh"][col])],
-                    [page.h[s - 1, b] * p["Wh"][b, col] for b in units] + [p["bh"][col]],
-                    page.ahn[s - 1, a], _n("ahn", s, a))
+    ahn = _sum_line(
+        _n("ahn", s, a),
+        [f"{_n('h', s - 1, b)}*{_w('h', 'n', b, a)}" for b in units] + [_b("h", "n", a)],
+        [f"{factor(page.h[s - 1, b])}*{given_factor(p['Wh'][b, col])}" for b in units]
+        + [given_factor(p["bh"][col])],
+        [page.h[s - 1, b] * p["Wh"][b, col] for b in units] + [p["bh"][col]],
+        page.ahn[s - 1, a],
+        _n("ahn", s, a),
+    )
     symbols, numbers, terms = _projection(page, "n", s, a, with_hidden=False)
     symbols.append(f"{_n('r', s, a)}*{_n('ahn', s, a)}")
     numbers.append(f"{factor(page.r[s - 1, a])}*{factor(page.ahn[s - 1, a])}")
@@ -175,17 +180,21 @@ def _candidate_lines(page: _Page, s: int, a: int) -> list[str]:
     pre = float(np.sum(terms))
     checked_total([math.tanh(pre)], page.n[s - 1, a], f"{_n('n', s, a)} (tanh of the sum)")
     name = _n("an", s, a)
-    return [ahn, f"{name} = {' + '.join(symbols)} = {' + '.join(numbers)} = {computed(pre)}",
-            f"{_n('n', s, a)} = tanh({name}) = tanh({computed(pre)}) = "
-            f"{computed(page.n[s - 1, a])}"]
+    return [
+        ahn,
+        f"{name} = {' + '.join(symbols)} = {' + '.join(numbers)} = {computed(pre)}",
+        f"{_n('n', s, a)} = tanh({name}) = tanh({computed(pre)}) = {computed(page.n[s - 1, a])}",
+    ]
 
 
 def _state_line(page: _Page, s: int, a: int) -> str:
     z, n, h_prev = page.z[s - 1, a], page.n[s - 1, a], page.h[s - 1, a]
     checked_total([(1 - z) * n, z * h_prev], page.h[s, a], _n("h", s, a))
-    return (f"{_n('h', s, a)} = (1 - {_n('z', s, a)})*{_n('n', s, a)} + {_n('z', s, a)}*"
-            f"{_n('h', s - 1, a)} = (1 - {computed(z)})*{factor(n)} + {computed(z)}*"
-            f"{factor(h_prev)} = {computed(page.h[s, a])}")
+    return (
+        f"{_n('h', s, a)} = (1 - {_n('z', s, a)})*{_n('n', s, a)} + {_n('z', s, a)}*"
+        f"{_n('h', s - 1, a)} = (1 - {computed(z)})*{factor(n)} + {computed(z)}*"
+        f"{factor(h_prev)} = {computed(page.h[s, a])}"
+    )
 
 
 def _step_forward_lines(page: _Page, s: int) -> list[str]:
@@ -203,17 +212,30 @@ def _vector(values) -> str:
 
 
 def forward_section(page: _Page) -> Section:
-    blocks: list[Block] = [Paragraph(
-        "Each step reads x_t and the previous state h_(t-1) through the same "
-        "weights: r = sigmoid(ar), z = sigmoid(az), n = tanh(an) with "
-        "an = x Win + bin + r * (h Whn + bhn), then h_t = (1 - z) n + z h_(t-1).")]
+    blocks: list[Block] = [
+        Paragraph(
+            "Each step reads x_t and the previous state h_(t-1) through the same "
+            "weights: r = sigmoid(ar), z = sigmoid(az), n = tanh(an) with "
+            "an = x Win + bin + r * (h Whn + bhn), then h_t = (1 - z) n + z h_(t-1)."
+        )
+    ]
     for s in range(1, page.steps + 1):
-        blocks += [Subtitle(f"Time step {s}: reads x{s} and h{s - 1}"),
-                   Lines(_step_forward_lines(page, s))]
-    rows = [[f"{s}", _vector(page.x[s - 1]), _vector(page.r[s - 1]), _vector(page.z[s - 1]),
-             _vector(page.n[s - 1]), _vector(page.h[s])] for s in range(1, page.steps + 1)]
-    blocks += [Subtitle("The forward states"),
-               Table(["step", "x", "r", "z", "n", "h"], rows)]
+        blocks += [
+            Subtitle(f"Time step {s}: reads x{s} and h{s - 1}"),
+            Lines(_step_forward_lines(page, s)),
+        ]
+    rows = [
+        [
+            f"{s}",
+            _vector(page.x[s - 1]),
+            _vector(page.r[s - 1]),
+            _vector(page.z[s - 1]),
+            _vector(page.n[s - 1]),
+            _vector(page.h[s]),
+        ]
+        for s in range(1, page.steps + 1)
+    ]
+    blocks += [Subtitle("The forward states"), Table(["step", "x", "r", "z", "n", "h"], rows)]
     return Section("Step 1: forward pass through time (GRU.forward)", blocks)
 
 
@@ -226,21 +248,34 @@ def _output_names(page: _Page) -> list[tuple]:
     """``(index into y, output symbol, target symbol)`` of every output the loss sees."""
     units = range(page.hidden)
     if page.sequences:
-        return [((s - 1, a), _n("h", s, a), _n("t", s, a)) for s in range(1, page.steps + 1)
-                for a in units]
+        return [
+            ((s - 1, a), _n("h", s, a), _n("t", s, a))
+            for s in range(1, page.steps + 1)
+            for a in units
+        ]
     return [((a,), _n("h", page.steps, a), f"t{a + 1}") for a in units]
 
 
 def error_section(page: _Page) -> Section:
     outputs = _output_names(page)
     terms = [0.5 * (page.y[i] - page.t[i]) ** 2 for i, _, _ in outputs]
-    line = _sum_line("E", [f"1/2 ({y} - {t})^2" for _, y, t in outputs],
-                     [f"1/2 ({factor(page.y[i])} - {given_factor(page.t[i])})^2"
-                      for i, _, _ in outputs], terms, page.loss, "E")
-    where = ("every step's output h_t" if page.sequences else
-             f"the last output h{page.steps} only: earlier steps get their gradient through time")
-    return Section("Step 2: the error (E = 1/2 sum (y - target)^2)", [
-        Paragraph(f"The loss reads {where}."), Lines([line])])
+    line = _sum_line(
+        "E",
+        [f"1/2 ({y} - {t})^2" for _, y, t in outputs],
+        [f"1/2 ({factor(page.y[i])} - {given_factor(page.t[i])})^2" for i, _, _ in outputs],
+        terms,
+        page.loss,
+        "E",
+    )
+    where = (
+        "every step's output h_t"
+        if page.sequences
+        else f"the last output h{page.steps} only: earlier steps get their gradient through time"
+    )
+    return Section(
+        "Step 2: the error (E = 1/2 sum (y - target)^2)",
+        [Paragraph(f"The loss reads {where}."), Lines([line])],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +293,9 @@ def _through_gates(page: _Page, s: int, b: int) -> tuple:
     for gate, grad in page.dah().items():
         for a in range(page.hidden):
             col = _column(page, gate, a)
-            symbols.append(f"dE/d{_n('a' + gate if gate != 'n' else 'ahn', s, a)}*"
-                           f"{_w('h', gate, b, a)}")
+            symbols.append(
+                f"dE/d{_n('a' + gate if gate != 'n' else 'ahn', s, a)}*{_w('h', gate, b, a)}"
+            )
             numbers.append(f"{factor(grad[i, a])}*{given_factor(p['Wh'][b, col])}")
             terms.append(grad[i, a] * p["Wh"][b, col])
     return symbols, numbers, terms
@@ -277,8 +313,9 @@ def _dh_line(page: _Page, s: int, b: int) -> str:
     if s < page.steps:
         more = _through_gates(page, s + 1, b)
         symbols, numbers, terms = symbols + more[0], numbers + more[1], terms + more[2]
-    return _sum_line(f"dE/d{_n('h', s, b)}", symbols, numbers, terms, page.dh[s - 1, b],
-                     f"dE/d{_n('h', s, b)}")
+    return _sum_line(
+        f"dE/d{_n('h', s, b)}", symbols, numbers, terms, page.dh[s - 1, b], f"dE/d{_n('h', s, b)}"
+    )
 
 
 def _factor_lines(page: _Page, s: int, a: int) -> list[str]:
@@ -286,10 +323,12 @@ def _factor_lines(page: _Page, s: int, a: int) -> list[str]:
     dh, z, n, r = page.dh[i, a], page.z[i, a], page.n[i, a], page.r[i, a]
     h_prev, ahn = page.h[i, a], page.ahn[i, a]
     name = lambda symbol: _n(symbol, s, a)
-    checks = ((dh * (1 - z) * (1 - n * n), page.dan[i, a]),
-              (dh * (h_prev - n) * z * (1 - z), page.daz[i, a]),
-              (page.dan[i, a] * ahn * r * (1 - r), page.dar[i, a]),
-              (page.dan[i, a] * r, page.dahn[i, a]))
+    checks = (
+        (dh * (1 - z) * (1 - n * n), page.dan[i, a]),
+        (dh * (h_prev - n) * z * (1 - z), page.daz[i, a]),
+        (page.dan[i, a] * ahn * r * (1 - r), page.dar[i, a]),
+        (page.dan[i, a] * r, page.dahn[i, a]),
+    )
     for value, worked in checks:
         checked_total([value], worked, f"a factor line at step {s}")
     return [
@@ -302,26 +341,36 @@ def _factor_lines(page: _Page, s: int, a: int) -> list[str]:
         f"{factor(page.dan[i, a])}*{factor(ahn)}*{computed(r)}*(1 - {computed(r)}) = "
         f"{computed(page.dar[i, a])}",
         f"dE/d{name('ahn')} = dE/d{name('an')}*{name('r')} = {factor(page.dan[i, a])}*"
-        f"{computed(r)} = {computed(page.dahn[i, a])}"]
+        f"{computed(r)} = {computed(page.dahn[i, a])}",
+    ]
 
 
 def backward_section(page: _Page) -> Section:
-    blocks: list[Block] = [Paragraph(
-        "Backpropagation through time: the steps in reverse. dE/dh_t is what the loss puts on "
-        "h_t plus what step t+1 sends back, along the direct path dE/dh_(t+1) * z_(t+1) and "
-        "through the gates, dE/dah_(t+1) @ Wh^T with dah = [dar, daz, dahn]. Then each step's "
-        "gates: dan = dh (1 - z)(1 - n^2), daz = dh (h_(t-1) - n) z (1 - z), "
-        "dar = dan ahn r (1 - r), dahn = dan r.")]
+    blocks: list[Block] = [
+        Paragraph(
+            "Backpropagation through time: the steps in reverse. dE/dh_t is what the loss puts on "
+            "h_t plus what step t+1 sends back, along the direct path dE/dh_(t+1) * z_(t+1) and "
+            "through the gates, dE/dah_(t+1) @ Wh^T with dah = [dar, daz, dahn]. Then each step's "
+            "gates: dan = dh (1 - z)(1 - n^2), daz = dh (h_(t-1) - n) z (1 - z), "
+            "dar = dan ahn r (1 - r), dahn = dan r."
+        )
+    ]
     for s in range(page.steps, 0, -1):
-        title = (f"Time step {s}: dE/dh{s} from the loss" if s == page.steps
-                 else f"Time step {s}: dE/dh{s} flows back from step {s + 1}")
+        title = (
+            f"Time step {s}: dE/dh{s} from the loss"
+            if s == page.steps
+            else f"Time step {s}: dE/dh{s} flows back from step {s + 1}"
+        )
         lines = [_dh_line(page, s, b) for b in range(page.hidden)]
         for a in range(page.hidden):
             lines += _factor_lines(page, s, a)
         blocks += [Subtitle(title), Lines(lines)]
-    blocks.append(Paragraph(
-        "h0 is the fixed zero state: what step 1 sends back to it is not used (dE/dh0 is "
-        "nobody's gradient)."))
+    blocks.append(
+        Paragraph(
+            "h0 is the fixed zero state: what step 1 sends back to it is not used (dE/dh0 is "
+            "nobody's gradient)."
+        )
+    )
     return Section("Step 3: backward pass through time (GRU.backward)", blocks)
 
 
@@ -348,53 +397,83 @@ def _weight_lines(page: _Page, kind: str) -> list[str]:
     for gate in GATES:
         for row, a in np.ndindex(rows, page.hidden):
             col, g = _column(page, gate, a), grads[gate]
-            lines.append(_sum_line(
-                f"dE/d{_w(kind, gate, row, a)}",
-                [f"{_n(source, s - 1 + offset, row)}*{_grad_symbol(gate, kind, s, a)}"
-                 for s in steps],
-                [f"{show(sources[s - 1, row])}*{factor(g[s - 1, a])}" for s in steps],
-                [sources[s - 1, row] * g[s - 1, a] for s in steps], total[row, col],
-                f"dE/d{_w(kind, gate, row, a)}"))
+            lines.append(
+                _sum_line(
+                    f"dE/d{_w(kind, gate, row, a)}",
+                    [
+                        f"{_n(source, s - 1 + offset, row)}*{_grad_symbol(gate, kind, s, a)}"
+                        for s in steps
+                    ],
+                    [f"{show(sources[s - 1, row])}*{factor(g[s - 1, a])}" for s in steps],
+                    [sources[s - 1, row] * g[s - 1, a] for s in steps],
+                    total[row, col],
+                    f"dE/d{_w(kind, gate, row, a)}",
+                )
+            )
     return lines
 
 
 def _bias_lines(page: _Page, kind: str) -> list[str]:
-    grads, total, steps = (page.dax() if kind == "i" else page.dah()), page.grads["b" + kind], \
-        range(1, page.steps + 1)
-    return [_sum_line(f"dE/d{_b(kind, gate, a)}",
-                      [_grad_symbol(gate, kind, s, a) for s in steps],
-                      [factor(grads[gate][s - 1, a]) for s in steps],
-                      grads[gate][:, a], total[_column(page, gate, a)], f"dE/d{_b(kind, gate, a)}")
-            for gate in GATES for a in range(page.hidden)]
+    grads, total, steps = (
+        (page.dax() if kind == "i" else page.dah()),
+        page.grads["b" + kind],
+        range(1, page.steps + 1),
+    )
+    return [
+        _sum_line(
+            f"dE/d{_b(kind, gate, a)}",
+            [_grad_symbol(gate, kind, s, a) for s in steps],
+            [factor(grads[gate][s - 1, a]) for s in steps],
+            grads[gate][:, a],
+            total[_column(page, gate, a)],
+            f"dE/d{_b(kind, gate, a)}",
+        )
+        for gate in GATES
+        for a in range(page.hidden)
+    ]
 
 
 def _input_lines(page: _Page) -> list[str]:
     lines, wi = [], page.params["Wi"]
     for s, c in np.ndindex(page.steps, page.features):
         triples = [(gate, a) for gate in GATES for a in range(page.hidden)]
-        lines.append(_sum_line(
-            f"dE/d{_n('x', s + 1, c)}",
-            [f"{_grad_symbol(g, 'i', s + 1, a)}*{_w('i', g, c, a)}" for g, a in triples],
-            [f"{factor(page.dax()[g][s, a])}*{given_factor(wi[c, _column(page, g, a)])}"
-             for g, a in triples],
-            [page.dax()[g][s, a] * wi[c, _column(page, g, a)] for g, a in triples],
-            page.grads["x"][s, c], f"dE/d{_n('x', s + 1, c)}"))
+        lines.append(
+            _sum_line(
+                f"dE/d{_n('x', s + 1, c)}",
+                [f"{_grad_symbol(g, 'i', s + 1, a)}*{_w('i', g, c, a)}" for g, a in triples],
+                [
+                    f"{factor(page.dax()[g][s, a])}*{given_factor(wi[c, _column(page, g, a)])}"
+                    for g, a in triples
+                ],
+                [page.dax()[g][s, a] * wi[c, _column(page, g, a)] for g, a in triples],
+                page.grads["x"][s, c],
+                f"dE/d{_n('x', s + 1, c)}",
+            )
+        )
     return lines
 
 
 def shared_weights_section(page: _Page) -> Section:
-    return Section("Step 4: the shared weights, each the sum of its per-step terms", [
-        Paragraph("Every step uses the same Wi, Wh, bi, bh, so each gradient is a sum over the "
-                  "steps of what that step contributed (the layer's backward does each sum as "
-                  "one matmul after its reverse scan; every total here is the layer's)."),
-        Subtitle("Hidden weights: dE/dWh[b][a] = sum_t h_(t-1).b * dE/dah_t.a"),
-        Lines(_weight_lines(page, "h")),
-        Subtitle("Input weights: dE/dWi[c][a] = sum_t x_t.c * dE/dax_t.a (dax = [dar, daz, dan])"),
-        Lines(_weight_lines(page, "i")),
-        Subtitle("Biases: dE/dbi = sum_t dax_t, dE/dbh = sum_t dah_t"),
-        Lines(_bias_lines(page, "i") + _bias_lines(page, "h")),
-        Subtitle("Inputs: dE/dx_t = dax_t @ Wi^T (each step's own, nothing summed over time)"),
-        Lines(_input_lines(page))])
+    return Section(
+        "Step 4: the shared weights, each the sum of its per-step terms",
+        [
+            Paragraph(
+                "Every step uses the same Wi, Wh, bi, bh, so each gradient is a sum over the "
+                "steps of what that step contributed (the layer's backward does each sum as "
+                "one matmul after its reverse scan; every total here is the layer's)."
+            ),
+            Subtitle("Hidden weights: dE/dWh[b][a] = sum_t h_(t-1).b * dE/dah_t.a"),
+            Lines(_weight_lines(page, "h")),
+            Subtitle(
+                "Input weights: dE/dWi[c][a] = sum_t x_t.c * dE/dax_t.a (dax = [dar, daz, dan])"
+            ),
+            Lines(_weight_lines(page, "i")),
+            Subtitle("Biases: dE/dbi = sum_t dax_t, dE/dbh = sum_t dah_t"),
+            Lines(_bias_lines(page, "i") + _bias_lines(page, "h")),
+            Subtitle("Inputs: dE/dx_t = dax_t @ Wi^T (each step's own, nothing summed over time)"),
+            Lines(_input_lines(page)),
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,31 +483,52 @@ def shared_weights_section(page: _Page) -> Section:
 
 def _setup_section(page: _Page) -> Section:
     p, h = page.params, page.hidden
-    inputs = "; ".join(", ".join(f"{_n('x', s + 1, c)} = {given(page.x[s, c])}"
-                                 for c in range(page.features)) for s in range(page.steps))
+    inputs = "; ".join(
+        ", ".join(f"{_n('x', s + 1, c)} = {given(page.x[s, c])}" for c in range(page.features))
+        for s in range(page.steps)
+    )
     if page.sequences:
-        targets = "; ".join(", ".join(f"{_n('t', s + 1, a)} = {given(page.t[s, a])}"
-                                      for a in range(h)) for s in range(page.steps))
+        targets = "; ".join(
+            ", ".join(f"{_n('t', s + 1, a)} = {given(page.t[s, a])}" for a in range(h))
+            for s in range(page.steps)
+        )
     else:
         targets = ", ".join(f"t{a + 1} = {given(page.t[a])}" for a in range(h))
-    lines = [f"inputs: {inputs}", f"targets: {targets}",
-             f"initial state: {', '.join(f'h0.{a + 1} = 0' for a in range(h))}"]
+    lines = [
+        f"inputs: {inputs}",
+        f"targets: {targets}",
+        f"initial state: {', '.join(f'h0.{a + 1} = 0' for a in range(h))}",
+    ]
     for kind, rows in (("i", page.features), ("h", h)):
         for gate in GATES:
-            lines.append(", ".join(
-                f"{_w(kind, gate, row, a)} = {given(p['W' + kind][row, _column(page, gate, a)])}"
-                for row, a in np.ndindex(rows, h)))
+            lines.append(
+                ", ".join(
+                    f"{_w(kind, gate, row, a)} = "
+                    f"{given(p['W' + kind][row, _column(page, gate, a)])}"
+                    for row, a in np.ndindex(rows, h)
+                )
+            )
     for kind in ("i", "h"):
         bias = p["b" + kind]
-        lines.append(", ".join(f"{_b(kind, gate, a)} = {given(bias[_column(page, gate, a)])}"
-                               for gate in GATES for a in range(h)))
+        lines.append(
+            ", ".join(
+                f"{_b(kind, gate, a)} = {given(bias[_column(page, gate, a)])}"
+                for gate in GATES
+                for a in range(h)
+            )
+        )
     output = "every h_t" if page.sequences else f"h{page.steps} (return_sequences=False)"
-    return Section(f"A GRU unrolled over {page.steps} time steps: {page.features} input(s), "
-                   f"hidden {h}", [
-                       Lines([*lines, f"output: {output}; loss E = 1/2 sum (y - target)^2"]),
-                       Paragraph("Wi and Wh hold the r, z, n gates side by side (PyTorch's "
-                                 "order): Wir is Wi's first third, Wiz its second, Win its "
-                                 "third.")])
+    return Section(
+        f"A GRU unrolled over {page.steps} time steps: {page.features} input(s), hidden {h}",
+        [
+            Lines([*lines, f"output: {output}; loss E = 1/2 sum (y - target)^2"]),
+            Paragraph(
+                "Wi and Wh hold the r, z, n gates side by side (PyTorch's "
+                "order): Wir is Wi's first third, Wiz its second, Win its "
+                "third."
+            ),
+        ],
+    )
 
 
 def _check_rows(page: _Page) -> list:
@@ -436,14 +536,27 @@ def _check_rows(page: _Page) -> list:
     for kind, count in (("i", page.features), ("h", page.hidden)):
         for gate, row, a in ((g, r, a) for g in GATES for r, a in np.ndindex(count, page.hidden)):
             col = _column(page, gate, a)
-            rows.append((f"dE/d{_w(kind, gate, row, a)}", page.grads["W" + kind][row, col],
-                         page.autodiff["W" + kind][row, col]))
+            rows.append(
+                (
+                    f"dE/d{_w(kind, gate, row, a)}",
+                    page.grads["W" + kind][row, col],
+                    page.autodiff["W" + kind][row, col],
+                )
+            )
     for kind in ("i", "h"):
-        rows += [(f"dE/d{_b(kind, gate, a)}", page.grads["b" + kind][_column(page, gate, a)],
-                  page.autodiff["b" + kind][_column(page, gate, a)])
-                 for gate in GATES for a in range(page.hidden)]
-    return rows + [(f"dE/d{_n('x', s + 1, c)}", page.grads["x"][s, c], page.autodiff["x"][s, c])
-                   for s, c in np.ndindex(page.x.shape)]
+        rows += [
+            (
+                f"dE/d{_b(kind, gate, a)}",
+                page.grads["b" + kind][_column(page, gate, a)],
+                page.autodiff["b" + kind][_column(page, gate, a)],
+            )
+            for gate in GATES
+            for a in range(page.hidden)
+        ]
+    return rows + [
+        (f"dE/d{_n('x', s + 1, c)}", page.grads["x"][s, c], page.autodiff["x"][s, c])
+        for s, c in np.ndindex(page.x.shape)
+    ]
 
 
 def _worked_gradients(numbers: dict, sequences: bool) -> dict:
@@ -459,8 +572,7 @@ def _worked_gradients(numbers: dict, sequences: bool) -> dict:
         daz = dh * (h[i] - n[i]) * z[i] * (1 - z[i])
         dar = dan * ahn[i] * r[i] * (1 - r[i])
         dahn = dan * r[i]
-        for key, value in (("dh", dh), ("dar", dar), ("daz", daz), ("dan", dan),
-                           ("dahn", dahn)):
+        for key, value in (("dh", dh), ("dar", dar), ("daz", daz), ("dan", dan), ("dahn", dahn)):
             worked[key][i] = value
         sent_back = dh * z[i] + np.concatenate([dar, daz, dahn]) @ wh.T
     return worked
@@ -471,8 +583,10 @@ def _inputs_layout(value: np.ndarray) -> np.ndarray:
     if value.ndim == 1:
         return value[:, None]
     if value.ndim != 2:
-        raise ConfigError(f"trace file: the GRU trace follows one sequence: inputs of shape "
-                          f"(time,) or (time, features), got shape {value.shape}")
+        raise ConfigError(
+            f"trace file: the GRU trace follows one sequence: inputs of shape "
+            f"(time,) or (time, features), got shape {value.shape}"
+        )
     return value
 
 
@@ -480,13 +594,17 @@ def _checked(layer, x: np.ndarray) -> bool:
     """The layer's return_sequences, after checking the trace can print it."""
     config = dict(layer.config)
     if config["reverse"]:
-        raise ConfigError("trace file: the GRU trace reads the sequence forwards; expected "
-                          "reverse false, got true")
+        raise ConfigError(
+            "trace file: the GRU trace reads the sequence forwards; expected "
+            "reverse false, got true"
+        )
     if x.shape[0] > MAX_STEPS or x.shape[1] > MAX_FEATURES or config["hidden"] > MAX_HIDDEN:
-        raise ConfigError(f"trace file: a GRU trace prints every number; expected at most "
-                          f"{MAX_STEPS} steps of {MAX_FEATURES} features and hidden "
-                          f"{MAX_HIDDEN}, got inputs of shape {x.shape} and hidden "
-                          f"{config['hidden']}")
+        raise ConfigError(
+            f"trace file: a GRU trace prints every number; expected at most "
+            f"{MAX_STEPS} steps of {MAX_FEATURES} features and hidden "
+            f"{MAX_HIDDEN}, got inputs of shape {x.shape} and hidden "
+            f"{config['hidden']}"
+        )
     return config["return_sequences"]
 
 
@@ -527,21 +645,33 @@ def _page(spec: dict, example: dict) -> tuple:
     out_shape = jax.eval_shape(layer.forward, params, jnp.asarray(x))[0].shape
     t = spec_data(spec, example, "targets", expected=out_shape)
     run = _compiled(json.dumps(describe(layer), sort_keys=True))
-    y, steps, dy, dparams, dx, (auto_params, auto_x) = run(params, jnp.asarray(x),
-                                                           jnp.asarray(t))
+    y, steps, dy, dparams, dx, (auto_params, auto_x) = run(params, jnp.asarray(x), jnp.asarray(t))
     hs, r, z, n, ahn = steps  # the layer's cache: time-major, a batch of one
     numpy = lambda a: np.asarray(a, np.float64)
     states = numpy(hs)[:, 0]
     numbers: dict[str, Any] = {
-        "params": {key: numpy(value) for key, value in params.items()}, "x": x, "t": t,
+        "params": {key: numpy(value) for key, value in params.items()},
+        "x": x,
+        "t": t,
         "h": np.concatenate([np.zeros((1, states.shape[1])), states]),
-        "r": numpy(r)[:, 0], "z": numpy(z)[:, 0], "n": numpy(n)[:, 0],
-        "ahn": numpy(ahn)[:, 0], "y": numpy(y), "dy": numpy(dy)}
+        "r": numpy(r)[:, 0],
+        "z": numpy(z)[:, 0],
+        "n": numpy(n)[:, 0],
+        "ahn": numpy(ahn)[:, 0],
+        "y": numpy(y),
+        "dy": numpy(dy),
+    }
     worked = _worked_gradients({**numbers, "Wh": numbers["params"]["Wh"]}, sequences)
     grads = {**{key: numpy(value) for key, value in dparams.items()}, "x": numpy(dx)}
     autodiff = {**{key: numpy(value) for key, value in auto_params.items()}, "x": numpy(auto_x)}
-    page = _Page(**numbers, sequences=sequences, **worked, grads=grads, autodiff=autodiff,
-                 loss=float(half_sse(numbers["y"], t)))
+    page = _Page(
+        **numbers,
+        sequences=sequences,
+        **worked,
+        grads=grads,
+        autodiff=autodiff,
+        loss=float(half_sse(numbers["y"], t)),
+    )
     return layer, page
 
 
@@ -549,18 +679,27 @@ def _per_step_terms(page: _Page) -> dict:
     """Each step's contribution to each shared gradient (they sum to the layer's totals)."""
     dax = np.concatenate([page.dar, page.daz, page.dan], axis=1)
     dah = np.concatenate([page.dar, page.daz, page.dahn], axis=1)
-    return {"Wi": np.einsum("tc,tg->tcg", page.x, dax),
-            "Wh": np.einsum("tb,tg->tbg", page.h[:-1], dah), "bi": dax, "bh": dah}
+    return {
+        "Wi": np.einsum("tc,tg->tcg", page.x, dax),
+        "Wh": np.einsum("tb,tg->tbg", page.h[:-1], dah),
+        "bi": dax,
+        "bh": dah,
+    }
 
 
 def _numbers(page: _Page) -> dict:
-    forward = {"h": page.h[1:], "r": page.r, "z": page.z, "n": page.n, "ahn": page.ahn,
-               "y": page.y}
+    forward = {"h": page.h[1:], "r": page.r, "z": page.z, "n": page.n, "ahn": page.ahn, "y": page.y}
     worked = {"h": page.dh, "ar": page.dar, "az": page.daz, "an": page.dan, "ahn": page.dahn}
-    return {"forward": dict_of_lists(forward), "loss": page.loss,
-            "gradients": {"y": page.dy.tolist(), **dict_of_lists(page.grads),
-                          "intermediate": dict_of_lists(worked),
-                          "per_step": dict_of_lists(_per_step_terms(page))}}
+    return {
+        "forward": dict_of_lists(forward),
+        "loss": page.loss,
+        "gradients": {
+            "y": page.dy.tolist(),
+            **dict_of_lists(page.grads),
+            "intermediate": dict_of_lists(worked),
+            "per_step": dict_of_lists(_per_step_terms(page)),
+        },
+    }
 
 
 def trace_gru(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
@@ -571,9 +710,18 @@ def trace_gru(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
 
     with jax.enable_x64(True):
         layer, page = _page(spec, example)
-    sections = [_setup_section(page), forward_section(page), error_section(page),
-                backward_section(page), shared_weights_section(page),
-                check_section(_check_rows(page))]
-    used = {"model": describe(layer), "params": dict_of_lists(page.params),
-            "inputs": page.x.tolist(), "targets": page.t.tolist()}
+    sections = [
+        _setup_section(page),
+        forward_section(page),
+        error_section(page),
+        backward_section(page),
+        shared_weights_section(page),
+        check_section(_check_rows(page)),
+    ]
+    used = {
+        "model": describe(layer),
+        "params": dict_of_lists(page.params),
+        "inputs": page.x.tolist(),
+        "targets": page.t.tolist(),
+    }
     return TracedLayer("gru", used, _numbers(page), sections, page.grads, page.autodiff)

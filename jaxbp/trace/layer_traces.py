@@ -73,9 +73,13 @@ class TracedLayer:
     def to_json(self) -> dict:
         """``kind``, ``input`` (a trace file that reproduces this trace), the numbers,
         ``autodiff`` gradients and ``autodiff_max_abs_diff``."""
-        return {"kind": self.kind, "input": self.spec, **self.numbers,
-                "autodiff": {k: v.tolist() for k, v in self.autodiff.items()},
-                "autodiff_max_abs_diff": self.autodiff_max_abs_diff}
+        return {
+            "kind": self.kind,
+            "input": self.spec,
+            **self.numbers,
+            "autodiff": {k: v.tolist() for k, v in self.autodiff.items()},
+            "autodiff_max_abs_diff": self.autodiff_max_abs_diff,
+        }
 
     def render(self, fmt: str = "text") -> str:
         if fmt == "json":
@@ -105,8 +109,10 @@ def autodiff_gradients(layer, params, x, targets) -> dict:
         return half_sse(layer.forward(p, inputs)[0], targets)
 
     dparams, dx = jax.grad(loss, argnums=(0, 1))(params, x)
-    return {**{k: np.asarray(v, np.float64) for k, v in dparams.items()},
-            "x": np.asarray(dx, np.float64)}
+    return {
+        **{k: np.asarray(v, np.float64) for k, v in dparams.items()},
+        "x": np.asarray(dx, np.float64),
+    }
 
 
 def checked_total(terms, total, what: str) -> float:
@@ -115,27 +121,38 @@ def checked_total(terms, total, what: str) -> float:
     again = float(np.sum(np.asarray(terms, np.float64))) if len(terms) else 0.0
     total = float(total)
     if abs(again - total) > SUM_TOLERANCE * max(1.0, abs(total)):
-        raise RuntimeError(f"trace bug: {what}: the printed terms add up to {again!r}, the layer "
-                           f"computed {total!r}")
+        raise RuntimeError(
+            f"trace bug: {what}: the printed terms add up to {again!r}, the layer "
+            f"computed {total!r}"
+        )
     return total
 
 
 def check_section(rows: list) -> Section:
     """``rows`` of ``(name, manual, jax.grad)``: the closing table, as the seed trace's."""
-    table = [[name, f"{float(m):.10f}", f"{float(a):.10f}", f"{abs(float(m) - float(a)):.1e}"]
-             for name, m, a in rows]
+    table = [
+        [name, f"{float(m):.10f}", f"{float(a):.10f}", f"{abs(float(m) - float(a)):.1e}"]
+        for name, m, a in rows
+    ]
     worst = max(abs(float(m) - float(a)) for _, m, a in rows)
     from .render import Paragraph
 
-    return Section("Check: jax.grad agrees", [
-        Paragraph(f"jax.grad of the same loss gives the same gradients: max |manual - jax.grad| "
-                  f"= {worst:.3e} over all parameters and inputs (float64)."),
-        Table(["quantity", "manual (chain rule)", "jax.grad", "|diff|"], table)])
+    return Section(
+        "Check: jax.grad agrees",
+        [
+            Paragraph(
+                f"jax.grad of the same loss gives the same gradients: max |manual - jax.grad| "
+                f"= {worst:.3e} over all parameters and inputs (float64)."
+            ),
+            Table(["quantity", "manual (chain rule)", "jax.grad", "|diff|"], table),
+        ],
+    )
 
 
 def nested_array(value, where: str) -> np.ndarray:
     """A JSON number or nested list of finite numbers as a float64 array; a
     :class:`~jaxbp.trace.ConfigError` naming ``where`` otherwise."""
+
     def bad(value):
         return isinstance(value, bool) or not isinstance(value, (int, float, list))
 
@@ -151,8 +168,9 @@ def nested_array(value, where: str) -> np.ndarray:
     except (ValueError, OverflowError):
         raise ConfigError(f"trace file: {where} is ragged; expected equally long rows") from None
     if array.size == 0 or not np.all(np.isfinite(array)):
-        raise ConfigError(f"trace file: {where} must be non-empty and finite, got "
-                          f"{json.dumps(value)[:60]}")
+        raise ConfigError(
+            f"trace file: {where} must be non-empty and finite, got {json.dumps(value)[:60]}"
+        )
     return array
 
 
@@ -161,9 +179,11 @@ def nested_array(value, where: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-_TRACE_MODULES = {"conv": ("conv_trace", "trace_conv"),
-                  "attention": ("attention_trace", "trace_attention"),
-                  "gru": ("gru_trace", "trace_gru")}
+_TRACE_MODULES = {
+    "conv": ("conv_trace", "trace_conv"),
+    "attention": ("attention_trace", "trace_attention"),
+    "gru": ("gru_trace", "trace_gru"),
+}
 
 
 def _tracers() -> dict[str, tuple]:
@@ -194,8 +214,9 @@ def example_spec(kind: str) -> dict:
     """The built-in example ``kind`` as a trace file (a fresh dict)."""
     examples = _examples()
     if kind not in examples:
-        raise ValueError(f"no built-in trace example {kind!r}; expected one of: "
-                         f"{', '.join(examples)}")
+        raise ValueError(
+            f"no built-in trace example {kind!r}; expected one of: {', '.join(examples)}"
+        )
     return json.loads(json.dumps(examples[kind]))
 
 
@@ -204,17 +225,22 @@ def parse_trace_spec(obj: Any) -> tuple[str, dict]:
     if isinstance(obj, dict) and "name" in obj and "model" not in obj:
         obj = {"model": obj}
     if not isinstance(obj, dict) or "model" not in obj:
-        raise ConfigError(f"trace file: expected a JSON object with keys {', '.join(_TOP_KEYS)} "
-                          f"(model required), got {json.dumps(obj)[:60]}")
+        raise ConfigError(
+            f"trace file: expected a JSON object with keys {', '.join(_TOP_KEYS)} "
+            f"(model required), got {json.dumps(obj)[:60]}"
+        )
     unknown = [key for key in obj if key not in _TOP_KEYS]
     if unknown:
-        raise ConfigError(f"trace file: unknown key {unknown[0]!r}; expected keys: "
-                          f"{', '.join(_TOP_KEYS)}")
+        raise ConfigError(
+            f"trace file: unknown key {unknown[0]!r}; expected keys: {', '.join(_TOP_KEYS)}"
+        )
     name = obj["model"].get("name") if isinstance(obj["model"], dict) else None
     kinds = {layer: kind for kind, layer in TRACEABLE_LAYERS.items() if kind in _tracers()}
     if name not in kinds:
-        raise ConfigError(f"trace cannot trace a model whose layer is {name!r}; expected one "
-                          f"layer: {', '.join(kinds)} (networks of Dense layers: --config)")
+        raise ConfigError(
+            f"trace cannot trace a model whose layer is {name!r}; expected one "
+            f"layer: {', '.join(kinds)} (networks of Dense layers: --config)"
+        )
     return kinds[name], obj
 
 
@@ -236,8 +262,9 @@ def load_trace_file(path) -> dict:
 
     obj = load_description(str(path))
     if not isinstance(obj, dict):
-        raise ConfigError(f"trace file {str(path)!r}: expected a JSON object, got "
-                          f"{json.dumps(obj)[:60]}")
+        raise ConfigError(
+            f"trace file {str(path)!r}: expected a JSON object, got {json.dumps(obj)[:60]}"
+        )
     return obj
 
 
@@ -266,8 +293,7 @@ def spec_params(spec: dict, layer, input_shape: tuple) -> dict:
 
     if "params" not in spec:
         _, initial = layer.init(jax.random.PRNGKey(0), input_shape)
-        return {k: jnp.asarray(np.round(np.asarray(v, np.float64), 2)) for k, v in
-                initial.items()}
+        return {k: jnp.asarray(np.round(np.asarray(v, np.float64), 2)) for k, v in initial.items()}
     # Only the shapes: eval_shape traces init without running (compiling) it; the keys are
     # noted while it traces, since eval_shape returns a dict in sorted order, not init's.
     order = []
@@ -281,15 +307,19 @@ def spec_params(spec: dict, layer, input_shape: tuple) -> dict:
     expected = {k: shapes[k] for k in order}
     given = spec["params"]
     if not isinstance(given, dict) or set(given) != set(expected):
-        raise ConfigError(f"trace file: params must be an object with keys "
-                          f"{', '.join(expected)} for {layer.name}, got {json.dumps(given)[:60]}")
+        raise ConfigError(
+            f"trace file: params must be an object with keys "
+            f"{', '.join(expected)} for {layer.name}, got {json.dumps(given)[:60]}"
+        )
     params = {}
     for key, like in expected.items():
         value = nested_array(given[key], f"params.{key}")
         if value.shape != tuple(like.shape):
-            raise ConfigError(f"trace file: params.{key} has shape {value.shape}; {layer.name} "
-                              f"on inputs of shape {tuple(input_shape)} expects "
-                              f"{tuple(like.shape)}")
+            raise ConfigError(
+                f"trace file: params.{key} has shape {value.shape}; {layer.name} "
+                f"on inputs of shape {tuple(input_shape)} expects "
+                f"{tuple(like.shape)}"
+            )
         params[key] = jnp.asarray(value)
     return params
 

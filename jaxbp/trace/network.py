@@ -27,8 +27,12 @@ def network_params(config: TraceConfig) -> tuple:
 
     params: list[dict | tuple] = []
     for layer in config.layers:
-        params.append({"W": jnp.asarray(layer.weights, jnp.float64),
-                       "b": jnp.asarray(layer.bias, jnp.float64)})
+        params.append(
+            {
+                "W": jnp.asarray(layer.weights, jnp.float64),
+                "b": jnp.asarray(layer.bias, jnp.float64),
+            }
+        )
         params.append(())  # the activation has none
     return tuple(params)
 

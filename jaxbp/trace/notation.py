@@ -13,8 +13,18 @@ from typing import NamedTuple, SupportsFloat
 
 from .config import TraceConfig
 
-__all__ = ["TraceNames", "given", "computed", "factor", "given_factor", "ActivationFormula",
-           "ACTIVATION_FORMULAS", "LossFormulas", "loss_formulas", "logistic"]
+__all__ = [
+    "TraceNames",
+    "given",
+    "computed",
+    "factor",
+    "given_factor",
+    "ActivationFormula",
+    "ACTIVATION_FORMULAS",
+    "LossFormulas",
+    "loss_formulas",
+    "logistic",
+]
 
 
 class TraceNames:
@@ -121,8 +131,9 @@ ACTIVATION_FORMULAS = {
     "sigmoid": ActivationFormula("1/(1+e^-{xp})", "{o}*(1-{o})", True),
     "tanh": ActivationFormula("tanh({x})", "1-{o}^2", True),
     "relu": ActivationFormula("max(0, {x})", "1 if {i} > 0 else 0", False),
-    "leaky_relu": ActivationFormula("{xp} if {xp} > 0 else 0.01*{xp}", "1 if {i} > 0 else 0.01",
-                                    False),
+    "leaky_relu": ActivationFormula(
+        "{xp} if {xp} > 0 else 0.01*{xp}", "1 if {i} > 0 else 0.01", False
+    ),
     "gelu": ActivationFormula("gelu({x})", "gelu'({i})", False),
     "softplus": ActivationFormula("log(1+e^{xp})", "1/(1+e^-{i})", False),
     "identity": ActivationFormula("{x}", "1", False),
@@ -147,15 +158,19 @@ def loss_formulas(loss: str, examples: int, outputs: int) -> LossFormulas:
         gradient = "{o} - {t}" if examples == 1 else "({o} - {t})" + per_example
         return LossFormulas("1/2 ({t} - {o})^2" + per_example, gradient, "")
     if loss == "mse":
-        return LossFormulas(f"({{o}} - {{t}})^2 / {elements}", f"2 ({{o}} - {{t}}) / {elements}",
-                            "")
+        return LossFormulas(
+            f"({{o}} - {{t}})^2 / {elements}", f"2 ({{o}} - {{t}}) / {elements}", ""
+        )
     if loss == "sigmoid_binary_cross_entropy":
         return LossFormulas(
-            f"BCE({{o}}, {{t}}) / {elements}", f"(s({{o}}) - {{t}}) / {elements}",
-            "BCE(z, t) = -(t log s(z) + (1-t) log(1-s(z))), s = sigmoid: the output is a logit.")
+            f"BCE({{o}}, {{t}}) / {elements}",
+            f"(s({{o}}) - {{t}}) / {elements}",
+            "BCE(z, t) = -(t log s(z) + (1-t) log(1-s(z))), s = sigmoid: the output is a logit.",
+        )
     if loss == "softmax_cross_entropy":
         return LossFormulas(
             "-{t} * log softmax(out)_{j}" + per_example,
             "(softmax(out)_{j} - {t})" + per_example,
-            "softmax(out)_j = e^out_j / sum_m e^out_m over the outputs: they are logits.")
+            "softmax(out)_j = e^out_j / sum_m e^out_m over the outputs: they are logits.",
+        )
     raise ValueError(f"no formula for loss {loss!r}")

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["FORMATS", "Section", "Block", "Lines", "Paragraph", "Subtitle", "Table",
-           "render_text", "render_markdown", "trace_json"]
+__all__ = [
+    "FORMATS",
+    "Section",
+    "Block",
+    "Lines",
+    "Paragraph",
+    "Subtitle",
+    "Table",
+    "render_text",
+    "render_markdown",
+    "trace_json",
+]
 
 FORMATS = ("text", "markdown", "json")
 
@@ -45,14 +55,14 @@ class Section(NamedTuple):
 
 
 def _text_table(table: Table) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column)
-              for column in zip(table.headers, *table.rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(table.headers, *table.rows)]
 
     def row(cells):
         return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)).rstrip()
 
-    return [row(table.headers), row(["-" * width for width in widths])] + \
-        [row(cells) for cells in table.rows]
+    return [row(table.headers), row(["-" * width for width in widths])] + [
+        row(cells) for cells in table.rows
+    ]
 
 
 def _text_block(block) -> list[str]:
@@ -81,10 +91,14 @@ def render_text(document: list[Section]) -> str:
 
 
 def _markdown_table(table: Table) -> list[str]:
-    return (["| " + " | ".join(table.headers) + " |",
-             "|" + "|".join("---" for _ in table.headers) + "|"]
-            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in table.rows]
-            + [""])
+    return (
+        [
+            "| " + " | ".join(table.headers) + " |",
+            "|" + "|".join("---" for _ in table.headers) + "|",
+        ]
+        + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in table.rows]
+        + [""]
+    )
 
 
 def _markdown_block(block) -> list[str]:
@@ -117,14 +131,19 @@ def trace_json(trace) -> dict:
     and, after ``steps``, ``history``. Numbers are floats, arrays nested lists."""
     per_example = (lambda a: a[0].tolist()) if trace.config.single else (lambda a: a.tolist())
     result = {
-        "layers": [{"net": per_example(layer.net), "out": per_example(layer.out)}
-                   for layer in trace.layers],
+        "layers": [
+            {"net": per_example(layer.net), "out": per_example(layer.out)} for layer in trace.layers
+        ],
         "errors": trace.errors.tolist(),
         "loss": float(trace.loss),
-        "gradients": [{"weights": layer.grad_weights.tolist(), "bias": layer.grad_bias.tolist()}
-                      for layer in trace.layers],
-        "updated": [{"weights": layer.final_weights.tolist(), "bias": layer.final_bias.tolist()}
-                    for layer in trace.layers],
+        "gradients": [
+            {"weights": layer.grad_weights.tolist(), "bias": layer.grad_bias.tolist()}
+            for layer in trace.layers
+        ],
+        "updated": [
+            {"weights": layer.final_weights.tolist(), "bias": layer.final_bias.tolist()}
+            for layer in trace.layers
+        ],
         "autodiff_max_abs_diff": float(trace.autodiff_max_abs_diff),
     }
     if trace.history is not None:

@@ -55,7 +55,7 @@ class Trace:
     autodiff_max_abs_diff: float
     freeze_bias: bool
     steps: int | None
-    history: np.ndarray | None      # loss before each step, then after the last
+    history: np.ndarray | None  # loss before each step, then after the last
     step_rel_errors: np.ndarray | None  # per step, worst leaf rel. error manual vs jax.grad
 
     @property

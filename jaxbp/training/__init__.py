@@ -29,7 +29,21 @@ from .session import (
     train,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "Session", "OPTIMIZERS", "SCHEDULES",
-           "OUTPUT_ACTIVATIONS", "CHECKPOINT_FILE", "METRICS_FILE", "CURVES_FILE",
-           "resolve_config", "build_optimizer", "check_seed", "prepare", "run", "finish",
-           "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Session",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "OUTPUT_ACTIVATIONS",
+    "CHECKPOINT_FILE",
+    "METRICS_FILE",
+    "CURVES_FILE",
+    "resolve_config",
+    "build_optimizer",
+    "check_seed",
+    "prepare",
+    "run",
+    "finish",
+    "train",
+]

@@ -23,8 +23,16 @@ from ..model import build
 from ..train import gather_batch, make_loop, train_step
 from .config import TrainConfig, build_optimizer
 
-__all__ = ["network", "optimizer", "epoch_loop", "evaluator", "epoch_order", "shift_batch_fn",
-           "window_batch_fn", "sequence_evaluator"]
+__all__ = [
+    "network",
+    "optimizer",
+    "epoch_loop",
+    "evaluator",
+    "epoch_order",
+    "shift_batch_fn",
+    "window_batch_fn",
+    "sequence_evaluator",
+]
 
 _CACHE_SIZE = 32
 
@@ -59,11 +67,13 @@ def shift_batch_fn(max_shift: int) -> Callable:
     the shifts of step ``s`` are drawn from ``fold_in(key, s)``, a pure function of
     ``(seed, epoch, step)``, so a resumed run sees exactly the uninterrupted run's batches.
     """
+
     def batch(data, row):
         x, t, key = data
         xb, tb = gather_batch((x, t), row[:-1])
-        shifts = jax.random.randint(jax.random.fold_in(key, row[-1]), (xb.shape[0],),
-                                    -max_shift, max_shift + 1)
+        shifts = jax.random.randint(
+            jax.random.fold_in(key, row[-1]), (xb.shape[0],), -max_shift, max_shift + 1
+        )
         return jax.vmap(lambda xi, s: jnp.roll(xi, s, axis=0))(xb, shifts), tb
 
     return batch
@@ -75,6 +85,7 @@ def window_batch_fn(context: int) -> Callable:
     ``w_i`` (of ``len // context`` non-overlapping ones), each moved by a random
     ``0..context-1`` ids drawn from ``fold_in(key, step)`` (kept inside the split): every epoch
     sees the text once, cut at new places."""
+
     def batch(data, row):
         x, y, key = data
         windows = row[:-1]
@@ -87,8 +98,17 @@ def window_batch_fn(context: int) -> Callable:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def epoch_loop(net: Layer, loss: str, opt, check: str, fused: bool, shift: int,
-               devices: int, jit: bool, window: int = 0) -> Callable:
+def epoch_loop(
+    net: Layer,
+    loss: str,
+    opt,
+    check: str,
+    fused: bool,
+    shift: int,
+    devices: int,
+    jit: bool,
+    window: int = 0,
+) -> Callable:
     """``run(train_state, data, order) -> (train_state, stacked StepMetrics)``: the verified
     step (:func:`jaxbp.train_step`) through :func:`jaxbp.train.make_loop`, fused or per step.
 
@@ -102,26 +122,31 @@ def epoch_loop(net: Layer, loss: str, opt, check: str, fused: bool, shift: int,
     def step(ts, x, y):
         return train_step(net, loss_fn, opt, ts, x, y, check=check)
 
-    batch_fn = (window_batch_fn(window) if window else shift_batch_fn(shift) if shift
-                else gather_batch)
+    batch_fn = (
+        window_batch_fn(window) if window else shift_batch_fn(shift) if shift else gather_batch
+    )
     stop_on_mismatch = check == "raise"
     if devices > 1:
         from ..parallel import make_parallel_loop
 
         if not jit:
             raise ValueError(f"devices={devices} needs the compiled loop (jit=True)")
-        return make_parallel_loop(step, devices, fused=fused, stop_on_mismatch=stop_on_mismatch,
-                                  batch_fn=batch_fn)
-    run = make_loop(step, jit=jit, fused=fused, stop_on_mismatch=stop_on_mismatch,
-                    batch_fn=batch_fn)
+        return make_parallel_loop(
+            step, devices, fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=batch_fn
+        )
+    run = make_loop(
+        step, jit=jit, fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=batch_fn
+    )
     return run if jit else _eager(run)
 
 
 def _eager(fn):
     """``fn`` run op by op: ``lax.scan`` becomes a Python loop, nothing is compiled whole."""
+
     def run(*args):
         with jax.disable_jit():
             return fn(*args)
+
     return run
 
 
@@ -146,14 +171,18 @@ def sequence_evaluator(net: Layer, jit: bool = True, chunk: int = 32) -> Callabl
     """``evaluate(params, state, x, t, y) -> (loss, accuracy)`` of a sequence model: nats per
     token and next-token accuracy over every position whose label ``t`` is >= 0 (-1 marks
     padding), ``chunk`` windows at a time so memory stays small. ``y`` is ignored (= ``t``)."""
+
     def totals(params, state, x, t):
         logits = forward(net, params, x, state=state, train=False)
         logp = jax.nn.log_softmax(logits, axis=-1)
         valid = t >= 0
         picked = jnp.take_along_axis(logp, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
         correct = valid & (jnp.argmax(logits, axis=-1) == t)
-        return (jnp.sum(jnp.where(valid, -picked, 0)), jnp.sum(correct, dtype=logits.dtype),
-                jnp.sum(valid, dtype=logits.dtype))
+        return (
+            jnp.sum(jnp.where(valid, -picked, 0)),
+            jnp.sum(correct, dtype=logits.dtype),
+            jnp.sum(valid, dtype=logits.dtype),
+        )
 
     def evaluate(params, state, x, t, y=None):
         pad = -x.shape[0] % chunk

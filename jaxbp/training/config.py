@@ -39,16 +39,43 @@ OUTPUT_ACTIVATIONS = ("auto", *sorted(ACTIVATIONS))
 MLP_FIELDS = ("hidden", "activation", "output_activation")
 
 # Used where neither the caller, the checkpoint nor the preset says otherwise.
-FALLBACK: dict[str, Any] = dict(dataset="digits", model="mlp", hidden=(64,), activation="relu",
-                output_activation="auto", loss="softmax_cross_entropy", optimizer="adam",
-                lr=1e-3, schedule="constant", weight_decay=0.0, epochs=20, batch_size=32, seed=0,
-                check="report", rule="bp")
+FALLBACK: dict[str, Any] = dict(
+    dataset="digits",
+    model="mlp",
+    hidden=(64,),
+    activation="relu",
+    output_activation="auto",
+    loss="softmax_cross_entropy",
+    optimizer="adam",
+    lr=1e-3,
+    schedule="constant",
+    weight_decay=0.0,
+    epochs=20,
+    batch_size=32,
+    seed=0,
+    check="report",
+    rule="bp",
+)
 
 # Fields that decide what is computed: a resumed run must agree with its checkpoint on these
 # (``epochs`` may grow when the learning rate does not depend on it).
-IDENTITY_FIELDS = ("dataset", "model", "hidden", "activation", "output_activation", "loss",
-                   "optimizer", "lr", "schedule", "weight_decay", "batch_size", "seed", "check",
-                   "text", "rule")
+IDENTITY_FIELDS = (
+    "dataset",
+    "model",
+    "hidden",
+    "activation",
+    "output_activation",
+    "loss",
+    "optimizer",
+    "lr",
+    "schedule",
+    "weight_decay",
+    "batch_size",
+    "seed",
+    "check",
+    "text",
+    "rule",
+)
 _WARMUP_FRACTION = 0.05
 
 
@@ -168,11 +195,19 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _choice("learning rule", cfg.rule, RULES)
     lr = _check_number("lr", cfg.lr, positive=True)
     weight_decay = _check_number("weight_decay", cfg.weight_decay, positive=False)
-    counts = {name: _positive_int(name, getattr(cfg, name))
-              for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices")}
-    return dataclasses.replace(cfg, hidden=hidden, lr=lr, weight_decay=weight_decay,
-                               epochs=counts["epochs"], batch_size=counts["batch_size"],
-                               seed=check_seed(cfg.seed))
+    counts = {
+        name: _positive_int(name, getattr(cfg, name))
+        for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices")
+    }
+    return dataclasses.replace(
+        cfg,
+        hidden=hidden,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=counts["epochs"],
+        batch_size=counts["batch_size"],
+        seed=check_seed(cfg.seed),
+    )
 
 
 def _fill(config: TrainConfig, defaults: Mapping, saved: Mapping | None, mlp: bool) -> dict:
@@ -191,8 +226,13 @@ def _fill(config: TrainConfig, defaults: Mapping, saved: Mapping | None, mlp: bo
     return values
 
 
-def resolve_config(config: TrainConfig, defaults: Mapping | None = None,
-                   saved: Mapping | None = None, *, mlp: bool = True) -> TrainConfig:
+def resolve_config(
+    config: TrainConfig,
+    defaults: Mapping | None = None,
+    saved: Mapping | None = None,
+    *,
+    mlp: bool = True,
+) -> TrainConfig:
     """Fill every ``None`` of ``config``: from ``saved`` (a checkpoint's config, on resume),
     then ``defaults`` (the preset's settings), then :data:`FALLBACK`; then validate.
 
@@ -203,8 +243,10 @@ def resolve_config(config: TrainConfig, defaults: Mapping | None = None,
         given = [name for name in MLP_FIELDS if getattr(config, name) is not None]
         if given:
             model = config.model or (saved or {}).get("model")
-            raise ValueError(f"{given[0].replace('_', '-')} shapes the default MLP; it cannot "
-                             f"be combined with model {_show(model)}")
+            raise ValueError(
+                f"{given[0].replace('_', '-')} shapes the default MLP; it cannot "
+                f"be combined with model {_show(model)}"
+            )
     cfg = _validate(TrainConfig(**_fill(config, dict(defaults or {}), saved, mlp)))
     if saved is not None:
         _check_against_checkpoint(cfg, saved)
@@ -216,13 +258,17 @@ def _check_against_checkpoint(cfg: TrainConfig, saved: Mapping) -> None:
         want = saved.get(name, "mlp" if name == "model" else None)
         want = tuple(want) if name == "hidden" and want is not None else want
         if want is not None and getattr(cfg, name) != want:
-            raise ValueError(f"--resume: {name} is {_show(getattr(cfg, name))} but the "
-                             f"checkpoint's run used {_show(want)}; drop the flag to continue "
-                             f"that run, or choose another --out for a new one")
+            raise ValueError(
+                f"--resume: {name} is {_show(getattr(cfg, name))} but the "
+                f"checkpoint's run used {_show(want)}; drop the flag to continue "
+                f"that run, or choose another --out for a new one"
+            )
     if cfg.epochs != saved.get("epochs") and cfg.schedule != "constant":
-        raise ValueError(f"--resume: epochs is {cfg.epochs} but the checkpoint's run used "
-                         f"{saved.get('epochs')}, and its {cfg.schedule} learning-rate "
-                         f"schedule depends on the number of epochs")
+        raise ValueError(
+            f"--resume: epochs is {cfg.epochs} but the checkpoint's run used "
+            f"{saved.get('epochs')}, and its {cfg.schedule} learning-rate "
+            f"schedule depends on the number of epochs"
+        )
 
 
 def _show(v):

@@ -48,8 +48,10 @@ class TrainData(NamedTuple):
 
 
 def _is_file_model(model) -> bool:
-    return isinstance(model, dict) or (isinstance(model, str) and (
-        model.lstrip().startswith("{") or model.endswith(".json") or Path(model).is_file()))
+    return isinstance(model, dict) or (
+        isinstance(model, str)
+        and (model.lstrip().startswith("{") or model.endswith(".json") or Path(model).is_file())
+    )
 
 
 def _file_preset(model, defaults: dict) -> Preset:
@@ -60,16 +62,24 @@ def _file_preset(model, defaults: dict) -> Preset:
         spec = {"model": spec}
     unknown = sorted(set(spec) - set(PRESET_FILE_KEYS))
     if unknown or not isinstance(spec.get("model"), dict):
-        raise ValueError(f"model {_short(model)}: expected a layer description "
-                         f"({{\"name\": ...}}) or {{\"model\": description, ...}} with keys "
-                         f"among {', '.join(PRESET_FILE_KEYS)}"
-                         + (f"; got unknown keys {', '.join(unknown)}" if unknown else ""))
+        raise ValueError(
+            f"model {_short(model)}: expected a layer description "
+            f'({{"name": ...}}) or {{"model": description, ...}} with keys '
+            f"among {', '.join(PRESET_FILE_KEYS)}"
+            + (f"; got unknown keys {', '.join(unknown)}" if unknown else "")
+        )
     settings = {k: v for k, v in defaults.items() if k in TRAINING_KEYS and k not in MLP_FIELDS}
     settings.update({k: spec[k] for k in TRAINING_KEYS if k in spec})
     shape = spec.get("input_shape")
-    return Preset("file", spec["model"], spec.get("dataset"),
-                  None if shape is None else tuple(shape), bool(spec.get("fused", True)),
-                  spec.get("augment"), settings)
+    return Preset(
+        "file",
+        spec["model"],
+        spec.get("dataset"),
+        None if shape is None else tuple(shape),
+        bool(spec.get("fused", True)),
+        spec.get("augment"),
+        settings,
+    )
 
 
 def _short(model) -> str:
@@ -81,8 +91,10 @@ def _load(name: str, dataset, text: str | None = None):
     if dataset is not None:
         for field in ("x_train", "y_train", "x_test", "y_test", "task", "num_classes"):
             if not hasattr(dataset, field):
-                raise TypeError(f"dataset must look like jaxbp.data.Dataset (missing "
-                                f"{field!r}), got {type(dataset).__name__}")
+                raise TypeError(
+                    f"dataset must look like jaxbp.data.Dataset (missing "
+                    f"{field!r}), got {type(dataset).__name__}"
+                )
         return dataset
     from ..data import load_dataset
 
@@ -92,16 +104,26 @@ def _load(name: str, dataset, text: str | None = None):
 def _from_header(header: dict, config: TrainConfig, dataset):
     saved = header["config"]
     info = header.get("preset") or {"name": "mlp"}  # checkpoints before presets: MLPs
-    dataset = _load(config.dataset or saved.get("dataset") or FALLBACK["dataset"], dataset,
-                    config.text or saved.get("text"))
+    dataset = _load(
+        config.dataset or saved.get("dataset") or FALLBACK["dataset"],
+        dataset,
+        config.text or saved.get("text"),
+    )
     shape = info.get("input_shape")
-    preset = Preset(info["name"], header["network"], None,
-                    None if shape is None else tuple(shape), bool(info.get("fused", True)),
-                    info.get("augment"), {})
+    preset = Preset(
+        info["name"],
+        header["network"],
+        None,
+        None if shape is None else tuple(shape),
+        bool(info.get("fused", True)),
+        info.get("augment"),
+        {},
+    )
     # An MLP run keeps its MLP fields (so --hidden on resume is compared with them).
     if saved.get("hidden") is not None:
-        preset = Preset(preset.name, None, None, preset.input_shape, preset.fused,
-                        preset.augment, {})
+        preset = Preset(
+            preset.name, None, None, preset.input_shape, preset.fused, preset.augment, {}
+        )
     return dataset, preset, config.model or saved.get("model") or "mlp"
 
 
@@ -112,8 +134,12 @@ def choose_model(config: TrainConfig, dataset, header: dict | None):
     model = config.model if config.model is not None else _default_model(config, dataset)
     named = not _is_file_model(model)
     preset = get_preset(model) if named and model != "mlp" else None
-    name = (config.dataset or (getattr(dataset, "name", None) if dataset is not None else None)
-            or (preset.dataset if preset else None) or FALLBACK["dataset"])
+    name = (
+        config.dataset
+        or (getattr(dataset, "name", None) if dataset is not None else None)
+        or (preset.dataset if preset else None)
+        or FALLBACK["dataset"]
+    )
     dataset = _load(name, dataset, config.text)
     defaults = dict(getattr(dataset, "defaults", None) or get_preset("mlp", name).defaults)
     if model == "mlp":
@@ -142,8 +168,10 @@ def _classification(dataset, loss_name: str, x_tr, x_te):
     y_te = np.asarray(dataset.y_test).astype(np.int32)
     for name, y, x in (("y_train", y_tr, x_tr), ("y_test", y_te, x_te)):
         if y.shape != (x.shape[0],):
-            raise ValueError(f"dataset {name} must hold one label per example, shape "
-                             f"({x.shape[0]},), got {y.shape}")
+            raise ValueError(
+                f"dataset {name} must hold one label per example, shape "
+                f"({x.shape[0]},), got {y.shape}"
+            )
         if y.size and (y.min() < 0 or y.max() >= c):
             raise ValueError(f"dataset {name} has labels outside [0, {c})")
     if loss_name == "softmax_cross_entropy":
@@ -158,12 +186,16 @@ def _inputs(dataset, input_shape):
     for name in ("x_train", "x_test"):
         x = np.asarray(getattr(dataset, name), np.float32)
         if x.ndim != 2 or x.shape[0] == 0:
-            raise ValueError(f"dataset {name} must have shape (examples, features) with at "
-                             f"least one example, got {x.shape}")
+            raise ValueError(
+                f"dataset {name} must have shape (examples, features) with at "
+                f"least one example, got {x.shape}"
+            )
         if input_shape is not None:
             if math.prod(input_shape) != x.shape[1]:
-                raise ValueError(f"the model takes examples of shape {tuple(input_shape)}, "
-                                 f"but {dataset.name} has {x.shape[1]} features")
+                raise ValueError(
+                    f"the model takes examples of shape {tuple(input_shape)}, "
+                    f"but {dataset.name} has {x.shape[1]} features"
+                )
             x = x.reshape(x.shape[0], *input_shape)
         out.append(x)
     return out
@@ -177,12 +209,16 @@ TRAIN_EVAL_WINDOWS = 256
 def _token_ids(dataset, name: str, vocab: int) -> np.ndarray:
     ids = np.asarray(getattr(dataset, name))
     if ids.ndim != 1 or ids.size < 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"sequence dataset {name} must be a 1-D array of integer token ids, "
-                         f"got {ids.dtype} of shape {ids.shape}")
+        raise ValueError(
+            f"sequence dataset {name} must be a 1-D array of integer token ids, "
+            f"got {ids.dtype} of shape {ids.shape}"
+        )
     bad = np.flatnonzero((ids < 0) | (ids >= vocab))
     if bad.size:
-        raise ValueError(f"sequence dataset {name} has token id {int(ids[bad[0]])} at position "
-                         f"{int(bad[0])}, outside [0, {vocab}) (its {vocab} classes)")
+        raise ValueError(
+            f"sequence dataset {name} has token id {int(ids[bad[0]])} at position "
+            f"{int(bad[0])}, outside [0, {vocab}) (its {vocab} classes)"
+        )
     return ids.astype(np.int32)
 
 
@@ -194,21 +230,36 @@ def sequence_targets(dataset, input_shape, window_key) -> TrainData:
     from ..text import eval_windows
 
     if input_shape is None or len(input_shape) != 1:
-        raise ValueError(f"a sequence model needs input_shape (context,), the characters per "
-                         f"window, got {input_shape!r}")
+        raise ValueError(
+            f"a sequence model needs input_shape (context,), the characters per "
+            f"window, got {input_shape!r}"
+        )
     context, vocab = int(input_shape[0]), int(dataset.num_classes)
-    x_tr, y_tr, x_te, y_te = (_token_ids(dataset, n, vocab)
-                              for n in ("x_train", "y_train", "x_test", "y_test"))
+    x_tr, y_tr, x_te, y_te = (
+        _token_ids(dataset, n, vocab) for n in ("x_train", "y_train", "x_test", "y_test")
+    )
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < context:
-        raise ValueError(f"sequence dataset: the train split has {len(x_tr)} positions, "
-                         f"fewer than one window of {context} (or x and y differ in length)")
+        raise ValueError(
+            f"sequence dataset: the train split has {len(x_tr)} positions, "
+            f"fewer than one window of {context} (or x and y differ in length)"
+        )
     windows = len(x_tr) // context
     pick = np.unique(np.linspace(0, windows - 1, min(windows, TRAIN_EVAL_WINDOWS)).astype(int))
     starts = pick[:, None] * context + np.arange(context)
     x_te, t_te = eval_windows(x_te, y_te, context)
     arrays = [jnp.asarray(a) for a in (x_tr[starts], y_tr[starts], x_te, t_te)]
-    return TrainData(arrays[0], arrays[1], arrays[1], arrays[2], arrays[3], arrays[3], vocab,
-                     (jnp.asarray(x_tr), jnp.asarray(y_tr), window_key), context, windows)
+    return TrainData(
+        arrays[0],
+        arrays[1],
+        arrays[1],
+        arrays[2],
+        arrays[3],
+        arrays[3],
+        vocab,
+        (jnp.asarray(x_tr), jnp.asarray(y_tr), window_key),
+        context,
+        windows,
+    )
 
 
 def targets(dataset, loss_name: str, input_shape=None, augment_key=None) -> TrainData:
@@ -220,14 +271,17 @@ def targets(dataset, loss_name: str, input_shape=None, augment_key=None) -> Trai
         t_tr, y_tr, t_te, y_te, num_outputs = _classification(dataset, loss_name, x_tr, x_te)
     else:
         if loss_name == "softmax_cross_entropy":
-            raise ValueError(f"loss softmax_cross_entropy needs a classification dataset; "
-                             f"{dataset.name!r} is a regression task (use half_sse or mse)")
+            raise ValueError(
+                f"loss softmax_cross_entropy needs a classification dataset; "
+                f"{dataset.name!r} is a regression task (use half_sse or mse)"
+            )
         t_tr = np.asarray(dataset.y_train, np.float32)
         t_te = np.asarray(dataset.y_test, np.float32)
         y_tr = y_te = None
         num_outputs = int(t_tr.shape[1])
-    on_device = [None if a is None else jnp.asarray(a)
-                 for a in (x_tr, t_tr, y_tr, x_te, t_te, y_te)]
+    on_device = [
+        None if a is None else jnp.asarray(a) for a in (x_tr, t_tr, y_tr, x_te, t_te, y_te)
+    ]
     x_train, t_train, y_train, x_test, t_test, y_test = on_device
     loop_data = (x_train, t_train) + (() if augment_key is None else (augment_key,))
     return TrainData(x_train, t_train, y_train, x_test, t_test, y_test, num_outputs, loop_data)

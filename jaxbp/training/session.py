@@ -62,8 +62,17 @@ from . import compiled
 from .config import TrainConfig, config_dict, resolve_config
 from .model import TrainData, choose_model, model_label, targets
 
-__all__ = ["TrainResult", "Session", "prepare", "run", "finish", "train", "CHECKPOINT_FILE",
-           "METRICS_FILE", "CURVES_FILE"]
+__all__ = [
+    "TrainResult",
+    "Session",
+    "prepare",
+    "run",
+    "finish",
+    "train",
+    "CHECKPOINT_FILE",
+    "METRICS_FILE",
+    "CURVES_FILE",
+]
 
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.json"
@@ -139,8 +148,10 @@ def _output_folder(config: TrainConfig) -> tuple[Path | None, dict | None, list]
     """The output folder, the checkpoint header to resume from (or None), and notes."""
     out = Path(config.out) if config.out is not None else None
     if out is not None and out.exists() and not out.is_dir():
-        raise ValueError(f"the output folder {str(out)!r} is a file; expected a folder "
-                         f"(it is created if missing) to hold the checkpoint and results")
+        raise ValueError(
+            f"the output folder {str(out)!r} is a file; expected a folder "
+            f"(it is created if missing) to hold the checkpoint and results"
+        )
     ckpt = None if out is None else out / CHECKPOINT_FILE
     if config.resume and ckpt is None:
         raise ValueError("resume needs an output folder (--out) holding a checkpoint")
@@ -149,8 +160,14 @@ def _output_folder(config: TrainConfig) -> tuple[Path | None, dict | None, list]
     if config.resume:
         return out, None, [f"no checkpoint in {out}; starting from scratch"]
     if ckpt is not None and ckpt.exists():
-        return out, None, [f"starting a new run in {out}: its old checkpoint will be replaced "
-                           f"(--resume continues it instead)"]
+        return (
+            out,
+            None,
+            [
+                f"starting a new run in {out}: its old checkpoint will be replaced "
+                f"(--resume continues it instead)"
+            ],
+        )
     return out, None, []
 
 
@@ -160,17 +177,21 @@ def _network(description: dict, from_checkpoint: Path | None) -> Layer:
     except (ValueError, TypeError) as e:
         if from_checkpoint is None:
             raise
-        raise CheckpointError(f"checkpoint {from_checkpoint} describes a network this jaxbp "
-                              f"cannot build ({e}); it was probably written by an older "
-                              f"jaxbp: start a new run with another --out") from None
+        raise CheckpointError(
+            f"checkpoint {from_checkpoint} describes a network this jaxbp "
+            f"cannot build ({e}); it was probably written by an older "
+            f"jaxbp: start a new run with another --out"
+        ) from None
 
 
 def _check_output(net: Layer, data: TrainData, description_source: str) -> None:
     shape = output_shape(net, (-1, *data.x_train.shape[1:]))
     want = (data.context, data.num_outputs) if data.context else (data.num_outputs,)
     if tuple(shape[1:]) != want:
-        raise ValueError(f"{description_source} produces outputs of shape {tuple(shape)}, but "
-                         f"the dataset needs (batch, {', '.join(map(str, want))})")
+        raise ValueError(
+            f"{description_source} produces outputs of shape {tuple(shape)}, but "
+            f"the dataset needs (batch, {', '.join(map(str, want))})"
+        )
     if data.context:
         _check_vocabulary_size(net, data.num_outputs, description_source)
 
@@ -182,8 +203,10 @@ def _check_vocabulary_size(net: Layer, num_tokens: int, description_source: str)
         first = first.children[0]
     vocab = dict(first.config).get("vocab_size") if first.name == "Embedding" else None
     if vocab is not None and vocab < num_tokens:
-        raise ValueError(f"{description_source} embeds {vocab} token ids, but the text has "
-                         f"{num_tokens} distinct characters (ids up to {num_tokens - 1})")
+        raise ValueError(
+            f"{description_source} embeds {vocab} token ids, but the text has "
+            f"{num_tokens} distinct characters (ids up to {num_tokens - 1})"
+        )
 
 
 def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer):
@@ -193,8 +216,9 @@ def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer)
     example_shape = (-1, *data.x_train.shape[1:])
     _, params = net.init(init_key, example_shape)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2) if net.has_state else None
-    ts = init_train_state(net, optimizer, params,
-                          input_shape=(cfg.batch_size, *data.x_train.shape[1:]), key=key)
+    ts = init_train_state(
+        net, optimizer, params, input_shape=(cfg.batch_size, *data.x_train.shape[1:]), key=key
+    )
     return ts, data_key
 
 
@@ -209,38 +233,75 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
     out, header, notes = _output_folder(config)
     saved = header["config"] if header else None
     dataset, preset, model_key = choose_model(config, dataset, header)
-    cfg = resolve_config(dataclasses.replace(config, dataset=dataset.name, model=model_key),
-                         preset.defaults, saved, mlp=preset.is_mlp)
+    cfg = resolve_config(
+        dataclasses.replace(config, dataset=dataset.name, model=model_key),
+        preset.defaults,
+        saved,
+        mlp=preset.is_mlp,
+    )
     # resolve_config filled these (only the MLP fields may stay None): tell the type checker.
-    assert (cfg.seed is not None and cfg.loss is not None and cfg.batch_size is not None
-            and cfg.epochs is not None and cfg.check is not None and cfg.rule is not None)
+    assert (
+        cfg.seed is not None
+        and cfg.loss is not None
+        and cfg.batch_size is not None
+        and cfg.epochs is not None
+        and cfg.check is not None
+        and cfg.rule is not None
+    )
     sequence = getattr(dataset, "task", None) == "sequence"  # windows at random offsets
-    augment_key = (jax.random.fold_in(jax.random.key(cfg.seed), 3)
-                   if preset.augment or sequence else None)
+    augment_key = (
+        jax.random.fold_in(jax.random.key(cfg.seed), 3) if preset.augment or sequence else None
+    )
     data = targets(dataset, cfg.loss, preset.input_shape, augment_key)
     if cfg.batch_size > data.n_train:
-        raise ValueError(f"batch_size must be between 1 and the number of training examples "
-                         f"({data.n_train}), got {cfg.batch_size}")
+        raise ValueError(
+            f"batch_size must be between 1 and the number of training examples "
+            f"({data.n_train}), got {cfg.batch_size}"
+        )
     if cfg.devices > 1:
         from ..parallel import check_batch_size, data_parallel_mesh
 
         check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
     ckpt = out / CHECKPOINT_FILE if header and out is not None else None
-    description = header["network"] if header else rules.apply_rule_to_description(
-        _description(preset, cfg, data), cfg.rule, (-1, *data.x_train.shape[1:]))
+    description = (
+        header["network"]
+        if header
+        else rules.apply_rule_to_description(
+            _description(preset, cfg, data), cfg.rule, (-1, *data.x_train.shape[1:])
+        )
+    )
     net = _network(description, ckpt)
     _check_output(net, data, f"model {model_label(cfg, preset)}")
     optimizer = rules.optimizer(
-        compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size)), net)
+        compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size)), net
+    )
     ts, data_key = _first_train_state(cfg, net, data, optimizer)
-    session = Session(cfg, dataset, preset, describe(net), net, data,
-                      compiled.epoch_loop(net, cfg.loss, optimizer,
-                                          rules.step_check(cfg.check, cfg.rule), preset.fused,
-                                          int((preset.augment or {}).get("shift", 0)),
-                                          cfg.devices, cfg.jit, data.context),
-                      compiled.sequence_evaluator(net, cfg.jit) if data.context else
-                      compiled.evaluator(net, cfg.loss, cfg.jit), data_key, ts, out,
-                      notes=notes)
+    session = Session(
+        cfg,
+        dataset,
+        preset,
+        describe(net),
+        net,
+        data,
+        compiled.epoch_loop(
+            net,
+            cfg.loss,
+            optimizer,
+            rules.step_check(cfg.check, cfg.rule),
+            preset.fused,
+            int((preset.augment or {}).get("shift", 0)),
+            cfg.devices,
+            cfg.jit,
+            data.context,
+        ),
+        compiled.sequence_evaluator(net, cfg.jit)
+        if data.context
+        else compiled.evaluator(net, cfg.loss, cfg.jit),
+        data_key,
+        ts,
+        out,
+        notes=notes,
+    )
     if ckpt is not None:  # resuming (a header is only read from a checkpoint in ``out``)
         _restore(session, ckpt)
     return session
@@ -252,11 +313,18 @@ def _description(preset: Preset, cfg: TrainConfig, data: TrainData) -> dict:
     from ..presets import mlp_description, output_activation
 
     # An MLP preset: resolve_config filled its fields and the loss.
-    assert (cfg.hidden is not None and cfg.activation is not None
-            and cfg.output_activation is not None and cfg.loss is not None)
-    return mlp_description(cfg.hidden, cfg.activation, data.num_outputs,
-                           output=output_activation(cfg.activation, cfg.output_activation,
-                                                    cfg.loss))
+    assert (
+        cfg.hidden is not None
+        and cfg.activation is not None
+        and cfg.output_activation is not None
+        and cfg.loss is not None
+    )
+    return mlp_description(
+        cfg.hidden,
+        cfg.activation,
+        data.num_outputs,
+        output=output_activation(cfg.activation, cfg.output_activation, cfg.loss),
+    )
 
 
 def _restore(session: Session, path: Path) -> None:
@@ -267,8 +335,10 @@ def _restore(session: Session, path: Path) -> None:
     session.resumed = True
     assert session.cfg.epochs is not None  # resolve_config filled it
     if session.epoch > session.cfg.epochs:
-        raise ValueError(f"--resume: the checkpoint is at epoch {session.epoch}, past the "
-                         f"requested {session.cfg.epochs} epochs")
+        raise ValueError(
+            f"--resume: the checkpoint is at epoch {session.epoch}, past the "
+            f"requested {session.cfg.epochs} epochs"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,16 +348,29 @@ def _restore(session: Session, path: Path) -> None:
 
 def _header(s: Session, at_epoch: int) -> dict:
     p = s.preset
-    return {"network": s.description, "config": config_dict(s.cfg), "epoch": at_epoch,
-            "step": at_epoch * s.steps_per_epoch, "dataset": s.dataset.name,
-            "preset": {"name": p.name, "input_shape": None if p.input_shape is None else
-                       list(p.input_shape), "fused": p.fused, "augment": p.augment},
-            "rng": {"seed": s.cfg.seed, "init": "split(key(seed))[0]",
-                    "data_order": "permutation(fold_in(split(key(seed))[1], epoch), n)",
-                    "dropout": "fold_in(key(seed), 2), split every step",
-                    "augment": "fold_in(fold_in(key(seed), 3), step)"},
-            "history": [_json_row(r) for r in s.history], "seconds": s.seconds(),
-            **_text_header(s)}
+    return {
+        "network": s.description,
+        "config": config_dict(s.cfg),
+        "epoch": at_epoch,
+        "step": at_epoch * s.steps_per_epoch,
+        "dataset": s.dataset.name,
+        "preset": {
+            "name": p.name,
+            "input_shape": None if p.input_shape is None else list(p.input_shape),
+            "fused": p.fused,
+            "augment": p.augment,
+        },
+        "rng": {
+            "seed": s.cfg.seed,
+            "init": "split(key(seed))[0]",
+            "data_order": "permutation(fold_in(split(key(seed))[1], epoch), n)",
+            "dropout": "fold_in(key(seed), 2), split every step",
+            "augment": "fold_in(fold_in(key(seed), 3), step)",
+        },
+        "history": [_json_row(r) for r in s.history],
+        "seconds": s.seconds(),
+        **_text_header(s),
+    }
 
 
 def _text_header(s: Session) -> dict:
@@ -314,21 +397,34 @@ def _train_epoch(s: Session) -> dict:
     """One epoch: the loop over its batches, the mismatch check, the evaluation; its row."""
     d, cfg = s.data, s.cfg
     assert cfg.check is not None  # resolve_config filled it
-    order = compiled.epoch_order(s.data_key, jnp.asarray(s.epoch, jnp.int32), d.n_train,
-                                 cfg.batch_size, bool(s.preset.augment or d.context))
+    order = compiled.epoch_order(
+        s.data_key,
+        jnp.asarray(s.epoch, jnp.int32),
+        d.n_train,
+        cfg.batch_size,
+        bool(s.preset.augment or d.context),
+    )
     ts, metrics = s.loop(s.ts, d.loop_data, order)
     metrics = jax.device_get(metrics)
     if cfg.check == "raise":
-        raise_first_mismatch(metrics, first_step=s.epoch * s.steps_per_epoch,
-                             note=f"epoch {s.epoch + 1}: that update was not applied and the "
-                                  f"checkpoint on disk is from epoch {s.last_saved}")
-    evals = jax.device_get((s.evaluate(ts.params, ts.state, d.x_train, d.t_train, d.y_train),
-                            s.evaluate(ts.params, ts.state, d.x_test, d.t_test, d.y_test)))
+        raise_first_mismatch(
+            metrics,
+            first_step=s.epoch * s.steps_per_epoch,
+            note=f"epoch {s.epoch + 1}: that update was not applied and the "
+            f"checkpoint on disk is from epoch {s.last_saved}",
+        )
+    evals = jax.device_get(
+        (
+            s.evaluate(ts.params, ts.state, d.x_train, d.t_train, d.y_train),
+            s.evaluate(ts.params, ts.state, d.x_test, d.t_test, d.y_test),
+        )
+    )
     s.ts = ts
     row = _epoch_row(s.epoch + 1, metrics, evals, cfg.check)
     if cfg.rule != "bp" and cfg.check != "off":  # the rule's angle to jax.grad, per layer
         row["alignment"] = rules.layer_alignment(
-            metrics.report, keep=np.asarray(metrics.reason) != REASON_NONFINITE)
+            metrics.report, keep=np.asarray(metrics.reason) != REASON_NONFINITE
+        )
     return row
 
 
@@ -349,18 +445,27 @@ def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tup
         stop = bool(on_epoch(row)) if on_epoch is not None else False
         bad = sum(r["skipped_nonfinite"] for r in s.history)
         if bad >= cfg.max_bad_steps:
-            where = (f"; the last good checkpoint (epoch {s.last_saved}) is in "
-                     f"{s.checkpoint_path}" if s.out is not None else "")
+            where = (
+                f"; the last good checkpoint (epoch {s.last_saved}) is in {s.checkpoint_path}"
+                if s.out is not None
+                else ""
+            )
             return "nonfinite", (
                 f"stopped after {bad} non-finite steps (limit --max-bad-steps "
                 f"{cfg.max_bad_steps}) at epoch {s.epoch}: the loss, a gradient or an update "
                 f"was NaN or inf (too large a learning rate, or bad data); none of those steps "
-                f"touched the parameters{where}")
+                f"touched the parameters{where}"
+            )
         if stop:
             _checkpoint(s, s.epoch)
-            return "interrupted", (f"interrupted at epoch {s.epoch}/{cfg.epochs}" + (
-                f"; checkpoint saved to {s.checkpoint_path}, continue with --resume"
-                if s.out is not None else ""))
+            return "interrupted", (
+                f"interrupted at epoch {s.epoch}/{cfg.epochs}"
+                + (
+                    f"; checkpoint saved to {s.checkpoint_path}, continue with --resume"
+                    if s.out is not None
+                    else ""
+                )
+            )
         if s.epoch % cfg.checkpoint_every == 0 or s.epoch == cfg.epochs:
             _checkpoint(s, s.epoch)
     return "completed", ""
@@ -376,19 +481,25 @@ def _epoch_row(epoch: int, m, evals, check: str) -> dict:
     checked = rel[usable] if check != "off" else rel[:0]
     (train_loss, train_acc), (test_loss, test_acc) = evals
     row: dict[str, Any]  # per-leaf errors are added below
-    row = {"epoch": epoch, "loss": float(finite.mean()) if finite.size else float("nan"),
-           "train_loss": float(train_loss), "train_accuracy": float(train_acc),
-           "test_loss": float(test_loss), "test_accuracy": float(test_acc),
-           "max_grad_rel_error": float(checked.max()) if checked.size else None,
-           "steps": int(loss.size), "applied_steps": int(np.sum(np.asarray(m.applied))),
-           "skipped_nonfinite": int(np.sum(reason == REASON_NONFINITE)),
-           # check="report" applies a disagreeing step: only the refused ones were skipped
-           "skipped_mismatch": int(np.sum((reason == REASON_MISMATCH)
-                                          & ~np.asarray(m.applied, bool)))}
+    row = {
+        "epoch": epoch,
+        "loss": float(finite.mean()) if finite.size else float("nan"),
+        "train_loss": float(train_loss),
+        "train_accuracy": float(train_acc),
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_acc),
+        "max_grad_rel_error": float(checked.max()) if checked.size else None,
+        "steps": int(loss.size),
+        "applied_steps": int(np.sum(np.asarray(m.applied))),
+        "skipped_nonfinite": int(np.sum(reason == REASON_NONFINITE)),
+        # check="report" applies a disagreeing step: only the refused ones were skipped
+        "skipped_mismatch": int(np.sum((reason == REASON_MISMATCH) & ~np.asarray(m.applied, bool))),
+    }
     if check != "off" and np.any(reason != REASON_NONFINITE):
         leaf = np.asarray(m.leaf_rel_error, np.float64)[reason != REASON_NONFINITE]
-        row["grad_rel_error_by_leaf"] = {p: float(v) for p, v in
-                                         zip(m.report.paths, np.max(leaf, axis=0))}
+        row["grad_rel_error_by_leaf"] = {
+            p: float(v) for p, v in zip(m.report.paths, np.max(leaf, axis=0))
+        }
     return row
 
 
@@ -413,29 +524,50 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
         s.out.mkdir(parents=True, exist_ok=True)
         write_json(s.out / METRICS_FILE, metrics)
         if s.history:
-            _write_curves(s.history, s.out / CURVES_FILE,
-                          f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
-                          f"{s.cfg.optimizer} lr {s.cfg.lr:g}")
+            _write_curves(
+                s.history,
+                s.out / CURVES_FILE,
+                f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
+                f"{s.cfg.optimizer} lr {s.cfg.lr:g}",
+            )
         if any("alignment" in r for r in s.history) and s.cfg.rule is not None:
-            _write_alignment(s.history, s.out / ALIGNMENT_FILE,
-                             f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, "
-                             f"{model_label(s.cfg, s.preset)}")
+            _write_alignment(
+                s.history,
+                s.out / ALIGNMENT_FILE,
+                f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, {model_label(s.cfg, s.preset)}",
+            )
     ckpt = s.checkpoint_path
-    return TrainResult(s.ts.params, s.ts.opt_state, s.net, s.cfg, metrics, s.history, status,
-                       ckpt if ckpt is not None and ckpt.exists() else None, message, s.ts)
+    return TrainResult(
+        s.ts.params,
+        s.ts.opt_state,
+        s.net,
+        s.cfg,
+        metrics,
+        s.history,
+        status,
+        ckpt if ckpt is not None and ckpt.exists() else None,
+        message,
+        s.ts,
+    )
 
 
-def train(config: TrainConfig | None = None, dataset=None, *,
-          on_epoch: Callable[[dict], bool] | None = None, progress: str = "none",
-          stream=None) -> TrainResult:
+def train(
+    config: TrainConfig | None = None,
+    dataset=None,
+    *,
+    on_epoch: Callable[[dict], bool] | None = None,
+    progress: str = "none",
+    stream=None,
+) -> TrainResult:
     """:func:`prepare`, :func:`run`, :func:`finish`: train as ``config`` says.
 
     ``progress`` (``"auto"``, ``"bar"``, ``"lines"``, ``"none"``) shows the command's progress
     display on ``stream`` (default stderr), for scripts; ``on_epoch`` is the general hook.
     """
     if progress not in ("auto", "bar", "lines", "none"):
-        raise ValueError(f"unknown progress mode {progress!r}; expected one of: auto, bar, "
-                         f"lines, none")
+        raise ValueError(
+            f"unknown progress mode {progress!r}; expected one of: auto, bar, lines, none"
+        )
     session = prepare(config, dataset)
     bar = None
     if progress != "none":
@@ -454,6 +586,7 @@ def train(config: TrainConfig | None = None, dataset=None, *,
 
 def _with_progress(bar, on_epoch: Callable[[dict], bool] | None) -> Callable[[dict], bool]:
     """``on_epoch`` (if any) after updating the progress display ``bar`` with the row."""
+
     def hook(row: dict) -> bool:
         bar.update(row)
         return bool(on_epoch and on_epoch(row))
@@ -468,24 +601,39 @@ def _summary(s: Session, status: str) -> dict:
     for r in history:
         for p, v in r.get("grad_rel_error_by_leaf", {}).items():
             by_leaf[p] = max(by_leaf.get(p, 0.0), v)
-    totals = {k: sum(r[k] for r in history)
-              for k in ("steps", "applied_steps", "skipped_nonfinite", "skipped_mismatch")}
+    totals = {
+        k: sum(r[k] for r in history)
+        for k in ("steps", "applied_steps", "skipped_nonfinite", "skipped_mismatch")
+    }
     metrics = {
-        "dataset": s.dataset.name, "status": status,
-        "train_accuracy": last.get("train_accuracy"), "test_accuracy": last.get("test_accuracy"),
-        "final_loss": last.get("train_loss"), "test_loss": last.get("test_loss"),
+        "dataset": s.dataset.name,
+        "status": status,
+        "train_accuracy": last.get("train_accuracy"),
+        "test_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("train_loss"),
+        "test_loss": last.get("test_loss"),
         "max_grad_rel_error": max(checked) if checked else None,
         "worst_grad_leaf": max(by_leaf, key=by_leaf.__getitem__) if by_leaf else None,
-        "grad_rel_error_by_leaf": by_leaf, **totals, "epochs": len(history),
-        "rule": s.cfg.rule, "alignment": last.get("alignment"),
-        "steps_per_epoch": s.steps_per_epoch, "seconds": s.seconds(), "check": s.cfg.check,
-        "config": config_dict(s.cfg), "network": s.description, "preset": s.preset.name,
+        "grad_rel_error_by_leaf": by_leaf,
+        **totals,
+        "epochs": len(history),
+        "rule": s.cfg.rule,
+        "alignment": last.get("alignment"),
+        "steps_per_epoch": s.steps_per_epoch,
+        "seconds": s.seconds(),
+        "check": s.cfg.check,
+        "config": config_dict(s.cfg),
+        "network": s.description,
+        "preset": s.preset.name,
         "input_shape": None if s.preset.input_shape is None else list(s.preset.input_shape),
-        "augment": s.preset.augment, "fused": s.preset.fused,
+        "augment": s.preset.augment,
+        "fused": s.preset.fused,
         "num_params": int(sum(np.size(l) for l in jax.tree_util.tree_leaves(s.ts.params))),
         "checkpoint": str(s.checkpoint_path) if s.out is not None else None,
-        "history": [{k: v for k, v in _json_row(r).items() if k != "grad_rel_error_by_leaf"}
-                    for r in history],
+        "history": [
+            {k: v for k, v in _json_row(r).items() if k != "grad_rel_error_by_leaf"}
+            for r in history
+        ],
     }
     return {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in metrics.items()}
 
@@ -496,8 +644,14 @@ def _write_curves(history, path, title):
     except ImportError:  # matplotlib is an optional extra: the run itself is complete
         return None
 
-    keys = ("epoch", "train_loss", "test_loss", "train_accuracy", "test_accuracy",
-            "max_grad_rel_error")
+    keys = (
+        "epoch",
+        "train_loss",
+        "test_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "max_grad_rel_error",
+    )
     series = {k: [np.nan if r.get(k) is None else r[k] for r in history] for k in keys}
     for key, also in (("train_accuracy", "test_accuracy"), ("max_grad_rel_error", None)):
         if all(isinstance(v, float) and math.isnan(v) for v in series[key]):
