@@ -221,22 +221,40 @@ def _all_finite(tree) -> jax.Array:
     )
 
 
-def _guard_finite(value, grads, new_params, grads_finite=None) -> jax.Array:
+def _lands_finite(param, update) -> jax.Array:
+    """Is ``param + update`` certainly finite? ``|u| <= max - |p|`` (false for NaN or inf in
+    either) rules out overflow without forming ``p + u``."""
+    big = jnp.finfo(jnp.result_type(param)).max
+    return jnp.abs(update) <= big - jnp.abs(param)
+
+
+def _guard_finite(value, grads, params, updates, grads_finite=None) -> jax.Array:
     """Are the loss, the gradients and the updated params all finite? (one scalar bool)
 
-    ``grads_finite`` is the comparison's verdict on the gradients when a check ran; without
-    one, each gradient leaf is tested in the same pass as its updated parameter leaf (one
-    reduction per leaf: on CPU every reduction is a pass over memory and a kernel launch).
+    Decided from the params and updates *before* the update is formed, so that XLA folds
+    ``where(ok, p + u, p)`` into the update's own pass: one extra read of ``p`` and ``g``
+    instead of writing ``p + u``, reading it back and selecting in a second pass (measured by
+    XLA's cost analysis on the benchmarks' W2 step: 250 MB per step against 287 MB for a
+    check of the finished params, and 235 MB for no guard). ``grads_finite`` is the
+    comparison's verdict on the gradients when a check ran; without one, each gradient leaf is
+    tested in the same pass as its parameter and update leaves.
     """
+    p_leaves, u_leaves = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(updates)
+    g_leaves = jax.tree_util.tree_leaves(grads)
+    per_leaf = grads_finite is None and [jnp.shape(g) for g in g_leaves] == [
+        jnp.shape(p) for p in p_leaves
+    ]
+    ok = jnp.isfinite(value)
+    if grads_finite is None and not per_leaf:
+        grads_finite = _all_finite(grads)  # a gradient tree shaped unlike the params
     if grads_finite is not None:
-        return jnp.isfinite(value) & grads_finite & _all_finite(new_params)
-    g_leaves, p_leaves = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(new_params)
-    if len(g_leaves) != len(p_leaves) or any(
-        jnp.shape(g) != jnp.shape(p) for g, p in zip(g_leaves, p_leaves)
-    ):
-        return jnp.isfinite(value) & _all_finite(grads) & _all_finite(new_params)
-    oks = [jnp.all(jnp.isfinite(g) & jnp.isfinite(p)) for g, p in zip(g_leaves, p_leaves)]
-    return jnp.isfinite(value) & jnp.all(jnp.stack(oks)) if oks else jnp.isfinite(value)
+        ok = ok & grads_finite
+    for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
+        leaf_ok = _lands_finite(p, u)
+        if per_leaf:
+            leaf_ok = leaf_ok & jnp.isfinite(g_leaves[i])
+        ok = ok & jnp.all(leaf_ok)
+    return ok
 
 
 def select_tree(pred, new, old):
@@ -283,9 +301,11 @@ def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
     return value, grads, new_state, next_key, report, grads_finite
 
 
-def _decide(check, value, grads, new_params, report, grads_finite, guard):
+def _decide(check, value, grads, params, updates, report, grads_finite, guard):
     """``(applied, metrics fields)`` of one step from its numbers."""
-    finite = _guard_finite(value, grads, new_params, grads_finite) if guard else jnp.array(True)
+    finite = (
+        _guard_finite(value, grads, params, updates, grads_finite) if guard else jnp.array(True)
+    )
     agree = jnp.array(True) if report is None else report.ok
     mismatch = finite & ~agree
     applied = finite & ~mismatch if check in ("skip", "raise") else finite
@@ -326,7 +346,9 @@ def train_step(
     )
     updates, new_opt = optimizer.update(grads, ts.opt_state, ts.params)
     new_params = optax.apply_updates(ts.params, updates)
-    applied, ok, reason = _decide(inner, value, grads, new_params, report, grads_finite, guard)
+    applied, ok, reason = _decide(
+        inner, value, grads, ts.params, updates, report, grads_finite, guard
+    )
     if guard or inner == "skip":
         new_params, new_opt, new_state = select_tree(
             applied, (new_params, new_opt, new_state), (ts.params, ts.opt_state, ts.state)

@@ -228,6 +228,38 @@ def test_nonfinite_data_is_never_applied(check):
     assert leaves_equal(new.params, ts.params) and leaves_equal(new.opt_state, ts.opt_state)
 
 
+def _constant_update(value):
+    """An optax transformation whose update is ``value`` everywhere, whatever the gradient."""
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (
+            jax.tree_util.tree_map(lambda u: jnp.full_like(u, value), updates),
+            state,
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("jit", [True, False])
+def test_an_update_that_overflows_the_params_is_not_applied(dtype, jit):
+    # Loss, gradients and update all finite, but p + u overflows: the guard decides before the
+    # update is formed (|u| <= max - |p|), and must still refuse it.
+    big = float(jnp.finfo(dtype).max)
+    params = init(dtype)
+    params[0]["W"] = jnp.full_like(params[0]["W"], big / 2)  # x = 0 below: W is never used
+    x = jnp.zeros_like(XOR_X, dtype)
+    for update, applied in ((0.75 * big, False), (0.25 * big, True)):
+        opt = _constant_update(update)
+        ts = jaxbp.init_train_state(NET, opt, params)
+        new, m = jaxbp.make_train_step(NET, LOSS, opt, check="off", jit=jit)(ts, x, XOR_Y)
+        assert np.isfinite(float(m.loss)) and bool(m.applied) == applied
+        if applied:
+            assert np.all(np.isfinite(np.asarray(new.params[0]["W"])))
+            np.testing.assert_array_equal(new.params[0]["W"], params[0]["W"] + update)
+        else:
+            assert int(m.reason) == jaxbp.REASON_NONFINITE and leaves_equal(new.params, params)
+
+
 def test_check_off_skips_the_comparison():
     opt = jaxbp.sgd(0.5)
     params = init()
