@@ -10,10 +10,13 @@ One model description, timed every way jaxbp can train it, side by side:
 - ``jaxbp fused loop``: the off step inside one compiled ``lax.scan`` (the trap the training
   loop avoids for convolutions: on XLA CPU such a scan runs many times slower).
 
-PyTorch eager, when installed, has no twin here yet for these networks; the section says so.
+A workload may add baselines of its own (W7's PyTorch eager twin), timed in the same
+interleaved rounds; otherwise the section says PyTorch eager has no twin for the network.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,18 +148,31 @@ def run_network(
     rounds: int,
     integer_inputs: int | None = None,
     examples_per_step: int | None = None,
+    tokens_per_step: int | None = None,
+    baselines: Callable | None = None,
 ) -> dict:
-    """Time every variant of one network workload; returns its JSON section."""
+    """Time every variant of one network workload; returns its JSON section.
+
+    ``baselines(net, params, state, x, y) -> ({name: (run, compile_s)}, {name: why skipped})``
+    adds variants outside jaxbp (timed in the same rounds). ``tokens_per_step``: each variant
+    also reports ``tokens_per_s`` (a sequence model: batch * context).
+    """
     net, params, state, x, y = build(
         model, input_shape, batch, loss, num_outputs, integer_inputs=integer_inputs
     )
+    skipped = {"PyTorch eager": "no PyTorch twin of this network in the suite yet"}
     with jax.enable_x64(False):
         variants = network_variants(net, params, state, x, y, loss, fused_steps=steps)
+        if baselines is not None:
+            extra, skipped = baselines(net, params, state, x, y)
+            variants.update(extra)
         times = measure({k: v[0] for k, v in variants.items()}, steps=steps, rounds=rounds)
     per_step = examples_per_step or batch
     for k, (_, secs) in variants.items():
         times[k]["compile_s"] = secs
         times[k]["examples_per_s"] = per_step / times[k]["median_s"]
+        if tokens_per_step:
+            times[k]["tokens_per_s"] = tokens_per_step / times[k]["median_s"]
     num_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
     return {
         "name": name,
@@ -168,5 +184,5 @@ def run_network(
         "num_params": num_params,
         "unit": "step",
         "variants": times,
-        "skipped": {"PyTorch eager": "no PyTorch twin of this network in the suite yet"},
+        "skipped": skipped,
     }

@@ -18,9 +18,10 @@ WORKLOADS = {
     "W4": "benchmarks.w4_resnet",
     "W5": "benchmarks.w5_conv2d",
     "W6": "benchmarks.w6_gru",
+    "W7": "benchmarks.w7_gpt",
 }
 # Network workloads: the manual step against the plain step, checked against unchecked.
-NETWORK_WORKLOADS = ("W4", "W5", "W6")
+NETWORK_WORKLOADS = ("W4", "W5", "W6", "W7")
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "latest.json")
 
 
@@ -121,6 +122,17 @@ def targets(results: dict) -> list[dict]:
     for w in NETWORK_WORKLOADS:
         if w in results:
             out.extend(_network_targets(w, results[w]))
+    if "W7" in results:
+        off = _median(results["W7"], "jaxbp step check=off")
+        torch_t = _median(results["W7"], "PyTorch eager step")
+        out.append(
+            _target(
+                "W7 PyTorch eager step / jaxbp step (off) (speed-up)",
+                torch_t / off if torch_t else None,
+                1.0,
+                "at least",
+            )
+        )
     if "W0" in results:
         r = results["W0"]
         out.append(
@@ -192,11 +204,13 @@ def table_rows(results: dict) -> list[list[str]]:
             g = v.get("gflops")
             gtxt = f"{g:.1f} ({g / ceiling:.0%})" if g and ceiling else "-"
             c = v.get("compile_s")
+            tokens = v.get("tokens_per_s")
             rows.append(
                 [
                     w,
                     name,
-                    f"{_fmt_time(v['median_s'])} / {r['unit']}",
+                    f"{_fmt_time(v['median_s'])} / {r['unit']}"
+                    + (f" ({tokens:,.0f} tokens/s)" if tokens else ""),
                     f"{v['median_s'] / base:.2f}x",
                     gtxt,
                     f"{c:.2f} s" if c else "-",
@@ -228,6 +242,8 @@ def print_report(results: dict) -> None:
         if c
         else ""
     )
+    # Measurements that are not a variant's time (W7's attention memory), one line each.
+    notes = [f"{w}: {n}" for w in WORKLOADS if w in results for n in results[w].get("notes", ())]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -235,6 +251,7 @@ def print_report(results: dict) -> None:
         print(title)
         for row in [HEADER] + rows:
             print(" | ".join(row))
+        print("\n".join(notes))
         for row in t_rows:
             print(" | ".join(row))
         return
@@ -246,6 +263,8 @@ def print_report(results: dict) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
     tt = Table(title="targets")
     for h in ("what", "value", "target", "verdict"):
         tt.add_column(h)

@@ -7,6 +7,7 @@ Both return ``(value, grads)`` with ``grads`` shaped exactly like ``params``; bo
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,10 +128,14 @@ def loss_fn(net: Layer, loss):
     return value
 
 
-def _validate(net, params, x, validate):
+def _prepare(net, loss, params, x, state, validate) -> tuple[Loss, Any]:
+    """``(loss, the state to start from)``, the loss looked up and the inputs and params
+    checked first (``validate``); without ``state``, the network's initial state."""
+    loss = get_loss(loss)
     if validate:
         check_inputs(x)
         check_params(net, params, jnp.shape(x))
+    return loss, init_state(net, jnp.shape(x)) if state is None else state
 
 
 def _returned(value, grads, new_state, state_given):
@@ -155,9 +160,7 @@ def backprop(
     ``(loss value, grads, new state)``. ``key`` seeds the randomness (Dropout's masks);
     ``train=False`` runs the evaluation forward (running statistics, no dropout).
     """
-    loss = get_loss(loss)
-    _validate(net, params, x, validate)
-    start = init_state(net, jnp.shape(x)) if state is None else state
+    loss, start = _prepare(net, loss, params, x, state, validate)
     out, cache, new_state = apply(net, params, start, x, key=key, train=train)
     value = loss.value(out, y)
     grads, _ = net.backward(params, cache, loss.grad(out, y))
@@ -178,9 +181,7 @@ def autodiff(
 ):
     """``jax.value_and_grad`` of the same pure loss, with the same state and key as
     :func:`backprop` (so the same batch statistics and dropout masks). Returns what it does."""
-    loss = get_loss(loss)
-    _validate(net, params, x, validate)
-    start = init_state(net, jnp.shape(x)) if state is None else state
+    loss, start = _prepare(net, loss, params, x, state, validate)
 
     def value(p):
         out, _, new_state = apply(net, p, start, x, key=key, train=train)

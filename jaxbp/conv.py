@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .layers import InputShapeError, Layer, check_float, default_float
+from .layers import InputShapeError, Layer, bound, check_float, default_float
 
 __all__ = [
     "AvgPool1D",
@@ -385,17 +385,6 @@ def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_i
     spec, init_name = _check_conv_arguments(
         layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype
     )
-
-    def init(key, input_shape):
-        return _conv_init(spec, key, input_shape)
-
-    def forward(params, x):
-        return _conv_forward(spec, params, x)
-
-    def backward(params, x, dy):
-        return _conv_backward(spec, params, x, dy)
-
-    backward.__doc__ = _conv_backward.__doc__
     config = (
         ("out_channels", out_channels),
         ("kernel_size", kernel_size),
@@ -405,7 +394,7 @@ def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_i
         ("w_init", init_name),
         ("dtype", spec.dtype_name),
     )
-    return Layer(init, forward, backward, layer, config)
+    return bound(spec, _conv_init, _conv_forward, _conv_backward, layer, config)
 
 
 def Conv1D(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from ._trees import tree_difference
 from .gradcheck import GradCheck, GradReport, compare_grads, fd_tolerance, finite_difference_grads
-from .layers import Layer
+from .layers import Layer, bound
 
 __all__ = [
     "check_vjp",
@@ -533,24 +533,13 @@ def from_custom_vjp(fn, init, input_arg: int | str = 0, constants=()) -> Layer:
     as ``"module:name"`` strings (that is how a description records them).
     """
     spec, pairs = _check_custom_vjp_arguments(fn, init, input_arg, constants)
-
-    def layer_init(key, input_shape):
-        return _custom_init(spec, key, input_shape)
-
-    def forward(params, x):
-        return _custom_forward(spec, params, x)
-
-    def backward(params, cache, dy):
-        return _custom_backward(spec, params, cache, dy)
-
-    backward.__doc__ = _custom_backward.__doc__
     config = (
         ("fn", _reference_of(fn)),
         ("init", _reference_of(init)),
         ("input_arg", input_arg),
         ("constants", pairs),
     )
-    return Layer(layer_init, forward, backward, "CustomVJP", config)
+    return bound(spec, _custom_init, _custom_forward, _custom_backward, "CustomVJP", config)
 
 
 # --------------------------------------------------------------------------------------------

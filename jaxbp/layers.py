@@ -84,6 +84,7 @@ __all__ = [
     "apply",
     "output_shape",
     "stateful",
+    "bound",
     "residual",
     "concat",
     "glorot_uniform",
@@ -166,6 +167,25 @@ def stateful(init, apply_fn, backward, init_state_fn, name: str, config: tuple =
         return y, cache
 
     return Layer(init, forward, backward, name, config, init_state_fn, apply_fn)
+
+
+def bound(spec, init, forward, backward, name: str, config: tuple = ()) -> Layer:
+    """A :class:`Layer` from three functions written once for every instance, each taking
+    ``spec`` (the instance's checked arguments) first: ``init(spec, key, input_shape)``,
+    ``forward(spec, params, x)``, ``backward(spec, params, cache, dy)``. The layer's backward
+    keeps ``backward``'s docstring (its formula)."""
+
+    def layer_init(key, input_shape):
+        return init(spec, key, input_shape)
+
+    def layer_forward(params, x):
+        return forward(spec, params, x)
+
+    def layer_backward(params, cache, dy):
+        return backward(spec, params, cache, dy)
+
+    layer_backward.__doc__ = backward.__doc__
+    return Layer(layer_init, layer_forward, layer_backward, name, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,19 +480,20 @@ def _child_key(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _child_error(who: str, i: int, layer: Layer, error: Exception) -> Exception:
-    # One prefix per level: "layer 2 (residual): layer 0 (Dense): Dense expects ..."
-    return type(error)(f"{who} {i} ({layer.name}): {error}")
+def _apply_child(who: str, i: int, layer: Layer, params, state, x, context: Context):
+    """:func:`apply` of child ``i`` with its own key; its errors name where it sits."""
+    try:
+        return apply(layer, params, state, x, key=_child_key(context.key, i), train=context.train)
+    except (ValueError, TypeError) as e:
+        # One prefix per level: "layer 2 (residual): layer 0 (Dense): Dense expects ..."
+        raise type(e)(f"{who} {i} ({layer.name}): {e}") from None
 
 
 def _chain_apply(layers, params, state, x, context: Context):
     """Run ``layers`` one after the other: ``(y, caches, new_states)``."""
     caches, states = [], []
     for i, (layer, p, s) in enumerate(zip(layers, params, state)):
-        try:
-            x, c, s = apply(layer, p, s, x, key=_child_key(context.key, i), train=context.train)
-        except (ValueError, TypeError) as e:
-            raise _child_error("layer", i, layer, e) from None
+        x, c, s = _apply_child("layer", i, layer, p, s, x, context)
         caches.append(c)
         states.append(s)
     return x, tuple(caches), tuple(states)
@@ -625,10 +646,7 @@ def concat(*layers: Layer) -> Layer:
         _check_entries("concat", "parameter", params, len(layers))
         outs, caches, states = [], [], []
         for i, (layer, p, s) in enumerate(zip(layers, params, state)):
-            try:
-                y, c, s = apply(layer, p, s, x, key=_child_key(context.key, i), train=context.train)
-            except (ValueError, TypeError) as e:
-                raise _child_error("branch", i, layer, e) from None
+            y, c, s = _apply_child("branch", i, layer, p, s, x, context)
             outs.append(y)
             caches.append((c, y.shape[-1]))
             states.append(s)

@@ -317,24 +317,13 @@ def _register_network_presets() -> None:
     # Convolutions train one jitted call per step (fused=False): on XLA CPU a lax.scan whose
     # body holds convolutions is many times slower than the same steps called one by one.
     common: dict[str, Any] = dict(loss="softmax_cross_entropy", optimizer="adam", fused=False)
-    register_preset(
-        "cnn",
-        mnist1d_cnn,
-        dataset="mnist1d",
-        input_shape=(40, 1),
-        augment={"shift": 4},
-        lr=1e-2,
-        schedule="cosine",
-        epochs=200,
-        batch_size=100,
-        **common,
-    )
+    mnist1d: dict[str, Any] = dict(dataset="mnist1d", input_shape=(40, 1), augment={"shift": 4})
+    cosine: dict[str, Any] = dict(lr=1e-2, schedule="cosine", epochs=200, batch_size=100)
+    register_preset("cnn", mnist1d_cnn, **mnist1d, **cosine, **common)
     register_preset(
         "resnet",
         mnist1d_resnet,
-        dataset="mnist1d",
-        input_shape=(40, 1),
-        augment={"shift": 4},
+        **mnist1d,
         lr=1e-2,
         schedule="warmup_cosine",
         weight_decay=0.2,
@@ -343,18 +332,8 @@ def _register_network_presets() -> None:
         **common,
     )
     for name, kind in (("gru", "GRU"), ("lstm", "LSTM")):
-        register_preset(
-            name,
-            lambda n, kind=kind: mnist1d_rnn(n, kind),
-            dataset="mnist1d",
-            input_shape=(40, 1),
-            augment={"shift": 4},
-            lr=1e-2,
-            schedule="cosine",
-            epochs=200,
-            batch_size=100,
-            **common,
-        )
+        rnn = lambda n, kind=kind: mnist1d_rnn(n, kind)
+        register_preset(name, rnn, **mnist1d, **cosine, **common)
     register_preset(
         "cnn",
         digits_cnn,

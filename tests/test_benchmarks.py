@@ -213,3 +213,204 @@ def test_workloads_accept_commas_and_spaces():
 
     assert split_workloads(["W0,w1", "W3", "W1"]) == ["W0", "W1", "W3"]
     assert split_workloads(["W2"]) == ["W2"]
+
+
+# --------------------------------------------------------------------------------------------
+# W7: the character-level GPT, its PyTorch twin, attention memory, the twin training script
+# --------------------------------------------------------------------------------------------
+
+GPT_VOCAB, GPT_CONTEXT = 13, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    from benchmarks.networks import build as build_network
+    from jaxbp.presets import gpt_description
+
+    desc = gpt_description(GPT_VOCAB, layers=1, heads=2, width=8, context=GPT_CONTEXT)
+    return build_network(
+        desc, (GPT_CONTEXT,), 4, "softmax_cross_entropy", GPT_VOCAB, integer_inputs=GPT_VOCAB
+    )
+
+
+def test_w7_jaxbp_step_equals_the_plain_jax_grad_step(tiny_gpt):
+    from benchmarks.networks import LEARNING_RATE as NET_LR
+    from benchmarks.networks import plain_step
+
+    net, params, state, x, y = tiny_gpt
+    assert x.dtype == jnp.int32 and int(x.max()) < GPT_VOCAB and y.shape == x.shape
+    plain, _, value = jax.jit(plain_step(net, "softmax_cross_entropy", NET_LR))(params, state, x, y)
+    opt = jaxbp.sgd(NET_LR)
+    ts, m = jaxbp.make_train_step(net, "softmax_cross_entropy", opt, check="report")(
+        jaxbp.init_train_state(net, opt, params), x, y
+    )
+    assert bool(m.ok) and bool(m.applied)
+    np.testing.assert_allclose(m.loss, value, **F32)
+    for a, b in zip(*(jax.tree_util.tree_leaves(t) for t in (plain, ts.params)), strict=True):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, **F32)
+
+
+def test_w7_pytorch_step_equals_the_plain_jax_grad_step(tiny_gpt):
+    torch = pytest.importorskip("torch")
+    from benchmarks.networks import LEARNING_RATE as NET_LR
+    from benchmarks.networks import plain_step
+    from benchmarks.w7_gpt import TORCH_VARIANT, torch_baseline, torch_threads
+
+    net, params, state, x, y = tiny_gpt
+    before = [np.array(a) for a in jax.tree_util.tree_leaves(params)]
+    variants, skipped = torch_baseline(net, params, state, x, y)
+    assert skipped == {} and set(variants) == {TORCH_VARIANT}
+    assert torch.get_num_threads() == torch_threads()
+    run, compile_s = variants[TORCH_VARIANT]
+    run(2)
+    ref = params
+    for _ in range(2):
+        ref, _, _ = jax.jit(plain_step(net, "softmax_cross_entropy", NET_LR))(ref, state, x, y)
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(run.model.params()), leaves(ref), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    # the steps moved the weights (the comparison is not of two copies of the start)
+    assert (
+        max(float(np.max(np.abs(a - o))) for a, o in zip(leaves(ref), before, strict=True)) > 1e-3
+    )
+    assert compile_s is None
+
+
+def test_w7_attention_memory_reports_both_backwards():
+    from benchmarks.w7_gpt import _memory_note, attention_memory
+
+    batch, time, width, heads = 2, 64, 8, 2
+    m = attention_memory(batch, time, width, heads)
+    assert m["probabilities_bytes"] == batch * heads * time * time * 4
+    grads_bytes = 4 * (4 * width * width + 4 * width) + 4 * batch * time * width  # params + dx
+    for name in ("jaxbp manual", "jax.grad"):
+        # the 9 output arrays, and XLA's table of pointers to them (8 bytes each on CPU)
+        assert grads_bytes <= m[name]["output_bytes"] <= grads_bytes + 8 * 9
+        # the backward needs the (batch, heads, T, T) probabilities at least once
+        assert m[name]["temp_bytes"] >= m["probabilities_bytes"]
+    note = _memory_note(m)
+    assert "T=64" in note and "jaxbp manual" in note and "probability matrix is 0.1 MiB" in note
+    assert "unavailable" in _memory_note(m | {"unavailable": "X"})
+
+
+@pytest.mark.slow
+def test_w7_quick_section_and_targets(tmp_path):
+    from benchmarks.suite import run_suite, table_rows
+    from benchmarks.w7_gpt import TORCH_VARIANT
+
+    data = run_suite(["W7"], quick=True, tiny=True, json_path=str(tmp_path / "w7.json"), echo=False)
+    section = json.loads((tmp_path / "w7.json").read_text())["W7"]
+    names = set(section["variants"])
+    assert {
+        "jaxbp step check=off",
+        "jaxbp step check=report",
+        "jaxbp unguarded step check=off",
+        "jax.value_and_grad step",
+        "jaxbp fused loop (2 steps/call)",
+    } <= names
+    assert (TORCH_VARIANT in names) != (TORCH_VARIANT in section["skipped"])
+    assert section["tokens_per_step"] == 4 * GPT_CONTEXT and section["context"] == GPT_CONTEXT
+    for v in section["variants"].values():
+        assert v["tokens_per_s"] == pytest.approx(section["tokens_per_step"] / v["median_s"])
+    memory = section["attention_memory"]
+    assert memory["time"] == 16 and memory["probabilities_bytes"] == 2 * 2 * 16 * 16 * 4
+    assert section["notes"] and "attention memory" in section["notes"][0]
+    whats = [t["what"] for t in data["targets"]]
+    assert whats == [
+        "W7 manual step (off) / jax.grad step",
+        "W7 checked (report) / unchecked (off)",
+        "W7 fused scan / one call per step",
+        "W7 PyTorch eager step / jaxbp step (off) (speed-up)",
+    ]
+    torch_target = data["targets"][-1]
+    off = section["variants"]["jaxbp step check=off"]["median_s"]
+    if TORCH_VARIANT in names:
+        want = section["variants"][TORCH_VARIANT]["median_s"] / off
+        assert torch_target["value"] == pytest.approx(want)
+    else:
+        assert torch_target["met"] is None
+    rows = table_rows(data)
+    assert all("tokens/s)" in row[2] for row in rows if row[0] == "W7" and row[1] in names)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks.gpt_twin: jaxbp's text run and the PyTorch twin's replay of it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine"])
+def test_twin_learning_rate_is_the_trainers_schedule(schedule):
+    from benchmarks.gpt_twin import learning_rate
+    from jaxbp.training import TrainConfig, build_optimizer
+
+    # optax's warmup_cosine_decay_schedule evaluates its cosine in float32 (jax 0.10.2, optax
+    # 0.2.x), whatever the dtype of the gradients: its steps agree to float32 rounding.
+    rtol = 1e-6 if schedule == "warmup_cosine" else 1e-12
+    for total in (1, 7, 30, 50, 1020):  # 5% of 30 and 50 round half to even: 2 warm-up steps
+        opt = build_optimizer(TrainConfig(optimizer="sgd", lr=0.5, schedule=schedule), total)
+        g = jnp.ones((), jnp.float64)
+        state = opt.init(g)
+        for step in range(total + 2):
+            update, state = opt.update(g, state)
+            want = -learning_rate(schedule, 0.5, total, step)
+            np.testing.assert_allclose(update, want, rtol=rtol, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def twin_text(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("twin") / "for.txt"
+    path.write_text(topics["for"], encoding="utf-8")
+    return str(path)
+
+
+def _tiny_gpt_model(text, tmp_path):
+    from jaxbp.data import load_dataset
+    from jaxbp.presets import gpt_description
+
+    vocab = load_dataset("text", text=text).num_classes
+    path = tmp_path / "tiny_gpt.json"
+    model = gpt_description(vocab, layers=1, heads=2, width=16, context=16)
+    path.write_text(json.dumps({"model": model, "input_shape": [16], "fused": False}))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_twin_trains_like_jaxbp_train_float64(twin_text, tmp_path):
+    """A whole (tiny) run: jaxbp's side ends at ``jaxbp train``'s own validation loss, and the
+    twin, on the same batches with the same AdamW and schedule, agrees to float64 rounding."""
+    pytest.importorskip("torch")
+    from benchmarks.gpt_twin import compare
+    from jaxbp.training import TrainConfig, train
+
+    model = _tiny_gpt_model(twin_text, tmp_path)
+    run = compare(0, epochs=2, text=twin_text, model=model)
+    s = run.settings
+    assert s["dtype"] == "float64" and s["schedule"] == "warmup_cosine" and s["lr"] == 3e-3
+    assert [r.epoch for r in run.epochs] == [1, 2]
+    assert run.epochs[-1].steps == s["steps"] == 2 * s["steps_per_epoch"] >= 10
+    result = train(TrainConfig(dataset="text", text=twin_text, model=model, epochs=2, seed=0))
+    assert [h["test_loss"] for h in result.history] == [r.jaxbp_loss for r in run.epochs]
+    for r in run.epochs:
+        np.testing.assert_allclose(r.torch_loss, r.jaxbp_loss, rtol=1e-9)
+    assert run.epochs[-1].jaxbp_loss < run.epochs[0].jaxbp_loss  # it learned something
+
+
+@pytest.mark.slow
+def test_twin_command_stops_after_steps(twin_text, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from benchmarks.gpt_twin import main
+
+    model = _tiny_gpt_model(twin_text, tmp_path)
+    argv = ["--steps", "3", "--text", twin_text, "--model", model, "--seeds", "0", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("     1 ")]
+    assert len(rows) == 2 and all(row[1] == "3" for row in rows)  # epoch 1, 3 steps, per seed
+    for row in rows:
+        jaxbp_val, torch_val = float(row[2]), float(row[3])
+        assert abs(jaxbp_val - torch_val) < 1e-4
+    assert "3 of" in out and "over seeds: jaxbp" in out and "+-" in out

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxbp.cli import main
 from jaxbp.trace import gru_trace
 from jaxbp.trace.layer_traces import example_spec, trace_example, trace_file, trace_layer
 
@@ -24,12 +23,6 @@ from jaxbp.trace.layer_traces import example_spec, trace_example, trace_file, tr
 @pytest.fixture(scope="module")
 def gru():
     return trace_example("gru")
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _spec_arrays(spec):
@@ -296,39 +289,39 @@ def test_random_grus_match_every_reference(steps, features, hidden, sequences, s
 # --------------------------------------------------------------------------------------------
 
 
-def test_json_round_trips(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "trace", "--example", "gru", "--format", "json")
+def test_json_round_trips(tmp_path, run_cli):
+    code, out, _ = run_cli("trace", "--example", "gru", "--format", "json")
     assert code == 0
     first = json.loads(out)
     assert first["kind"] == "gru" and first["autodiff_max_abs_diff"] < 1e-12
     assert set(first["gradients"]) >= {"Wi", "Wh", "bi", "bh", "x", "intermediate", "per_step"}
     path = tmp_path / "gru.json"
     path.write_text(json.dumps(first["input"]))
-    code, out, _ = run_cli(capsys, "trace", "--model", str(path), "--format", "json")
+    code, out, _ = run_cli("trace", "--model", str(path), "--format", "json")
     assert code == 0 and json.loads(out) == first
     assert trace_file(path).to_json() == first
 
 
-def test_markdown(capsys):
-    code, out, _ = run_cli(capsys, "trace", "--example", "gru", "--format", "markdown")
+def test_markdown(run_cli):
+    code, out, _ = run_cli("trace", "--example", "gru", "--format", "markdown")
     assert code == 0
     assert out.startswith("# A GRU unrolled over 3 time steps")
     assert "## Step 3: backward pass through time" in out and "### Time step 1:" in out
     assert "## Step 4: the shared weights" in out and "```text" in out
 
 
-def test_plot_is_a_png(tmp_path, capsys):
+def test_plot_is_a_png(tmp_path, run_cli):
     pytest.importorskip("matplotlib")
     path = tmp_path / "gru.png"
-    code, _, err = run_cli(capsys, "trace", "--example", "gru", "--plot", str(path))
+    code, _, err = run_cli("trace", "--example", "gru", "--plot", str(path))
     assert code == 0 and "gru diagram written" in err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
+def test_bare_description_uses_the_examples_numbers(tmp_path, run_cli):
     path = tmp_path / "gru.json"
     path.write_text(json.dumps({"name": "GRU", "hidden": 2, "return_sequences": False}))
-    code, out, _ = run_cli(capsys, "trace", "--model", str(path), "--format", "json")
+    code, out, _ = run_cli("trace", "--model", str(path), "--format", "json")
     assert code == 0
     assert json.loads(out)["input"]["inputs"] == [[v] for v in example_spec("gru")["inputs"]]
 
@@ -357,10 +350,10 @@ def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
         ({"model": {"name": "GRU", "hidden": 0}}, "GRU expects a positive integer hidden size"),
     ],
 )
-def test_bad_gru_file_is_one_line_exit_2(tmp_path, capsys, content, fragment):
+def test_bad_gru_file_is_one_line_exit_2(tmp_path, run_cli, content, fragment):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))
-    code, out, err = run_cli(capsys, "trace", "--model", str(path))
+    code, out, err = run_cli("trace", "--model", str(path))
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxbp trace: error:"), err

@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 
 from jaxbp import layers
-from jaxbp.cli import main
 
 JAXBP = Path(sys.executable).parent / "jaxbp"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, err, *fragments):
@@ -45,8 +38,8 @@ def assert_one_line_error(code, err, *fragments):
         ("lr-sweep", ["--dataset", "--lrs", "--steps", "--plot", "--out"]),
     ],
 )
-def test_help(capsys, command, flags):
-    code, out, _ = run_cli(capsys, command, "--help")
+def test_help(run_cli, command, flags):
+    code, out, _ = run_cli(command, "--help")
     assert code == 0
     for flag in flags:
         assert flag in out
@@ -57,8 +50,8 @@ def test_help(capsys, command, flags):
 # --------------------------------------------------------------------------------------------
 
 
-def test_trace_default_is_the_seed_with_errata(capsys):
-    code, out, _ = run_cli(capsys, "trace")
+def test_trace_default_is_the_seed_with_errata(run_cli):
+    code, out, _ = run_cli("trace")
     assert code == 0
     assert "in_h1 = W1*i1 + W3*i2 + b1*1 = 0.25*0.1 + 0.5*0.05 + 0.3*1 = 0.3500" in out
     assert (
@@ -70,8 +63,8 @@ def test_trace_default_is_the_seed_with_errata(capsys):
     assert "out_h2    0.5812       0.5812   yes" in out
 
 
-def test_trace_json(capsys):
-    code, out, _ = run_cli(capsys, "trace", "--format", "json")
+def test_trace_json(run_cli):
+    code, out, _ = run_cli("trace", "--format", "json")
     assert code == 0
     data = json.loads(out)
     assert set(data) == {
@@ -89,8 +82,8 @@ def test_trace_json(capsys):
     assert data["autodiff_max_abs_diff"] < 1e-15
 
 
-def test_trace_freeze_bias_matches_the_seeds_numpy_program(capsys):
-    code, out, _ = run_cli(capsys, "trace", "--freeze-bias", "--format", "json")
+def test_trace_freeze_bias_matches_the_seeds_numpy_program(run_cli):
+    code, out, _ = run_cli("trace", "--freeze-bias", "--format", "json")
     assert code == 0
     updated = json.loads(out)["updated"]
     np.testing.assert_allclose(
@@ -102,8 +95,8 @@ def test_trace_freeze_bias_matches_the_seeds_numpy_program(capsys):
     assert updated[0]["bias"] == 0.3 and updated[1]["bias"] == 0.9
 
 
-def test_trace_steps_history_decreases(capsys):
-    code, out, _ = run_cli(capsys, "trace", "--steps", "10", "--format", "json")
+def test_trace_steps_history_decreases(run_cli):
+    code, out, _ = run_cli("trace", "--steps", "10", "--format", "json")
     assert code == 0
     history = json.loads(out)["history"]
     assert len(history) == 11
@@ -111,9 +104,9 @@ def test_trace_steps_history_decreases(capsys):
     assert np.all(np.diff(history) < 0)
 
 
-def test_trace_markdown_and_plot(capsys, tmp_path):
+def test_trace_markdown_and_plot(run_cli, tmp_path):
     plot = tmp_path / "net.png"
-    code, out, err = run_cli(capsys, "trace", "--format", "markdown", "--plot", str(plot))
+    code, out, err = run_cli("trace", "--format", "markdown", "--plot", str(plot))
     assert code == 0
     assert out.startswith("# The seed's 2-2-2 example")
     assert "| dE/dW7 | 0.0745 | 0.0640 | NO |" in out
@@ -121,7 +114,7 @@ def test_trace_markdown_and_plot(capsys, tmp_path):
     assert str(plot) in err
 
 
-def test_trace_config_file(capsys, tmp_path):
+def test_trace_config_file(run_cli, tmp_path):
     config = {
         "inputs": [[0, 0], [0, 1], [1, 0], [1, 1]],
         "targets": [[0], [1], [1], [0]],
@@ -134,9 +127,7 @@ def test_trace_config_file(capsys, tmp_path):
     }
     path = tmp_path / "xor.json"
     path.write_text(json.dumps(config))
-    code, out, _ = run_cli(
-        capsys, "trace", "--config", str(path), "--steps", "3", "--format", "json"
-    )
+    code, out, _ = run_cli("trace", "--config", str(path), "--steps", "3", "--format", "json")
     assert code == 0
     data = json.loads(out)
     assert np.shape(data["layers"][0]["out"]) == (4, 2)
@@ -147,7 +138,7 @@ def test_trace_config_file(capsys, tmp_path):
     o = 1 / (1 + np.exp(-(h @ np.asarray(config["layers"][1]["weights"]))))
     np.testing.assert_allclose(data["layers"][1]["out"], o, rtol=1e-13)
     assert data["loss"] == pytest.approx(np.mean(0.5 * (o - config["targets"]) ** 2 * 1), rel=1e-13)
-    code, out, _ = run_cli(capsys, "trace", "--config", str(path))
+    code, out, _ = run_cli("trace", "--config", str(path))
     assert "w[0][1][0]" in out and "Errata" not in out and "[example 4]" in out
 
 
@@ -174,10 +165,10 @@ def test_trace_config_file(capsys, tmp_path):
         ('{"inputs": [0.1, 0.05] "targets"}', ["is not valid JSON", "line 1 column"]),
     ],
 )
-def test_trace_bad_config_one_line_exit_2(capsys, tmp_path, content, fragments):
+def test_trace_bad_config_one_line_exit_2(run_cli, tmp_path, content, fragments):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    code, out, err = run_cli(capsys, "trace", "--config", str(path))
+    code, out, err = run_cli("trace", "--config", str(path))
     assert out == ""
     assert_one_line_error(code, err, "jaxbp trace: error:", *fragments)
 
@@ -194,8 +185,8 @@ def test_trace_bad_config_one_line_exit_2(capsys, tmp_path, content, fragments):
         (["trace", "--plot", "net.jpgg"], "--plot expects a file name ending in .png"),
     ],
 )
-def test_trace_bad_flags(capsys, argv, fragment):
-    code, _, err = run_cli(capsys, *argv)
+def test_trace_bad_flags(run_cli, argv, fragment):
+    code, _, err = run_cli(*argv)
     assert_one_line_error(code, err, fragment)
 
 
@@ -204,8 +195,8 @@ def test_trace_bad_flags(capsys, argv, fragment):
 # --------------------------------------------------------------------------------------------
 
 
-def test_check_default_agrees(capsys):
-    code, out, _ = run_cli(capsys, "check")
+def test_check_default_agrees(run_cli):
+    code, out, _ = run_cli("check")
     assert code == 0
     assert "network 2-3-2, tanh hidden, identity output, loss mse, batch 4, float64" in out
     for leaf in ("[0]['W']", "[0]['b']", "[2]['W']", "[2]['b']"):
@@ -214,9 +205,8 @@ def test_check_default_agrees(capsys):
     assert "all 17 parameters agree" in out
 
 
-def test_check_json_float32(capsys):
+def test_check_json_float32(run_cli):
     code, out, _ = run_cli(
-        capsys,
         "check",
         "--layers",
         "3,5,4",
@@ -244,7 +234,7 @@ def test_check_json_float32(capsys):
     assert entry["manual"] == pytest.approx(entry["jax_grad"], rel=2e-3, abs=1e-6)
 
 
-def test_check_catches_a_wrong_backward(capsys, monkeypatch):
+def test_check_catches_a_wrong_backward(run_cli, monkeypatch):
     import jax.numpy as jnp
 
     from jaxbp.model import register_layer
@@ -256,9 +246,7 @@ def test_check_catches_a_wrong_backward(capsys, monkeypatch):
         '{"name": "serial", "layers": [{"name": "Dense", "out_dim": 4}, '
         '{"name": "ForgetfulTanh"}, {"name": "Dense", "out_dim": 1}]}'
     )
-    code, out, _ = run_cli(
-        capsys, "check", "--model", model, "--input-shape", "2", "--entries", "0"
-    )
+    code, out, _ = run_cli("check", "--model", model, "--input-shape", "2", "--entries", "0")
     assert code == 1
     assert "MISMATCH: worst leaf [0]['" in out
     assert "NO" in out
@@ -276,8 +264,8 @@ def test_check_catches_a_wrong_backward(capsys, monkeypatch):
         (["check", "--layers", "3,1", "--loss", "softmax_cross_entropy"], "at least 2 outputs"),
     ],
 )
-def test_check_bad_flags(capsys, argv, fragment):
-    code, _, err = run_cli(capsys, *argv)
+def test_check_bad_flags(run_cli, argv, fragment):
+    code, _, err = run_cli(*argv)
     assert_one_line_error(code, err, fragment)
 
 
@@ -286,8 +274,8 @@ def test_check_bad_flags(capsys, argv, fragment):
 # --------------------------------------------------------------------------------------------
 
 
-def test_lr_sweep_seed(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "lr-sweep", "--out", str(tmp_path), "--steps", "60")
+def test_lr_sweep_seed(run_cli, tmp_path):
+    code, out, _ = run_cli("lr-sweep", "--out", str(tmp_path), "--steps", "60")
     assert code == 0
     png = tmp_path / "lr_sweep.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
@@ -308,10 +296,9 @@ def test_lr_sweep_seed(capsys, tmp_path):
     assert runs[0.5]["losses"][1] == pytest.approx(0.3457952203, abs=1e-9)
 
 
-def test_lr_sweep_xor_json(capsys, tmp_path):
+def test_lr_sweep_xor_json(run_cli, tmp_path):
     plot = tmp_path / "xor.png"
     code, out, _ = run_cli(
-        capsys,
         "lr-sweep",
         "--dataset",
         "xor",
@@ -343,27 +330,27 @@ def test_lr_sweep_xor_json(capsys, tmp_path):
         (["lr-sweep", "--steps", "0"], "--steps: expected a positive integer"),
     ],
 )
-def test_lr_sweep_bad_flags(capsys, argv, fragment):
-    code, _, err = run_cli(capsys, *argv)
+def test_lr_sweep_bad_flags(run_cli, argv, fragment):
+    code, _, err = run_cli(*argv)
     assert_one_line_error(code, err, fragment)
 
 
-def test_lr_sweep_bad_out_and_plot_folder_fail_before_anything_is_written(capsys, tmp_path):
+def test_lr_sweep_bad_out_and_plot_folder_fail_before_anything_is_written(run_cli, tmp_path):
     out = tmp_path / "sweep"
     code, _, err = run_cli(
-        capsys, "lr-sweep", "--out", str(out), "--plot", str(tmp_path / "missing" / "curves.png")
+        "lr-sweep", "--out", str(out), "--plot", str(tmp_path / "missing" / "curves.png")
     )
     assert_one_line_error(code, err, "folder")
     assert "does not exist" in err and not out.exists()
     f = tmp_path / "file"
     f.write_text("x")
-    code, _, err = run_cli(capsys, "lr-sweep", "--out", str(f))
+    code, _, err = run_cli("lr-sweep", "--out", str(f))
     assert_one_line_error(code, err, "is a file; expected a folder")
 
 
-def test_lr_sweep_bad_plot_name(capsys, tmp_path):
+def test_lr_sweep_bad_plot_name(run_cli, tmp_path):
     code, _, err = run_cli(
-        capsys, "lr-sweep", "--out", str(tmp_path), "--plot", str(tmp_path / "curves.txt")
+        "lr-sweep", "--out", str(tmp_path), "--plot", str(tmp_path / "curves.txt")
     )
     assert_one_line_error(code, err, "--plot expects a file name ending in .png")
 

@@ -21,12 +21,6 @@ from jaxbp import cli
 from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
 
 
-def run_cli(capsys, *args):
-    code = cli.main(["train", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def one_line_error(err):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -71,9 +65,9 @@ def test_run_writes_metrics_curves_checkpoint(iris_run):
     assert read_header(out / "checkpoint.npz")["epoch"] == 4
 
 
-def test_output_lines(capsys, tmp_path):
+def test_output_lines(run_cli, tmp_path):
     code, out, err = run_cli(
-        capsys, "--dataset", "xor", "--epochs", "30", "--out", str(tmp_path), "--progress", "lines"
+        "train", "--dataset", "xor", "--epochs", "30", "--out", str(tmp_path), "--progress", "lines"
     )
     assert code == 0
     assert "test accuracy" in out and "manual vs jax.grad: worst relative error" in out
@@ -83,45 +77,29 @@ def test_output_lines(capsys, tmp_path):
     assert progress[-1].startswith("xor epoch 30/30")
 
 
-def test_resume_finished_run_and_contradicting_flags(capsys, iris_run):
+def test_resume_finished_run_and_contradicting_flags(run_cli, iris_run):
     _, out = iris_run
-    code, text, err = run_cli(capsys, "--resume", "--out", str(out), "--progress", "none")
+    code, text, err = run_cli("train", "--resume", "--out", str(out), "--progress", "none")
     assert code == 0, err  # nothing left to do; the run's own settings were used
     assert "iris" in text
-    code, _, err = run_cli(capsys, "--resume", "--out", str(out), "--hidden", "32")
+    code, _, err = run_cli("train", "--resume", "--out", str(out), "--hidden", "32")
     assert code == 2
     assert "--resume: hidden is 32 but the checkpoint's run used 16" in one_line_error(err)
 
 
-def test_corrupted_checkpoint_is_one_line(capsys, tmp_path):
+def test_corrupted_checkpoint_is_one_line(run_cli, tmp_path):
     ck = tmp_path / "checkpoint.npz"
-    assert (
-        cli.main(
-            [
-                "train",
-                "--dataset",
-                "xor",
-                "--epochs",
-                "2",
-                "--out",
-                str(tmp_path),
-                "--progress",
-                "none",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+    assert run_cli("train", "--dataset", "xor", "--epochs", "2", "--out", tmp_path).code == 0
     data = bytearray(ck.read_bytes())
     ck.write_bytes(bytes(data[:-40]))
-    code, _, err = run_cli(capsys, "--resume", "--out", str(tmp_path))
+    code, _, err = run_cli("train", "--resume", "--out", str(tmp_path))
     assert code == 2
     assert f"checkpoint {ck} is truncated or corrupted" in one_line_error(err)
 
 
-def test_blow_up_stops_with_exit_3(capsys, tmp_path):
+def test_blow_up_stops_with_exit_3(run_cli, tmp_path):
     code, _, err = run_cli(
-        capsys,
+        "train",
         "--dataset",
         "iris",
         "--optimizer",
@@ -187,16 +165,16 @@ def test_blow_up_stops_with_exit_3(capsys, tmp_path):
         ),
     ],
 )
-def test_bad_flag_is_one_line_exit_2(capsys, tmp_path, args, expect):
-    code, out, err = run_cli(capsys, *args, "--out", str(tmp_path / "o"), "--progress", "none")
+def test_bad_flag_is_one_line_exit_2(run_cli, tmp_path, args, expect):
+    code, out, err = run_cli("train", *args, "--out", str(tmp_path / "o"), "--progress", "none")
     assert code == 2
     assert expect in one_line_error(err)
 
 
-def test_out_that_is_a_file_is_one_line(capsys, tmp_path):
+def test_out_that_is_a_file_is_one_line(run_cli, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    code, _, err = run_cli(capsys, "--dataset", "xor", "--epochs", "1", "--out", str(f))
+    code, _, err = run_cli("train", "--dataset", "xor", "--epochs", "1", "--out", str(f))
     assert code == 2
     assert f"the output folder {str(f)!r} is a file; expected a folder" in one_line_error(err)
     assert f.read_text() == "x"
@@ -246,18 +224,6 @@ def test_help_lists_every_flag(capsys):
 # Faults in a real process: SIGKILL at random moments, Ctrl-C
 # --------------------------------------------------------------------------------------------
 
-FAULT_ARGS = [
-    "train",
-    "--dataset",
-    "xor",
-    "--epochs",
-    "100",
-    "--checkpoint-every",
-    "1",
-    "--progress",
-    "lines",
-]
-
 
 def _command():
     script = Path(sys.executable).parent / "jaxbp"  # the installed console script
@@ -268,6 +234,17 @@ def _env():
     env = dict(os.environ)
     env.pop("JAXBP_DEBUG", None)
     return env
+
+
+def _xor_command(out, epochs=100, *flags):
+    """``jaxbp train`` on xor for ``epochs`` epochs into ``out``, a checkpoint every epoch."""
+    args = f"train --dataset xor --epochs {epochs} --checkpoint-every 1 --progress lines".split()
+    return _command() + args + ["--out", str(out), *flags]
+
+
+def _run_to_the_end(command):
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _params_bytes(path):
@@ -281,14 +258,7 @@ def _params_bytes(path):
 def reference(tmp_path_factory):
     """The uninterrupted run, in its own process like the interrupted ones."""
     out = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(
-        _command() + FAULT_ARGS + ["--out", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_to_the_end(_xor_command(out))
     assert read_header(out / "checkpoint.npz")["epoch"] == 100
     return _params_bytes(out / "checkpoint.npz")
 
@@ -312,7 +282,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
     seen = []
     for _ in range(3):
         proc = subprocess.Popen(
-            _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
+            _xor_command(tmp_path, 100, "--resume"),
             env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -329,14 +299,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
         seen.append(header["epoch"])
     assert seen == sorted(seen) and seen[-1] > 0, seen
     print(f"SIGKILLed at checkpoint epochs {seen}")  # shown with pytest -s
-    proc = subprocess.run(
-        _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_to_the_end(_xor_command(tmp_path, 100, "--resume"))
     assert read_header(ck)["epoch"] == 100
     assert _params_bytes(ck) == reference  # params and optimizer state, bit for bit
     assert not list(tmp_path.glob(".checkpoint.npz.*.tmp"))  # stale temporaries cleaned up
@@ -345,9 +308,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
 def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp_path):
     # 100000 epochs: the run cannot finish before the signal lands, so this tests every time.
     ck = tmp_path / "checkpoint.npz"
-    long_run = [a if a != "100" else "100000" for a in FAULT_ARGS]
     proc = subprocess.Popen(
-        _command() + long_run + ["--out", str(tmp_path)],
+        _xor_command(tmp_path, 100000),
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -365,30 +327,14 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
     # A constant learning rate does not depend on the number of epochs: resume to 100 (or
     # just past where it stopped) and compare with an uninterrupted run of that length.
     end = max(100, stopped + 1)
-    expected = reference if end == 100 else _reference_run(tmp_path / "ref", end)
-    proc = subprocess.run(
-        _command() + FAULT_ARGS + ["--out", str(tmp_path), "--resume", "--epochs", str(end)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    if end == 100:
+        expected = reference
+    else:
+        _run_to_the_end(_xor_command(tmp_path / "ref", end))
+        expected = _params_bytes(tmp_path / "ref" / "checkpoint.npz")
+    _run_to_the_end(_xor_command(tmp_path, end, "--resume"))
     assert read_header(ck)["epoch"] == end
     assert _params_bytes(ck) == expected
-
-
-def _reference_run(out, epochs):
-    args = [a if a != "100" else str(epochs) for a in FAULT_ARGS]
-    proc = subprocess.run(
-        _command() + args + ["--out", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return _params_bytes(out / "checkpoint.npz")
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +342,7 @@ def _reference_run(out, epochs):
 # --------------------------------------------------------------------------------------------
 
 
-def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path):
+def test_model_file_trains_and_resume_rebuilds_from_checkpoint(run_cli, tmp_path):
     model = {
         "name": "serial",
         "layers": [
@@ -411,7 +357,7 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path)
     path.write_text(json.dumps(model))
     out = tmp_path / "run"
     code, text, err = run_cli(
-        capsys,
+        "train",
         "--dataset",
         "xor",
         "--model",
@@ -438,7 +384,7 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path)
     assert set(ck.state) == {"params", "opt_state", "state", "key"}  # BatchNorm, Dropout key
     path.unlink()  # resume needs nothing but the checkpoint
     code, _, err = run_cli(
-        capsys, "--resume", "--out", str(out), "--epochs", "5", "--progress", "none"
+        "train", "--resume", "--out", str(out), "--epochs", "5", "--progress", "none"
     )
     assert code == 0, err
     assert read_header(out / "checkpoint.npz")["epoch"] == 5
@@ -446,7 +392,7 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path)
     again = tmp_path / "again.json"
     again.write_text(json.dumps(model))
     code, _, err = run_cli(
-        capsys,
+        "train",
         "--dataset",
         "xor",
         "--model",
@@ -467,14 +413,14 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(capsys, tmp_path)
         }, group
 
 
-def test_model_errors_are_one_line(capsys, tmp_path):
+def test_model_errors_are_one_line(run_cli, tmp_path):
     code, _, err = run_cli(
-        capsys, "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")
+        "train", "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")
     )
     expected = "unknown model 'nope'; expected a preset (cnn, gpt, gru, lstm, mlp, resnet)"
     assert code == 2 and expected in one_line_error(err)
     code, _, err = run_cli(
-        capsys,
+        "train",
         "--dataset",
         "xor",
         "--model",
@@ -490,7 +436,7 @@ def test_model_errors_are_one_line(capsys, tmp_path):
     )
     assert code == 0, err  # --hidden shapes the mlp preset
     code, _, err = run_cli(
-        capsys,
+        "train",
         "--dataset",
         "xor",
         "--model",
@@ -503,7 +449,7 @@ def test_model_errors_are_one_line(capsys, tmp_path):
     assert code == 2 and "hidden shapes the default MLP" in one_line_error(err)
 
 
-def test_missing_extra_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
+def test_missing_extra_is_one_line_exit_2(run_cli, monkeypatch, tmp_path):
     import builtins
 
     real_import = builtins.__import__
@@ -514,7 +460,7 @@ def test_missing_extra_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    code, _, err = run_cli(capsys, "--dataset", "digits", "--out", str(tmp_path))
+    code, _, err = run_cli("train", "--dataset", "digits", "--out", str(tmp_path))
     assert code == 2
     assert (
         err.strip() == "jaxbp train --dataset digits needs scikit-learn: pip install 'jaxbp[data]'"

@@ -1,71 +1,53 @@
 """Every example under examples/ (the ones a reader runs first) runs to completion and prints
 what its docstring promises. Each runs in its own interpreter, as a reader would run it."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-
-def run_example(name: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=EXAMPLES.parent,
-    )
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def test_seed_example():
-    out = run_example("seed_example.py")
-    assert "out_h1, out_h2 = [0.5866 0.5812]" in out
-    assert "out_o1, out_o2 = [0.8401 0.7922]" in out
-    assert "E_total = 0.354" in out
-    assert "dE/dW7 = 0.064" in out
-    assert "W7_new = 0.568" in out
-    assert "all leaves agree" in out
-    assert "[[0.66769329 0.40907027]\n [0.56799435 0.35898575]]" in out
-
-
-def test_xor():
-    out = run_example("xor.py")
-    assert "XOR learned; every step's gradients agreed with jax.grad." in out
-    assert "[1 1] -> 0.0" in out
-
-
-@pytest.mark.slow
-def test_per_example_grads():
-    out = run_example("per_example_grads.py")
-    assert "{'W': (8, 5, 16), 'b': (8, 16)}" in out
-    assert "mean of the per-example gradients == the batch gradient" in out
-    assert "clipped mean gradient norm:" in out
-
-
-@pytest.mark.slow
-def test_custom_layer():
-    out = run_example("custom_layer.py")
-    assert "Swish alone vs jax.vjp:" in out
-    assert "[1]['beta']" in out  # the new layer's parameter, checked in a network
-    assert "training accuracy 1.00" in out
-    assert "caught: the input gradient ['x'] is wrong" in out
-    # registered, the layer is part of the model description
-    assert "the network as a description: {'name': 'serial', 'layers': [{'name': 'Dense'" in out
-    assert "{'name': 'Swish', 'beta_init': 1.0, 'wrong': False}" in out
+# What each example promises to print (its docstring says so): fragments of its output.
+PRINTS = {
+    "seed_example.py": [
+        "out_h1, out_h2 = [0.5866 0.5812]",
+        "out_o1, out_o2 = [0.8401 0.7922]",
+        "E_total = 0.354",
+        "dE/dW7 = 0.064",
+        "W7_new = 0.568",
+        "all leaves agree",
+        "[[0.66769329 0.40907027]\n [0.56799435 0.35898575]]",
+    ],
+    "xor.py": ["XOR learned; every step's gradients agreed with jax.grad.", "[1 1] -> 0.0"],
+    "per_example_grads.py": [
+        "{'W': (8, 5, 16), 'b': (8, 16)}",
+        "mean of the per-example gradients == the batch gradient",
+        "clipped mean gradient norm:",
+    ],
+    "custom_layer.py": [
+        "Swish alone vs jax.vjp:",
+        "[1]['beta']",  # the new layer's parameter, checked in a network
+        "training accuracy 1.00",
+        "caught: the input gradient ['x'] is wrong",
+        # registered, the layer is part of the model description
+        "the network as a description: {'name': 'serial', 'layers': [{'name': 'Dense'",
+        "{'name': 'Swish', 'beta_init': 1.0, 'wrong': False}",
+    ],
+}
+# seed_example and xor keep the fast loop's subprocess path covered.
+SLOW = {"per_example_grads.py", "custom_layer.py"}
 
 
 @pytest.mark.parametrize(
-    "name", ["seed_example.py", "xor.py", "per_example_grads.py", "custom_layer.py"]
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in PRINTS]
 )
+def test_example_prints_what_it_promises(run_python, name):
+    out = run_python(EXAMPLES / name)
+    for fragment in PRINTS[name]:
+        assert fragment in out, (fragment, out)
+
+
+@pytest.mark.parametrize("name", list(PRINTS))
 def test_examples_have_a_docstring_that_says_how_to_run_them(name):
     text = (EXAMPLES / name).read_text()
     assert text.startswith('"""') and f"python examples/{name}" in text
@@ -105,7 +87,7 @@ def _tutorial_blocks():
 
 
 @pytest.mark.slow
-def test_tutorial_code_prints_what_the_page_shows(tmp_path):
+def test_tutorial_code_prints_what_the_page_shows(run_python, tmp_path):
     import json
 
     pairs = _tutorial_blocks()
@@ -114,18 +96,8 @@ def test_tutorial_code_prints_what_the_page_shows(tmp_path):
     blocks.write_text(json.dumps([code for code, _ in pairs]))
     runner = tmp_path / "runner.py"
     runner.write_text(_RUNNER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, str(runner), str(blocks)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=EXAMPLES.parent,
-    )
-    assert result.returncode == 0, result.stderr
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_python(runner, blocks)
+    outputs = json.loads(stdout.strip().splitlines()[-1])
     for (code, expected), got in zip(pairs, outputs):
         if expected is None:
             assert got == "", f"block prints but the page shows no output:\n{code}"

@@ -763,44 +763,10 @@ def text_runs(workdir):
     model = workdir / "tiny-gpt.json"
     model.write_text(json.dumps({"model": _tiny_gpt(vocab), "input_shape": [8]}))
     text_run, xor_run = workdir / "text-run", workdir / "xor-run"
-    assert (
-        cli.main(
-            [
-                "train",
-                "--dataset",
-                "text",
-                "--text",
-                str(corpus),
-                "--model",
-                str(model),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "8",
-                "--progress",
-                "none",
-                "--out",
-                str(text_run),
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli.main(
-            [
-                "train",
-                "--dataset",
-                "xor",
-                "--epochs",
-                "1",
-                "--progress",
-                "none",
-                "--out",
-                str(xor_run),
-            ]
-        )
-        == 0
-    )
+    one_epoch = "train --epochs 1 --progress none".split()
+    text = ["--dataset", "text", "--text", str(corpus), "--model", str(model), "--batch-size", "8"]
+    assert cli.main(one_epoch + text + ["--out", str(text_run)]) == 0
+    assert cli.main(one_epoch + ["--dataset", "xor", "--out", str(xor_run)]) == 0
     return corpus, vocab, text_run, xor_run
 
 
@@ -813,17 +779,8 @@ def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
     models = {"long": _tiny_gpt(vocab, max_len=4), "heads": _tiny_gpt(vocab, heads=3, width=8)}
     for name, model in models.items():
         (workdir / f"gpt-{name}.json").write_text(json.dumps({"model": model, "input_shape": [8]}))
-    train = [
-        "train",
-        "--dataset",
-        "text",
-        "--epochs",
-        "1",
-        "--progress",
-        "none",
-        "--out",
-        str(workdir / "text-bad"),
-    ]
+    train = "train --dataset text --epochs 1 --progress none".split()
+    train += ["--out", str(workdir / "text-bad")]
     cases = [
         (train + ["--text", str(empty)], "train", "empty"),
         (train + ["--text", str(latin1)], "train", "UTF-8"),
@@ -846,21 +803,7 @@ def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
         assert fragment in line, (argv, line)
     assert not (workdir / "text-bad" / "checkpoint.npz").exists()  # nothing written half-way
     # And the good path: a sample of the requested length from the trained checkpoint.
-    assert (
-        cli.main(
-            [
-                "generate",
-                "--checkpoint",
-                str(text_run),
-                "--prompt",
-                "the ",
-                "--length",
-                "20",
-                "--seed",
-                "1",
-            ]
-        )
-        == 0
-    )
+    generate = ["generate", "--checkpoint", str(text_run), "--prompt", "the "]
+    assert cli.main(generate + ["--length", "20", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the ") and len(out.rstrip("\n")) == 24

@@ -145,49 +145,36 @@ def test_ten_adamw_steps_equal_the_plain_jax_reference():
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)  # bk: rounding-level steps
 
 
+def _torch_gpt():
+    """``benchmarks.torch_gpt``: benchmarks/ is a top-level folder of the checkout, not part of
+    the installed package."""
+    import importlib
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("benchmarks.torch_gpt")
+
+
 def test_torch_twin_same_loss_gradients_and_adamw_steps():
     torch = pytest.importorskip("torch")
+    TorchGPT, gpt_heads = _torch_gpt().TorchGPT, _torch_gpt().gpt_heads
+
     net = tiny_net()
     _, params = net.init(jax.random.key(3), (-1, CONTEXT))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [jax.tree_util.keystr(p) for p, _ in leaves]
-    tparams = [
-        torch.tensor(np.asarray(leaf), dtype=torch.float64, requires_grad=True)
-        for _, leaf in leaves
-    ]
-    tree = jax.tree_util.tree_unflatten(treedef, tparams)
-    f = torch.nn.functional
-
-    def torch_loss(p, ids, labels):
-        ids = torch.as_tensor(np.array(ids)).long()
-        labels = torch.as_tensor(np.array(labels)).long()
-        h = p[0]["W"][ids] + p[1]["P"][: ids.shape[1]]
-        b, t, d = h.shape
-        for att, mlp in zip(p[2:-2:2], p[3:-2:2], strict=True):
-            a = f.layer_norm(h, (d,), att[0]["scale"], att[0]["bias"], 1e-5)
-            q, k, v = (
-                (a @ att[1]["W" + n] + att[1]["b" + n]).view(b, t, HEADS, -1).transpose(1, 2)
-                for n in "qkv"
-            )
-            o = f.scaled_dot_product_attention(q, k, v, is_causal=True)
-            h = h + o.transpose(1, 2).reshape(b, t, d) @ att[1]["Wo"] + att[1]["bo"]
-            a = f.layer_norm(h, (d,), mlp[0]["scale"], mlp[0]["bias"], 1e-5)
-            h = (
-                h
-                + f.gelu(a @ mlp[1]["W"] + mlp[1]["b"], approximate="tanh") @ mlp[3]["W"]
-                + mlp[3]["b"]
-            )
-        h = f.layer_norm(h, (d,), p[-2]["scale"], p[-2]["bias"], 1e-5)
-        return f.cross_entropy((h @ p[-1]["W"] + p[-1]["b"]).reshape(-1, VOCAB), labels.ravel())
-
+    twin = TorchGPT(params, gpt_heads(describe(net)))
+    assert twin.dtype == torch.float64 and gpt_heads(describe(net)) == HEADS
     lr, wd = 3e-3, 0.1
-    decay = [w for n, w in zip(names, tparams, strict=True) if not n.endswith("['b']")]
-    no_decay = [w for n, w in zip(names, tparams, strict=True) if n.endswith("['b']")]
     topt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [w for w, d in zip(twin.leaves, twin.decays) if d], "weight_decay": wd},
+            {"params": [w for w, d in zip(twin.leaves, twin.decays) if not d], "weight_decay": 0},
+        ],
         lr=lr,
         eps=1e-8,
     )
+    assert sum(twin.decays) == len(twin.leaves) - 2 * LAYERS - 1  # the Dense biases 'b' only
     opt = build_optimizer(
         TrainConfig(optimizer="adam", lr=lr, schedule="constant", weight_decay=wd), 10
     )
@@ -197,17 +184,29 @@ def test_torch_twin_same_loss_gradients_and_adamw_steps():
     for t in range(10):
         value, grads = jaxbp.backprop(net, "softmax_cross_entropy", ts.params, xs[t], ys[t])
         topt.zero_grad()
-        tl = torch_loss(tree, xs[t], ys[t])
+        tl = twin.loss(xs[t], ys[t])
         tl.backward()
         np.testing.assert_allclose(float(value), tl.item(), rtol=1e-10)
-        for g, w in zip(jax.tree_util.tree_leaves(grads), tparams, strict=True):
-            np.testing.assert_allclose(g, w.grad.numpy(), rtol=1e-8, atol=1e-10)
+        for g, w in zip(jax.tree_util.tree_leaves(grads), twin.grads(), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-10)
         ts, _ = step(ts, xs[t], ys[t])
         topt.step()
-    for a, w in zip(jax.tree_util.tree_leaves(ts.params), tparams, strict=True):
+    leaves = jax.tree_util.tree_leaves
+    for a, w in zip(leaves(ts.params), leaves(twin.params()), strict=True):
         # atol as in the reference test: bk's exact gradient is 0 (softmax ignores a per-query
         # shift), so both optimizers move it by rounding noise alone, ~1e-11.
-        np.testing.assert_allclose(a, w.detach().numpy(), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(a, w, rtol=1e-9, atol=1e-10)
+
+
+def test_torch_twin_refuses_a_network_that_is_not_a_gpt():
+    gpt_heads = _torch_gpt().gpt_heads
+
+    bad = gpt_description(VOCAB, layers=1)
+    bad["layers"][2] = {"name": "residual", "layers": []}
+    with pytest.raises(ValueError, match=r"layers\[2\] to be residual \['LayerNorm', 'Multi"):
+        gpt_heads(bad)
+    with pytest.raises(ValueError, match="runs a GPT description"):
+        gpt_heads({"name": "serial", "layers": [{"name": "Dense", "out_dim": 3}]})
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbp.cli import main
 from jaxbp.trace.layer_traces import (
     example_spec,
     load_trace_file,
@@ -31,12 +30,6 @@ def conv():
 @pytest.fixture(scope="module")
 def attention():
     return trace_example("attention")
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _jax_grads(layer_spec):
@@ -242,14 +235,14 @@ def test_attention_without_mask_and_default_params():
 
 
 @pytest.mark.parametrize("kind", ["conv", "attention"])
-def test_json_round_trips(tmp_path, capsys, kind):
-    code, out, _ = run_cli(capsys, "trace", "--example", kind, "--format", "json")
+def test_json_round_trips(tmp_path, run_cli, kind):
+    code, out, _ = run_cli("trace", "--example", kind, "--format", "json")
     assert code == 0
     first = json.loads(out)
     assert first["kind"] == kind and first["autodiff_max_abs_diff"] < 1e-12
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(first["input"]))
-    code, out, _ = run_cli(capsys, "trace", "--model", str(path), "--format", "json")
+    code, out, _ = run_cli("trace", "--model", str(path), "--format", "json")
     assert code == 0
     assert json.loads(out) == first
     assert trace_file(path).to_json() == first
@@ -257,27 +250,27 @@ def test_json_round_trips(tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", ["conv", "attention"])
-def test_markdown(capsys, kind):
-    code, out, _ = run_cli(capsys, "trace", "--example", kind, "--format", "markdown")
+def test_markdown(run_cli, kind):
+    code, out, _ = run_cli("trace", "--example", kind, "--format", "markdown")
     assert code == 0
     assert out.startswith("# ") and "## Step 3: backward pass" in out and "```text" in out
 
 
 @pytest.mark.parametrize("kind", ["conv", "attention"])
-def test_plot_is_a_png(tmp_path, capsys, kind):
+def test_plot_is_a_png(tmp_path, run_cli, kind):
     pytest.importorskip("matplotlib")
     path = tmp_path / f"{kind}.png"
-    code, _, err = run_cli(capsys, "trace", "--example", kind, "--plot", str(path))
+    code, _, err = run_cli("trace", "--example", kind, "--plot", str(path))
     assert code == 0 and "diagram written" in err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
+def test_bare_description_uses_the_examples_numbers(tmp_path, run_cli):
     path = tmp_path / "conv.json"
     path.write_text(
         json.dumps({"name": "Conv1D", "out_channels": 1, "kernel_size": 3, "stride": 2})
     )
-    code, out, _ = run_cli(capsys, "trace", "--model", str(path), "--format", "json")
+    code, out, _ = run_cli("trace", "--model", str(path), "--format", "json")
     assert code == 0
     assert json.loads(out)["input"]["inputs"] == [[1.0], [2.0], [-1.0], [0.5], [3.0]]
 
@@ -311,21 +304,21 @@ def test_bare_description_uses_the_examples_numbers(tmp_path, capsys):
         ({"model": {"name": "Conv1D"}, "extra": 1}, "unknown key 'extra'"),
     ],
 )
-def test_bad_model_file_is_one_line_exit_2(tmp_path, capsys, content, fragment):
+def test_bad_model_file_is_one_line_exit_2(tmp_path, run_cli, content, fragment):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(content))
-    code, out, err = run_cli(capsys, "trace", "--model", str(path))
+    code, out, err = run_cli("trace", "--model", str(path))
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxbp trace: error:"), err
     assert fragment in lines[0], lines[0]
 
 
-def test_layer_flags_do_not_mix_with_network_flags(capsys):
-    code, _, err = run_cli(capsys, "trace", "--example", "conv", "--steps", "2")
+def test_layer_flags_do_not_mix_with_network_flags(run_cli):
+    code, _, err = run_cli("trace", "--example", "conv", "--steps", "2")
     assert code == 2 and "cannot be combined" in err
 
 
-def test_help_lists_the_new_flags(capsys):
-    code, out, _ = run_cli(capsys, "trace", "--help")
+def test_help_lists_the_new_flags(run_cli):
+    code, out, _ = run_cli("trace", "--help")
     assert code == 0 and "--example" in out and "--model" in out

@@ -30,26 +30,26 @@ def _fail(message: str) -> NoReturn:
     raise argparse.ArgumentTypeError(message)
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
+def _integer(text: str, low: int, high: float, expected: str, not_int: str = "") -> int:
+    """``int(text)`` when ``low <= value < high``; otherwise the error ``expected {expected}``
+    (``expected {not_int}`` for text that is no integer, when given)."""
     try:
         value = int(text)
     except ValueError:
-        _fail(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        _fail(f"expected a positive integer, got {text!r}")
+        _fail(f"expected {not_int or expected}, got {text!r}")
+    if not low <= value < high:
+        _fail(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1, math.inf, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        _fail(f"expected an integer >= 0, got {text!r}")
-    if value < 0:
-        _fail(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _integer(text, 0, math.inf, "an integer >= 0")
 
 
 def _number(text: str) -> float:
@@ -84,14 +84,9 @@ def probability(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    """A seed: an integer in [0, 2**32) (the library's one check, ``check_seed``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        _fail(f"expected an integer seed, got {text!r}")
-    if not 0 <= value < 2**32:  # = jaxbp.training.check_seed, without importing JAX
-        _fail(f"expected a seed in [0, 2**32), got {text!r}")
-    return value
+    """A seed: an integer in [0, 2**32), the range of :func:`jaxbp.training.check_seed` (which
+    this does not call: it would import JAX)."""
+    return _integer(text, 0, 2**32, "a seed in [0, 2**32)", not_int="an integer seed")
 
 
 def widths(

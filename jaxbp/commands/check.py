@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from . import args as types
+from . import tables
 
 DTYPES = ("float64", "float32")
 _widths = types.widths(2, "2,3,2 (inputs, hidden..., outputs)", "at least two positive widths")
@@ -324,13 +324,10 @@ def _run(args) -> int:
 
 
 def _print_tables(header, leaf_rows, entry_rows, verdict, ok, dtype) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    from ..gradcheck import default_tolerance, fd_tolerance
-
-    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
-    console.print(header, highlight=False)
+    out = tables.console()
+    out.print(header, highlight=False)
     table = Table(
         title="relative error per parameter leaf: max|a - b| / max(|a|, |b|)", title_justify="left"
     )
@@ -349,14 +346,14 @@ def _print_tables(header, leaf_rows, entry_rows, verdict, ok, dtype) -> None:
         table.add_row(
             r["parameter"],
             r["layer"],
-            "x".join(map(str, r["shape"])) or "scalar",
+            tables.shape_text(r["shape"]),
             f"{r['max_abs_manual']:.3e}",
             f"{r['manual_vs_autodiff']:.2e}",
             f"{r['manual_vs_fd']:.2e}",
             f"{r['autodiff_vs_fd']:.2e}",
-            "[green]yes[/]" if r["ok"] else "[red bold]NO[/]",
+            tables.ok_text(r["ok"]),
         )
-    console.print(table)
+    out.print(table)
     if entry_rows:
         entries = Table(title="every entry", title_justify="left")
         for name in (
@@ -377,12 +374,5 @@ def _print_tables(header, leaf_rows, entry_rows, verdict, ok, dtype) -> None:
                 f"{abs(r['manual'] - r['jax_grad']):.1e}",
                 f"{abs(r['manual'] - r['finite_diff']):.1e}",
             )
-        console.print(entries)
-    rtol, _ = default_tolerance(dtype)
-    fd_rtol, _ = fd_tolerance(dtype)
-    console.print(
-        f"tolerances ({dtype}): manual vs jax.grad {rtol:g}, against finite "
-        f"differences {fd_rtol:g}",
-        highlight=False,
-    )
-    console.print(("[green]" if ok else "[red bold]") + verdict + "[/]", highlight=False)
+        out.print(entries)
+    tables.print_check_verdict(out, dtype, "manual vs jax.grad", ok, verdict)

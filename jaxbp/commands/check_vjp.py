@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import tables
+
 __all__ = ["add_arguments", "parse_shape", "load_target", "random_arguments", "run_vjp"]
 
 
@@ -237,13 +239,10 @@ def _rows(result, diff_args) -> list[dict]:
 
 
 def _print_table(header, rows, verdict, ok, dtype) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    from ..gradcheck import default_tolerance, fd_tolerance
-
-    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110)
-    console.print(header, highlight=False)
+    out = tables.console()
+    out.print(header, highlight=False)
     table = Table(
         title="relative error per argument: max|a - b| / max(|a|, |b|)", title_justify="left"
     )
@@ -259,17 +258,11 @@ def _print_table(header, rows, verdict, ok, dtype) -> None:
     for r in rows:
         table.add_row(
             r["argument"],
-            "x".join(map(str, r["shape"])) or "scalar",
+            tables.shape_text(r["shape"]),
             f"{r['bwd_vs_vjp']:.2e}",
             f"{r['bwd_vs_fd']:.2e}",
             f"{r['vjp_vs_fd']:.2e}",
-            "[green]yes[/]" if r["ok"] else "[red bold]NO[/]",
+            tables.ok_text(r["ok"]),
         )
-    console.print(table)
-    rtol, _ = default_tolerance(dtype)
-    fd_rtol, _ = fd_tolerance(dtype)
-    console.print(
-        f"tolerances ({dtype}): bwd vs jax.vjp {rtol:g}, against finite differences {fd_rtol:g}",
-        highlight=False,
-    )
-    console.print(("[green]" if ok else "[red bold]") + verdict + "[/]", highlight=False)
+    out.print(table)
+    tables.print_check_verdict(out, dtype, "bwd vs jax.vjp", ok, verdict)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import args as types
@@ -254,8 +253,10 @@ def run(args) -> int:
 
 
 def _print_table(dataset, description, steps, rows) -> None:
-    from rich.console import Console, JustifyMethod
+    from rich.console import JustifyMethod
     from rich.table import Table
+
+    from .tables import console
 
     table = Table(
         title=f"lr-sweep on {dataset}: {description}, {steps} steps", title_justify="left"
@@ -287,5 +288,4 @@ def _print_table(dataset, description, steps, rows) -> None:
             str(r["steps_loss_rose"]),
             f"[{style[r['verdict']]}]{r['verdict']}[/]",
         )
-    # A pipe or file gets plain text at a fixed width, so the table reads the same in a log.
-    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 110).print(table)
+    console().print(table)

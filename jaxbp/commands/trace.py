@@ -13,16 +13,7 @@ import argparse
 import sys
 
 from ..trace import FORMATS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from . import args as types
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--steps",
-        type=_positive_int,
+        type=types.positive_int,
         metavar="N",
         help="train N full-batch steps; report the loss after each and the last weights",
     )
@@ -95,40 +86,42 @@ def _layer_trace(args):
     return trace_example(args.example) if args.example else trace_file(args.model)
 
 
-def _run_layer_trace(args) -> int:
+def _write(args, make_trace, plot) -> int:
+    """Print ``make_trace()`` (a network's or a layer's trace) in ``--format``; with ``--plot``,
+    ``plot(trace, path)`` draws it and names what it drew. The path is checked first."""
     if args.plot:
         from ..plots import check_plot_path
 
         check_plot_path(args.plot)
-    traced = _layer_trace(args)
+    traced = make_trace()
     sys.stdout.write(traced.render(args.format))
     if args.format == "json":
         sys.stdout.write("\n")
     if args.plot:
-        from ..plots_layers import plot_layer_trace
-
-        plot_layer_trace(traced, args.plot)
-        print(f"{traced.kind} diagram written to {args.plot}", file=sys.stderr)
+        drawn = plot(traced, args.plot)
+        print(f"{drawn} diagram written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _plot_layer(traced, path) -> str:
+    from ..plots_layers import plot_layer_trace
+
+    plot_layer_trace(traced, path)
+    return traced.kind
+
+
+def _plot_network(result, path) -> str:
+    from ..plots import plot_network
+
+    plot_network(result, path)
+    return "network"
 
 
 def run(args) -> int:
     from ..trace import load_config, seed_config, trace
 
     if args.example or args.model:
-        return _run_layer_trace(args)
+        return _write(args, lambda: _layer_trace(args), _plot_layer)
     config = load_config(args.config) if args.config else seed_config()
-    if args.plot:
-        from ..plots import check_plot_path
-
-        check_plot_path(args.plot)
-    result = trace(config, steps=args.steps, freeze_bias=args.freeze_bias)
-    sys.stdout.write(result.render(args.format))
-    if args.format == "json":
-        sys.stdout.write("\n")
-    if args.plot:
-        from ..plots import plot_network
-
-        plot_network(result, args.plot)
-        print(f"network diagram written to {args.plot}", file=sys.stderr)
-    return 0
+    network_trace = lambda: trace(config, steps=args.steps, freeze_bias=args.freeze_bias)
+    return _write(args, network_trace, _plot_network)

@@ -31,6 +31,13 @@ _hidden = types.widths(1, "128,128")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Choices are listed here rather than imported, so `jaxbp train --help` stays light; a test
     # checks they match the library's tables.
+    _add_model_arguments(parser)
+    _add_optimization_arguments(parser)
+    _add_run_arguments(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is trained: the data, the model, the loss."""
     parser.add_argument(
         "--dataset",
         choices=("xor", "seed", "digits", "iris", "breast_cancer", "mnist1d", "text"),
@@ -67,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--loss",
         choices=("half_sse", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"),
     )
+
+
+def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
+    """How it is trained: optimizer, schedule, batches, seed, the gradient check, the rule."""
     parser.add_argument(
         "--optimizer",
         choices=("sgd", "momentum", "adam"),
@@ -109,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "feedback alignment); the angle of each layer's update to jax.grad "
         "goes to metrics.json and alignment.png (see jaxbp.rules)",
     )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the run is written, resumed, stopped, spread and shown."""
     parser.add_argument(
         "--out",
         metavar="DIR",

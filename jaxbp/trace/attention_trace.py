@@ -26,14 +26,14 @@ import numpy as np
 from .config import ConfigError
 from .layer_traces import (
     TracedLayer,
-    autodiff_gradients,
-    build_layer,
     check_section,
     checked_total,
     dict_of_lists,
-    half_sse,
-    spec_data,
-    spec_params,
+    float64,
+    layer_step,
+    spec_layer,
+    sum_line,
+    traced_layer,
 )
 from .notation import computed, factor, given, given_factor
 from .render import Lines, Paragraph, Section, Subtitle
@@ -97,12 +97,6 @@ def _n(symbol: str, t: int, a: int) -> str:
     return f"{symbol}{t + 1}.{a + 1}"
 
 
-def _sum_line(lhs: str, symbols, numbers, terms, total, what: str, tail: str = "") -> str:
-    """``lhs = a*b + c*d = 1*2 + 3*4 = total``, the total checked against the terms."""
-    value = checked_total(terms, total, what)
-    return f"{lhs} = {' + '.join(symbols)} = {' + '.join(numbers)}{tail} = {computed(value)}"
-
-
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -115,7 +109,7 @@ def _projection_lines(page: _Page, name: str, out: np.ndarray) -> list[str]:
     for t, a in np.ndindex(out.shape):
         cs = range(page.dim)
         lines.append(
-            _sum_line(
+            sum_line(
                 _n(name, t, a),
                 [f"{_n('x', t, c)}*W{name}[{c + 1}][{a + 1}]" for c in cs] + [f"b{name}[{a + 1}]"],
                 [f"{given_factor(page.x[t, c])}*{given_factor(w[c, a])}" for c in cs]
@@ -147,7 +141,7 @@ def _softmax_lines(page: _Page, t: int) -> list[str]:
     top, exps = s.max(), np.exp(s - s.max())
     z = f"Z{t + 1}"
     lines = [
-        _sum_line(
+        sum_line(
             z,
             [f"e^(s{t + 1}.{u + 1} - {computed(top)})" for u in seen],
             [computed(e) for e in exps],
@@ -173,7 +167,7 @@ def _softmax_lines(page: _Page, t: int) -> list[str]:
 def _weighted_value_lines(page: _Page) -> list[str]:
     us = range(page.tokens)
     return [
-        _sum_line(
+        sum_line(
             _n("h", t, a),
             [f"p{t + 1}.{u + 1}*{_n('v', u, a)}" for u in us],
             [f"{factor(page.p[t, u])}*{factor(page.v[u, a])}" for u in us],
@@ -188,7 +182,7 @@ def _weighted_value_lines(page: _Page) -> list[str]:
 def _output_lines(page: _Page) -> list[str]:
     w, b, cs = page.params["Wo"], page.params["bo"], range(page.dim)
     return [
-        _sum_line(
+        sum_line(
             _n("y", t, a),
             [f"{_n('h', t, c)}*Wo[{c + 1}][{a + 1}]" for c in cs] + [f"bo[{a + 1}]"],
             [f"{factor(page.h[t, c])}*{given_factor(w[c, a])}" for c in cs] + [given_factor(b[a])],
@@ -232,7 +226,7 @@ def error_section(page: _Page) -> Section:
     for t in range(page.tokens):
         terms = 0.5 * (page.y[t] - page.t[t]) ** 2
         lines.append(
-            _sum_line(
+            sum_line(
                 f"E{t + 1}",
                 [f"1/2 ({_n('y', t, a)} - {_n('t', t, a)})^2" for a in range(page.dim)],
                 [
@@ -246,7 +240,7 @@ def error_section(page: _Page) -> Section:
         )
     per_token = 0.5 * ((page.y - page.t) ** 2).sum(axis=1)
     lines.append(
-        _sum_line(
+        sum_line(
             "E",
             [f"E{t + 1}" for t in range(page.tokens)],
             [factor(e) for e in per_token],
@@ -271,7 +265,7 @@ def _output_projection_lines(page: _Page) -> list[str]:
         for t, a in np.ndindex(page.y.shape)
     ]
     lines += [
-        _sum_line(
+        sum_line(
             f"dE/dWo[{c + 1}][{a + 1}]",
             [f"{_n('h', t, c)}*dE/d{_n('y', t, a)}" for t in ts],
             [f"{factor(page.h[t, c])}*{factor(page.dy[t, a])}" for t in ts],
@@ -282,7 +276,7 @@ def _output_projection_lines(page: _Page) -> list[str]:
         for c, a in np.ndindex(w.shape)
     ]
     lines += [
-        _sum_line(
+        sum_line(
             f"dE/dbo[{a + 1}]",
             [f"dE/d{_n('y', t, a)}" for t in ts],
             [factor(page.dy[t, a]) for t in ts],
@@ -293,7 +287,7 @@ def _output_projection_lines(page: _Page) -> list[str]:
         for a in cs
     ]
     lines += [
-        _sum_line(
+        sum_line(
             f"dE/d{_n('h', t, c)}",
             [f"dE/d{_n('y', t, a)}*Wo[{c + 1}][{a + 1}]" for a in cs],
             [f"{factor(page.dy[t, a])}*{given_factor(w[c, a])}" for a in cs],
@@ -309,7 +303,7 @@ def _output_projection_lines(page: _Page) -> list[str]:
 def _weighted_value_backward_lines(page: _Page) -> list[str]:
     ts, a_range = range(page.tokens), range(page.dim)
     lines = [
-        _sum_line(
+        sum_line(
             f"dE/dp{t + 1}.{u + 1}",
             [f"dE/d{_n('h', t, a)}*{_n('v', u, a)}" for a in a_range],
             [f"{factor(page.dh[t, a])}*{factor(page.v[u, a])}" for a in a_range],
@@ -320,7 +314,7 @@ def _weighted_value_backward_lines(page: _Page) -> list[str]:
         for t, u in np.ndindex(page.p.shape)
     ]
     lines += [
-        _sum_line(
+        sum_line(
             f"dE/d{_n('v', u, a)}",
             [f"p{t + 1}.{u + 1}*dE/d{_n('h', t, a)}" for t in ts],
             [f"{factor(page.p[t, u])}*{factor(page.dh[t, a])}" for t in ts],
@@ -352,7 +346,7 @@ def _softmax_backward_lines(page: _Page, t: int) -> list[str]:
     p, dp = page.p[t], page.dp[t]
     lines = [
         _jacobian_line(page, t),
-        _sum_line(
+        sum_line(
             row,
             [f"p{t + 1}.{u + 1}*dE/dp{t + 1}.{u + 1}" for u in us],
             [f"{factor(p[u])}*{factor(dp[u])}" for u in us],
@@ -402,7 +396,7 @@ def _score_backward_lines(page: _Page) -> list[str]:
 def _projection_backward_lines(page: _Page, name: str, grad: np.ndarray) -> list[str]:
     ts, w = range(page.tokens), page.params["W" + name]
     lines = [
-        _sum_line(
+        sum_line(
             f"dE/dW{name}[{c + 1}][{a + 1}]",
             [f"{_n('x', t, c)}*dE/d{_n(name, t, a)}" for t in ts],
             [f"{given_factor(page.x[t, c])}*{factor(grad[t, a])}" for t in ts],
@@ -413,7 +407,7 @@ def _projection_backward_lines(page: _Page, name: str, grad: np.ndarray) -> list
         for c, a in np.ndindex(w.shape)
     ]
     return lines + [
-        _sum_line(
+        sum_line(
             f"dE/db{name}[{a + 1}]",
             [f"dE/d{_n(name, t, a)}" for t in ts],
             [factor(grad[t, a]) for t in ts],
@@ -431,7 +425,7 @@ def _input_lines(page: _Page) -> list[str]:
         triples = [(n, g, a) for n, g in parts for a in range(page.dim)]
         w = page.params
         lines.append(
-            _sum_line(
+            sum_line(
                 f"dE/d{_n('x', t, c)}",
                 [f"dE/d{_n(n, t, a)}*W{n}[{c + 1}][{a + 1}]" for n, _, a in triples],
                 [f"{factor(g[t, a])}*{given_factor(w['W' + n][c, a])}" for n, g, a in triples],
@@ -559,41 +553,31 @@ def _checked_inputs(layer, x: np.ndarray) -> None:
 
 
 def _page(spec: dict, example: dict) -> tuple:
-    import jax.numpy as jnp
-
-    layer = build_layer(spec)
-    x = spec_data(spec, example, "inputs")
-    _checked_inputs(layer, x)
-    params = spec_params(spec, layer, x.shape)
-    y, cache = layer.forward(params, jnp.asarray(x))
-    t = spec_data(spec, example, "targets", expected=y.shape)
-    dy = y - jnp.asarray(t)  # dE/dy of E = 1/2 sum (y - t)^2
-    dparams, dx = layer.backward(params, cache, dy)
-    numpy = lambda a: np.asarray(a, np.float64)
-    _, q, k, v, probs, heads = (numpy(a) for a in cache)
+    layer, x, params = spec_layer(spec, example, check=_checked_inputs)
+    step = layer_step(layer, params, x, spec, example)
+    _, q, k, v, probs, heads = (float64(a) for a in step.cache)
     numbers = {
-        "params": {key: numpy(value) for key, value in params.items()},
+        "params": {key: float64(value) for key, value in params.items()},
         "x": x,
-        "t": t,
+        "t": step.t,
         "q": q[:, 0],
         "k": k[:, 0],
         "v": v[:, 0],
         "p": probs[0],
         "h": heads,
-        "y": numpy(y),
-        "dy": numpy(dy),
+        "y": step.y,
+        "dy": step.dy,
         "scale": 1 / math.sqrt(x.shape[1]),
     }
     causal = dict(layer.config)["causal"]
     mask = np.tril(np.ones((x.shape[0],) * 2, bool)) if causal else np.ones((x.shape[0],) * 2, bool)
-    grads = {**{key: numpy(value) for key, value in dparams.items()}, "x": numpy(dx)}
     page = _Page(
         **numbers,
         mask=mask,
         **_worked_gradients(numbers),
-        grads=grads,
-        autodiff=autodiff_gradients(layer, params, jnp.asarray(x), jnp.asarray(t)),
-        loss=float(half_sse(numbers["y"], t)),
+        grads=step.grads,
+        autodiff=step.autodiff,
+        loss=step.loss,
     )
     return layer, page
 
@@ -627,8 +611,6 @@ def trace_attention(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
     """Trace one step of the one-head MultiHeadAttention a trace file describes."""
     import jax
 
-    from ..model import describe
-
     with jax.enable_x64(True):
         layer, page = _page(spec, example)
     sections = [
@@ -638,10 +620,4 @@ def trace_attention(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
         backward_section(page),
         check_section(_check_rows(page)),
     ]
-    used = {
-        "model": describe(layer),
-        "params": dict_of_lists(page.params),
-        "inputs": page.x.tolist(),
-        "targets": page.t.tolist(),
-    }
-    return TracedLayer("attention", used, _numbers(page), sections, page.grads, page.autodiff)
+    return traced_layer("attention", layer, page, page.params, sections, _numbers(page))

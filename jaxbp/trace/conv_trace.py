@@ -22,14 +22,15 @@ import numpy as np
 from .config import ConfigError
 from .layer_traces import (
     TracedLayer,
-    autodiff_gradients,
-    build_layer,
+    as_columns,
     check_section,
     checked_total,
     dict_of_lists,
-    half_sse,
-    spec_data,
-    spec_params,
+    float64,
+    layer_step,
+    spec_layer,
+    sum_line,
+    traced_layer,
 )
 from .notation import computed, factor, given, given_factor
 from .render import Lines, Paragraph, Section, Table
@@ -230,13 +231,13 @@ def forward_section(page: _Page) -> Section:
 def error_section(page: _Page) -> Section:
     g, n = page.g, page.names
     pairs = [(o, co) for o in range(g.outputs) for co in range(g.out_channels)]
-    symbols = " + ".join(f"1/2 ({n.y(o, co)} - {n.t(o, co)})^2" for o, co in pairs)
-    numbers = " + ".join(
+    symbols = [f"1/2 ({n.y(o, co)} - {n.t(o, co)})^2" for o, co in pairs]
+    numbers = [
         f"1/2 ({factor(page.y[o, co])} - {given_factor(page.t[o, co])})^2" for o, co in pairs
-    )
+    ]
     terms = [0.5 * (page.y[o, co] - page.t[o, co]) ** 2 for o, co in pairs]
-    total = checked_total(terms, page.loss, "the loss")
-    return Section("Step 2: the error", [Lines([f"E = {symbols} = {numbers} = {computed(total)}"])])
+    line = sum_line("E", symbols, numbers, terms, page.loss, "the loss")
+    return Section("Step 2: the error", [Lines([line])])
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,17 +377,13 @@ def _check_rows(page: _Page) -> list:
 
 def _inputs_layout(value: np.ndarray) -> np.ndarray:
     """A plain list is one channel: ``(length,) -> (length, 1)``."""
-    if value.ndim == 1:
-        return value[:, None]
-    if value.ndim != 2:
-        raise ConfigError(
-            f"trace file: Conv1D traces one example: inputs of shape (length,) or "
-            f"(length, channels), got shape {value.shape}"
-        )
-    return value
+    return as_columns(
+        value, "Conv1D traces one example: inputs of shape (length,) or (length, channels)"
+    )
 
 
-def _checked_size(x: np.ndarray, out_channels: int) -> None:
+def _checked_size(layer, x: np.ndarray) -> None:
+    out_channels = dict(layer.config)["out_channels"]
     if x.shape[0] > MAX_POSITIONS or max(x.shape[1], out_channels) > MAX_CHANNELS:
         raise ConfigError(
             f"trace file: a Conv1D trace prints every number; expected at most "
@@ -396,32 +393,12 @@ def _checked_size(x: np.ndarray, out_channels: int) -> None:
 
 
 def _page(spec: dict, example: dict):
-    import jax.numpy as jnp
-
-    layer = build_layer(spec)
-    x = spec_data(spec, example, "inputs", _inputs_layout)
-    _checked_size(x, dict(layer.config)["out_channels"])
-    params = spec_params(spec, layer, x.shape)
-    y, cache = layer.forward(params, jnp.asarray(x))
-    t = spec_data(spec, example, "targets", _inputs_layout, expected=y.shape)
-    dy = y - jnp.asarray(t)  # dE/dy of E = 1/2 sum (y - t)^2
-    dparams, dx = layer.backward(params, cache, dy)
-    numpy = lambda a: np.asarray(a, np.float64)
-    grads = {"W": numpy(dparams["W"]), "b": numpy(dparams["b"]), "x": numpy(dx)}
-    autodiff = autodiff_gradients(layer, params, jnp.asarray(x), jnp.asarray(t))
-    g = conv_geometry(layer, x.shape, y.shape)
+    layer, x, params = spec_layer(spec, example, _inputs_layout, _checked_size)
+    step = layer_step(layer, params, x, spec, example, _inputs_layout)
+    g = conv_geometry(layer, x.shape, step.y.shape)
+    w, b = float64(params["W"]), float64(params["b"])
     page = _Page(
-        g,
-        _Names(g),
-        x,
-        numpy(params["W"]),
-        numpy(params["b"]),
-        t,
-        numpy(y),
-        numpy(dy),
-        grads,
-        autodiff,
-        float(half_sse(numpy(y), t)),
+        g, _Names(g), x, w, b, step.t, step.y, step.dy, step.grads, step.autodiff, step.loss
     )
     return layer, page
 
@@ -449,8 +426,6 @@ def trace_conv(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
     """Trace one step of the Conv1D a trace file describes (see :mod:`jaxbp.trace.layer_traces`)."""
     import jax
 
-    from ..model import describe
-
     with jax.enable_x64(True):
         layer, page = _page(spec, example)
     sections = [
@@ -461,10 +436,5 @@ def trace_conv(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
         backward_section(page),
         check_section(_check_rows(page)),
     ]
-    used = {
-        "model": describe(layer),
-        "params": {"W": page.w.tolist(), "b": page.b.tolist()},
-        "inputs": page.x.tolist(),
-        "targets": page.t.tolist(),
-    }
-    return TracedLayer("conv", used, _numbers(page), sections, page.grads, page.autodiff)
+    params = {"W": page.w, "b": page.b}
+    return traced_layer("conv", layer, page, params, sections, _numbers(page))

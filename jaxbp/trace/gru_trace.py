@@ -30,13 +30,16 @@ import numpy as np
 from .config import ConfigError
 from .layer_traces import (
     TracedLayer,
-    build_layer,
+    as_columns,
     check_section,
     checked_total,
     dict_of_lists,
+    float64,
     half_sse,
     spec_data,
-    spec_params,
+    spec_layer,
+    sum_line,
+    traced_layer,
 )
 from .notation import computed, factor, given, given_factor, logistic
 from .render import Block, Lines, Paragraph, Section, Subtitle, Table
@@ -120,12 +123,6 @@ def _column(page: _Page, gate: str, a: int) -> int:
     return GATES.index(gate) * page.hidden + a
 
 
-def _sum_line(lhs: str, symbols, numbers, terms, total, what: str) -> str:
-    """``lhs = a*b + c*d = 1*2 + 3*4 = total``, the total checked against the terms."""
-    value = checked_total(terms, total, what)
-    return f"{lhs} = {' + '.join(symbols)} = {' + '.join(numbers)} = {computed(value)}"
-
-
 # --------------------------------------------------------------------------------------------
 # Step 1: forward, one time step at a time
 # --------------------------------------------------------------------------------------------
@@ -164,7 +161,7 @@ def _sigmoid_gate_lines(page: _Page, gate: str, s: int, a: int) -> list[str]:
 
 def _candidate_lines(page: _Page, s: int, a: int) -> list[str]:
     p, col, units = page.params, _column(page, "n", a), range(page.hidden)
-    ahn = _sum_line(
+    ahn = sum_line(
         _n("ahn", s, a),
         [f"{_n('h', s - 1, b)}*{_w('h', 'n', b, a)}" for b in units] + [_b("h", "n", a)],
         [f"{factor(page.h[s - 1, b])}*{given_factor(p['Wh'][b, col])}" for b in units]
@@ -259,7 +256,7 @@ def _output_names(page: _Page) -> list[tuple]:
 def error_section(page: _Page) -> Section:
     outputs = _output_names(page)
     terms = [0.5 * (page.y[i] - page.t[i]) ** 2 for i, _, _ in outputs]
-    line = _sum_line(
+    line = sum_line(
         "E",
         [f"1/2 ({y} - {t})^2" for _, y, t in outputs],
         [f"1/2 ({factor(page.y[i])} - {given_factor(page.t[i])})^2" for i, _, _ in outputs],
@@ -313,7 +310,7 @@ def _dh_line(page: _Page, s: int, b: int) -> str:
     if s < page.steps:
         more = _through_gates(page, s + 1, b)
         symbols, numbers, terms = symbols + more[0], numbers + more[1], terms + more[2]
-    return _sum_line(
+    return sum_line(
         f"dE/d{_n('h', s, b)}", symbols, numbers, terms, page.dh[s - 1, b], f"dE/d{_n('h', s, b)}"
     )
 
@@ -398,7 +395,7 @@ def _weight_lines(page: _Page, kind: str) -> list[str]:
         for row, a in np.ndindex(rows, page.hidden):
             col, g = _column(page, gate, a), grads[gate]
             lines.append(
-                _sum_line(
+                sum_line(
                     f"dE/d{_w(kind, gate, row, a)}",
                     [
                         f"{_n(source, s - 1 + offset, row)}*{_grad_symbol(gate, kind, s, a)}"
@@ -420,7 +417,7 @@ def _bias_lines(page: _Page, kind: str) -> list[str]:
         range(1, page.steps + 1),
     )
     return [
-        _sum_line(
+        sum_line(
             f"dE/d{_b(kind, gate, a)}",
             [_grad_symbol(gate, kind, s, a) for s in steps],
             [factor(grads[gate][s - 1, a]) for s in steps],
@@ -438,7 +435,7 @@ def _input_lines(page: _Page) -> list[str]:
     for s, c in np.ndindex(page.steps, page.features):
         triples = [(gate, a) for gate in GATES for a in range(page.hidden)]
         lines.append(
-            _sum_line(
+            sum_line(
                 f"dE/d{_n('x', s + 1, c)}",
                 [f"{_grad_symbol(g, 'i', s + 1, a)}*{_w('i', g, c, a)}" for g, a in triples],
                 [
@@ -580,18 +577,13 @@ def _worked_gradients(numbers: dict, sequences: bool) -> dict:
 
 def _inputs_layout(value: np.ndarray) -> np.ndarray:
     """A plain list is one feature per step: ``(time,) -> (time, 1)``."""
-    if value.ndim == 1:
-        return value[:, None]
-    if value.ndim != 2:
-        raise ConfigError(
-            f"trace file: the GRU trace follows one sequence: inputs of shape "
-            f"(time,) or (time, features), got shape {value.shape}"
-        )
-    return value
+    return as_columns(
+        value, "the GRU trace follows one sequence: inputs of shape (time,) or (time, features)"
+    )
 
 
-def _checked(layer, x: np.ndarray) -> bool:
-    """The layer's return_sequences, after checking the trace can print it."""
+def _checked(layer, x: np.ndarray) -> None:
+    """Check the trace can print the layer on ``x``: forwards, and small enough."""
     config = dict(layer.config)
     if config["reverse"]:
         raise ConfigError(
@@ -605,7 +597,6 @@ def _checked(layer, x: np.ndarray) -> bool:
             f"{MAX_HIDDEN}, got inputs of shape {x.shape} and hidden "
             f"{config['hidden']}"
         )
-    return config["return_sequences"]
 
 
 def _layer_numbers(layer, params, x, t) -> tuple:
@@ -638,32 +629,29 @@ def _page(spec: dict, example: dict) -> tuple:
 
     from ..model import describe
 
-    layer = build_layer(spec)
-    x = spec_data(spec, example, "inputs", _inputs_layout)
-    sequences = _checked(layer, x)
-    params = spec_params(spec, layer, x.shape)
+    layer, x, params = spec_layer(spec, example, _inputs_layout, _checked)
+    sequences = dict(layer.config)["return_sequences"]
     out_shape = jax.eval_shape(layer.forward, params, jnp.asarray(x))[0].shape
     t = spec_data(spec, example, "targets", expected=out_shape)
     run = _compiled(json.dumps(describe(layer), sort_keys=True))
     y, steps, dy, dparams, dx, (auto_params, auto_x) = run(params, jnp.asarray(x), jnp.asarray(t))
     hs, r, z, n, ahn = steps  # the layer's cache: time-major, a batch of one
-    numpy = lambda a: np.asarray(a, np.float64)
-    states = numpy(hs)[:, 0]
+    states = float64(hs)[:, 0]
     numbers: dict[str, Any] = {
-        "params": {key: numpy(value) for key, value in params.items()},
+        "params": {key: float64(value) for key, value in params.items()},
         "x": x,
         "t": t,
         "h": np.concatenate([np.zeros((1, states.shape[1])), states]),
-        "r": numpy(r)[:, 0],
-        "z": numpy(z)[:, 0],
-        "n": numpy(n)[:, 0],
-        "ahn": numpy(ahn)[:, 0],
-        "y": numpy(y),
-        "dy": numpy(dy),
+        "r": float64(r)[:, 0],
+        "z": float64(z)[:, 0],
+        "n": float64(n)[:, 0],
+        "ahn": float64(ahn)[:, 0],
+        "y": float64(y),
+        "dy": float64(dy),
     }
     worked = _worked_gradients({**numbers, "Wh": numbers["params"]["Wh"]}, sequences)
-    grads = {**{key: numpy(value) for key, value in dparams.items()}, "x": numpy(dx)}
-    autodiff = {**{key: numpy(value) for key, value in auto_params.items()}, "x": numpy(auto_x)}
+    grads = {**{key: float64(value) for key, value in dparams.items()}, "x": float64(dx)}
+    autodiff = {**{key: float64(value) for key, value in auto_params.items()}, "x": float64(auto_x)}
     page = _Page(
         **numbers,
         sequences=sequences,
@@ -706,8 +694,6 @@ def trace_gru(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
     """Trace one step of backpropagation through time of the GRU a trace file describes."""
     import jax
 
-    from ..model import describe
-
     with jax.enable_x64(True):
         layer, page = _page(spec, example)
     sections = [
@@ -718,10 +704,4 @@ def trace_gru(spec: dict, example: dict = EXAMPLE) -> TracedLayer:
         shared_weights_section(page),
         check_section(_check_rows(page)),
     ]
-    used = {
-        "model": describe(layer),
-        "params": dict_of_lists(page.params),
-        "inputs": page.x.tolist(),
-        "targets": page.t.tolist(),
-    }
-    return TracedLayer("gru", used, _numbers(page), sections, page.grads, page.autodiff)
+    return traced_layer("gru", layer, page, page.params, sections, _numbers(page))

@@ -23,28 +23,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .config import ConfigError
-from .render import FORMATS, Section, Table, render_markdown, render_text
+from .notation import computed
+from .render import FORMATS, Paragraph, Section, Table, render_markdown, render_text
 
 __all__ = [
     "EXAMPLES",
     "TRACEABLE_LAYERS",
+    "LayerStep",
     "TracedLayer",
+    "as_columns",
     "autodiff_gradients",
     "check_section",
     "checked_total",
     "example_spec",
+    "float64",
     "half_sse",
+    "layer_step",
     "load_trace_file",
     "nested_array",
     "parse_trace_spec",
+    "spec_layer",
+    "sum_line",
     "trace_example",
     "trace_file",
     "trace_layer",
+    "traced_layer",
 ]
 
 _TOP_KEYS = ("model", "params", "inputs", "targets")
@@ -128,6 +136,12 @@ def checked_total(terms, total, what: str) -> float:
     return total
 
 
+def sum_line(lhs: str, symbols, numbers, terms, total, what: str, tail: str = "") -> str:
+    """``lhs = a*b + c*d = 1*2 + 3*4 = total``, the total checked against the terms."""
+    value = checked_total(terms, total, what)
+    return f"{lhs} = {' + '.join(symbols)} = {' + '.join(numbers)}{tail} = {computed(value)}"
+
+
 def check_section(rows: list) -> Section:
     """``rows`` of ``(name, manual, jax.grad)``: the closing table, as the seed trace's."""
     table = [
@@ -135,8 +149,6 @@ def check_section(rows: list) -> Section:
         for name, m, a in rows
     ]
     worst = max(abs(float(m) - float(a)) for _, m, a in rows)
-    from .render import Paragraph
-
     return Section(
         "Check: jax.grad agrees",
         [
@@ -285,6 +297,16 @@ def build_layer(spec: dict):
     return build(spec["model"], where="trace file: model")
 
 
+def spec_layer(spec: dict, example: dict, shape_fix=None, check=None) -> tuple:
+    """``(layer, inputs, params)`` of a trace file: the layer, its inputs (:func:`spec_data`,
+    then ``check(layer, inputs)``, the tracer's limits) and params (:func:`spec_params`)."""
+    layer = build_layer(spec)
+    x = spec_data(spec, example, "inputs", shape_fix)
+    if check is not None:
+        check(layer, x)
+    return layer, x, spec_params(spec, layer, x.shape)
+
+
 def spec_params(spec: dict, layer, input_shape: tuple) -> dict:
     """The spec's params as float64 jax arrays, shapes checked against ``layer.init``; without
     params, ``init`` with key 0 rounded to two places (call inside ``jax.enable_x64``)."""
@@ -337,5 +359,62 @@ def spec_data(spec: dict, example: dict, key: str, shape_fix=None, expected=None
     raise ConfigError(f"trace file: {key} has shape {value.shape}; expected {tuple(expected)}")
 
 
+def as_columns(value: np.ndarray, expected: str) -> np.ndarray:
+    """A plain list as one column, ``(n,) -> (n, 1)``; a 2-D array as given; any other shape
+    a :class:`~jaxbp.trace.ConfigError` saying ``expected``."""
+    if value.ndim == 1:
+        return value[:, None]
+    if value.ndim != 2:
+        raise ConfigError(f"trace file: {expected}, got shape {value.shape}")
+    return value
+
+
+def float64(value) -> np.ndarray:
+    return np.asarray(value, np.float64)
+
+
 def dict_of_lists(tree: dict) -> dict:
-    return {k: np.asarray(v, np.float64).tolist() for k, v in tree.items()}
+    return {k: float64(v).tolist() for k, v in tree.items()}
+
+
+class LayerStep(NamedTuple):
+    """One step of a traced layer on ``E = 1/2 sum (y - t)^2`` (numpy float64 but ``cache``,
+    as the layer's forward returned it): ``grads`` from its own backward and ``autodiff`` from
+    ``jax.grad``, each keyed by parameter name and ``"x"``."""
+
+    y: np.ndarray
+    cache: Any
+    t: np.ndarray
+    dy: np.ndarray
+    grads: dict
+    autodiff: dict
+    loss: float
+
+
+def layer_step(layer, params, x: np.ndarray, spec: dict, example: dict, shape_fix=None):
+    """The layer's forward on ``x``, the spec's targets (:func:`spec_data`, shaped as ``y``),
+    ``dE/dy = y - t``, the layer's backward and ``jax.grad`` (call inside ``jax.enable_x64``)."""
+    import jax.numpy as jnp
+
+    y, cache = layer.forward(params, jnp.asarray(x))
+    t = spec_data(spec, example, "targets", shape_fix, expected=y.shape)
+    dy = y - jnp.asarray(t)
+    dparams, dx = layer.backward(params, cache, dy)
+    grads = {**{key: float64(value) for key, value in dparams.items()}, "x": float64(dx)}
+    autodiff = autodiff_gradients(layer, params, jnp.asarray(x), jnp.asarray(t))
+    y = float64(y)
+    return LayerStep(y, cache, t, float64(dy), grads, autodiff, float(half_sse(y, t)))
+
+
+def traced_layer(kind: str, layer, page, params: dict, sections: list, numbers: dict):
+    """The :class:`TracedLayer` of ``page`` (its ``x``, ``t``, ``grads``, ``autodiff``): its
+    ``spec`` is the trace file of what was used, the layer's description and ``params``."""
+    from ..model import describe
+
+    used = {
+        "model": describe(layer),
+        "params": dict_of_lists(params),
+        "inputs": page.x.tolist(),
+        "targets": page.t.tolist(),
+    }
+    return TracedLayer(kind, used, numbers, sections, page.grads, page.autodiff)

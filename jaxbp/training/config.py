@@ -17,6 +17,7 @@ import optax
 
 from ..layers import ACTIVATIONS
 from ..losses import LOSSES
+from ..presets import TRAINING_KEYS
 from ..rules import RULES
 from ..train import CHECK_MODES, biases, sgd
 
@@ -57,20 +58,13 @@ FALLBACK: dict[str, Any] = dict(
     rule="bp",
 )
 
-# Fields that decide what is computed: a resumed run must agree with its checkpoint on these
-# (``epochs`` may grow when the learning rate does not depend on it).
+# Fields that decide what is computed: a resumed run must agree with its checkpoint on these,
+# every training setting but ``epochs`` (which may grow when the learning rate does not
+# depend on it).
 IDENTITY_FIELDS = (
     "dataset",
     "model",
-    "hidden",
-    "activation",
-    "output_activation",
-    "loss",
-    "optimizer",
-    "lr",
-    "schedule",
-    "weight_decay",
-    "batch_size",
+    *(key for key in TRAINING_KEYS if key != "epochs"),
     "seed",
     "check",
     "text",
@@ -156,8 +150,8 @@ def _choice(name, v, options):
 
 def check_seed(value, what: str = "seed") -> int:
     """``value`` as an int if it is a valid seed, an integer in ``[0, 2**32)`` (what
-    ``jax.random.key`` takes without overflow), else a ``ValueError``. The one seed check:
-    the command-line parser (:func:`jaxbp.commands.args.seed`) calls it too."""
+    ``jax.random.key`` takes without overflow), else a ``ValueError``. The command-line parser
+    (:func:`jaxbp.commands.args.seed`) checks the same range without importing JAX."""
     if not _is_int(value) or not 0 <= value < 2**32:
         raise ValueError(f"{what} must be an integer in [0, 2**32), got {value!r}")
     return int(value)

@@ -222,6 +222,43 @@ def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer)
     return ts, data_key
 
 
+def _training_data(cfg: TrainConfig, dataset, preset: Preset) -> TrainData:
+    """The dataset's arrays with targets for ``cfg.loss`` (augmented or windowed with their own
+    key), after checking that a batch fits the training set and splits over the devices."""
+    assert cfg.seed is not None and cfg.loss is not None and cfg.batch_size is not None
+    sequence = getattr(dataset, "task", None) == "sequence"  # windows at random offsets
+    augment_key = (
+        jax.random.fold_in(jax.random.key(cfg.seed), 3) if preset.augment or sequence else None
+    )
+    data = targets(dataset, cfg.loss, preset.input_shape, augment_key)
+    if cfg.batch_size > data.n_train:
+        raise ValueError(
+            f"batch_size must be between 1 and the number of training examples "
+            f"({data.n_train}), got {cfg.batch_size}"
+        )
+    if cfg.devices > 1:
+        from ..parallel import check_batch_size, data_parallel_mesh
+
+        check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
+    return data
+
+
+def _epoch_loop(cfg: TrainConfig, preset: Preset, net: Layer, optimizer, data: TrainData):
+    """The compiled epoch of ``net`` as ``cfg`` and ``preset`` say (see :mod:`.compiled`)."""
+    assert cfg.loss is not None and cfg.check is not None and cfg.rule is not None
+    return compiled.epoch_loop(
+        net,
+        cfg.loss,
+        optimizer,
+        rules.step_check(cfg.check, cfg.rule),
+        preset.fused,
+        int((preset.augment or {}).get("shift", 0)),
+        cfg.devices,
+        cfg.jit,
+        data.context,
+    )
+
+
 def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
     """Resolve ``config`` (see :class:`TrainConfig`), load the data, build (or, on resume,
     rebuild from the checkpoint's description) the network, and restore the train state.
@@ -248,20 +285,7 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
         and cfg.check is not None
         and cfg.rule is not None
     )
-    sequence = getattr(dataset, "task", None) == "sequence"  # windows at random offsets
-    augment_key = (
-        jax.random.fold_in(jax.random.key(cfg.seed), 3) if preset.augment or sequence else None
-    )
-    data = targets(dataset, cfg.loss, preset.input_shape, augment_key)
-    if cfg.batch_size > data.n_train:
-        raise ValueError(
-            f"batch_size must be between 1 and the number of training examples "
-            f"({data.n_train}), got {cfg.batch_size}"
-        )
-    if cfg.devices > 1:
-        from ..parallel import check_batch_size, data_parallel_mesh
-
-        check_batch_size(data_parallel_mesh(cfg.devices), cfg.batch_size)
+    data = _training_data(cfg, dataset, preset)
     ckpt = out / CHECKPOINT_FILE if header and out is not None else None
     description = (
         header["network"]
@@ -283,17 +307,7 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
         describe(net),
         net,
         data,
-        compiled.epoch_loop(
-            net,
-            cfg.loss,
-            optimizer,
-            rules.step_check(cfg.check, cfg.rule),
-            preset.fused,
-            int((preset.augment or {}).get("shift", 0)),
-            cfg.devices,
-            cfg.jit,
-            data.context,
-        ),
+        _epoch_loop(cfg, preset, net, optimizer, data),
         compiled.sequence_evaluator(net, cfg.jit)
         if data.context
         else compiled.evaluator(net, cfg.loss, cfg.jit),
