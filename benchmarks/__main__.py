@@ -20,11 +20,17 @@ def main(argv=None) -> int:
     elif any(v in os.environ for v in _BLAS_VARS):
         env = {k: v for k, v in os.environ.items() if k not in _BLAS_VARS}
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
-    from .suite import add_arguments, run
+    # The options and their checks are jaxbp bench's own: one definition for both commands.
+    from jaxbp.cli import UsageError
+    from jaxbp.commands.bench import add_arguments, run
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ One model description, timed every way jaxbp can train it, side by side:
 - ``jaxbp fused loop``: the off step inside one compiled ``lax.scan`` (the trap the training
   loop avoids for convolutions: on XLA CPU such a scan runs many times slower).
 
-A workload may add baselines of its own (W7's PyTorch eager twin), timed in the same
-interleaved rounds; otherwise the section says PyTorch eager has no twin for the network.
+A workload may add baselines of its own, timed in the same interleaved rounds: the PyTorch
+eager twin (``TORCH_VARIANT``: :mod:`benchmarks.torch_nets` for W4-W6,
+:mod:`benchmarks.torch_gpt` for W7); otherwise the section says PyTorch eager has no twin for
+the network.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -27,6 +30,14 @@ from .harness import compile_timed, measure
 from .mlp import copy_tree
 
 LEARNING_RATE = 0.01
+TORCH_VARIANT = "PyTorch eager step"
+
+
+def torch_threads() -> int:
+    """The cores this process may run on (PyTorch's own default counts physical cores)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def build(
@@ -174,7 +185,7 @@ def run_network(
         if tokens_per_step:
             times[k]["tokens_per_s"] = tokens_per_step / times[k]["median_s"]
     num_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
-    return {
+    section = {
         "name": name,
         "description": description_text,
         "model": model,
@@ -186,3 +197,6 @@ def run_network(
         "variants": times,
         "skipped": skipped,
     }
+    if TORCH_VARIANT in times:
+        section["torch_threads"] = torch_threads()
+    return section

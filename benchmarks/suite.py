@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import json
@@ -29,33 +28,6 @@ def split_workloads(values) -> list[str]:
     """``["W0,W1", "W3"]`` -> ``["W0", "W1", "W3"]``: both spellings of ``--workloads`` work."""
     out = [w.strip().upper() for v in values for w in str(v).split(",") if w.strip()]
     return list(dict.fromkeys(out))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes and few steps: a smoke test (seconds; the numbers mean nothing)",
-    )
-    parser.add_argument(
-        "--short",
-        action="store_true",
-        help="full sizes, fewer rounds (about half the time of a full run)",
-    )
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # = --quick
-    parser.add_argument(
-        "--workloads",
-        nargs="+",
-        metavar="W",
-        default=list(WORKLOADS),
-        help=f"which workloads, e.g. W0,W1 or W0 W1 (default: all of {','.join(WORKLOADS)})",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        default=DEFAULT_JSON,
-        help="where to write the results (default: benchmarks/results/latest.json)",
-    )
 
 
 def _median(section, prefix):
@@ -93,6 +65,30 @@ def _network_targets(w: str, section: dict) -> list[dict]:
     return out
 
 
+def _torch_targets(w: str, section: dict) -> list[dict]:
+    """PyTorch eager's step time over jaxbp's, per model whose section has the PyTorch eager
+    variant or says why it was skipped (no verdict then)."""
+    from .networks import TORCH_VARIANT
+
+    out = []
+    models = sorted({n[n.index(" [") :] if " [" in n else "" for n in section["variants"]})
+    for model in models:
+        name = f"{TORCH_VARIANT}{model}"
+        if name not in section["variants"] and name not in section.get("skipped", {}):
+            continue
+        off = _network_median(section, "jaxbp step check=off", model)
+        torch_t = _network_median(section, TORCH_VARIANT, model)
+        out.append(
+            _target(
+                f"{w}{model} PyTorch eager step / jaxbp step (off) (speed-up)",
+                torch_t / off if torch_t else None,
+                1.0,
+                "at least",
+            )
+        )
+    return out
+
+
 def _target(what, value, bound, kind, unit="x"):
     if value is None:
         return {"what": what, "value": None, "target": f"{kind} {bound}{unit}", "met": None}
@@ -122,17 +118,9 @@ def targets(results: dict) -> list[dict]:
     for w in NETWORK_WORKLOADS:
         if w in results:
             out.extend(_network_targets(w, results[w]))
-    if "W7" in results:
-        off = _median(results["W7"], "jaxbp step check=off")
-        torch_t = _median(results["W7"], "PyTorch eager step")
-        out.append(
-            _target(
-                "W7 PyTorch eager step / jaxbp step (off) (speed-up)",
-                torch_t / off if torch_t else None,
-                1.0,
-                "at least",
-            )
-        )
+    for w in NETWORK_WORKLOADS:
+        if w in results:
+            out.extend(_torch_targets(w, results[w]))
     if "W0" in results:
         r = results["W0"]
         out.append(
@@ -322,11 +310,3 @@ def _run(workloads, *, quick, tiny, echo) -> dict:
         results[w] = importlib.import_module(WORKLOADS[w]).run(quick=quick, tiny=tiny)
     results["targets"] = targets(results)
     return results
-
-
-def run(args) -> int:
-    tiny = args.quick or args.tiny
-    run_suite(
-        split_workloads(args.workloads), quick=tiny or args.short, tiny=tiny, json_path=args.json
-    )
-    return 0

@@ -1,7 +1,10 @@
 """W5 a Conv2D stack on 32x32 images with 32 channels: three 3x3 SAME convolutions with
-ReLU, 2x2 max-pooling, global average pooling, Dense 10; batch 32."""
+ReLU, 2x2 max-pooling, global average pooling, Dense 10; batch 32. Beside jaxbp's variants,
+the PyTorch eager twin (:mod:`benchmarks.torch_nets`: ``F.conv2d``, ``F.max_pool2d``, the
+same weights, the same SGD step, float32)."""
 
 from .networks import run_network
+from .torch_nets import torch_baseline
 
 
 def conv2d_stack(channels: int, num_outputs: int) -> dict:
@@ -34,4 +37,5 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
         10,
         steps=2 if tiny else 5,
         rounds=2 if tiny else (3 if quick else 5),
+        baselines=torch_baseline,
     )

@@ -15,53 +15,26 @@ manual backward and for ``jax.vjp`` of the same forward, against the size of one
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxbp
 from jaxbp.attention import MultiHeadAttention
 from jaxbp.data import TEXT_DEFAULTS, load_text
 from jaxbp.presets import gpt_description
 
-from .networks import LEARNING_RATE, run_network
-from .reference import torch_available
+# TORCH_VARIANT and torch_threads live in networks now; gpt_twin and the tests import them here.
+from .networks import TORCH_VARIANT, run_network, torch_threads  # noqa: F401
 from .torch_gpt import TorchGPT, gpt_heads
-
-TORCH_VARIANT = "PyTorch eager step"
-
-
-def torch_threads() -> int:
-    """The cores this process may run on (PyTorch's own default counts physical cores)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+from .torch_nets import eager_baseline
 
 
-def torch_baseline(net, params, state, x, y) -> tuple[dict, dict]:
-    """The PyTorch eager variant (``run(n)``: ``n`` SGD steps of the twin), or why it is
-    skipped. Sets PyTorch's thread count for the process to :func:`torch_threads`."""
-    why = torch_available()
-    if why:
-        return {}, {TORCH_VARIANT: why}
-    import torch
+def _gpt_twin(net, params, state, dtype) -> TorchGPT:
+    return TorchGPT(params, gpt_heads(jaxbp.describe(net)), dtype=dtype)
 
-    torch.set_num_threads(torch_threads())
-    model = TorchGPT(params, gpt_heads(jaxbp.describe(net)), dtype=torch.float32)
-    opt = torch.optim.SGD(model.leaves, lr=LEARNING_RATE)
-    xt = torch.as_tensor(np.array(x), dtype=torch.long)
-    yt = torch.as_tensor(np.array(y), dtype=torch.long)
 
-    def run(n):
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            model.loss(xt, yt).backward()
-            opt.step()
-
-    run.model = model  # the tests read the twin's weights after a step
-    return {TORCH_VARIANT: (run, None)}, {}
+# The PyTorch eager variant (``run(n)``: ``n`` SGD steps of the twin), or why it is skipped.
+torch_baseline = eager_baseline(_gpt_twin)
 
 
 def attention_memory(batch: int, time: int, width: int, heads: int) -> dict:
@@ -146,8 +119,6 @@ def run(*, quick: bool = False, tiny: bool = False) -> dict:
     )
     section["context"] = context
     section["tokens_per_step"] = batch * context
-    if TORCH_VARIANT in section["variants"]:
-        section["torch_threads"] = torch_threads()
     memory = attention_memory(*((2, 16, 8, 2) if tiny else (8, 512, 128, 4)))
     section["attention_memory"] = memory
     section["notes"] = [_memory_note(memory)]

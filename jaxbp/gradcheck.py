@@ -346,18 +346,11 @@ def unchecked_report(grads) -> GradReport:
     )
 
 
-def compare_with_finiteness(
-    manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance
-):
-    """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
-
-    The train step's non-finite guard reads the second result instead of making passes of
-    its own over the gradients.
-    """
-    paths, man, ref = _flatten_pair(manual, reference)
-    if not paths:
-        raise ValueError("compare_grads: the gradient pytrees have no leaves to compare")
-    leaves = []  # (a, b, rtol, atol, a in its own dtype if the comparison narrows it)
+def _comparison_leaves(man, ref, rtol, atol, tolerances) -> list[tuple]:
+    """Per leaf pair ``(a, b, rtol, atol, a_own)``: both in the dtype they are compared in
+    (:func:`_leaf_dtype`), the tolerances (given, else ``tolerances(dtype)``), and ``a`` in
+    its own dtype when the comparison narrows it (else ``None``)."""
+    leaves = []
     for a, b in zip(man, ref):
         dtype = _leaf_dtype(a, b)
         r_def, a_def = tolerances(dtype)
@@ -371,6 +364,21 @@ def compare_with_finiteness(
                 a if narrowed else None,
             )
         )
+    return leaves
+
+
+def compare_with_finiteness(
+    manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance
+):
+    """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
+
+    The train step's non-finite guard reads the second result instead of making passes of
+    its own over the gradients.
+    """
+    paths, man, ref = _flatten_pair(manual, reference)
+    if not paths:
+        raise ValueError("compare_grads: the gradient pytrees have no leaves to compare")
+    leaves = _comparison_leaves(man, ref, rtol, atol, tolerances)
 
     def equal(dtype):
         # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite,

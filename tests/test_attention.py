@@ -104,6 +104,7 @@ def check_against_vjp(layer, shape, dtype, run, seed=0):
         assert leaf.shape == ref.shape and leaf.dtype == ref.dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype, shape",
     [
@@ -133,11 +134,13 @@ EAGER = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, shape, dtype", EAGER)
 def test_backward_matches_vjp_eager(name, shape, dtype):
     check_against_vjp(CASES[name], shape, dtype, manual_and_vjp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_vmap_over_examples_equals_batch(name):
     """Per-example backward under vmap: dparams summed over examples, dx stacked."""
@@ -158,6 +161,7 @@ def test_vmap_over_examples_equals_batch(name):
     np.testing.assert_allclose(y_per, layer.forward(params, x)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [
@@ -426,6 +430,7 @@ def test_attention_matches_numpy_in_torch_layout(causal):
         np.testing.assert_allclose(manual, fd, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_matches_pytorch(causal):
     torch = pytest.importorskip("torch")
@@ -501,6 +506,7 @@ def gpt_grads(net, params, ids, labels):
     return value, logits, manual, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "use_jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"]
 )

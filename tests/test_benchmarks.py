@@ -44,6 +44,7 @@ def problem(request):
     return net, params, x, y, loss, value, grads
 
 
+@pytest.mark.slow
 def test_numpy_mlp_matches_jaxbp_gradients(problem):
     net, params, x, y, loss, value, grads = problem
     model = NumpyMLP(net, params, loss, LEARNING_RATE)
@@ -54,6 +55,7 @@ def test_numpy_mlp_matches_jaxbp_gradients(problem):
         np.testing.assert_allclose(db, gb, **F32)
 
 
+@pytest.mark.slow
 def test_numpy_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, _, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
@@ -68,6 +70,7 @@ def test_numpy_step_matches_jaxbp_step(problem):
         np.testing.assert_allclose(b, jb, **F32)
 
 
+@pytest.mark.slow
 def test_plain_jax_grad_step_matches_jaxbp_step(problem):
     net, params, x, y, loss, value, _ = problem
     opt = jaxbp.sgd(LEARNING_RATE)
@@ -169,11 +172,12 @@ def test_matmul_flops_counts_forward_dw_and_dx():
     assert matmul_flops((1024,) * 4, 1024) == 8 * 2.0 * 1024**3
 
 
+@pytest.mark.slow
 def test_bench_command_writes_json(tmp_path, capsys):
     from jaxbp.cli import main
 
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(path)]) == 0
+    assert main(["bench", "--quick", "--workloads", "W0,W1,W2,W3", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     for key in ("machine", "ceiling", "W0", "W1", "W2", "W3", "targets", "wall_s"):
         assert key in data, key
@@ -208,6 +212,13 @@ def test_bench_command_rejects_an_unknown_workload(capsys):
     assert "W9" in capsys.readouterr().err
 
 
+def test_bench_command_knows_every_workload_of_the_suite():
+    from benchmarks.suite import WORKLOADS
+    from jaxbp.commands.bench import WORKLOADS as COMMAND_WORKLOADS
+
+    assert COMMAND_WORKLOADS == tuple(WORKLOADS)
+
+
 def test_workloads_accept_commas_and_spaces():
     from benchmarks.suite import split_workloads
 
@@ -233,6 +244,7 @@ def tiny_gpt():
     )
 
 
+@pytest.mark.slow
 def test_w7_jaxbp_step_equals_the_plain_jax_grad_step(tiny_gpt):
     from benchmarks.networks import LEARNING_RATE as NET_LR
     from benchmarks.networks import plain_step
@@ -251,6 +263,7 @@ def test_w7_jaxbp_step_equals_the_plain_jax_grad_step(tiny_gpt):
         np.testing.assert_allclose(a, b, **F32)
 
 
+@pytest.mark.slow
 def test_w7_pytorch_step_equals_the_plain_jax_grad_step(tiny_gpt):
     torch = pytest.importorskip("torch")
     from benchmarks.networks import LEARNING_RATE as NET_LR
@@ -278,6 +291,7 @@ def test_w7_pytorch_step_equals_the_plain_jax_grad_step(tiny_gpt):
     assert compile_s is None
 
 
+@pytest.mark.slow
 def test_w7_attention_memory_reports_both_backwards():
     from benchmarks.w7_gpt import _memory_note, attention_memory
 
@@ -340,6 +354,7 @@ def test_w7_quick_section_and_targets(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "warmup_cosine"])
 def test_twin_learning_rate_is_the_trainers_schedule(schedule):
     from benchmarks.gpt_twin import learning_rate
@@ -391,7 +406,7 @@ def test_twin_trains_like_jaxbp_train_float64(twin_text, tmp_path):
     s = run.settings
     assert s["dtype"] == "float64" and s["schedule"] == "warmup_cosine" and s["lr"] == 3e-3
     assert [r.epoch for r in run.epochs] == [1, 2]
-    assert run.epochs[-1].steps == s["steps"] == 2 * s["steps_per_epoch"] >= 10
+    assert run.epochs[-1].steps == s["steps"] == 2 * s["steps_per_epoch"] >= 6
     result = train(TrainConfig(dataset="text", text=twin_text, model=model, epochs=2, seed=0))
     assert [h["test_loss"] for h in result.history] == [r.jaxbp_loss for r in run.epochs]
     for r in run.epochs:
@@ -414,3 +429,222 @@ def test_twin_command_stops_after_steps(twin_text, tmp_path, capsys):
         jaxbp_val, torch_val = float(row[2]), float(row[3])
         assert abs(jaxbp_val - torch_val) < 1e-4
     assert "3 of" in out and "over seeds: jaxbp" in out and "+-" in out
+
+
+# --------------------------------------------------------------------------------------------
+# W4-W6: the PyTorch eager twins of the convolutional and recurrent networks
+# --------------------------------------------------------------------------------------------
+
+
+def _twin_network(name: str):
+    """``(net, params, state, x, y)`` of one network at the size ``run(tiny=True)`` uses."""
+    from benchmarks.networks import build as build_network
+    from benchmarks.w5_conv2d import conv2d_stack
+    from benchmarks.w6_gru import gru_last_state
+    from jaxbp.presets import mnist1d_resnet, mnist1d_rnn
+
+    description, shape, batch = {
+        "W4 resnet": (mnist1d_resnet(10, channels=4, blocks=1), (40, 1), 8),
+        "W5 conv2d": (conv2d_stack(4, 10), (8, 8, 4), 4),
+        "W6 bidirectional GRU": (mnist1d_rnn(10, hidden=2), (40, 1), 8),
+        "W6 GRU last state": (gru_last_state(8, 10), (4, 8), 4),
+    }[name]
+    return build_network(description, shape, batch, "softmax_cross_entropy", 10)
+
+
+TWIN_NETWORKS = ["W4 resnet", "W5 conv2d", "W6 bidirectional GRU", "W6 GRU last state"]
+
+
+def _two_plain_steps(net, params, state, x, y):
+    from benchmarks.networks import LEARNING_RATE as NET_LR
+    from benchmarks.networks import plain_step
+
+    step = jax.jit(plain_step(net, "softmax_cross_entropy", NET_LR))
+    for _ in range(2):
+        params, state, _ = step(params, state, x, y)
+    return params, state
+
+
+def _assert_twin_matches(model, params, ref, ref_state, dtype, tol):
+    leaves, structure = jax.tree_util.tree_leaves, jax.tree_util.tree_structure
+    got = model.params()
+    assert structure(got) == structure(ref)
+    for a, b in zip(leaves(got), leaves(ref), strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol)
+    # the steps moved the weights (the comparison is not of two copies of the start)
+    start = leaves(params)
+    assert max(float(np.max(np.abs(a - o))) for a, o in zip(leaves(ref), start)) > 1e-3
+    # BatchNorm's running statistics are state, not params: they move as jaxbp's do too
+    assert structure(model.state()) == structure(ref_state)
+    for a, b in zip(leaves(model.state()), leaves(ref_state), strict=True):
+        np.testing.assert_allclose(a, b, **tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TWIN_NETWORKS)
+def test_pytorch_twin_step_equals_the_plain_jax_grad_step(name):
+    torch = pytest.importorskip("torch")
+    from benchmarks.networks import TORCH_VARIANT, torch_threads
+    from benchmarks.torch_nets import torch_baseline
+
+    net, params, state, x, y = _twin_network(name)
+    variants, skipped = torch_baseline(net, params, state, x, y)
+    assert skipped == {} and set(variants) == {TORCH_VARIANT}
+    assert torch.get_num_threads() == torch_threads()
+    run, compile_s = variants[TORCH_VARIANT]
+    run(2)
+    ref, ref_state = _two_plain_steps(net, params, state, x, y)
+    _assert_twin_matches(run.model, params, ref, ref_state, np.float32, dict(rtol=2e-4, atol=2e-6))
+    assert compile_s is None
+
+
+@pytest.mark.slow
+def test_pytorch_twin_float64_equals_the_plain_jax_grad_step():
+    torch = pytest.importorskip("torch")
+    from benchmarks.networks import LEARNING_RATE as NET_LR
+    from benchmarks.torch_nets import TorchNet
+
+    net, params, state, x, y = _twin_network("W4 resnet")
+    params, state, x = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64), (params, state, x)
+    )
+    model = TorchNet(jaxbp.describe(net), params, state)
+    assert model.dtype == torch.float64
+    opt = torch.optim.SGD(model.leaves, lr=NET_LR)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model.loss(x, y).backward()
+        opt.step()
+    ref, ref_state = _two_plain_steps(net, params, state, x, y)
+    _assert_twin_matches(model, params, ref, ref_state, np.float64, dict(rtol=1e-10, atol=1e-12))
+
+
+def test_pytorch_twin_names_a_layer_it_lacks():
+    pytest.importorskip("torch")
+    from benchmarks.networks import TORCH_VARIANT
+    from benchmarks.networks import build as build_network
+    from benchmarks.torch_nets import TorchNet, torch_baseline
+
+    tanh = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 3}, {"name": "Tanh"}]}
+    net, params, state, x, y = build_network(tanh, (2,), 4, "softmax_cross_entropy", 3)
+    with pytest.raises(ValueError, match=r"model.layers\[1\]: the PyTorch twin has no 'Tanh'"):
+        TorchNet(jaxbp.describe(net), params)
+    variants, skipped = torch_baseline(net, params, state, x, y)
+    assert variants == {} and "'Tanh'" in skipped[TORCH_VARIANT]
+    lstm = {"name": "bidirectional", "layer": {"name": "LSTM", "hidden": 2}}
+    with pytest.raises(
+        ValueError, match="model.layer: the PyTorch twin has no bidirectional 'LSTM'"
+    ):
+        TorchNet(lstm, {})
+
+
+def test_suite_has_a_pytorch_target_per_network_model():
+    from benchmarks.suite import targets
+
+    def section(torch_s, suffixes=("",), skipped=None):
+        times = {"jaxbp step check=off": 1.0, "jaxbp step check=report": 1.1}
+        times |= {"jax.value_and_grad step": 1.0, "jaxbp fused loop (2 steps/call)": 2.0}
+        if torch_s:
+            times["PyTorch eager step"] = torch_s
+        variants = {f"{k}{s}": {"median_s": v} for s in suffixes for k, v in times.items()}
+        return {"variants": variants, "skipped": skipped or {}}
+
+    results = {
+        "W4": section(3.0),
+        "W5": section(None, skipped={"PyTorch eager step": "torch not installed"}),
+        "W6": section(0.5, suffixes=("", " [GRU(256) T=64]")),
+        "W7": section(None, skipped={"PyTorch eager": "no PyTorch twin"}),
+    }
+    found = {t["what"]: t for t in targets(results) if "PyTorch" in t["what"]}
+    assert list(found) == [
+        "W4 PyTorch eager step / jaxbp step (off) (speed-up)",
+        "W5 PyTorch eager step / jaxbp step (off) (speed-up)",
+        "W6 PyTorch eager step / jaxbp step (off) (speed-up)",
+        "W6 [GRU(256) T=64] PyTorch eager step / jaxbp step (off) (speed-up)",
+    ]
+    w4, w5, w6, _ = found.values()
+    assert w4["value"] == 3.0 and w4["met"] and w4["target"] == "at least 1.0x"
+    assert w5["value"] is None and w5["met"] is None
+    assert w6["value"] == 0.5 and w6["met"] is False
+
+
+TWIN_OPTIONS = {  # name -> (description, input shape): the options W4-W6 leave at defaults
+    "Conv1D dilated, explicit padding; residual leaving its layout": (
+        [
+            {
+                "name": "Conv1D",
+                "out_channels": 4,
+                "kernel_size": 3,
+                "stride": 2,
+                "padding": [1, 2],
+                "dilation": 2,
+            },
+            {
+                "name": "residual",
+                "layers": [
+                    {"name": "Conv1D", "out_channels": 4, "kernel_size": 3, "padding": "SAME"},
+                    {"name": "Relu"},
+                    {"name": "Dense", "out_dim": 4},
+                ],
+            },
+            {"name": "Flatten"},
+            {"name": "Dense", "out_dim": 3},
+        ],
+        (11, 3),
+    ),
+    "Conv2D strided SAME with uneven sides; pooling with overlap; BatchNorm": (
+        [
+            {
+                "name": "Conv2D",
+                "out_channels": 4,
+                "kernel_size": [3, 2],
+                "stride": [2, 1],
+                "padding": "SAME",
+                "dilation": [2, 1],
+            },
+            {"name": "MaxPool2D", "window": 2, "stride": 1},
+            {"name": "BatchNorm", "momentum": 0.8, "eps": 1e-3},
+            {"name": "Conv2D", "out_channels": 2, "kernel_size": 2, "padding": [[0, 1], [1, 0]]},
+            {"name": "GlobalAvgPool"},
+            {"name": "Dense", "out_dim": 3},
+        ],
+        (9, 7, 3),
+    ),
+    "reversed GRU; bidirectional GRU's final states": (
+        [
+            {"name": "GRU", "hidden": 3, "reverse": True},
+            {
+                "name": "bidirectional",
+                "layer": {"name": "GRU", "hidden": 2, "return_sequences": False},
+            },
+            {"name": "Dense", "out_dim": 3},
+        ],
+        (5, 4),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TWIN_OPTIONS))
+def test_pytorch_twin_forward_equals_jaxbp_apply_float64(name):
+    """Layer options the workloads do not use (padding forms, strides, dilation, reverse)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_nets import TorchNet
+
+    layers, shape = TWIN_OPTIONS[name]
+    net = jaxbp.build({"name": "serial", "layers": layers})
+    k_init, k_x, k_y = jax.random.split(jax.random.key(3), 3)
+    _, params = net.init(k_init, (2, *shape))
+    state = jaxbp.init_state(net, (2, *shape))
+    x = jax.random.normal(k_x, (2, *shape), jnp.float64)
+    y = jax.random.randint(k_y, (2,), 0, 3)
+    out, _, new_state = jaxbp.apply(net, params, state, x)
+    model = TorchNet(jaxbp.describe(net), params, state)
+    assert model.dtype == torch.float64
+    np.testing.assert_allclose(model.logits(x).detach().numpy(), out, rtol=1e-10, atol=1e-12)
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(model.state()), leaves(new_state), strict=True):  # after one forward
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    loss = jaxbp.get_loss("softmax_cross_entropy").value(out, y)
+    np.testing.assert_allclose(float(model.loss(x, y).detach()), loss, rtol=1e-10)

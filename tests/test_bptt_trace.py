@@ -242,6 +242,7 @@ def test_a_wrong_per_step_term_is_caught(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_return_sequences_two_features_default_params():
     spec = {
         "model": {"name": "GRU", "hidden": 3},
@@ -256,6 +257,7 @@ def test_return_sequences_two_features_default_params():
     assert "dE/dx4.2 = " in text and "dE/dWiz[2][3] = " in text
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     steps=st.sampled_from([1, 3]),

@@ -56,6 +56,7 @@ def _same_bits(a, b):
         assert x.tobytes() == y.tobytes()
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_identical_with_structure(saved):
     path, net, state = saved
     ck = load_checkpoint(path, state, network=jaxbp.describe(net))
@@ -150,6 +151,7 @@ def test_edited_header_fails_the_checksum(saved):
         read_header(path)
 
 
+@pytest.mark.slow
 def test_different_network_is_named(saved):
     path, _, _ = saved
     net, state = _state(width=6)

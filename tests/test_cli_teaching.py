@@ -114,6 +114,7 @@ def test_trace_markdown_and_plot(run_cli, tmp_path):
     assert str(plot) in err
 
 
+@pytest.mark.slow
 def test_trace_config_file(run_cli, tmp_path):
     config = {
         "inputs": [[0, 0], [0, 1], [1, 0], [1, 1]],
@@ -195,6 +196,7 @@ def test_trace_bad_flags(run_cli, argv, fragment):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_default_agrees(run_cli):
     code, out, _ = run_cli("check")
     assert code == 0
@@ -205,6 +207,7 @@ def test_check_default_agrees(run_cli):
     assert "all 17 parameters agree" in out
 
 
+@pytest.mark.slow
 def test_check_json_float32(run_cli):
     code, out, _ = run_cli(
         "check",
@@ -234,6 +237,7 @@ def test_check_json_float32(run_cli):
     assert entry["manual"] == pytest.approx(entry["jax_grad"], rel=2e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_check_catches_a_wrong_backward(run_cli, monkeypatch):
     import jax.numpy as jnp
 
@@ -367,6 +371,7 @@ def _script(*argv, cwd=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not JAXBP.exists(), reason="console script not installed")
 def test_console_script_trace_json():
     result = _script("trace", "--format", "json")

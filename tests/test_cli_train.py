@@ -43,6 +43,7 @@ def iris_run(tmp_path_factory):
     return code, out
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_curves_checkpoint(iris_run):
     code, out = iris_run
     assert code == 0
@@ -65,6 +66,7 @@ def test_run_writes_metrics_curves_checkpoint(iris_run):
     assert read_header(out / "checkpoint.npz")["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_output_lines(run_cli, tmp_path):
     code, out, err = run_cli(
         "train", "--dataset", "xor", "--epochs", "30", "--out", str(tmp_path), "--progress", "lines"
@@ -77,6 +79,7 @@ def test_output_lines(run_cli, tmp_path):
     assert progress[-1].startswith("xor epoch 30/30")
 
 
+@pytest.mark.slow
 def test_resume_finished_run_and_contradicting_flags(run_cli, iris_run):
     _, out = iris_run
     code, text, err = run_cli("train", "--resume", "--out", str(out), "--progress", "none")
@@ -87,6 +90,7 @@ def test_resume_finished_run_and_contradicting_flags(run_cli, iris_run):
     assert "--resume: hidden is 32 but the checkpoint's run used 16" in one_line_error(err)
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_one_line(run_cli, tmp_path):
     ck = tmp_path / "checkpoint.npz"
     assert run_cli("train", "--dataset", "xor", "--epochs", "2", "--out", tmp_path).code == 0
@@ -97,6 +101,7 @@ def test_corrupted_checkpoint_is_one_line(run_cli, tmp_path):
     assert f"checkpoint {ck} is truncated or corrupted" in one_line_error(err)
 
 
+@pytest.mark.slow
 def test_blow_up_stops_with_exit_3(run_cli, tmp_path):
     code, _, err = run_cli(
         "train",
@@ -276,6 +281,7 @@ def _wait_for_epoch(path, above, proc, timeout=120):
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
     ck = tmp_path / "checkpoint.npz"
     rng = random.Random(1234)
@@ -305,6 +311,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
     assert not list(tmp_path.glob(".checkpoint.npz.*.tmp"))  # stale temporaries cleaned up
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp_path):
     # 100000 epochs: the run cannot finish before the signal lands, so this tests every time.
     ck = tmp_path / "checkpoint.npz"
@@ -342,6 +349,7 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_file_trains_and_resume_rebuilds_from_checkpoint(run_cli, tmp_path):
     model = {
         "name": "serial",
@@ -413,6 +421,7 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(run_cli, tmp_path
         }, group
 
 
+@pytest.mark.slow
 def test_model_errors_are_one_line(run_cli, tmp_path):
     code, _, err = run_cli(
         "train", "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")

@@ -117,6 +117,7 @@ def assert_tree_close(got, want, tol, what):
 
 
 # A Latin square over (shape, dtype, jit) by default; the rest of the cross product is slow.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "single, dtype, jit",
     [
@@ -151,6 +152,7 @@ def test_backward_equals_vjp(single, dtype, jit):
         assert_close(dx, ref_x, TOL[dtype], name)
 
 
+@pytest.mark.slow
 def test_check_layer_reports_agreement():
     """``jaxbp.check_layer`` (float32, its default tolerances) on a conv and both pools."""
     names = ["conv2d_mixed", "maxpool1d_overlap", "avgpool2d"]
@@ -196,6 +198,7 @@ def test_vmap_over_single_examples_matches_batch():
         assert_tree_close(summed, dparams, 1e-12, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_init_shape_agrees_with_forward(name):
     """The stax test, traced only (eval_shape): init's shape is forward's, batch -1 kept."""
@@ -296,6 +299,7 @@ def _vjp_and_lax(layer, lax_padding, stride, dilation):
     return jax.jit(run)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.data())
 def test_conv_random_geometry_vs_vjp_and_numpy(data):
@@ -384,6 +388,7 @@ def test_finite_differences_agree():
     assert_close(dx, fd_x, 1e-7, "x")
 
 
+@pytest.mark.slow
 def test_network_of_conv_layers_checks():
     """Conv, pool, flatten and Dense in one serial network: every leaf against jax.vjp."""
     net = jaxbp.serial(

@@ -34,8 +34,8 @@ PRINTS = {
         "{'name': 'Swish', 'beta_init': 1.0, 'wrong': False}",
     ],
 }
-# seed_example and xor keep the fast loop's subprocess path covered.
-SLOW = {"per_example_grads.py", "custom_layer.py"}
+# seed_example keeps the fast loop's subprocess path covered.
+SLOW = {"per_example_grads.py", "custom_layer.py", "xor.py"}
 
 
 @pytest.mark.parametrize(

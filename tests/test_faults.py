@@ -62,6 +62,7 @@ def tol(dtype):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("index, kind", FAULTS)
 def test_fault_matrix_row(index, kind, dtype, jit=False):
@@ -135,6 +136,7 @@ JIT_CELLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index, kind, mode", JIT_CELLS)
 def test_fault_under_jit_matches_eager(index, kind, mode):
     params, x, y = PARAMS64, X64, Y64
@@ -187,6 +189,7 @@ def test_fit_raise_names_step_and_leaf_and_keeps_params():
     assert same(PARAMS64, keep)
 
 
+@pytest.mark.slow
 def test_fit_skip_leaves_everything_bit_identical():
     opt = optax.adam(1e-2)  # a state with moments, not only a counter
     bad = faults.inject(NET, 2, "missing_term")
@@ -224,6 +227,7 @@ POISONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poison", list(POISONS))
 def test_nonfinite_data_skips_the_step_in_every_mode(poison):
     x, y = POISONS[poison](X64, Y64)
@@ -238,6 +242,7 @@ def test_nonfinite_data_skips_the_step_in_every_mode(poison):
             assert same(new_ts, ts), (name, mode)
 
 
+@pytest.mark.slow
 def test_nonfinite_data_under_jit_and_fit():
     x = faults.poison(X64, 2)  # one bad example among 16
     step = jaxbp.make_train_step(NET, "mse", optax.adam(1e-2), check="skip")
@@ -266,6 +271,7 @@ def test_nonfinite_data_under_jit_and_fit():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 def test_learning_rate_that_blows_up_never_corrupts_params(dtype):
     params, x, y = problem(dtype)
@@ -359,6 +365,7 @@ def test_activation_faults_exactly():
         np.testing.assert_allclose(got, want, rtol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer, kind",
     [
@@ -377,6 +384,7 @@ def test_check_layer_catches_each_fault(layer, kind):
     assert report.worst_rel_error > 0.1
 
 
+@pytest.mark.slow
 def test_three_way_check_blames_the_manual_gradient():
     bad = faults.inject(NET, 2, "factor2")
     result = jaxbp.check_grads(bad, "mse", PARAMS64, X64[:4], Y64[:4])
@@ -427,6 +435,7 @@ def test_poison():
     assert faults.poison(x.astype(jnp.float32)).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_matrix_tables():
     # The matrix's network comes from a description and holds a BatchNorm (layer state).
     assert faults.MATRIX_MODEL["layers"][2] == {"name": "BatchNorm"}

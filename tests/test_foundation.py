@@ -153,6 +153,7 @@ def test_every_registered_layer_round_trips(name):
     assert _round_trip(description)["name"] == name
 
 
+@pytest.mark.slow
 def test_nested_network_round_trips_and_builds_the_same_network():
     first = _round_trip(NESTED)
     a, b = build(NESTED), build(first)
@@ -306,6 +307,7 @@ def dx_dtype(manual):
 BN = jaxbp.BatchNorm(momentum=0.7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -402,6 +404,7 @@ def test_batchnorm_errors():
 DROP = jaxbp.Dropout(0.4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -461,6 +464,7 @@ RES = jaxbp.residual(jaxbp.Dense(4), jaxbp.BatchNorm(), jaxbp.Tanh, jaxbp.Dropou
 CAT = jaxbp.concat(jaxbp.Dense(3), jaxbp.serial(jaxbp.BatchNorm(), jaxbp.Dropout(0.5)), jaxbp.Tanh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -543,6 +547,7 @@ def train_state(net=NET, dtype=jnp.float64, key=TRAIN_KEY):
     return jaxbp.init_train_state(net, OPT, params, state=state, key=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_manual_and_autodiff_agree_with_state_and_key(dtype):
     ts = train_state(dtype=dtype)
@@ -562,6 +567,7 @@ def test_manual_and_autodiff_agree_with_state_and_key(dtype):
     assert float(v3) != float(v1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_checked_step_with_state_and_key(jit):
     ts = train_state()
@@ -583,6 +589,7 @@ def test_checked_step_with_state_and_key(jit):
 BAD = faults.inject(NET, 4, "sign")  # the last Dense's dE/dW has the wrong sign
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_skip_leaves_params_opt_and_layer_state_bit_identical(jit):
     ts = train_state(BAD)
@@ -599,6 +606,7 @@ def test_skip_leaves_params_opt_and_layer_state_bit_identical(jit):
     assert bool(m.applied) and not same(new.state, ts.state)
 
 
+@pytest.mark.slow
 def test_raise_carries_the_report():
     ts = train_state(BAD)
     step = jaxbp.make_train_step(BAD, "mse", OPT, check="raise")
@@ -618,6 +626,7 @@ def test_raise_carries_the_report():
     assert info.value.step == 0 and info.value.report.worst_path == "[4]['W']"
 
 
+@pytest.mark.slow
 def test_step_metrics_have_the_same_fields_in_every_mode():
     ts = train_state()
     shapes = {}
@@ -645,6 +654,7 @@ def test_step_metrics_have_the_same_fields_in_every_mode():
     assert all(shapes[mode] == shapes["off"] for mode in jaxbp.CHECK_MODES)
 
 
+@pytest.mark.slow
 def test_report_worst_has_one_dtype_in_every_mode():
     ts = train_state()
     dtypes = {
@@ -654,6 +664,7 @@ def test_report_worst_has_one_dtype_in_every_mode():
     assert dtypes["off"] == dtypes["report"]
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_needs_a_train_state():
     ts = train_state()
     a = jaxbp.train_step(NET, "mse", OPT, ts, X, Y, check="report")
@@ -672,6 +683,7 @@ def test_train_step_is_pure_and_needs_a_train_state():
     assert same(ts2.state, ts.state)
 
 
+@pytest.mark.slow
 def test_fit_fused_and_stepwise_give_identical_results():
     ts = train_state()
     kwargs = dict(steps=5, batch_size=8, key=jax.random.key(3), check="report")
@@ -729,6 +741,7 @@ def test_rounding_floor_still_catches_a_real_error_in_a_small_leaf():
     assert bool(jaxbp.compare_grads(c, b).ok)
 
 
+@pytest.mark.slow
 def test_bias_before_batchnorm_agrees_and_a_wrong_one_is_caught():
     ts = train_state()
     _, manual, _ = jaxbp.backprop(NET, "mse", ts.params, X, Y, state=ts.state, key=ts.key)

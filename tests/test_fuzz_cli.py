@@ -330,6 +330,7 @@ MUTATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.__name__[2:])
 @settings(SETTINGS, max_examples=EXAMPLES // 8)
 @given(
@@ -770,6 +771,7 @@ def text_runs(workdir):
     return corpus, vocab, text_run, xor_run
 
 
+@pytest.mark.slow
 def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
     corpus, vocab, text_run, xor_run = text_runs
     capsys.readouterr()

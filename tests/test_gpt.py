@@ -84,6 +84,7 @@ def ref_adamw(lr, wd, b1=0.9, b2=0.999, eps=1e-8):
     return update
 
 
+@pytest.mark.slow
 def test_gpt_preset_is_the_issue_model_and_round_trips():
     description = gpt_description(103)
     net = build(description)
@@ -96,6 +97,7 @@ def test_gpt_preset_is_the_issue_model_and_round_trips():
     assert preset.description(103) == description
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_manual_gradients_equal_jax_grad_and_reference_float64(jit):
     net = tiny_net()
@@ -118,6 +120,7 @@ def test_manual_gradients_equal_jax_grad_and_reference_float64(jit):
         assert float(jnp.max(jnp.abs(g - r))) / scale < 1e-10
 
 
+@pytest.mark.slow
 def test_ten_adamw_steps_equal_the_plain_jax_reference():
     """llm.c's parity test without PyTorch: 10 checked AdamW steps of jaxbp (the trainer's
     optimizer) and of the reference GPT with AdamW by hand give the same losses and params."""
@@ -157,6 +160,7 @@ def _torch_gpt():
     return importlib.import_module("benchmarks.torch_gpt")
 
 
+@pytest.mark.slow
 def test_torch_twin_same_loss_gradients_and_adamw_steps():
     torch = pytest.importorskip("torch")
     TorchGPT, gpt_heads = _torch_gpt().TorchGPT, _torch_gpt().gpt_heads
@@ -252,6 +256,7 @@ def trained(corpus_file, tmp_path_factory):
     return train(cfg), work / "out"
 
 
+@pytest.mark.slow
 def test_training_on_text_checks_every_step_and_stores_the_vocabulary(trained, corpus_file):
     result, out = trained
     m = result.metrics
@@ -276,6 +281,7 @@ def test_training_on_text_checks_every_step_and_stores_the_vocabulary(trained, c
     assert last["test_loss"] == pytest.approx(total / len(ids), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_generate_prints_a_repeatable_sample(trained, capsys):
     _, out = trained
     argv = ["generate", "--checkpoint", str(out), "--prompt", "for ", "--length", "40"]
@@ -288,6 +294,7 @@ def test_generate_prints_a_repeatable_sample(trained, capsys):
     assert outputs[3] == outputs[4]
 
 
+@pytest.mark.slow
 def test_generate_refuses_bad_prompts_and_checkpoints(trained, tmp_path, capsys):
     _, out = trained
     assert main(["generate", "--checkpoint", str(out), "--prompt", "for \u2603"]) == 2
@@ -369,6 +376,7 @@ def _cli_offers_text() -> bool:
     return any(a.dest == "dataset" and "text" in (a.choices or ()) for a in parser._actions)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not _cli_offers_text(), reason="jaxbp/commands/train.py does not offer --dataset text yet"
 )

@@ -71,6 +71,7 @@ _compare_internal_jit = jax.jit(jaxbp.gradcheck.compare_with_finiteness)
 
 # Finiteness is read off max |.| (inf) and sum of squares (NaN), not from isfinite passes: every
 # kind of non-finite entry, on either side, at a big leaf (vectorised reductions) and a small one.
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [7, 4099])
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize(
@@ -123,6 +124,7 @@ def test_bfloat16_and_float16_leaves():
         assert bool(jaxbp.compare_grads({"g": a}, {"g": a.astype(jnp.float32) * 1.05}).ok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_bfloat16_and_float16_catch_a_sign_flip(dtype):
     a = jnp.array([1.0, -2.0, 0.5], dtype)
@@ -154,6 +156,7 @@ def test_huge_finite_gradients_are_finite(jit):
     assert not bool(report.ok) and float(report.rel_error[0]) == pytest.approx(0.1 / 3.1, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_elementwise_tolerance_is_relative_to_the_entry_and_the_leaf():
     # |a - b| <= atol * scale + rtol * |b| at every entry, scale = max(max|a|, max|b|).
     b = jnp.array([100.0, 1.0])
@@ -219,6 +222,7 @@ def test_cosine():
     assert float(r.cosine[0]) == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_vmap_gives_a_report_per_example():
     a = jnp.ones((5, 3))
     b = a.at[2, 1].set(2.0)
@@ -226,6 +230,7 @@ def test_vmap_gives_a_report_per_example():
     np.testing.assert_array_equal(r.ok, [True, True, False, True, True])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 def test_finite_differences_of_a_known_function(dtype):
     p = {"a": jnp.array([0.5, -1.0, 2.0], dtype), "b": jnp.asarray(0.3, dtype)}
@@ -252,6 +257,7 @@ def wrong_dense(out_dim, bug):
     return layer._replace(backward=backward)
 
 
+@pytest.mark.slow
 def test_check_layer_catches_wrong_backward():
     report = jaxbp.check_layer(wrong_dense(3, "sign"), jax.random.key(0), (5, 3))
     assert not bool(report.ok) and report.worst_path == "['params']['W']"
@@ -260,6 +266,7 @@ def test_check_layer_catches_wrong_backward():
     np.testing.assert_array_equal(report.leaf_ok, [True, True, False])
 
 
+@pytest.mark.slow
 def test_check_grads_three_opinions():
     net = jaxbp.serial(jaxbp.Dense(3), jaxbp.Tanh, jaxbp.Dense(2))
     _, params = net.init(jax.random.key(0), (-1, 3))

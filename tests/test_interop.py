@@ -172,6 +172,7 @@ check_vjp_jit = jax.jit(check_vjp, static_argnums=0)
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_check_vjp_passes_a_correct_rule_per_argument(jit):
     args = _problem()
@@ -181,6 +182,7 @@ def test_check_vjp_passes_a_correct_rule_per_argument(jit):
     assert float(np.max(report.rel_error)) < 1e-12
 
 
+@pytest.mark.slow
 def test_check_vjp_manual_equals_a_numpy_reference():
     # The cotangent drawn by check_vjp goes through a numpy VJP written out independently.
     x, w, s = _problem()
@@ -192,6 +194,7 @@ def test_check_vjp_manual_equals_a_numpy_reference():
     assert bool(check_vjp(scaled_tanh, x, w, s, cotangent=dy).ok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_check_vjp_names_the_argument_with_a_missing_transpose(jit):
     x, w, s = _problem(d=4, out=4)  # square w: the wrong gradient has the right shape
@@ -210,6 +213,7 @@ def test_check_vjp_names_a_forgotten_product_rule_term():
     assert bool(report.leaf_ok[1])
 
 
+@pytest.mark.slow
 def test_check_vjp_pytree_arguments_outputs_residuals_and_nondiff_argnums():
     x = jax.random.normal(jax.random.key(2), (4,), F64)
     params = {
@@ -224,6 +228,7 @@ def test_check_vjp_pytree_arguments_outputs_residuals_and_nondiff_argnums():
     assert bool(jitted.ok)
 
 
+@pytest.mark.slow
 def test_check_vjp_fd_three_opinions():
     args = _problem(n=3, d=3, out=2)
     good = check_vjp_fd(scaled_tanh, *args)
@@ -243,6 +248,7 @@ def test_check_vjp_accepts_none_as_a_zero_cotangent():
     assert report.worst_path == "x"
 
 
+@pytest.mark.slow
 def test_check_vjp_float32_tolerances():
     x, w, s = (a.astype(jnp.float32) for a in _problem())
     report = check_vjp(scaled_tanh, x, w, s)
@@ -346,6 +352,7 @@ CELL = from_custom_vjp(scaled_tanh, init_scaled_tanh)
 check_layer = jax.jit(jaxbp.check_layer, static_argnums=(0, 2), static_argnames="dtype")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(5, 4), (4,)])
 def test_from_custom_vjp_passes_check_layer_float64(shape):
     report = check_layer(CELL, jax.random.key(0), shape)
@@ -377,6 +384,7 @@ def _regression(n=16):
     return x, jnp.sin(x.sum(axis=1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_verified_train_step_checks_a_custom_vjp_every_step():
     x, y = _regression()
     optimizer = optax.adam(1e-2)
@@ -393,6 +401,7 @@ def test_verified_train_step_checks_a_custom_vjp_every_step():
     assert float(metrics.rel_error) < 1e-12
 
 
+@pytest.mark.slow
 def test_verified_train_step_names_the_wrong_leaf_of_a_buggy_custom_vjp():
     x, y = _regression()
     net = jaxbp.serial(
@@ -410,6 +419,7 @@ def test_verified_train_step_names_the_wrong_leaf_of_a_buggy_custom_vjp():
         step(jaxbp.init_train_state(net, optimizer, params), x, y)
 
 
+@pytest.mark.slow
 def test_from_custom_vjp_three_opinions_in_a_network():
     x, y = _regression(n=4)
     net = _net(scaled_tanh)
@@ -506,6 +516,7 @@ def _net_problem(batch, key=0, width=4):
     )
 
 
+@pytest.mark.slow
 def test_as_custom_vjp_is_a_custom_vjp_using_the_hand_written_backward():
     assert isinstance(APPLY, jax.custom_vjp) and APPLY.layer is NET
     # A buggy backward shows through: jax.grad really runs the layer's backward.
@@ -517,6 +528,7 @@ def test_as_custom_vjp_is_a_custom_vjp_using_the_hand_written_backward():
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_jax_grad_through_as_custom_vjp_equals_backprop(jit):
     params, x, y = _net_problem(6)
@@ -541,6 +553,7 @@ def _apply_vs_backprop(seed, batch):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(batch=st.sampled_from([1, 6]), seed=st.integers(0, 2**16))  # two shapes: two compiles
 def test_as_custom_vjp_property_random_batches(batch, seed):
@@ -548,6 +561,7 @@ def test_as_custom_vjp_property_random_batches(batch, seed):
     assert bool(report.ok), report.table()
 
 
+@pytest.mark.slow
 def test_as_custom_vjp_under_vmap_per_example_gradients():
     params, x, y = _net_problem(4)
     per_example = jax.jit(jax.vmap(jax.grad(_half_sse_via(APPLY)), in_axes=(None, 0, 0)))
@@ -558,6 +572,7 @@ def test_as_custom_vjp_under_vmap_per_example_gradients():
         assert bool(jaxbp.compare_grads(one, want, rtol=1e-12, atol=1e-12).ok)
 
 
+@pytest.mark.slow
 def test_as_custom_vjp_inside_lax_scan():
     # A recurrence h_{t+1} = cell(p, h_t) + x_t through lax.scan, differentiated end to end.
     cell = jaxbp.serial(jaxbp.Dense(3), jaxbp.Tanh)
@@ -601,6 +616,7 @@ def test_as_custom_vjp_rejects_what_is_not_a_layer():
 BUGGY = str(EXAMPLES / "buggy_custom_vjp.py")
 
 
+@pytest.mark.slow
 def test_run_vjp_exit_codes_and_table(capsys):
     assert run_vjp(f"{BUGGY}:recurrent_cell_fixed", [(5, 4), (4, 4), ()], seed=0) == 0
     out = capsys.readouterr().out
@@ -614,6 +630,7 @@ def test_run_vjp_exit_codes_and_table(capsys):
     assert [r.split("│")[-2].strip() for r in rows] == ["yes", "NO", "yes"]
 
 
+@pytest.mark.slow
 def test_run_vjp_json_and_module_target(capsys):
     code = run_vjp(f"{__name__}:scaled_power", [(3,), ()], seed=1, format="json")
     result = json.loads(capsys.readouterr().out)

@@ -66,6 +66,7 @@ def conv_reference(x, w, b, t, stride):
     return y, dy, dw, dy.sum(), dx
 
 
+@pytest.mark.slow
 def test_conv_numbers_equal_jax_grad_and_numpy(conv):
     spec = conv.spec
     dparams, dx = _jax_grads(spec)
@@ -118,6 +119,7 @@ def test_conv_printed_arithmetic_is_right(conv):
     assert _printed_sums_add_up(conv.render("text")) >= 10
 
 
+@pytest.mark.slow
 def test_conv_with_padding_dilation_and_channels_matches_jax_grad():
     spec = {
         "model": {
@@ -179,6 +181,7 @@ def attention_reference(spec):
     }
 
 
+@pytest.mark.slow
 def test_attention_numbers_equal_jax_grad_and_numpy(attention):
     dparams, dx = _jax_grads(attention.spec)
     for key, value in dparams.items():
@@ -196,6 +199,7 @@ def test_attention_numbers_equal_jax_grad_and_numpy(attention):
     assert attention.autodiff_max_abs_diff < 1e-12
 
 
+@pytest.mark.slow
 def test_attention_text_shows_softmax_jacobian_and_mask(attention):
     text = attention.render("text")
     assert "s1.2 = -inf   (mask: token 2 comes after token 1)" in text

@@ -86,6 +86,7 @@ _all_check_layer_jit = jax.jit(all_check_layer, static_argnums=(1, 2, 3))
 JIT_CHECKED = ("serial", "Relu", "LeakyRelu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -125,6 +126,7 @@ def test_backward_equals_vjp(shape, dtype, jit):
 
 # Each layer meets both dtypes, both shapes, jit and no jit (a Latin square: the full cross
 # product is covered by test_backward_equals_vjp; compiling check_layer's report is costly).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, dtype, jit",
     [
@@ -149,6 +151,7 @@ def test_check_layer(shape, dtype, jit):
         assert np.all(np.asarray(report.cosine) > 1 - 10 * limit), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_init_shape_agrees_with_forward(name):
     """The stax test: ``init``'s output shape is what ``forward`` produces, batch dim -1 kept."""
@@ -162,6 +165,7 @@ def test_init_shape_agrees_with_forward(name):
     assert y1.shape == tuple(single_shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_vmap_over_single_examples_matches_batch(name):
     layer = LAYERS[name]

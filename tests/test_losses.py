@@ -50,6 +50,7 @@ CASES = [
 IDS = [f"{n}{'-onehot' if o else ''}" for n, o in CASES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(6, 4), (4,)], ids=["batch", "single"])
 @pytest.mark.parametrize("name, onehot", CASES, ids=IDS)
 def test_value_against_independent_formula(name, onehot, shape):
@@ -73,6 +74,7 @@ def test_half_sse_is_the_seeds_e_total():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("name, onehot", CASES, ids=IDS)
 def test_hand_gradient_equals_jax_grad(name, onehot, jit):
@@ -90,6 +92,7 @@ def test_hand_gradient_equals_jax_grad(name, onehot, jit):
             np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_softmax_ce_soft_labels_gradient():
     out, _ = data("softmax_cross_entropy", (5, 3), jnp.float64)
     soft = jax.random.uniform(jax.random.key(3), (5, 3), jnp.float64)
@@ -99,6 +102,7 @@ def test_softmax_ce_soft_labels_gradient():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 def test_huge_logits_are_stable(dtype):
     logits = jnp.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0]], dtype)
@@ -120,6 +124,7 @@ def test_huge_logits_are_stable(dtype):
     np.testing.assert_allclose(jax.grad(bce.value)(z, t), g, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_losses_under_strict_dtype_promotion():
     with jax.numpy_dtype_promotion("strict"):
         for name, onehot in CASES:

@@ -110,6 +110,7 @@ def eight(tmp_path_factory):
 
 # One test per subprocess: pytest-xdist runs a module-scoped fixture once per worker, so tests
 # split across workers would start the subprocess twice.
+@pytest.mark.slow
 def test_eight_devices_match_one(eight):
     for dtype, opt_name, check in worker.CONFIGS:
         _assert_matches(eight, worker.key_of(dtype, opt_name, check), dtype, opt_name, check)
@@ -182,6 +183,7 @@ def two_processes(tmp_path_factory):
     return [dict(np.load(out)) for out in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device(two_processes):
     for result in two_processes:
         _assert_broken_skipped(result, 4)  # each process sees its own 4 devices' copies
@@ -215,6 +217,7 @@ def test_default_mesh_spans_all_devices(mesh1):
     assert parallel.replicated_sharding(mesh1).spec == jax.sharding.PartitionSpec()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,check", [("float64", "skip"), ("float32", "report")])
 def test_one_device_mesh_is_bitwise_make_train_step(mesh1, dtype, check):
     net, params, x, y = worker.problem(dtype)
@@ -231,6 +234,7 @@ def test_one_device_mesh_is_bitwise_make_train_step(mesh1, dtype, check):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_metrics_and_outputs_are_replicated(mesh1):
     net, params, x, y = worker.problem("float64")
     opt = jaxbp.sgd(0.5)

@@ -69,6 +69,7 @@ def _draw_impl(net, loss, in_dim, n, key):
 
 # Two halves of 13 examples each (26 in all), one per loss group, so that pytest-xdist can run
 # them on both cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("losses", [LOSS_NAMES[:2], LOSS_NAMES[2:]], ids=["part1", "part2"])
 @settings(
     max_examples=13, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -126,6 +127,7 @@ _case = jax.jit(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_per_leaf_finite_differences_agree(loss):
     arch = {

@@ -103,6 +103,7 @@ def assert_agree(results, dtype):
 FLOAT64 = tuple(name for name in LAYERS if name not in ("GRU", "GRU_reverse"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype, names", [(jnp.float64, FLOAT64), (jnp.float32, FEW)], ids=["f64", "f32"]
 )
@@ -119,6 +120,7 @@ def test_backward_equals_vjp_every_layer_shape_dtype(shape, dtype, jit):
     assert_agree(run(jax.random.key(1), shape, dtype), dtype)
 
 
+@pytest.mark.slow
 def test_backward_equals_vjp_without_jit():
     """Eagerly, on a one-step sequence and a single example."""
     for name, shape in (("GRU_reverse_last", (2, 1, 3)), ("bi_LSTM_last", (4, 3))):
@@ -138,6 +140,7 @@ def _check_layer_reports():
     }
 
 
+@pytest.mark.slow
 def test_check_layer_default_tolerances():
     """``jaxbp.check_layer``, the library's own comparison, passes with room to spare."""
     for dtype, report in _check_layer_reports().items():
@@ -146,6 +149,7 @@ def test_check_layer_default_tolerances():
         assert float(report.worst_rel_error) < bound, f"{dtype}\n{report}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["GRU_reverse_last", "LSTM"])
 def test_finite_differences(name):
     """A third opinion: central differences of <y, dy> on a tiny sequence, params and x."""
@@ -161,6 +165,7 @@ def test_finite_differences(name):
     assert_close({"params": dparams, "x": dx}, unflatten(fd), 1e-7, 1e-8)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(
     kind=st.sampled_from(["GRU", "LSTM", "bi_GRU"]),
@@ -186,6 +191,7 @@ def test_random_sizes(kind, batch, time, features, hidden, reverse, return_seque
     assert_close(manual, reference, 1e-10, 1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["LSTM_reverse_last", "bi_GRU"])
 def test_vmap_over_single_examples_matches_batch(name):
     layer = LAYERS[name]
@@ -206,6 +212,7 @@ def test_vmap_over_single_examples_matches_batch(name):
     assert_close(vmapped, batched, 1e-12, 1e-12)
 
 
+@pytest.mark.slow
 def test_init_shapes_dtype_and_range():
     for name, layer in LAYERS.items():
         for shape in [(-1, 5, 2), (5, 2)]:
@@ -226,6 +233,7 @@ def test_init_shapes_dtype_and_range():
     assert float(jnp.max(jnp.abs(p["Wh"]))) <= 0.5 and float(jnp.max(jnp.abs(p["Wh"]))) > 0.3
 
 
+@pytest.mark.slow
 def test_reverse_is_forward_on_flipped_sequence():
     x = jax.random.normal(jax.random.key(0), (2, 4, 3))
     _, params = GRU(5).init(jax.random.key(1), x.shape)
@@ -234,6 +242,7 @@ def test_reverse_is_forward_on_flipped_sequence():
     np.testing.assert_allclose(y_rev, y_flip[:, ::-1], rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_inside_a_network_backprop_equals_autodiff():
     net = jaxbp.serial(LSTM(3, return_sequences=False), jaxbp.Dense(2))
     _, params = net.init(jax.random.key(0), (-1, 6, 3))
@@ -342,6 +351,7 @@ def np_reference(kind, state, x, layer_index, bidirectional):
     return np.concatenate(outs, -1), np.concatenate(finals, -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, bidir, bias",
     [("GRU", False, True), ("GRU", True, True), ("LSTM", False, True), ("LSTM", True, False)],
@@ -425,6 +435,7 @@ def test_from_torch_state_dict_errors():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 def test_against_torch(kind):
     torch = pytest.importorskip("torch")

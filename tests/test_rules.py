@@ -32,6 +32,7 @@ def data(n=5, d=4, dtype=jnp.float64):
 # ---------------------------------------------------------------------------------- round trip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", rules.RULES)
 def test_rule_networks_round_trip(rule):
     net = rules.apply_rule(mlp(), rule, (-1, 4))
@@ -80,6 +81,7 @@ def test_fa_dx_is_dy_times_b_transposed_exactly(jit):
     np.testing.assert_array_equal(g["B"], 0)
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     n=st.integers(1, 6), d_in=st.integers(1, 7), d_out=st.integers(1, 7), seed=st.integers(0, 100)
@@ -105,6 +107,7 @@ def with_b_equal_w(params):
     return tuple({**p, "B": p["W"]} if "B" in p else p for p in params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["fa", "kp"])
 def test_feedback_with_b_equal_w_is_backprop(rule):
     net = rules.apply_rule(mlp(), rule, (-1, 4))
@@ -129,6 +132,7 @@ def test_feedback_with_b_equal_w_is_backprop(rule):
     np.testing.assert_allclose(g[0]["W"], fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_fa_conv1d_dx_is_transposed_convolution_with_b():
     layer = rules.FeedbackAlignment(jaxbp.Conv1D(4, 3))
     _, p = layer.init(jax.random.key(0), (-1, 9, 2))
@@ -147,6 +151,7 @@ def sgd_with_decay(lr, wd):
     return optax.chain(optax.add_decayed_weights(wd), jaxbp.sgd(lr))
 
 
+@pytest.mark.slow
 def test_kp_b_minus_w_shrinks_by_the_decay_factor():
     net = rules.apply_rule(mlp(), "kp", (-1, 4))
     _, p = net.init(jax.random.key(0), (-1, 4))
@@ -166,6 +171,7 @@ def test_kp_b_minus_w_shrinks_by_the_decay_factor():
         assert not np.allclose(q[i]["W"], p[i]["W"])  # W really trained
 
 
+@pytest.mark.slow
 def test_fa_b_stays_fixed_under_weight_decay_and_adam():
     net = rules.apply_rule(mlp(), "fa", (-1, 4))
     _, p = net.init(jax.random.key(0), (-1, 4))
@@ -217,6 +223,7 @@ def test_dfa_hidden_updates_use_only_the_output_error():
     np.testing.assert_array_equal(g2["net"][2]["W"], g["net"][2]["W"])
 
 
+@pytest.mark.slow
 def test_dfa_conv_network_and_jit():
     net = jaxbp.serial(jaxbp.Conv1D(3, 3), jaxbp.Relu, jaxbp.Flatten(), jaxbp.Dense(4))
     dfa = rules.apply_rule(net, "dfa", (-1, 8, 1))
@@ -230,6 +237,7 @@ def test_dfa_conv_network_and_jit():
 # ---------------------------------------------------------------------------------- the step
 
 
+@pytest.mark.slow
 def test_verified_step_applies_rule_and_reports_alignment():
     net = rules.apply_rule(mlp(), "fa", (-1, 4))
     _, p = net.init(jax.random.key(0), (-1, 4))
@@ -305,6 +313,7 @@ def test_shape_errors_fire_under_jit(rule):
 # ---------------------------------------------------------------------------------- trainer
 
 
+@pytest.mark.slow
 def test_trainer_and_command(tmp_path, capsys):
     from jaxbp.cli import main
 

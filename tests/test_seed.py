@@ -219,6 +219,7 @@ def test_autodiff_agrees_on_the_seed(problem):
     np.testing.assert_allclose(grads[2]["W"], np.outer(out_h, delta_o), rtol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_one_sgd_step_updates_w7_and_biases(problem, jit):
     opt = jaxbp.sgd(problem.learning_rate)
@@ -287,6 +288,7 @@ def test_seed_in_float32(problem):
         assert float(v32[name]) == pytest.approx(expected, abs=6e-5), name
 
 
+@pytest.mark.slow
 def test_seed_trains_with_the_fused_loop(problem):
     opt = jaxbp.sgd(problem.learning_rate)
     ts = jaxbp.init_train_state(problem.net, opt, problem.params)

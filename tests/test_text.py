@@ -109,6 +109,7 @@ def test_window_batch_fn_cuts_windows_at_random_offsets():
     assert not np.array_equal(xb, xb2)
 
 
+@pytest.mark.slow
 def test_sequence_evaluator_is_the_loss_over_every_position():
     """Chunked, padded evaluation == the mean over positions of -log softmax, each position
     scored once in one long causal pass per non-overlapping window (numpy reference)."""

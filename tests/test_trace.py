@@ -237,6 +237,7 @@ DEEP = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["half_sse", "mse", "sigmoid_binary_cross_entropy"])
 def test_general_config_against_numpy_and_jax_grad(loss):
     config = copy.deepcopy(DEEP)
@@ -265,6 +266,7 @@ def test_general_config_against_numpy_and_jax_grad(loss):
     )
 
 
+@pytest.mark.slow
 def test_general_config_json_is_shaped_as_the_config():
     out = trace(DEEP, steps=3).to_json()
     assert set(out) == {
@@ -284,6 +286,7 @@ def test_general_config_json_is_shaped_as_the_config():
     assert len(out["errors"]) == 1 and len(out["history"]) == 4
 
 
+@pytest.mark.slow
 def test_softmax_cross_entropy_config():
     config = {
         "inputs": [[0.5, -0.2], [0.1, 0.4]],
@@ -309,6 +312,7 @@ def test_softmax_cross_entropy_config():
     assert t.autodiff_max_abs_diff < 1e-15
 
 
+@pytest.mark.slow
 def test_generic_names_unless_two_two_two():
     text = trace(DEEP).to_text()
     assert "in_h1.1 = w[0][0][0]*i1 + w[0][1][0]*i2 + b[0][0]*1 = 0.5*0 + 0.4*0 + 0.1*1" in text

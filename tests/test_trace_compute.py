@@ -13,6 +13,7 @@ from jaxbp.trace import neuron_stages, walk_network
 from jaxbp.trace.compute import ParamTrees, stage_traces
 
 
+@pytest.mark.slow
 def test_walk_of_any_dense_activation_chain_matches_jax_grad():
     net = jaxbp.serial(
         jaxbp.Dense(3), jaxbp.Dense(2, shared_bias=True), jaxbp.Tanh, jaxbp.Sigmoid, jaxbp.Dense(2)
@@ -48,6 +49,7 @@ def test_layers_the_trace_cannot_describe(net, fragment):
         neuron_stages(net.children)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(jaxbp.LOSSES))
 @pytest.mark.parametrize("batched", [True, False])
 def test_loss_terms_add_up_to_the_value(name, batched):

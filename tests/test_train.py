@@ -94,6 +94,7 @@ def test_freeze_biases():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opt, steps", [(jaxbp.sgd(2.0), 3000), (optax.adam(0.05), 1000)], ids=["sgd", "adam"]
 )
@@ -116,6 +117,7 @@ def test_xor_trains_to_near_zero(opt, steps):
     np.testing.assert_allclose(out, XOR_Y, atol=0.06)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", [jaxbp.sgd(0.5), optax.adam(0.01)], ids=["sgd", "adam"])
 def test_jit_and_nojit_steps_agree(opt):
     fast = jaxbp.make_train_step(NET, LOSS, opt, check="report")
@@ -129,6 +131,7 @@ def test_jit_and_nojit_steps_agree(opt):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", list(jaxbp.LOSSES))
 def test_vmap_per_example_gradients_average_to_batch(loss):
     net = jaxbp.serial(jaxbp.Dense(5), jaxbp.Gelu, jaxbp.Dense(3))
@@ -146,6 +149,7 @@ def test_vmap_per_example_gradients_average_to_batch(loss):
         np.testing.assert_allclose(p, pa, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_fit_history_matches_a_python_loop():
     opt = optax.adam(0.05)
     params = init()
@@ -177,6 +181,7 @@ def test_fit_minibatches_of_the_whole_set_equal_full_batch():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", [jaxbp.sgd(0.5), optax.adam(0.01)], ids=["sgd", "adam"])
 def test_skip_leaves_params_and_state_bit_for_bit(opt):
     ts = jaxbp.init_train_state(BAD_NET, opt, init())
@@ -188,6 +193,7 @@ def test_skip_leaves_params_and_state_bit_for_bit(opt):
     assert leaves_equal(new.params, ts.params) and leaves_equal(new.opt_state, ts.opt_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_raise_names_the_leaf(jit):
     opt = jaxbp.sgd(0.5)
@@ -218,6 +224,7 @@ def test_report_applies_the_update_and_says_not_ok():
     np.testing.assert_allclose(new[2]["W"], params[2]["W"] - 0.5 * wrong[2]["W"], rtol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", jaxbp.CHECK_MODES)
 def test_nonfinite_data_is_never_applied(check):
     opt = optax.adam(0.01)
@@ -239,6 +246,7 @@ def _constant_update(value):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("jit", [True, False])
 def test_an_update_that_overflows_the_params_is_not_applied(dtype, jit):
@@ -276,6 +284,7 @@ def test_check_off_skips_the_comparison():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 def test_dtype_kept_end_to_end(dtype):
     opt = optax.adam(0.01)
@@ -347,6 +356,7 @@ def _compiled_dots(net, loss, check, x, y):
     return step.lower(ts, x, y).compile().as_text().count(" dot(")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "half_sse", "softmax_cross_entropy"])
 def test_checked_step_computes_the_backward_once(loss):
     # The manual backward is written in the operations jax.grad emits, so XLA merges the two
@@ -376,6 +386,7 @@ def _abs_layer():
     return jaxbp.Layer(lambda key, shape: (shape, ()), forward, backward, "Abs", ())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", ["report", "skip"])
 def test_nan_only_in_autodiff_is_a_mismatch_not_a_nonfinite_step(check):
     # The guard reads the manual gradients' finiteness off the comparison: a NaN in jax.grad's
@@ -403,6 +414,7 @@ def test_nan_only_in_autodiff_is_a_mismatch_not_a_nonfinite_step(check):
             assert not bool(m.applied) and leaves_equal(new, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", ["off", "report", "skip"])
 def test_donation_only_when_unchecked(check):
     opt = optax.adam(0.01)

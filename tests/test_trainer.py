@@ -94,6 +94,7 @@ def full_run(data, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trains_and_reports(full_run, data):
     result, out = full_run
     m = result.metrics
@@ -118,6 +119,7 @@ def test_trains_and_reports(full_run, data):
     }
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_network_config_and_final_state(full_run):
     result, out = full_run
     header = read_header(out / "checkpoint.npz")
@@ -134,6 +136,7 @@ def test_checkpoint_holds_network_config_and_final_state(full_run):
     assert leaves_bytes(ck.state["opt_state"]) == leaves_bytes(result.opt_state)
 
 
+@pytest.mark.slow
 def test_regression_task_has_no_accuracy_and_seed_style_network():
     result = train(TrainConfig(), regression())
     net_desc = jaxbp.describe(result.net)
@@ -147,6 +150,7 @@ def test_regression_task_has_no_accuracy_and_seed_style_network():
     assert result.checkpoint is None  # no out: nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["half_sse", "mse", "sigmoid_binary_cross_entropy"])
 def test_non_softmax_losses_regress_one_hot_targets(data, loss):
     result = train(TrainConfig(loss=loss, epochs=3, check="raise"), data)
@@ -155,6 +159,7 @@ def test_non_softmax_losses_regress_one_hot_targets(data, loss):
     assert 0.0 <= result.metrics["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer,wd,schedule",
     [("sgd", 0.0, "constant"), ("momentum", 1e-3, "cosine"), ("adam", 1e-2, "warmup_cosine")],
@@ -190,6 +195,7 @@ def test_same_seed_bit_identical_other_seed_different(full_run, data):
     assert leaves_bytes(other.params) != leaves_bytes(full_run[0].params)
 
 
+@pytest.mark.slow
 def test_without_jit_same_numbers(data):
     # check="off": op by op, the comparison's many small ops would dominate the time.
     cfg = TrainConfig(epochs=1, batch_size=12, hidden=(5,), check="off")
@@ -204,6 +210,7 @@ def test_without_jit_same_numbers(data):
     assert [r["applied_steps"] for r in eager.history] == [3]
 
 
+@pytest.mark.slow
 def test_resume_continues_to_bit_identical_params(full_run, data, tmp_path):
     first = train(TrainConfig(out=str(tmp_path), epochs=4, checkpoint_every=2), data)
     assert read_header(tmp_path / "checkpoint.npz")["epoch"] == 4
@@ -236,6 +243,7 @@ def test_resume_rejects_contradicting_flags(full_run, data):
         train(TrainConfig(out=str(out), resume=True, lr=0.1), data)
 
 
+@pytest.mark.slow
 def test_resume_with_schedule_cannot_change_epochs(data, tmp_path):
     train(TrainConfig(out=str(tmp_path), epochs=2, schedule="cosine"), data)
     with pytest.raises(
@@ -249,6 +257,7 @@ def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
     assert result.status == "completed" and len(result.history) == 1
 
 
+@pytest.mark.slow
 def test_resume_wrong_network_checkpoint_is_named(full_run, data, tmp_path):
     other = blobs(features=5)  # same config, inputs of width 5: W0 is (5, 8)
     train(TrainConfig(out=str(tmp_path), epochs=1), other)
@@ -325,6 +334,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.slow
 def test_check_raise_names_step_and_leaf(data):
     # A registered layer is trainable the moment it is registered: a model description.
     with pytest.raises(jaxbp.GradientMismatchError) as info:
@@ -469,6 +479,7 @@ def _sequence_presets():
         presets._PRESETS.pop((name, None))
 
 
+@pytest.mark.slow
 def test_preset_reshapes_runs_per_step_and_records_itself(data, tmp_path):
     assert {"mlp", "test-seq"} <= set(preset_names())
     assert get_preset("mlp", "mnist1d").defaults["hidden"] == (256, 256, 256)
@@ -489,6 +500,7 @@ def test_preset_reshapes_runs_per_step_and_records_itself(data, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_augmentation_changes_the_run_and_resumes_bit_identically(data, tmp_path):
     straight = train(TrainConfig(model="test-seq"), data)
     plain = train(TrainConfig(model="test-seq-plain"), data)
@@ -500,6 +512,7 @@ def test_augmentation_changes_the_run_and_resumes_bit_identically(data, tmp_path
     assert leaves_bytes(resumed.opt_state) == leaves_bytes(straight.opt_state)
 
 
+@pytest.mark.slow
 def test_prepare_run_finish_and_on_epoch_stops(data, tmp_path):
     session = prepare(TrainConfig(out=str(tmp_path), epochs=5), data)
     rows = []

@@ -455,6 +455,7 @@ def test_net_that_is_not_a_layer():
         jaxbp.serial(jaxbp.Dense(3), jaxbp.Dense)
 
 
+@pytest.mark.slow
 def test_failed_step_loses_nothing_even_with_donation(check="off"):
     """A step that raises (while tracing) has not run: the donated buffers are still alive.
 

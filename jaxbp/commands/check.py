@@ -19,6 +19,15 @@ _widths = types.widths(2, "2,3,2 (inputs, hidden..., outputs)", "at least two po
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_network_arguments(parser)
+    _add_check_arguments(parser)
+    from .check_vjp import add_arguments as add_vjp_arguments
+
+    add_vjp_arguments(parser)
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is checked: an MLP given by its widths, or a model, and its loss."""
     from ..layers import ACTIVATIONS
     from ..losses import LOSSES
 
@@ -57,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--loss", choices=sorted(LOSSES), default="mse", help="loss (default: mse)")
     parser.add_argument(
+        "--shared-bias", action="store_true", help="one bias per layer, as in the seed tutorial"
+    )
+
+
+def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """How it is checked: the random batch, the precision, the finite-difference step, output."""
+    parser.add_argument(
         "--batch",
         type=types.positive_int,
         default=4,
@@ -69,9 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPES,
         default="float64",
         help="precision of params and data (default: float64)",
-    )
-    parser.add_argument(
-        "--shared-bias", action="store_true", help="one bias per layer, as in the seed tutorial"
     )
     parser.add_argument(
         "--eps",
@@ -88,9 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("text", "json"), default="text", help="text tables (default) or JSON"
     )
-    from .check_vjp import add_arguments as add_vjp_arguments
-
-    add_vjp_arguments(parser)
 
 
 def build(widths, activation, output_activation, shared_bias=False, dtype=None):
