@@ -34,7 +34,8 @@ Datasets (see :data:`DATASETS`):
     (5000 samples, generation seed 42, first 4000 train / last 1000 test; the
     published split). Generation takes about a second; the raw arrays are
     cached as ``.npz`` under :func:`cache_dir` so later loads are instant.
-    Standardised per feature with training-split statistics.
+    Standardised with one mean and one standard deviation over every position of the
+    training split (a signal keeps its units across positions).
 ``text``
     Characters, for the ``gpt`` preset (a sequence task; see :func:`load_text`): the
     ``pydoc_data.topics`` reference text every Python ships (465k characters, 103 distinct),

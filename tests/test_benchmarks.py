@@ -648,3 +648,20 @@ def test_pytorch_twin_forward_equals_jaxbp_apply_float64(name):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     loss = jaxbp.get_loss("softmax_cross_entropy").value(out, y)
     np.testing.assert_allclose(float(model.loss(x, y).detach()), loss, rtol=1e-10)
+
+
+def test_fused_scan_line_says_which_loop_is_faster_and_sets_no_target():
+    from benchmarks.suite import _network_targets, _verdict
+
+    def section(fused_s):
+        names = ("jaxbp step check=off", "jaxbp step check=report", "jax.value_and_grad step")
+        variants = {n: {"median_s": t} for n, t in zip(names, (2.0, 3.0, 2.5), strict=True)}
+        return {"variants": variants | {"jaxbp fused loop (3 steps/call)": {"median_s": fused_s}}}
+
+    for fused_s, verdict in ((1.0, "scan faster"), (6.0, "per step faster")):
+        out = {t["what"]: t for t in _network_targets("W9", section(fused_s))}
+        fused = out["W9 fused scan / one call per step"]
+        assert fused["value"] == fused_s / 2.0 and fused["met"] is None
+        assert _verdict(fused) == verdict
+        assert out["W9 manual step (off) / jax.grad step"]["met"] is True  # 2.0 / 2.5
+        assert out["W9 checked (report) / unchecked (off)"]["met"] is False  # 1.5 > 1.3

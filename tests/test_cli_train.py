@@ -474,3 +474,22 @@ def test_missing_extra_is_one_line_exit_2(run_cli, monkeypatch, tmp_path):
     assert (
         err.strip() == "jaxbp train --dataset digits needs scikit-learn: pip install 'jaxbp[data]'"
     )
+
+
+@pytest.mark.parametrize(
+    "dataset, model, expected",
+    [
+        (None, None, "digits"),
+        (None, "gpt", "text"),
+        (None, "resnet", "mnist1d"),
+        ("iris", None, "iris"),
+        ("digits", "cnn", "digits"),
+        (None, "model.json", "digits"),
+        (None, "no-such-preset", "digits"),  # prepare() then names the unknown preset
+    ],
+)
+def test_default_out_folder_is_the_data_set_trained_on(dataset, model, expected):
+    from jaxbp.training import TrainConfig
+    from jaxbp.training.model import dataset_name
+
+    assert dataset_name(TrainConfig(dataset=dataset, model=model)) == expected

@@ -220,12 +220,13 @@ def test_torch_twin_refuses_a_network_that_is_not_a_gpt():
 
 def tiny_model_file(tmp_path, vocab, **kw):
     input_context = kw.pop("input_context", None)
+    fused = kw.pop("fused", False)
     args = dict(layers=1, heads=2, width=16, context=16) | kw
     context = input_context or args["context"]
-    path = tmp_path / "tiny_gpt.json"
+    path = tmp_path / f"tiny_gpt{'_fused' if fused else ''}.json"
     path.write_text(
         json.dumps(
-            {"model": gpt_description(vocab, **args), "input_shape": [context], "fused": False}
+            {"model": gpt_description(vocab, **args), "input_shape": [context], "fused": fused}
         )
     )
     return str(path)
@@ -436,3 +437,26 @@ def test_devices_2_gives_the_same_run(corpus_file, tmp_path):
     )
     two, one = map(float, done.stdout.split())
     assert two == pytest.approx(one, rel=1e-6)
+
+
+def test_fused_text_loop_equals_one_call_per_step(corpus_file, tmp_path):
+    """The gpt preset trains fused (one lax.scan per epoch, windows cut inside it): the same
+    run as one jitted call per step, to float64 rounding."""
+    vocab = load_dataset("text", text=str(corpus_file)).num_classes
+    results = {}
+    for fused in (False, True):
+        model = tiny_model_file(tmp_path, vocab, fused=fused)
+        cfg = TrainConfig(
+            dataset="text", text=str(corpus_file), model=model, epochs=2, batch_size=8, lr=1e-2
+        )
+        results[fused] = train(cfg)
+    per_step, fused = results[False], results[True]
+    assert fused.metrics["fused"] is True and per_step.metrics["fused"] is False
+    assert fused.metrics["steps"] == per_step.metrics["steps"] > 2
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(fused.params), leaves(per_step.params), strict=True):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        fused.metrics["test_loss"], per_step.metrics["test_loss"], rtol=1e-10
+    )

@@ -382,3 +382,15 @@ def test_command_rejects_a_rule_undefined_for_the_model(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "LayerNorm" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_raise_with_another_rule_runs_as_report(run_cli, tmp_path):
+    """The rule's updates disagree with jax.grad by design: --check raise neither skips nor
+    stops on them (the step runs as report), and the run completes."""
+    out = tmp_path / "raise"
+    args = "train --dataset xor --rule fa --epochs 3 --check raise --progress none --out"
+    code, _, err = run_cli(*args.split(), out)
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["applied_steps"] == m["steps"] > 0
+    assert m["alignment"]["[0]"]["angle"] > 1.0  # the hidden layer's update is not the gradient

@@ -15,6 +15,7 @@ stopped by a fault (too many non-finite steps, or a gradient disagreement with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -167,8 +168,8 @@ def run(args) -> int:
     from ..gradcheck import GradientMismatchError
     from ..training import TrainConfig, finish, prepare
     from ..training import run as run_training
+    from ..training.model import dataset_name
 
-    out = args.out or os.path.join("runs", args.dataset or "digits")
     config = TrainConfig(
         dataset=args.dataset,
         model=args.model,
@@ -184,7 +185,6 @@ def run(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         check=args.check,
-        out=out,
         resume=args.resume,
         max_bad_steps=args.max_bad_steps,
         checkpoint_every=args.checkpoint_every,
@@ -192,7 +192,9 @@ def run(args) -> int:
         text=args.text,
         rule=getattr(args, "rule", None),
     )
-    session = prepare(config)
+    # runs/<the data set trained on>: `--model gpt` alone goes to runs/text.
+    out = args.out or os.path.join("runs", dataset_name(config))
+    session = prepare(dataclasses.replace(config, out=out))
     assert session.cfg.epochs is not None  # resolve_config filled it
     bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
     for note in session.notes if bar.mode != "none" else ():

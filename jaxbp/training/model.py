@@ -20,7 +20,14 @@ from ..model import load_description
 from ..presets import TRAINING_KEYS, Preset, get_preset
 from .config import FALLBACK, MLP_FIELDS, TrainConfig
 
-__all__ = ["TrainData", "choose_model", "targets", "model_label", "PRESET_FILE_KEYS"]
+__all__ = [
+    "TrainData",
+    "choose_model",
+    "dataset_name",
+    "targets",
+    "model_label",
+    "PRESET_FILE_KEYS",
+]
 
 # A model file holds a description ({"name": ...}) or a preset: {"model": description, ...}.
 PRESET_FILE_KEYS = ("model", "dataset", "input_shape", "fused", "augment", *TRAINING_KEYS)
@@ -147,6 +154,22 @@ def choose_model(config: TrainConfig, dataset, header: dict | None):
     if named:
         return dataset, get_preset(model, dataset.name), model
     return dataset, _file_preset(model, defaults), model
+
+
+def dataset_name(config: TrainConfig) -> str:
+    """The data set a fresh run of ``config`` trains on, as :func:`choose_model` picks it,
+    without loading anything: ``config.dataset``, else a named preset's (``--model gpt``:
+    ``text``), else the fallback. (An unknown preset name falls back here; :func:`prepare`
+    then says what is wrong with it.)"""
+    if config.dataset:
+        return config.dataset
+    model = config.model
+    if model is not None and model != "mlp" and not _is_file_model(model):
+        try:
+            return get_preset(model).dataset
+        except ValueError:
+            pass
+    return FALLBACK["dataset"]
 
 
 def _default_model(config: TrainConfig, dataset) -> str:
