@@ -166,9 +166,11 @@ def dataset_name(config: TrainConfig) -> str:
     model = config.model
     if model is not None and model != "mlp" and not _is_file_model(model):
         try:
-            return get_preset(model).dataset
+            named = get_preset(model).dataset
         except ValueError:
-            pass
+            named = None
+        if named:
+            return named
     return FALLBACK["dataset"]
 
 

@@ -410,7 +410,7 @@ def _checkpoint(s: Session, at_epoch: int) -> None:
 def _train_epoch(s: Session) -> dict:
     """One epoch: the loop over its batches, the mismatch check, the evaluation; its row."""
     d, cfg = s.data, s.cfg
-    assert cfg.check is not None  # resolve_config filled it
+    assert cfg.check is not None and cfg.rule is not None  # resolve_config filled them
     order = compiled.epoch_order(
         s.data_key,
         jnp.asarray(s.epoch, jnp.int32),
