@@ -40,11 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp.commands.args import positive_int
+from jaxbp.commands.args import seed as seed_type
 from jaxbp.training import TrainConfig, prepare
 from jaxbp.training import compiled as training_compiled
 
+from .networks import torch_threads
 from .torch_gpt import TorchGPT, gpt_heads
-from .w7_gpt import torch_threads
 
 # jaxbp.training.config: warm-up over this fraction of the run's steps.
 WARMUP_FRACTION = 0.05
@@ -247,9 +249,13 @@ def _spread(values, spec: str = ".4f") -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpt_twin", description=__doc__)
-    parser.add_argument("--epochs", type=int, metavar="N", help="default: the preset's (10)")
-    parser.add_argument("--steps", type=int, metavar="N", help="stop both runs after N steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S")
+    parser.add_argument(
+        "--epochs", type=positive_int, metavar="N", help="default: the preset's (10)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, metavar="N", help="stop both runs after N steps"
+    )
+    parser.add_argument("--seeds", type=seed_type, nargs="+", default=[0], metavar="S")
     parser.add_argument("--text", metavar="FILE", help="default: the reference text")
     parser.add_argument(
         "--model", metavar="FILE", help="a GPT model file, as jaxbp train's (default: gpt)"

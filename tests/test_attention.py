@@ -134,7 +134,6 @@ EAGER = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, shape, dtype", EAGER)
 def test_backward_matches_vjp_eager(name, shape, dtype):
     check_against_vjp(CASES[name], shape, dtype, manual_and_vjp)

@@ -382,28 +382,31 @@ def twin_text(tmp_path_factory):
     return str(path)
 
 
-def _tiny_gpt_model(text, tmp_path):
+def _tiny_gpt_model(text, tmp_path, fused=False):
     from jaxbp.data import load_dataset
     from jaxbp.presets import gpt_description
 
     vocab = load_dataset("text", text=text).num_classes
     path = tmp_path / "tiny_gpt.json"
     model = gpt_description(vocab, layers=1, heads=2, width=16, context=16)
-    path.write_text(json.dumps({"model": model, "input_shape": [16], "fused": False}))
+    path.write_text(json.dumps({"model": model, "input_shape": [16], "fused": fused}))
     return str(path)
 
 
 @pytest.mark.slow
-def test_twin_trains_like_jaxbp_train_float64(twin_text, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["per-step", "fused"])
+def test_twin_trains_like_jaxbp_train_float64(twin_text, tmp_path, fused):
     """A whole (tiny) run: jaxbp's side ends at ``jaxbp train``'s own validation loss, and the
     twin, on the same batches with the same AdamW and schedule, agrees to float64 rounding."""
     pytest.importorskip("torch")
     from benchmarks.gpt_twin import compare
     from jaxbp.training import TrainConfig, train
 
-    model = _tiny_gpt_model(twin_text, tmp_path)
+    model = _tiny_gpt_model(twin_text, tmp_path, fused)
     run = compare(0, epochs=2, text=twin_text, model=model)
     s = run.settings
+    # the fused loop's first call is the whole first epoch (a scan compiles per length)
+    assert s["jaxbp_first_call_steps"] == (s["steps_per_epoch"] if fused else 1)
     assert s["dtype"] == "float64" and s["schedule"] == "warmup_cosine" and s["lr"] == 3e-3
     assert [r.epoch for r in run.epochs] == [1, 2]
     assert run.epochs[-1].steps == s["steps"] == 2 * s["steps_per_epoch"] >= 6

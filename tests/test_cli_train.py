@@ -326,7 +326,7 @@ def test_ctrl_c_saves_checkpoint_exit_130_and_resumes_identically(reference, tmp
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted at epoch" in err and "continue with --resume" in err
+    assert "interrupted at epoch" in err and f"continue with --resume --out {tmp_path}" in err
     stopped = read_header(ck)["epoch"]
     assert 1 <= stopped < 100000
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -477,7 +477,8 @@ def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tup
             return "interrupted", (
                 f"interrupted at epoch {s.epoch}/{cfg.epochs}"
                 + (
-                    f"; checkpoint saved to {s.checkpoint_path}, continue with --resume"
+                    f"; checkpoint saved to {s.checkpoint_path}, continue with "
+                    f"--resume --out {s.out}"
                     if s.out is not None
                     else ""
                 )
