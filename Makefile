@@ -25,7 +25,8 @@ test: $(STAMP)
 
 # The quick loop while working: everything not marked slow. It keeps XLA's compiled programs
 # between runs (JAX's persistent compilation cache, under .pytest_cache): a second run compiles
-# next to nothing (measured: 113 s cold, 53 s warm, on 2 cores); the cache is capped at 500 MB.
+# next to nothing (measured on 2 cores: 53-60 s warm, 2-4 min for a first run); the cache is
+# capped at 500 MB.
 test-fast: $(STAMP)
 	JAX_COMPILATION_CACHE_DIR=.pytest_cache/jax-compilation \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_COMPILATION_CACHE_MAX_SIZE=500000000 \
