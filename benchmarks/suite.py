@@ -37,17 +37,25 @@ def _median(section, prefix):
     return None
 
 
-def _network_median(section, prefix, model):
+def _model_of(variant: str) -> str:
     # A section may time two models; the second model's variants end in " [its name]".
+    return variant[variant.index(" [") :] if " [" in variant else ""
+
+
+def _models(section) -> list[str]:
+    """The models a section timed, by their variants' suffix ("" for the first)."""
+    return sorted({_model_of(n) for n in section["variants"]})
+
+
+def _network_median(section, prefix, model):
     for name, v in section["variants"].items():
-        tail = name[name.index(" [") :] if " [" in name else ""
-        if name.startswith(prefix) and tail == model:
+        if name.startswith(prefix) and _model_of(name) == model:
             return v["median_s"]
     return None
 
 
 def _network_targets(w: str, section: dict) -> list[dict]:
-    models = sorted({n[n.index(" [") :] if " [" in n else "" for n in section["variants"]})
+    models = _models(section)
     out = []
     for model in models:
         off = _network_median(section, "jaxbp step check=off", model)
@@ -74,7 +82,7 @@ def _torch_targets(w: str, section: dict) -> list[dict]:
     from .networks import TORCH_VARIANT
 
     out = []
-    models = sorted({n[n.index(" [") :] if " [" in n else "" for n in section["variants"]})
+    models = _models(section)
     for model in models:
         name = f"{TORCH_VARIANT}{model}"
         if name not in section["variants"] and name not in section.get("skipped", {}):

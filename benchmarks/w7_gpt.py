@@ -23,8 +23,7 @@ from jaxbp.attention import MultiHeadAttention
 from jaxbp.data import TEXT_DEFAULTS, load_text
 from jaxbp.presets import gpt_description
 
-# TORCH_VARIANT and torch_threads live in networks now; gpt_twin and the tests import them here.
-from .networks import TORCH_VARIANT, run_network, torch_threads  # noqa: F401
+from .networks import run_network
 from .torch_gpt import TorchGPT, gpt_heads
 from .torch_nets import eager_baseline
 

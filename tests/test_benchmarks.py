@@ -267,8 +267,8 @@ def test_w7_jaxbp_step_equals_the_plain_jax_grad_step(tiny_gpt):
 def test_w7_pytorch_step_equals_the_plain_jax_grad_step(tiny_gpt):
     torch = pytest.importorskip("torch")
     from benchmarks.networks import LEARNING_RATE as NET_LR
-    from benchmarks.networks import plain_step
-    from benchmarks.w7_gpt import TORCH_VARIANT, torch_baseline, torch_threads
+    from benchmarks.networks import TORCH_VARIANT, plain_step, torch_threads
+    from benchmarks.w7_gpt import torch_baseline
 
     net, params, state, x, y = tiny_gpt
     before = [np.array(a) for a in jax.tree_util.tree_leaves(params)]
@@ -311,8 +311,8 @@ def test_w7_attention_memory_reports_both_backwards():
 
 @pytest.mark.slow
 def test_w7_quick_section_and_targets(tmp_path):
+    from benchmarks.networks import TORCH_VARIANT
     from benchmarks.suite import run_suite, table_rows
-    from benchmarks.w7_gpt import TORCH_VARIANT
 
     data = run_suite(["W7"], quick=True, tiny=True, json_path=str(tmp_path / "w7.json"), echo=False)
     section = json.loads((tmp_path / "w7.json").read_text())["W7"]
