@@ -77,6 +77,17 @@ def test_output_lines(run_cli, tmp_path):
     progress = [l for l in err.splitlines() if l.startswith("xor epoch")]
     assert 3 <= len(progress) <= 11, err
     assert progress[-1].startswith("xor epoch 30/30")
+    assert f"wrote {tmp_path}/metrics.json, curves.png, checkpoint.npz" in out
+
+
+@pytest.mark.slow
+def test_without_matplotlib_no_plot_is_claimed(run_cli, tmp_path, monkeypatch):
+    """matplotlib is an optional extra: the run completes and says what it did write."""
+    monkeypatch.setitem(sys.modules, "jaxbp.plots", None)  # ``from ..plots import`` fails
+    code, out, err = run_cli("train", "--dataset", "xor", "--epochs", "2", "--out", tmp_path)
+    assert code == 0, err
+    assert f"wrote {tmp_path}/metrics.json, checkpoint.npz" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.json"]
 
 
 @pytest.mark.slow

@@ -97,7 +97,8 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
         "--weight-decay",
         type=types.nonnegative_number,
         metavar="WD",
-        help="decoupled weight decay of the weights (not the biases)",
+        help="weight decay of every parameter but the biases named 'b': decoupled (adamw) "
+        "with adam, added to the gradient with sgd and momentum",
     )
     parser.add_argument("--epochs", type=types.positive_int, metavar="N")
     parser.add_argument("--batch-size", type=types.positive_int, metavar="N")
@@ -277,8 +278,7 @@ def _print_summary(result, out: str) -> None:
                 f"{layer} {_fmt(a['angle'], '.1f')} deg" for layer, a in m["alignment"].items()
             )
         )
-    extra = ", alignment.png" if m.get("alignment") else ""
-    print(f"wrote {out}/metrics.json, curves.png{extra}, checkpoint.npz")
+    print(f"wrote {out}/" + ", ".join(f.name for f in result.files))
 
 
 # --------------------------------------------------------------------------------------------

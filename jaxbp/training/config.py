@@ -91,9 +91,10 @@ class TrainConfig:
       ``"adam"`` (``optax.adam``; ``optax.adamw`` with ``weight_decay``).
     - ``schedule``: ``"constant"``, ``"cosine"`` (decay to 0 over the run) or
       ``"warmup_cosine"`` (linear warm-up over the first 5% of steps, then cosine).
-    - ``weight_decay``: decoupled decay of every parameter but the leaves named ``'b'`` (the
-      biases of Dense and the convolutions; LayerNorm's and BatchNorm's ``scale``/``bias`` and
-      attention's ``bq``...``bo`` are decayed).
+    - ``weight_decay``: decay of every parameter but the leaves named ``'b'`` (the biases of
+      Dense and the convolutions; LayerNorm's and BatchNorm's ``scale``/``bias`` and
+      attention's ``bq``...``bo`` are decayed): decoupled with ``adam`` (``optax.adamw``),
+      added to the gradient (L2, ``optax.add_decayed_weights``) with ``sgd`` and ``momentum``.
     - ``check``: ``"off"``, ``"report"``, ``"skip"`` or ``"raise"`` (:mod:`jaxbp.train`).
     - ``out``: folder for checkpoint, metrics and curves (``None``: write nothing).
     - ``resume``: continue from ``out``'s checkpoint (start afresh if there is none); the

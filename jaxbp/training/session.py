@@ -86,7 +86,9 @@ class TrainResult(NamedTuple):
     ``status``: ``"completed"``, ``"nonfinite"`` (stopped after ``max_bad_steps`` non-finite
     steps) or ``"interrupted"`` (``on_epoch`` asked to stop; a checkpoint was written).
     ``metrics`` is what ``metrics.json`` holds; ``history`` one dict per epoch;
-    ``train_state`` the final :class:`jaxbp.TrainState` (``params``/``opt_state`` are its).
+    ``train_state`` the final :class:`jaxbp.TrainState` (``params``/``opt_state`` are its);
+    ``files`` what the run left in its output folder (the plots only where matplotlib is
+    installed).
     """
 
     params: Any
@@ -99,6 +101,7 @@ class TrainResult(NamedTuple):
     checkpoint: Path | None
     message: str
     train_state: TrainState | None = None
+    files: tuple[Path, ...] = ()
 
 
 @dataclasses.dataclass
@@ -537,23 +540,30 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
     """Summarise the run; with an output folder, write ``metrics.json`` and ``curves.png``."""
     s = session
     metrics = _summary(s, status)
+    files: list[Path | str | None] = []  # the plots are None without matplotlib
     if s.out is not None:
         s.out.mkdir(parents=True, exist_ok=True)
-        write_json(s.out / METRICS_FILE, metrics)
+        files.append(write_json(s.out / METRICS_FILE, metrics))
         if s.history:
-            _write_curves(
-                s.history,
-                s.out / CURVES_FILE,
-                f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
-                f"{s.cfg.optimizer} lr {s.cfg.lr:g}",
+            files.append(
+                _write_curves(
+                    s.history,
+                    s.out / CURVES_FILE,
+                    f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
+                    f"{s.cfg.optimizer} lr {s.cfg.lr:g}",
+                )
             )
         if any("alignment" in r for r in s.history) and s.cfg.rule is not None:
-            _write_alignment(
-                s.history,
-                s.out / ALIGNMENT_FILE,
-                f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, {model_label(s.cfg, s.preset)}",
+            files.append(
+                _write_alignment(
+                    s.history,
+                    s.out / ALIGNMENT_FILE,
+                    f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, "
+                    f"{model_label(s.cfg, s.preset)}",
+                )
             )
     ckpt = s.checkpoint_path
+    ckpt = ckpt if ckpt is not None and ckpt.exists() else None
     return TrainResult(
         s.ts.params,
         s.ts.opt_state,
@@ -562,9 +572,10 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
         metrics,
         s.history,
         status,
-        ckpt if ckpt is not None and ckpt.exists() else None,
+        ckpt,
         message,
         s.ts,
+        tuple(Path(f) for f in (*files, ckpt) if f is not None),
     )
 
 
