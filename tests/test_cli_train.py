@@ -433,6 +433,40 @@ def test_model_file_trains_and_resume_rebuilds_from_checkpoint(run_cli, tmp_path
 
 
 @pytest.mark.slow
+def test_preset_file_names_its_data_set(run_cli, tmp_path, monkeypatch):
+    """A preset file's ``"dataset"`` chooses the data set (and so the default ``--out``);
+    ``--dataset`` still wins."""
+    from jaxbp.training import TrainConfig
+    from jaxbp.training.model import dataset_name
+
+    net = {"name": "serial", "layers": [{"name": "Dense", "out_dim": 8}, {"name": "Tanh"}]}
+    net["layers"].append({"name": "Dense", "out_dim": 3})
+    path = tmp_path / "iris_model.json"
+    path.write_text(json.dumps({"model": net, "dataset": "iris", "epochs": 2}))
+    assert dataset_name(TrainConfig(model=str(path))) == "iris"
+    assert dataset_name(TrainConfig(model=str(path), dataset="digits")) == "digits"
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("train", "--model", path.name, "--progress", "none")
+    assert code == 0, err
+    assert out.startswith("iris: 'iris_model.json', adam") and ", 2 epochs," in out.splitlines()[0]
+    assert json.loads(Path("runs/iris/metrics.json").read_text())["dataset"] == "iris"
+    path.write_text(json.dumps({"model": net, "dataset": 3}))
+    code, _, err = run_cli("train", "--model", path.name, "--out", tmp_path / "bad")
+    assert code == 2
+    assert "model 'iris_model.json': \"dataset\" must be a data set name, got 3" in one_line_error(
+        err
+    )
+    # The MLP's fields would shape nothing here: the description is the network.
+    path.write_text(json.dumps({"model": net, "dataset": "iris", "hidden": [5]}))
+    code, _, err = run_cli("train", "--model", path.name, "--out", tmp_path / "bad")
+    assert code == 2
+    assert (
+        "model 'iris_model.json': hidden belongs to the mlp preset and would change nothing"
+        in one_line_error(err)
+    )
+
+
+@pytest.mark.slow
 def test_model_errors_are_one_line(run_cli, tmp_path):
     code, _, err = run_cli(
         "train", "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")

@@ -403,7 +403,7 @@ def test_cli_train_text_then_generate(corpus_file, tmp_path, capsys):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("text: file, adam") and "nats per character" in printed
+    assert printed.startswith("text: 'tiny_gpt.json', adam") and "nats per character" in printed
     assert main(["generate", "--checkpoint", str(out), "--length", "5"]) == 0
     assert len(capsys.readouterr().out) == 1 + 5 + 1  # the default prompt is a newline
     empty = tmp_path / "empty.txt"

@@ -230,6 +230,8 @@ def run(args) -> int:
 
 
 def _print_summary(result, out: str) -> None:
+    from ..training.model import model_label
+
     m, cfg = result.metrics, result.config
 
     def pct(v):
@@ -243,11 +245,7 @@ def _print_summary(result, out: str) -> None:
         if err is not None
         else "manual vs jax.grad: no finite step to compare"
     )
-    model = (
-        f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}"
-        if cfg.hidden is not None
-        else m["preset"]
-    )
+    model = model_label(cfg, m["preset"])
     print(
         f"{m['dataset']}: {model}, {cfg.optimizer} lr {cfg.lr:g}, {m['epochs']} epochs, "
         f"{m['steps']} steps in {m['seconds']:.1f}s"

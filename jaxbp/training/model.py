@@ -30,7 +30,15 @@ __all__ = [
 ]
 
 # A model file holds a description ({"name": ...}) or a preset: {"model": description, ...}.
-PRESET_FILE_KEYS = ("model", "dataset", "input_shape", "fused", "augment", *TRAINING_KEYS)
+# The MLP's fields (hidden, activation) would shape nothing: the description is the network.
+PRESET_FILE_KEYS = (
+    "model",
+    "dataset",
+    "input_shape",
+    "fused",
+    "augment",
+    *(k for k in TRAINING_KEYS if k not in MLP_FIELDS),
+)
 
 
 class TrainData(NamedTuple):
@@ -67,6 +75,14 @@ def _file_preset(model, defaults: dict) -> Preset:
     spec = load_description(model)
     if "name" in spec:
         spec = {"model": spec}
+    mlp_only = [k for k in MLP_FIELDS if k in spec]
+    if mlp_only:
+        raise ValueError(
+            f"model {_short(model)}: {' and '.join(mlp_only)} "
+            f"belong{'s' if len(mlp_only) == 1 else ''} to the mlp preset and "
+            f'would change nothing; a model file\'s network is its "model" description: '
+            f"change the layers there"
+        )
     unknown = sorted(set(spec) - set(PRESET_FILE_KEYS))
     if unknown or not isinstance(spec.get("model"), dict):
         raise ValueError(
@@ -139,39 +155,49 @@ def choose_model(config: TrainConfig, dataset, header: dict | None):
     if header is not None:
         return _from_header(header, config, dataset)
     model = config.model if config.model is not None else _default_model(config, dataset)
-    named = not _is_file_model(model)
-    preset = get_preset(model) if named and model != "mlp" else None
     name = (
         config.dataset
         or (getattr(dataset, "name", None) if dataset is not None else None)
-        or (preset.dataset if preset else None)
+        or _model_dataset(model)
         or FALLBACK["dataset"]
     )
     dataset = _load(name, dataset, config.text)
     defaults = dict(getattr(dataset, "defaults", None) or get_preset("mlp", name).defaults)
     if model == "mlp":
         return dataset, Preset("mlp", None, name, defaults=defaults), model
-    if named:
+    if not _is_file_model(model):
         return dataset, get_preset(model, dataset.name), model
     return dataset, _file_preset(model, defaults), model
 
 
+def _model_dataset(model) -> str | None:
+    """The data set a named preset (``gpt``: ``text``) or a preset file's ``"dataset"`` key
+    names, read without loading any data; ``None`` for ``mlp`` and bare descriptions."""
+    if model == "mlp":
+        return None
+    if not _is_file_model(model):
+        return get_preset(model).dataset
+    spec = load_description(model)
+    if not isinstance(spec, dict) or "name" in spec:  # _file_preset judges a malformed file
+        return None
+    named = spec.get("dataset")
+    if named is not None and not isinstance(named, str):
+        raise ValueError(f'model {_short(model)}: "dataset" must be a data set name, got {named!r}')
+    return named
+
+
 def dataset_name(config: TrainConfig) -> str:
     """The data set a fresh run of ``config`` trains on, as :func:`choose_model` picks it,
-    without loading anything: ``config.dataset``, else a named preset's (``--model gpt``:
-    ``text``), else the fallback. (An unknown preset name falls back here; :func:`prepare`
-    then says what is wrong with it.)"""
+    without loading anything: ``config.dataset``, else the named preset's or the preset
+    file's (``--model gpt``: ``text``), else the fallback. (An unknown preset or an unreadable
+    file falls back here; :func:`prepare` then says what is wrong with it.)"""
     if config.dataset:
         return config.dataset
-    model = config.model
-    if model is not None and model != "mlp" and not _is_file_model(model):
-        try:
-            named = get_preset(model).dataset
-        except ValueError:
-            named = None
-        if named:
-            return named
-    return FALLBACK["dataset"]
+    try:
+        named = None if config.model is None else _model_dataset(config.model)
+    except ValueError:
+        named = None
+    return named or FALLBACK["dataset"]
 
 
 def _default_model(config: TrainConfig, dataset) -> str:
@@ -180,11 +206,15 @@ def _default_model(config: TrainConfig, dataset) -> str:
     return "gpt" if sequence else "mlp"
 
 
-def model_label(cfg: TrainConfig, preset: Preset) -> str:
-    """``"256 relu"`` for an MLP, else the preset's (or file's) name."""
+def model_label(cfg: TrainConfig, preset_name: str) -> str:
+    """``"256 relu"`` for an MLP, else the preset's name, the model file's name, or the start
+    of the JSON given inline."""
     if cfg.hidden is not None:
         return f"{'-'.join(map(str, cfg.hidden))} {cfg.activation}"
-    return preset.name if preset.name != "file" else _short(cfg.model)
+    if preset_name != "file":
+        return preset_name
+    inline = not isinstance(cfg.model, str) or cfg.model.lstrip().startswith("{")
+    return _short(cfg.model) if inline else repr(Path(cfg.model).name)
 
 
 def _classification(dataset, loss_name: str, x_tr, x_te):

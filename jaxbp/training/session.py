@@ -298,7 +298,7 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
         )
     )
     net = _network(description, ckpt)
-    _check_output(net, data, f"model {model_label(cfg, preset)}")
+    _check_output(net, data, f"model {model_label(cfg, preset.name)}")
     optimizer = rules.optimizer(
         compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size)), net
     )
@@ -549,7 +549,7 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
                 _write_curves(
                     s.history,
                     s.out / CURVES_FILE,
-                    f"{s.dataset.name}: {model_label(s.cfg, s.preset)}, "
+                    f"{s.dataset.name}: {model_label(s.cfg, s.preset.name)}, "
                     f"{s.cfg.optimizer} lr {s.cfg.lr:g}",
                 )
             )
@@ -559,7 +559,7 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
                     s.history,
                     s.out / ALIGNMENT_FILE,
                     f"{s.dataset.name}: {rules.RULE_NAMES[s.cfg.rule]}, "
-                    f"{model_label(s.cfg, s.preset)}",
+                    f"{model_label(s.cfg, s.preset.name)}",
                 )
             )
     ckpt = s.checkpoint_path
