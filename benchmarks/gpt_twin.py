@@ -44,12 +44,11 @@ from jaxbp.commands.args import positive_int
 from jaxbp.commands.args import seed as seed_type
 from jaxbp.training import TrainConfig, prepare
 from jaxbp.training import compiled as training_compiled
+from jaxbp.training.config import WARMUP_FRACTION
 
 from .networks import torch_threads
 from .torch_gpt import TorchGPT, gpt_heads
 
-# jaxbp.training.config: warm-up over this fraction of the run's steps.
-WARMUP_FRACTION = 0.05
 B1, B2, EPS = 0.9, 0.999, 1e-8  # optax.adamw's defaults, which build_optimizer keeps
 
 

@@ -2,8 +2,6 @@
 does."""
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +10,7 @@ import pytest
 
 import jaxbp
 
-# benchmarks/ is a top-level folder of the checkout, not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/ is found through pytest's ``pythonpath`` (pyproject.toml).
 from benchmarks.mlp import (
     LEARNING_RATE,
     build,

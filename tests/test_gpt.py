@@ -149,14 +149,9 @@ def test_ten_adamw_steps_equal_the_plain_jax_reference():
 
 
 def _torch_gpt():
-    """``benchmarks.torch_gpt``: benchmarks/ is a top-level folder of the checkout, not part of
-    the installed package."""
+    """``benchmarks.torch_gpt`` (it imports torch, so only when a test asks)."""
     import importlib
-    import sys
 
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     return importlib.import_module("benchmarks.torch_gpt")
 
 

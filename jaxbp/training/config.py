@@ -32,6 +32,7 @@ __all__ = [
     "resolve_config",
     "config_dict",
     "build_optimizer",
+    "WARMUP_FRACTION",
 ]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -70,7 +71,8 @@ IDENTITY_FIELDS = (
     "text",
     "rule",
 )
-_WARMUP_FRACTION = 0.05
+# warmup_cosine warms up linearly over this fraction of the run's steps.
+WARMUP_FRACTION = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +291,7 @@ def _learning_rate(cfg: TrainConfig, total_steps: int):
         return cfg.lr
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(cfg.lr, total_steps)
-    warmup = max(1, int(round(_WARMUP_FRACTION * total_steps)))
+    warmup = max(1, int(round(WARMUP_FRACTION * total_steps)))
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1))
 
 
