@@ -11,7 +11,15 @@ Every layer carries a hand-derived backward pass; every train step can check it 
 
 from . import rules
 from .attention import Embedding, LayerNorm, MultiHeadAttention, PositionalEmbedding
-from .backprop import autodiff, backprop, check_inputs, check_params, forward, loss_fn
+from .backprop import (
+    autodiff,
+    backprop,
+    backprop_and_autodiff,
+    check_inputs,
+    check_params,
+    forward,
+    loss_fn,
+)
 from .conv import (
     AvgPool1D,
     AvgPool2D,
@@ -112,6 +120,7 @@ __all__ = [
     # jaxbp.backprop
     "autodiff",
     "backprop",
+    "backprop_and_autodiff",
     "check_inputs",
     "check_params",
     "forward",

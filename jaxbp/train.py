@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .backprop import autodiff, backprop, check_inputs, check_params, forward
+from .backprop import backprop, backprop_and_autodiff, check_inputs, check_params, forward
 from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness, unchecked_report
 from .layers import Layer, init_state
 from .losses import get_loss
@@ -288,13 +288,13 @@ def _check_train_state(ts) -> None:
 def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
     """Loss, manual gradients, new layer state, and (when checked) the comparison."""
     step_key, next_key = (None, None) if ts.key is None else tuple(jax.random.split(ts.key))
-    value, grads, new_state = backprop(
-        net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
-    )
     if check == "off":
+        value, grads, new_state = backprop(
+            net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
+        )
         return value, grads, new_state, next_key, None, None
-    # The same state and key: the same batch statistics and dropout masks as the manual pass.
-    _, grads_ad, _ = autodiff(
+    # One forward for both: the same batch statistics and dropout masks, computed once.
+    value, grads, grads_ad, new_state = backprop_and_autodiff(
         net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
     )
     report, grads_finite = compare_with_finiteness(grads, grads_ad, rtol=rtol, atol=atol)

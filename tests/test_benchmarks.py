@@ -665,3 +665,31 @@ def test_fused_scan_line_says_which_loop_is_faster_and_sets_no_target():
         assert _verdict(fused) == verdict
         assert out["W9 manual step (off) / jax.grad step"]["met"] is True  # 2.0 / 2.5
         assert out["W9 checked (report) / unchecked (off)"]["met"] is False  # 1.5 > 1.3
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks.one_forward: both gradients from one forward against two
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_forward_variants_compute_the_same_gradients(capsys):
+    """The three timed functions agree (float64), and the quick run prints every workload."""
+    from benchmarks.networks import build
+    from benchmarks.one_forward import main, variants, workloads
+
+    for spec in workloads(tiny=True).values():
+        net, params, state, x, y = build(*spec["args"])
+        params = jax.tree.map(lambda p: p.astype(np.float64), params)
+        x = x.astype(np.float64)
+        fns = variants(net, params, state, x, y)
+        manual = fns["manual only"](params, state, x, y)
+        two, one = (fns[k](params, state, x, y) for k in ("two forwards", "one forward"))
+        assert bool(two[2]) and bool(one[2])  # each compared its own pair and found it equal
+        for got in (two[0], one[0], two[1], one[1]):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(manual), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert main(["--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(workloads(tiny=True))
+    assert all("two forwards" in line and "one forward" in line for line in lines)

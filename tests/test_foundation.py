@@ -567,6 +567,33 @@ def test_manual_and_autodiff_agree_with_state_and_key(dtype):
     assert float(v3) != float(v1)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_one_forward_for_both_gradients_equals_the_two_passes(dtype, jit):
+    """``backprop_and_autodiff`` (the verified step's pair) is ``backprop`` and ``autodiff``:
+    same loss, gradients and new state, with BatchNorm's statistics and Dropout's masks."""
+    ts = train_state(dtype=dtype)
+    x, y = X.astype(dtype), Y.astype(dtype)
+    both = jaxbp.backprop_and_autodiff
+    both = jax.jit(both, static_argnums=(0, 1)) if jit else both
+    value, manual, auto, state = both(NET, "mse", ts.params, x, y, state=ts.state, key=ts.key)
+    v1, g1, s1 = jaxbp.backprop(NET, "mse", ts.params, x, y, state=ts.state, key=ts.key)
+    _, g2, _ = jaxbp.autodiff(NET, "mse", ts.params, x, y, state=ts.state, key=ts.key)
+    np.testing.assert_allclose(value, v1, rtol=TOL[dtype])
+    assert value.dtype == dtype and all(g.dtype == dtype for g in jax.tree.leaves(auto))
+    assert_close(manual, g1, TOL[dtype])
+    assert_close(state, s1, 1e-13 if dtype == jnp.float64 else 1e-6)
+    # The bias in front of BatchNorm has gradient 0 in exact arithmetic: (e) compares its noise.
+    assert_close((auto[0]["W"], auto[1], auto[4]), (g2[0]["W"], g2[1], g2[4]), TOL[dtype])
+    # Without layer state: (value, manual, autodiff) of a stateless network.
+    plain = jaxbp.serial(jaxbp.Dense(4), jaxbp.Tanh, jaxbp.Dense(3))
+    _, p = plain.init(jax.random.key(3), (-1, 5))
+    p = cast(p, dtype)
+    value, manual, auto = jaxbp.backprop_and_autodiff(plain, "mse", p, x, y)
+    assert_close(manual, jaxbp.backprop(plain, "mse", p, x, y)[1], TOL[dtype])
+    assert_close(auto, jaxbp.autodiff(plain, "mse", p, x, y)[1], TOL[dtype])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
 def test_checked_step_with_state_and_key(jit):
