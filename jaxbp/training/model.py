@@ -69,12 +69,12 @@ def _is_file_model(model) -> bool:
     )
 
 
-def _file_preset(model, defaults: dict) -> Preset:
-    """A preset for a description (or preset file): the dataset's MLP training settings,
-    overridden by the file's own."""
+def _file_spec(model) -> dict:
+    """A description (or preset file, JSON string, dict) as a preset ``{"model": description,
+    ...}``, read once and its keys judged: the one place a model file is checked."""
     spec = load_description(model)
-    if "name" in spec:
-        spec = {"model": spec}
+    if not isinstance(spec, dict) or "name" in spec:
+        spec = {"model": spec}  # a bare description (anything else fails the check below)
     mlp_only = [k for k in MLP_FIELDS if k in spec]
     if mlp_only:
         raise ValueError(
@@ -91,6 +91,20 @@ def _file_preset(model, defaults: dict) -> Preset:
             f"among {', '.join(PRESET_FILE_KEYS)}"
             + (f"; got unknown keys {', '.join(unknown)}" if unknown else "")
         )
+    named = spec.get("dataset")
+    if named is not None and not isinstance(named, str):
+        raise ValueError(f'model {_short(model)}: "dataset" must be a data set name, got {named!r}')
+    return spec
+
+
+def _spec_of(model) -> dict | None:
+    """:func:`_file_spec` for a model file; ``None`` for a named preset (``mlp`` included)."""
+    return _file_spec(model) if model != "mlp" and _is_file_model(model) else None
+
+
+def _file_preset(spec: dict, defaults: dict) -> Preset:
+    """A preset for a checked file spec: the dataset's MLP training settings, overridden by
+    the file's own."""
     settings = {k: v for k, v in defaults.items() if k in TRAINING_KEYS and k not in MLP_FIELDS}
     settings.update({k: spec[k] for k in TRAINING_KEYS if k in spec})
     shape = spec.get("input_shape")
@@ -155,46 +169,40 @@ def choose_model(config: TrainConfig, dataset, header: dict | None):
     if header is not None:
         return _from_header(header, config, dataset)
     model = config.model if config.model is not None else _default_model(config, dataset)
+    spec = _spec_of(model)
     name = (
         config.dataset
         or (getattr(dataset, "name", None) if dataset is not None else None)
-        or _model_dataset(model)
+        or _model_dataset(model, spec)
         or FALLBACK["dataset"]
     )
     dataset = _load(name, dataset, config.text)
     defaults = dict(getattr(dataset, "defaults", None) or get_preset("mlp", name).defaults)
     if model == "mlp":
         return dataset, Preset("mlp", None, name, defaults=defaults), model
-    if not _is_file_model(model):
+    if spec is None:
         return dataset, get_preset(model, dataset.name), model
-    return dataset, _file_preset(model, defaults), model
+    return dataset, _file_preset(spec, defaults), model
 
 
-def _model_dataset(model) -> str | None:
-    """The data set a named preset (``gpt``: ``text``) or a preset file's ``"dataset"`` key
-    names, read without loading any data; ``None`` for ``mlp`` and bare descriptions."""
-    if model == "mlp":
-        return None
-    if not _is_file_model(model):
-        return get_preset(model).dataset
-    spec = load_description(model)
-    if not isinstance(spec, dict) or "name" in spec:  # _file_preset judges a malformed file
-        return None
-    named = spec.get("dataset")
-    if named is not None and not isinstance(named, str):
-        raise ValueError(f'model {_short(model)}: "dataset" must be a data set name, got {named!r}')
-    return named
+def _model_dataset(model, spec: dict | None) -> str | None:
+    """The data set the model names: a preset file's ``"dataset"`` (``spec``, from
+    :func:`_spec_of`), a named preset's (``gpt``: ``text``); ``None`` for ``mlp``."""
+    if spec is not None:
+        return spec.get("dataset")
+    return None if model == "mlp" else get_preset(model).dataset
 
 
 def dataset_name(config: TrainConfig) -> str:
     """The data set a fresh run of ``config`` trains on, as :func:`choose_model` picks it,
     without loading anything: ``config.dataset``, else the named preset's or the preset
-    file's (``--model gpt``: ``text``), else the fallback. (An unknown preset or an unreadable
+    file's (``--model gpt``: ``text``), else the fallback. (An unknown preset or a faulty
     file falls back here; :func:`prepare` then says what is wrong with it.)"""
     if config.dataset:
         return config.dataset
     try:
-        named = None if config.model is None else _model_dataset(config.model)
+        model = config.model
+        named = None if model is None else _model_dataset(model, _spec_of(model))
     except ValueError:
         named = None
     return named or FALLBACK["dataset"]
