@@ -15,7 +15,7 @@ import optax
 
 import jaxbp
 from jaxbp.data import load_dataset
-from jaxbp.trainer import TrainConfig, train
+from jaxbp.training import TrainConfig, train
 
 # 1. Data: pixels scaled to [0, 1], a stratified 75/25 split, kept on the device.
 data = load_dataset("digits", seed=0)

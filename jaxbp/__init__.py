@@ -30,6 +30,8 @@ from .conv import (
     MaxPool1D,
     MaxPool2D,
 )
+from .diagnose import Culprit, diagnose, locate
+from .errors import ArgumentError, UserError
 from .gradcheck import (
     GradCheck,
     GradientMismatchError,
@@ -68,6 +70,7 @@ from .layers import (
     serial,
     stateful,
 )
+from .llama import RMSNorm, SwiGLU, tied
 from .losses import (
     LOSSES,
     Loss,
@@ -79,6 +82,7 @@ from .losses import (
 )
 from .model import build, describe, layer_names, load_description, register_layer
 from .norm import BatchNorm, Dropout
+from .probe import VerifyState, init_verify_state, layer_paths
 from .recurrent import GRU, LSTM, bidirectional, from_torch_state_dict
 from .rules import (
     DirectFeedbackAlignment,
@@ -106,11 +110,20 @@ from .train import (
     make_train_step,
     sgd,
     train_step,
+    with_verify,
 )
 
 # Every public name above, grouped by the module it comes from (as the imports are).
 __all__ = [
     # submodules
+    # jaxbp.probe and jaxbp.diagnose: the per-layer probe, the culprit and the diagnosis
+    "VerifyState",
+    "init_verify_state",
+    "layer_paths",
+    "Culprit",
+    "diagnose",
+    "locate",
+    "with_verify",
     "rules",
     # jaxbp.attention
     "Embedding",
@@ -150,6 +163,9 @@ __all__ = [
     "check_vjp",
     "check_vjp_fd",
     "from_custom_vjp",
+    # jaxbp.errors
+    "ArgumentError",
+    "UserError",
     # jaxbp.layers
     "ACTIVATIONS",
     "Context",
@@ -188,6 +204,10 @@ __all__ = [
     "layer_names",
     "load_description",
     "register_layer",
+    # jaxbp.llama
+    "RMSNorm",
+    "SwiGLU",
+    "tied",
     # jaxbp.norm
     "BatchNorm",
     "Dropout",

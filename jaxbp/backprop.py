@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._trees import tree_difference
+from .errors import ArgumentError
 from .layers import InputShapeError, Layer, apply, init_state, serial
 from .losses import Loss, get_loss
 
@@ -30,14 +31,14 @@ __all__ = [
 def check_inputs(x) -> None:
     """Trace-time checks on a batch of inputs: floating point or integer ids, not empty."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # a list: result_type would fail
-        raise TypeError(
+        raise ArgumentError(
             f"inputs must be an array of shape (batch, features), got "
             f"{type(x).__name__} (convert with jnp.asarray(x))"
         )
     dtype = jnp.result_type(x)
     # Integer inputs are token ids for an Embedding; a layer that needs floats says so itself.
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(
+        raise ArgumentError(
             f"inputs must be floating point (or integer token ids), got dtype "
             f"{dtype} (convert with x.astype(jnp.float32))"
         )
@@ -60,7 +61,7 @@ def _expected_params(net: Layer, example_shape: tuple):
 def check_params(net: Layer, params, input_shape) -> None:
     """Trace-time check that ``params`` has the tree and shapes ``net.init`` would make."""
     if not isinstance(net, Layer):
-        raise TypeError(f"net must be a jaxbp Layer (such as jaxbp.serial(...)), got {net!r}")
+        raise ArgumentError(f"net must be a jaxbp Layer (such as jaxbp.serial(...)), got {net!r}")
     shape = tuple(input_shape)
     example = (1, *shape[1:]) if len(shape) >= 2 else shape
     try:
@@ -85,7 +86,7 @@ def check_params(net: Layer, params, input_shape) -> None:
                 f"got shape {tuple(jnp.shape(leaf))}"
             )
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise TypeError(
+            raise ArgumentError(
                 f"params must be floating point: leaf {jax.tree_util.keystr(path)} "
                 f"got dtype {jnp.result_type(leaf)}"
             )
@@ -150,6 +151,14 @@ def _returned(value, grads, new_state, state_given):
     return (value, grads, new_state) if state_given else (value, grads)
 
 
+def _check_wrt_inputs(x, wrt_inputs: bool) -> None:
+    if wrt_inputs and not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise ValueError(
+            f"wrt_inputs=True: the inputs are integer token ids (dtype "
+            f"{jnp.result_type(x)}), which have no gradient; pass wrt_inputs=False"
+        )
+
+
 def backprop(
     net: Layer,
     loss: Loss | str,
@@ -161,17 +170,22 @@ def backprop(
     key=None,
     train: bool = True,
     validate: bool = True,
+    wrt_inputs: bool = False,
 ):
     """Manual chain rule: forward with caches, ``dE/dout`` from the loss, backward.
 
     Returns ``(loss value, grads)``; with ``state`` given (a network with BatchNorm),
     ``(loss value, grads, new state)``. ``key`` seeds the randomness (Dropout's masks);
     ``train=False`` runs the evaluation forward (running statistics, no dropout).
+    ``wrt_inputs=True`` makes ``grads`` the pair ``(dE/dparams, dE/dx)``, as
+    ``jax.grad(f, argnums=(0, 1))`` gives it (floating-point inputs only).
     """
     loss, start = _prepare(net, loss, params, x, state, validate)
+    _check_wrt_inputs(x, wrt_inputs)
     out, cache, new_state = apply(net, params, start, x, key=key, train=train)
     value = loss.value(out, y)
-    grads, _ = net.backward(params, cache, loss.grad(out, y))
+    grads, dx = net.backward(params, cache, loss.grad(out, y))
+    grads = (grads, dx) if wrt_inputs else grads
     return _returned(value, grads, new_state, state is not None)
 
 
@@ -186,16 +200,19 @@ def autodiff(
     key=None,
     train: bool = True,
     validate: bool = True,
+    wrt_inputs: bool = False,
 ):
     """``jax.value_and_grad`` of the same pure loss, with the same state and key as
     :func:`backprop` (so the same batch statistics and dropout masks). Returns what it does."""
     loss, start = _prepare(net, loss, params, x, state, validate)
+    _check_wrt_inputs(x, wrt_inputs)
 
-    def value(p):
-        out, _, new_state = apply(net, p, start, x, key=key, train=train)
+    def value(p, xx):
+        out, _, new_state = apply(net, p, start, xx, key=key, train=train)
         return loss.value(out, y), new_state
 
-    (value_, new_state), grads = jax.value_and_grad(value, has_aux=True)(params)
+    argnums = (0, 1) if wrt_inputs else 0
+    (value_, new_state), grads = jax.value_and_grad(value, argnums, has_aux=True)(params, x)
     return _returned(value_, grads, new_state, state is not None)
 
 
@@ -210,6 +227,7 @@ def backprop_and_autodiff(
     key=None,
     train: bool = True,
     validate: bool = True,
+    wrt_inputs: bool = False,
 ):
     """:func:`backprop` and :func:`autodiff` from one forward pass: what the verified step
     compares.
@@ -219,16 +237,21 @@ def backprop_and_autodiff(
     runs forward once instead of twice (``python -m benchmarks.one_forward``: 13-20% less time
     for the GRUs and the GPT; none for convolutions, whose twin forwards XLA already merges).
     Returns ``(loss value, manual grads, jax.grad's grads)``, with ``state`` given also the new
-    state.
+    state; ``wrt_inputs=True`` makes both gradients pairs ``(dE/dparams, dE/dx)``.
     """
     loss, start = _prepare(net, loss, params, x, state, validate)
+    _check_wrt_inputs(x, wrt_inputs)
 
-    def value(p):
-        out, cache, new_state = apply(net, p, start, x, key=key, train=train)
+    def value(p, xx):
+        out, cache, new_state = apply(net, p, start, xx, key=key, train=train)
         return loss.value(out, y), (out, cache, new_state)
 
-    value_, vjp, (out, cache, new_state) = jax.vjp(value, params, has_aux=True)
-    (grads_ad,) = vjp(jnp.ones_like(value_))
-    grads, _ = net.backward(params, cache, loss.grad(out, y))
-    both = (value_, grads, grads_ad)
+    if wrt_inputs:
+        value_, vjp, (out, cache, new_state) = jax.vjp(value, params, x, has_aux=True)
+        grads_ad = vjp(jnp.ones_like(value_))
+    else:
+        value_, vjp, (out, cache, new_state) = jax.vjp(lambda p: value(p, x), params, has_aux=True)
+        (grads_ad,) = vjp(jnp.ones_like(value_))
+    grads, dx = net.backward(params, cache, loss.grad(out, y))
+    both = (value_, (grads, dx) if wrt_inputs else grads, grads_ad)
     return (*both, new_state) if state is not None else both

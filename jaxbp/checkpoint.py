@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import ArgumentError
+
 __all__ = [
     "CheckpointError",
     "Checkpoint",
@@ -83,7 +85,7 @@ def _flatten(state: Mapping[str, Any]):
         for path, leaf in tu.tree_flatten_with_path(state[group])[0]:
             arr = np.asarray(leaf)
             if arr.dtype == object:
-                raise TypeError(
+                raise ArgumentError(
                     f"checkpoint: leaf {group}{tu.keystr(path)} is not an array "
                     f"(got {type(leaf).__name__})"
                 )
@@ -131,6 +133,13 @@ def save_checkpoint(
     return atomic_write(path, lambda f: np.savez(f, **members))
 
 
+def _umask() -> int:
+    # The process's umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> Path:
     """Write a file atomically: ``write(f)`` fills a temporary file in the same folder, which
     is flushed, ``fsync``-ed and moved over ``path`` (``os.replace``); the folder is then
@@ -141,6 +150,10 @@ def atomic_write(path, write: Callable[[Any], None], *, text: bool = False) -> P
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp: str | None = tmp_name  # None once it has been moved over path
     try:
+        # mkstemp makes the file 0600; give it the mode any other new file gets (0644 under
+        # the usual umask), as the PNGs beside it have.
+        if hasattr(os, "fchmod"):  # POSIX only
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -13,10 +13,14 @@ A missing optional extra (scikit-learn, mnist1d, matplotlib, rich) is one line t
 package and the extra that installs it: ``jaxbp train --dataset digits needs scikit-learn: pip
 install 'jaxbp[data]'``, exit code 2.
 
-Errors a user can fix (a bad flag, a bad config file, a wrong shape) are raised as
-:class:`UsageError` (or ``ValueError``/``TypeError``/``OSError`` from the library) and printed as
-one line, ``jaxbp <command>: error: ...``, with exit code 2: never a traceback
-(set ``JAXBP_DEBUG=1`` to see one).
+Errors a user can fix (a bad flag, a bad config file, a wrong shape) are a
+:class:`~jaxbp.errors.UserError` (:class:`UsageError` here, ``ArgumentError`` and
+``InputShapeError`` from the library), a ``ValueError`` from the library, an ``OSError`` (a file
+that is not there) or a file that is not JSON. They are printed as one line, ``jaxbp <command>:
+error: ...``, with exit code 2: never a traceback (set ``JAXBP_DEBUG=1`` to see one).
+
+Anything else (a ``KeyError``, a ``TypeError`` that is not an ``ArgumentError``, ...) is a bug in
+jaxbp, not the user's mistake, and says so: one line asking for a report, exit code 1.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import importlib
 import json
 import os
 import sys
+
+from .errors import UserError
 
 __all__ = ["main", "UsageError", "COMMANDS"]
 
@@ -49,8 +55,8 @@ EXTRAS = {
 }
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
+class UsageError(UserError):
+    """A mistake in what the user asked for on the command line: one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +104,21 @@ def _what(argv: list[str], command: str) -> str:
     return " ".join(["jaxbp", command, *flags[:2]])
 
 
+def _import_user_modules(names) -> None:
+    """``--import MODULE``: the user's modules, imported before the command reads any model,
+    so that their ``register_layer`` calls have run (a model file or checkpoint never imports
+    anything by itself)."""
+    if not names:
+        return
+    from .model import import_modules
+
+    for name in names:
+        try:
+            import_modules([name])
+        except ValueError as e:
+            raise UsageError(f"--import {name}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxbp`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        _import_user_modules(getattr(args, "imports", None) or ())
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, TypeError, OSError, KeyError, json.JSONDecodeError) as e:
+    except (UserError, ValueError, OSError, json.JSONDecodeError) as e:
+        # ValueError: most of the library's checks on what it was given still raise it plainly
+        # (jaxbp.errors.UserError is the class they move to).
         if os.environ.get("JAXBP_DEBUG"):  # developers: the full traceback
             raise
         print(f"jaxbp {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -130,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxbp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # Not a mistake the user can fix: a bug, reported as one, never as "error: 'name'".
+        if os.environ.get("JAXBP_DEBUG"):
+            raise
+        print(
+            f"jaxbp {args.command}: internal error (a bug in jaxbp, please report it): "
+            f"{type(e).__name__}: {_one_line(e)} (run with JAXBP_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

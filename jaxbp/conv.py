@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .layers import InputShapeError, Layer, bound, check_float, default_float
+from . import arguments
+from .errors import ArgumentError
+from .layers import INITIALISERS, InputShapeError, Layer, bound, check_float, default_float
+from .registry import register_layer
 
 __all__ = [
     "AvgPool1D",
@@ -39,8 +42,6 @@ __all__ = [
     "GlobalAvgPool",
     "MaxPool1D",
     "MaxPool2D",
-    "conv_glorot_uniform",
-    "conv_he_normal",
 ]
 
 # Dimension numbers per spatial rank: the forward, dx (kernel read with in/out swapped), and
@@ -53,32 +54,6 @@ _SPATIAL_NAMES = {1: "length", 2: "height, width"}
 
 
 # --------------------------------------------------------------------------------------------
-# Initialisers for kernels (*kernel, in, out): (key, shape, dtype) -> array
-# --------------------------------------------------------------------------------------------
-
-
-def _fans(shape):
-    receptive = math.prod(shape[:-2])
-    return receptive * shape[-2], receptive * shape[-1]
-
-
-def conv_he_normal(key, shape, dtype):
-    """He normal with ``fan_in = kernel volume * in_channels``: for ReLU-like activations."""
-    fan_in, _ = _fans(shape)
-    return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_in)
-
-
-def conv_glorot_uniform(key, shape, dtype):
-    """Glorot uniform with fans ``kernel volume * in`` and ``kernel volume * out``."""
-    fan_in, fan_out = _fans(shape)
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return jax.random.uniform(key, shape, dtype, -limit, limit)
-
-
-_CONV_INITIALISERS = {"he": conv_he_normal, "glorot": conv_glorot_uniform}
-
-
-# --------------------------------------------------------------------------------------------
 # Argument checks (at construction)
 # --------------------------------------------------------------------------------------------
 
@@ -87,12 +62,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive(layer: str, what: str, value) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{layer} expects an integer {what}, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{layer} expects a positive {what}, got {value}")
-    return value
+_positive = arguments.positive_int
+
+
+def _hashable(value):
+    """Lists (from JSON, or the caller) as tuples, so a layer's config can key the caches of
+    compiled steps: ``padding=[1, 1]`` is stored as ``(1, 1)``."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _sizes(layer: str, what: str, value, rank: int) -> tuple[int, ...]:
@@ -101,16 +77,15 @@ def _sizes(layer: str, what: str, value, rank: int) -> tuple[int, ...]:
         return (_positive(layer, what, value),) * rank
     if isinstance(value, (tuple, list)) and len(value) == rank:
         return tuple(_positive(layer, what, v) for v in value)
-    expected = "an integer" if rank == 1 else f"an integer or a pair of {rank} integers"
-    raise TypeError(f"{layer} expects {what} to be {expected}, got {value!r}")
+    expected = "a positive integer" if rank == 1 else f"a positive integer or {rank} of them"
+    raise ArgumentError(f"{layer} expects {what} to be {expected}, got {value!r}")
 
 
 def _pad_pair(layer: str, value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
-        if min(value) < 0:
-            raise ValueError(f"{layer} expects non-negative padding, got {tuple(value)}")
-        return tuple(value)
-    raise TypeError(f"{layer} expects a padding pair (lo, hi) of integers, got {value!r}")
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        lo, hi = (arguments.non_negative_int(layer, "padding", v) for v in value)
+        return lo, hi
+    raise ArgumentError(f"{layer} expects a padding pair (lo, hi) of integers, got {value!r}")
 
 
 def _padding(layer: str, value, rank: int):
@@ -122,43 +97,23 @@ def _padding(layer: str, value, rank: int):
     )
     if isinstance(value, str):
         if value.upper() not in ("VALID", "SAME"):
-            raise ValueError(f"{layer} padding must be {forms}, got {value!r}")
+            raise ArgumentError(f"{layer} padding must be {forms}, got {value!r}")
         return value.upper()
     if _is_int(value):
-        if value < 0:
-            raise ValueError(f"{layer} expects non-negative padding, got {value}")
-        return ((value, value),) * rank
+        pad = arguments.non_negative_int(layer, "padding", value)
+        return ((pad, pad),) * rank
     if isinstance(value, (tuple, list)) and len(value) == 2 and rank == 1:
         return (_pad_pair(layer, value),)
     if isinstance(value, (tuple, list)) and len(value) == rank:
         if all(_is_int(v) for v in value):
             return tuple(_pad_pair(layer, (v, v)) for v in value)
         return tuple(_pad_pair(layer, v) for v in value)
-    raise TypeError(f"{layer} padding must be {forms}, got {value!r}")
+    raise ArgumentError(f"{layer} padding must be {forms}, got {value!r}")
 
 
-def _dtype_name(layer: str, dtype):
-    if dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise TypeError(
-            f"{layer} expects a floating dtype such as 'float32', got {dtype!r}"
-        ) from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{layer} expects a floating dtype such as 'float32', got {dt}")
-    return dt.name
-
-
-def _initialiser(layer: str, w_init) -> tuple[Callable, str]:
-    if isinstance(w_init, str):
-        if w_init not in _CONV_INITIALISERS:
-            raise ValueError(f"{layer} w_init must be 'he', 'glorot' or a function, got {w_init!r}")
-        return _CONV_INITIALISERS[w_init], w_init
-    if callable(w_init):
-        return w_init, getattr(w_init, "__name__", "custom")
-    raise TypeError(f"{layer} w_init must be 'he', 'glorot' or a function, got {w_init!r}")
+def _initialiser(layer: str, w_init) -> Callable:
+    w_init = arguments.initialiser(layer, "w_init", w_init, tuple(INITIALISERS))
+    return INITIALISERS[w_init] if isinstance(w_init, str) else w_init
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,15 +209,15 @@ class _ConvSpec(NamedTuple):
 
 def _check_conv_arguments(
     layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype
-) -> tuple[_ConvSpec, str]:
-    """The checked arguments, and the name of the initialiser (for the config)."""
+) -> _ConvSpec:
+    """The checked arguments."""
     _positive(layer, "out_channels", out_channels)
     kernel = _sizes(layer, "kernel_size", kernel_size, rank)
     strides = _sizes(layer, "stride", stride, rank)
     dilations = _sizes(layer, "dilation", dilation, rank)
     pad = _padding(layer, padding, rank)
-    initialiser, init_name = _initialiser(layer, w_init)
-    dtype_name = _dtype_name(layer, dtype)
+    initialiser = _initialiser(layer, w_init)
+    dtype_name = arguments.float_dtype(layer, dtype)
     kernel_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True))
     spec = _ConvSpec(
         layer,
@@ -276,7 +231,7 @@ def _check_conv_arguments(
         initialiser,
         dtype_name,
     )
-    return spec, init_name
+    return spec
 
 
 def _conv_geometry(spec: _ConvSpec, shape):
@@ -382,16 +337,18 @@ def _conv_backward(spec: _ConvSpec, params, x, dy):
 
 def _conv(layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype):
     """The convolution layer of ``rank`` spatial axes; see :func:`Conv1D`."""
-    spec, init_name = _check_conv_arguments(
+    spec = _check_conv_arguments(
         layer, rank, out_channels, kernel_size, stride, padding, dilation, w_init, dtype
     )
+    # The arguments as given (a function stays a function: describe() refuses to write it),
+    # lists made tuples so the config stays hashable.
     config = (
         ("out_channels", out_channels),
-        ("kernel_size", kernel_size),
-        ("stride", stride),
-        ("padding", padding),
-        ("dilation", dilation),
-        ("w_init", init_name),
+        ("kernel_size", _hashable(kernel_size)),
+        ("stride", _hashable(stride)),
+        ("padding", _hashable(padding)),
+        ("dilation", _hashable(dilation)),
+        ("w_init", w_init),
         ("dtype", spec.dtype_name),
     )
     return bound(spec, _conv_init, _conv_forward, _conv_backward, layer, config)
@@ -487,7 +444,8 @@ def _pool(layer, rank, window, stride, forward_taps, backward_taps):
         return (), (dx if batched else dx[0])
 
     backward.__doc__ = backward_taps.__doc__
-    return Layer(init, forward, backward, layer, (("window", window), ("stride", stride)))
+    config = (("window", _hashable(window)), ("stride", _hashable(stride)))
+    return Layer(init, forward, backward, layer, config)
 
 
 def _max_taps(taps):
@@ -632,9 +590,7 @@ def Flatten(example_ndim: int | None = None) -> Layer:
     return Layer(init, forward, backward, "Flatten", (("example_ndim", example_ndim),))
 
 
-# Registration last: model.py imports this module to build descriptions.
-from .model import register_layer  # noqa: E402
-
+# Registration: the names descriptions use (jaxbp.model.build).
 register_layer("Conv1D", Conv1D)
 register_layer("Conv2D", Conv2D)
 register_layer("MaxPool1D", MaxPool1D)

@@ -69,7 +69,6 @@ __all__ = [
     "MissingDependencyError",
     "batches",
     "cache_dir",
-    "epoch_permutations",
     "load_dataset",
     "load_text",
     "standardize",
@@ -238,39 +237,6 @@ def standardize(
     return (((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32))
 
 
-def epoch_permutations(n: int, batch_size: int, num_epochs: int, seed: int) -> np.ndarray:
-    """Shuffled minibatch indices for a whole training run.
-
-    Returns an int32 array of shape ``(num_epochs, n // batch_size,
-    batch_size)``: ``out[e, s]`` holds the example indices of step ``s`` of
-    epoch ``e``. Each epoch is a fresh random permutation of ``range(n)``, so
-    indices never repeat within an epoch. The ragged tail (``n % batch_size``
-    examples) is dropped every epoch so all batches share one static shape,
-    which is what a jitted training step wants; because the permutation is
-    redrawn each epoch, a different random tail is dropped each time and no
-    example is systematically left out. Deterministic given ``seed``.
-    """
-    n, batch_size, num_epochs = (
-        _check_int("n", n),
-        _check_int("batch_size", batch_size),
-        _check_int("num_epochs", num_epochs),
-    )
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 1 <= batch_size <= n:
-        raise ValueError(
-            f"batch_size must be between 1 and the number of examples ({n}), got {batch_size}"
-        )
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    steps = n // batch_size
-    rng = np.random.default_rng(seed)
-    # One independent permutation per row, vectorised.
-    perms = rng.permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (num_epochs, n)), axis=1)
-    kept = perms[:, : steps * batch_size]
-    return np.ascontiguousarray(kept.reshape(num_epochs, steps, batch_size))
-
-
 def batches(
     x: np.ndarray,
     y: np.ndarray,
@@ -283,8 +249,8 @@ def batches(
 
     ``seed=None`` keeps the original order (e.g. for evaluation); an int
     shuffles deterministically. With ``drop_last`` a final batch smaller than
-    ``batch_size`` is skipped. For training inside ``jit`` prefer
-    :func:`epoch_permutations` with the data kept on device.
+    ``batch_size`` is skipped. For training inside ``jit`` take the order every training loop
+    uses (:mod:`jaxbp.batch_order`) with the data kept on device.
     """
     n = len(x)
     if len(y) != n:
@@ -328,7 +294,8 @@ def load_dataset(
         raise ValueError(f"a text file applies only to dataset 'text', not {name!r}")
     loader = _LOADERS.get(name)
     if loader is None:
-        raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+        known = ", ".join(sorted(DATASETS + SEQUENCE_DATASETS))
+        raise ValueError(f"unknown dataset {name!r}; expected one of: {known}")
     if test_fraction is not None:
         if name not in _SPLITTABLE:
             raise ValueError(
@@ -486,7 +453,7 @@ def _mnist1d_raw() -> dict[str, np.ndarray]:
     path = _mnist1d_cache_path(version)
     if path.exists():
         try:
-            with np.load(path) as f:
+            with np.load(path, allow_pickle=False) as f:
                 raw = {k: f[k] for k in _MNIST1D_SHAPES}
             if all(raw[k].shape == s for k, s in _MNIST1D_SHAPES.items()):
                 return raw
@@ -566,9 +533,11 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: 
 
 
 def _check_int(what: str, value: Any) -> int:
-    # Reject floats/bools: epoch_permutations(n, 32.5, ...) is a bug, not a request.
+    # Reject floats/bools: batches(x, y, 32.5) is a bug, not a request.
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be an int, got {value!r}")
+        from .errors import ArgumentError  # here: this module imports nothing of jaxbp's
+
+        raise ArgumentError(f"{what} must be an int, got {value!r}")
     return int(value)
 
 

@@ -47,11 +47,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .errors import ArgumentError
 from .layers import Layer, init_state, serial
-from .model import build, register_layer
+from .model import build
+from .registry import register_layer
 
 __all__ = [
     "FAULT_KINDS",
+    "FAMILY_FAULT_KINDS",
     "MATRIX_MODEL",
     "Fault",
     "wrong_backward",
@@ -64,11 +67,56 @@ __all__ = [
 ]
 
 FAULT_KINDS = ("sign", "transpose", "missing_term", "factor2")
+# Faults of one family each (what the per-layer probe and the culprit search are measured on):
+# one_entry (Dense: one entry of dW wrong, the sparse error gradcheck's fast mode misses),
+# batch (Dense: the 1/batch of a mean forgotten in dW and db), no_skip (residual: the skip
+# path's dy dropped from dx), unflipped (Conv1D/Conv2D: dx with the kernel not flipped).
+FAMILY_FAULT_KINDS = ("one_entry", "batch", "no_skip", "unflipped")
+_FAMILY_OF = {
+    "one_entry": "Dense",
+    "batch": "Dense",
+    "no_skip": "residual",
+    "unflipped": "Conv1D or Conv2D",
+}
 
 
 def _check_kind(kind):
-    if kind not in FAULT_KINDS:
-        raise ValueError(f"unknown fault kind {kind!r}; expected one of: {', '.join(FAULT_KINDS)}")
+    if kind not in FAULT_KINDS + FAMILY_FAULT_KINDS:
+        raise ValueError(
+            f"unknown fault kind {kind!r}; expected one of: "
+            f"{', '.join(FAULT_KINDS + FAMILY_FAULT_KINDS)}"
+        )
+
+
+def _wrong_family(layer: Layer, kind: str) -> Layer:
+    """The family faults (:data:`FAMILY_FAULT_KINDS`) of ``layer``."""
+    fits = {
+        "one_entry": layer.name == "Dense",
+        "batch": layer.name == "Dense",
+        "no_skip": layer.name == "residual",
+        "unflipped": layer.name in ("Conv1D", "Conv2D"),
+    }[kind]
+    if not fits:
+        raise ValueError(f"fault {kind!r} applies to {_FAMILY_OF[kind]} layers, got {layer.name}")
+
+    def backward(params, cache, dy):
+        grads, dx = layer.backward(params, cache, dy)
+        if kind == "one_entry":
+            grads = dict(grads)
+            grads["W"] = grads["W"].at[(0,) * grads["W"].ndim].multiply(3.0)
+        elif kind == "batch":
+            n = dy.shape[0] if dy.ndim > 1 else 1
+            grads = jax.tree_util.tree_map(lambda g: g * n, grads)
+        elif kind == "no_skip":
+            dx = dx - dy  # residual's dx is dy + f's dx: keep f's alone
+        else:  # unflipped: the transposed convolution with the kernel as it is
+            flipped = dict(params)
+            w = params["W"]
+            flipped["W"] = jnp.flip(w, axis=tuple(range(w.ndim - 2)))
+            _, dx = layer.backward(flipped, cache, dy)
+        return grads, dx
+
+    return layer._replace(backward=backward)
 
 
 def _transposed_like(g):
@@ -130,8 +178,10 @@ def wrong_backward(layer: Layer, kind: str) -> Layer:
     """
     _check_kind(kind)
     if not isinstance(layer, Layer):
-        raise TypeError(f"wrong_backward expects a Layer, got {layer!r}")
-    if layer.name == "Dense":
+        raise ArgumentError(f"wrong_backward expects a Layer, got {layer!r}")
+    if kind in FAMILY_FAULT_KINDS:
+        faulty = _wrong_family(layer, kind)
+    elif layer.name == "Dense":
         faulty = _wrong_dense(layer, kind)
     elif layer.children:
         raise ValueError(
@@ -156,7 +206,7 @@ def inject(net: Layer, index: int, kind: str) -> Layer:
     chose for it in ``net`` (He before a ReLU), not as a ``Fault`` alone would be.
     """
     if not isinstance(net, Layer) or net.name != "serial":
-        raise TypeError(f"inject expects a network built with jaxbp.serial, got {net!r}")
+        raise ArgumentError(f"inject expects a network built with jaxbp.serial, got {net!r}")
     layers = list(net.children)
     if not isinstance(index, int) or not -len(layers) <= index < len(layers):
         raise ValueError(
@@ -175,7 +225,7 @@ def poison(x, where=0, value=float("nan")):
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(
+        raise ArgumentError(
             f"poison expects floating-point data (integers cannot hold NaN or inf), "
             f"got dtype {x.dtype}"
         )
@@ -456,6 +506,14 @@ def _main(argv=None):
     )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
+    if not args.eager:  # stderr: the matrix on stdout stays clean Markdown
+        import sys
+
+        print(
+            "python -m jaxbp.faults: this takes minutes (it compiles one step per fault, "
+            "optimizer and dtype); --eager gives the same numbers faster",
+            file=sys.stderr,
+        )
     for dtype in (jnp.float64, jnp.float32):
         print(
             f"\n### {jnp.dtype(dtype).name}: 3-3-3 Dense/Tanh/BatchNorm/Dense, mse, 16 "

@@ -17,7 +17,9 @@ Per leaf it measures
   leaves finite.
 
 A leaf holding a NaN or an inf on either side is never ok: its ``rel_error`` is inf, its
-``cosine`` NaN, and its ``max_abs_diff`` NaN if either side holds a NaN, else inf.
+``cosine`` NaN, and its ``max_abs_diff`` NaN if either side holds a NaN, else inf. Neither is a
+leaf whose two sides differ in shape (a wrong gradient, not a wrong call): its ``max_abs_diff``
+and ``rel_error`` are inf, and ``mismatched_shapes`` names both shapes.
 
 Two trees that are equal entry for entry and finite (often the case in a checked train step:
 when the manual backward is autodiff's arithmetic, XLA computes it once for both) are
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._trees import tree_difference
+from .layers import apply, init_state
 
 __all__ = [
     "GradReport",
@@ -50,6 +53,8 @@ __all__ = [
     "check_grads",
     "GradCheck",
     "check_layer",
+    "INPUT_LEAF",
+    "conform_grads",
 ]
 
 # (rtol, atol) for manual vs autodiff. float32 uses the 2e-3 of JAX's own gradient checks;
@@ -91,6 +96,10 @@ class GradientMismatchError(ValueError):
 
     The message is built from the report: "manual gradient disagrees with jax.grad at step 7:
     worst leaf [2]['W'], relative error 1.000e+00; nothing was updated", then the table.
+    With ``culprit`` (a :class:`jaxbp.diagnose.Culprit`, found by :func:`jaxbp.locate`) it
+    first names the broken layer and the kind of mistake: "layer serial[3] (Conv1D): dW
+    disagrees with jax.vjp of its forward; looks like: a factor of 2 (a missing 1/2?)".
+    ``probed`` (a node's path) says that the per-layer probe of that node failed.
     """
 
     def __init__(
@@ -101,15 +110,26 @@ class GradientMismatchError(ValueError):
         reference: str = "jax.grad",
         step: int | None = None,
         note: str = "nothing was updated",
+        culprit=None,
+        probed: str | None = None,
     ):
-        self.report, self.step = report, step
+        self.report, self.step, self.culprit, self.probed = report, step, culprit, probed
         where = f" at step {step}" if step is not None else ""
         tail = f"; {note}" if note else ""
-        super().__init__(
-            f"{what} disagrees with {reference}{where}: worst leaf "
-            f"{report.worst_path}, relative error "
-            f"{float(report.worst_rel_error):.3e}{tail}\n{report.table()}"
-        )
+        head = f"{culprit}\n" if culprit is not None else ""
+        if probed:
+            body = (
+                f"the adjoint test of layer {probed} failed{where}: its manual backward "
+                f"disagrees with jax.jvp of its forward (relative gap "
+                f"{float(report.worst_rel_error):.3e}){tail}"
+            )
+        else:
+            body = (
+                f"{what} disagrees with {reference}{where}: worst leaf "
+                f"{report.worst_path}, relative error "
+                f"{float(report.worst_rel_error):.3e}{tail}\n{report.table()}"
+            )
+        super().__init__(head + body)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +149,9 @@ class GradReport:
     worst_rel_error: jax.Array
     paths: tuple = ()
     norm_ratio: jax.Array | None = None
+    # ``(path, manual shape, reference shape)`` of each leaf whose two sides differ in shape
+    # (each such leaf is a mismatch; its statistics read inf / NaN).
+    mismatched_shapes: tuple = ()
 
     @property
     def worst_path(self) -> str:
@@ -202,7 +225,7 @@ jax.tree_util.register_dataclass(
         "worst_rel_error",
         "norm_ratio",
     ],
-    meta_fields=["paths"],
+    meta_fields=["paths", "mismatched_shapes"],
 )
 
 
@@ -211,6 +234,9 @@ def _path_name(path) -> str:
 
 
 def _flatten_pair(manual, reference):
+    """``(paths, manual leaves, reference leaves)``; a tree of another structure is an error
+    of the call, but a leaf of another shape is a wrong gradient, reported as a mismatch of
+    that leaf (see :func:`compare_with_finiteness`)."""
     ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
     man_leaves, man_def = jax.tree_util.tree_flatten(manual)
     if man_def != ref_def:
@@ -220,14 +246,7 @@ def _flatten_pair(manual, reference):
             f"the expected tree)"
         )
     paths = tuple(_path_name(p) for p, _ in ref_leaves)
-    refs = [leaf for _, leaf in ref_leaves]
-    for path, a, b in zip(paths, man_leaves, refs):
-        if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(
-                f"compare_grads: leaf {path} has shape {jnp.shape(a)} in the "
-                f"first tree and {jnp.shape(b)} in the second"
-            )
-    return paths, man_leaves, refs
+    return paths, list(man_leaves), [leaf for _, leaf in ref_leaves]
 
 
 def _leaf_dtype(a, b):
@@ -310,6 +329,10 @@ def _apply_rounding_floor(stats):
     return out
 
 
+# The input gradient's leaf in a comparison that includes it (``inputs=`` of compare_grads).
+INPUT_LEAF = "input"
+
+
 def compare_grads(
     manual,
     reference,
@@ -317,15 +340,40 @@ def compare_grads(
     rtol: float | None = None,
     atol: float | None = None,
     tolerances: Callable = default_tolerance,
+    inputs: tuple | None = None,
 ) -> GradReport:
     """Compare two gradient pytrees leaf by leaf; jit-compatible, no host sync.
 
     ``rtol``/``atol`` default per leaf dtype (:func:`default_tolerance`); ``atol`` is relative
-    to the leaf's scale (see the module docstring).
+    to the leaf's scale (see the module docstring). ``inputs=(manual dx, reference dx)`` adds
+    the input gradient as one more leaf, named ``input``, after the parameters' leaves: the
+    first layer's ``dx``, which no parameter gradient depends on. A leaf whose two sides differ
+    in shape is a mismatch of that leaf (relative error inf), and
+    ``report.mismatched_shapes`` names both shapes; two trees of different structure are an
+    error of the call (``ValueError``).
     """
-    return compare_with_finiteness(manual, reference, rtol=rtol, atol=atol, tolerances=tolerances)[
-        0
-    ]
+    return compare_with_finiteness(
+        manual, reference, rtol=rtol, atol=atol, tolerances=tolerances, inputs=inputs
+    )[0]
+
+
+def conform_grads(manual, reference):
+    """``manual`` with each leaf whose shape differs from ``reference``'s replaced by NaNs of
+    the reference leaf's shape and dtype (the other leaves as they are).
+
+    A checked step forms its update before it decides whether to apply it; a manual gradient
+    of the wrong shape would make the optimizer fail while it traces. Conformed, the update is
+    formed, it is NaN where the gradient was wrong, and the report (a mismatch of that leaf)
+    and the non-finite guard refuse it."""
+    return jax.tree_util.tree_map(
+        lambda m, r: (
+            m
+            if jnp.shape(m) == jnp.shape(r)
+            else jnp.full(jnp.shape(r), jnp.nan, jnp.result_type(r))
+        ),
+        manual,
+        reference,
+    )
 
 
 def unchecked_report(grads) -> GradReport:
@@ -347,9 +395,9 @@ def unchecked_report(grads) -> GradReport:
 
 
 def _comparison_leaves(man, ref, rtol, atol, tolerances) -> list[tuple]:
-    """Per leaf pair ``(a, b, rtol, atol, a_own)``: both in the dtype they are compared in
-    (:func:`_leaf_dtype`), the tolerances (given, else ``tolerances(dtype)``), and ``a`` in
-    its own dtype when the comparison narrows it (else ``None``)."""
+    """Per leaf pair ``(a, b, rtol, atol, a_own, fits)``: both in the dtype they are compared
+    in (:func:`_leaf_dtype`), the tolerances (given, else ``tolerances(dtype)``), ``a`` in its
+    own dtype when the comparison narrows it (else ``None``), and whether the shapes agree."""
     leaves = []
     for a, b in zip(man, ref):
         dtype = _leaf_dtype(a, b)
@@ -362,23 +410,46 @@ def _comparison_leaves(man, ref, rtol, atol, tolerances) -> list[tuple]:
                 r_def if rtol is None else rtol,
                 a_def if atol is None else atol,
                 a if narrowed else None,
+                jnp.shape(a) == jnp.shape(b),
             )
         )
     return leaves
 
 
+def _misfit_stats(a, dtype):
+    """The statistics of a leaf whose manual side has the wrong shape: a mismatch (max
+    difference and relative error inf, cosine and norm ratio NaN), scale 0 so it moves no
+    other leaf's rounding floor, and whether its entries are finite all the same."""
+    inf, nan = jnp.array(jnp.inf, dtype), jnp.array(jnp.nan, dtype)
+    return inf, inf, nan, jnp.array(False), jnp.all(jnp.isfinite(a)), jnp.zeros((), dtype), nan
+
+
 def compare_with_finiteness(
-    manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance
+    manual, reference, *, rtol=None, atol=None, tolerances=default_tolerance, inputs=None
 ):
-    """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool).
+    """:func:`compare_grads`, and whether every leaf of ``manual`` is finite (a scalar bool;
+    the parameters' leaves only, not ``inputs``: it guards the update).
 
     The train step's non-finite guard reads the second result instead of making passes of
     its own over the gradients.
     """
     paths, man, ref = _flatten_pair(manual, reference)
+    params_count = len(paths)
+    if inputs is not None:
+        if not isinstance(inputs, (tuple, list)) or len(inputs) != 2:
+            raise ValueError(
+                f"compare_grads: inputs must be a pair (manual dx, reference dx), got "
+                f"{type(inputs).__name__}"
+            )
+        paths, man, ref = (*paths, INPUT_LEAF), [*man, inputs[0]], [*ref, inputs[1]]
     if not paths:
         raise ValueError("compare_grads: the gradient pytrees have no leaves to compare")
     leaves = _comparison_leaves(man, ref, rtol, atol, tolerances)
+    misfits = tuple(
+        (path, tuple(jnp.shape(a)), tuple(jnp.shape(b)))
+        for path, a, b in zip(paths, man, ref)
+        if jnp.shape(a) != jnp.shape(b)
+    )
 
     def equal(dtype):
         # Equal, finite leaves (or empty ones): max |a-b| 0, rel 0, cosine 1, ok, a finite,
@@ -388,7 +459,10 @@ def compare_with_finiteness(
 
     def full(_):
         out = []
-        for a, b, r, t, a_own in leaves:
+        for a, b, r, t, a_own, fits in leaves:
+            if not fits:
+                out.append(_misfit_stats(a if a_own is None else a_own, a.dtype))
+                continue
             if a.size == 0:
                 out.append(equal(a.dtype))
                 continue
@@ -406,13 +480,17 @@ def compare_with_finiteness(
     # sum |a - b| is 0 exactly when every entry is equal and finite (NaN - NaN, inf - inf and
     # finite - inf all make the sum NaN or inf; a sum of non-negative terms cannot cancel, though
     # a backend that flushes subnormals may read a difference below ~1e-38 as 0). Only
-    # otherwise are the statistics computed.
-    same = jnp.all(jnp.stack([jnp.sum(jnp.abs(a - b)) == 0 for a, b, *_ in leaves]))
-    stats = jax.lax.cond(same, identical, full, None)
+    # otherwise are the statistics computed; a leaf of the wrong shape is never the same.
+    if misfits:
+        stats = full(None)
+    else:
+        same = jnp.all(jnp.stack([jnp.sum(jnp.abs(a - b)) == 0 for a, b, *_ in leaves]))
+        stats = jax.lax.cond(same, identical, full, None)
     f32 = lambda xs: jnp.stack([jnp.asarray(x, jnp.result_type(float)) for x in xs])
     max_abs, rel, cos, ratio = (f32([s[i] for s in stats]) for i in (0, 1, 2, 5))
     leaf_ok = jnp.stack([s[3] for s in stats])
-    manual_finite = jnp.all(jnp.stack([s[4] for s in stats]))
+    params_finite = [s[4] for s in stats[:params_count]]
+    manual_finite = jnp.all(jnp.stack(params_finite)) if params_finite else jnp.array(True)
     rel = jnp.where(jnp.isnan(rel), jnp.inf, rel)
     # The worst leaf is the failing leaf of largest relative error, or if all pass, the leaf
     # of largest relative error.
@@ -420,7 +498,9 @@ def compare_with_finiteness(
     worst = jnp.where(
         any_failed, jnp.argmax(jnp.where(leaf_ok, -1.0, rel)), jnp.argmax(rel)
     ).astype(jnp.int32)
-    report = GradReport(max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths, ratio)
+    report = GradReport(
+        max_abs, rel, cos, leaf_ok, ~any_failed, worst, rel[worst], paths, ratio, misfits
+    )
     return report, manual_finite
 
 
@@ -463,29 +543,102 @@ def finite_difference_grads(
 
 
 class GradCheck(NamedTuple):
-    """Three opinions on one gradient, compared pairwise."""
+    """Three opinions on one gradient, compared pairwise; ``inputs``, when the input gradient
+    was checked too, the same three comparisons of ``dE/dx`` (a :class:`GradCheck`)."""
 
     manual_vs_autodiff: GradReport
     manual_vs_fd: GradReport
     autodiff_vs_fd: GradReport
+    inputs: GradCheck | None = None
 
     @property
     def ok(self) -> bool:
-        return all(bool(r.ok) for r in self)
+        reports = (self.manual_vs_autodiff, self.manual_vs_fd, self.autodiff_vs_fd)
+        return all(bool(r.ok) for r in reports) and (self.inputs is None or self.inputs.ok)
 
 
-def check_grads(net, loss, params, x, y, *, eps: float | None = None) -> GradCheck:
-    """Manual backprop vs ``jax.grad`` vs central finite differences, for one batch."""
-    from .backprop import autodiff, backprop, loss_fn
-
-    _, manual = backprop(net, loss, params, x, y)
-    _, auto = autodiff(net, loss, params, x, y)
-    fd = finite_difference_grads(lambda p: loss_fn(net, loss)(p, x, y), params, eps=eps)
+def _three_ways(manual, auto, fd) -> GradCheck:
     return GradCheck(
         compare_grads(manual, auto),
         compare_grads(manual, fd, tolerances=fd_tolerance),
         compare_grads(auto, fd, tolerances=fd_tolerance),
     )
+
+
+def check_grads(
+    net,
+    loss,
+    params,
+    x,
+    y,
+    *,
+    eps: float | None = None,
+    inputs: bool = True,
+    state=None,
+    key=None,
+    train: bool = True,
+) -> GradCheck:
+    """Manual backprop vs ``jax.grad`` vs central finite differences, for one batch.
+
+    The parameters' gradients, and with ``inputs`` (the default) also ``dE/dx``, the first
+    layer's input gradient, which no parameter gradient depends on (``.inputs``; left out for
+    integer token ids, which have none). ``state``, ``key`` and ``train`` run the network as
+    :func:`jaxbp.backprop` does: ``train=False`` with the running statistics in ``state``.
+    """
+    from .backprop import autodiff, backprop, forward
+
+    inputs = inputs and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    run = {"state": state, "key": key, "train": train}
+    manual = backprop(net, loss, params, x, y, wrt_inputs=inputs, **run)[1]
+    auto = autodiff(net, loss, params, x, y, wrt_inputs=inputs, **run)[1]
+    loss = _loss_value(loss)
+
+    def value(p, xx):
+        return loss(forward(net, p, xx, **run), y)
+
+    fd = finite_difference_grads(lambda p: value(p, x), params, eps=eps)
+    if not inputs:
+        return _three_ways(manual, auto, fd)
+    fd_x = finite_difference_grads(lambda xx: value(params, xx), x, eps=eps)
+    return _three_ways(manual[0], auto[0], fd)._replace(
+        inputs=_three_ways(manual[1], auto[1], fd_x)
+    )
+
+
+def _loss_value(loss) -> Callable:
+    from .losses import get_loss
+
+    return get_loss(loss).value
+
+
+# Random parameters are ``init``'s moved by this much noise (a standard deviation): off the
+# special values (BatchNorm's and LayerNorm's scale 1 and bias 0) at which a wrong formula
+# can give the right numbers, such as ``dy / scale`` for ``dy * scale``.
+PARAM_NOISE = 0.5
+
+
+def _random_params(layer, key, shape, dtype):
+    k_init, k_noise = jax.random.split(key)
+    _, params = layer.init(k_init, shape)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(k_noise, max(len(leaves), 1))
+    moved = [
+        jnp.asarray(p, dtype) + PARAM_NOISE * jax.random.normal(k, jnp.shape(p), dtype)
+        for p, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, moved)
+
+
+def _random_state(layer, key, shape, dtype):
+    """The layer's initial state, every entry raised by U(0.25, 1): running means off 0 and
+    variances off 1, still positive (as a variance must be)."""
+    leaves, treedef = jax.tree_util.tree_flatten(init_state(layer, shape))
+    keys = jax.random.split(key, max(len(leaves), 1))
+    moved = [
+        jnp.asarray(s, dtype) + jax.random.uniform(k, jnp.shape(s), dtype, 0.25, 1.0)
+        for s, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, moved)
 
 
 def check_layer(
@@ -496,31 +649,46 @@ def check_layer(
     dtype=None,
     params=None,
     x=None,
+    state=None,
+    train: bool = True,
     rtol: float | None = None,
     atol: float | None = None,
 ) -> GradReport:
     """Check a layer's hand-written backward against ``jax.vjp`` of its forward.
 
-    Draws parameters (``layer.init``), an input ``x`` and a cotangent ``dy`` at random unless
-    given, then compares ``layer.backward(params, cache, dy)`` with the VJP of ``forward`` for
-    both the parameter gradients (leaf ``['params']...``) and the input gradient (``['x']``).
+    Draws from ``key`` an input ``x``, a cotangent ``dy`` and random parameters (``init``'s,
+    moved by N(0, 0.5^2) noise: initial values such as a scale of 1 hide wrong formulas)
+    unless given, then compares ``layer.backward(params, cache, dy)`` with the VJP of the
+    forward for both the parameter gradients (leaf ``['params']...``) and the input gradient
+    (``['x']``). A layer with state or randomness runs through :func:`jaxbp.apply` with a key
+    drawn from ``key`` (Dropout's mask) and ``state`` (default: the initial state, every entry
+    raised by U(0.25, 1)); ``train=False`` checks the evaluation backward (BatchNorm with its
+    running statistics, as fine-tuning with frozen statistics differentiates it).
     """
     dtype = dtype or jax.dtypes.canonicalize_dtype(jnp.float64)
+    # The first three keys as before this function drew state and a forward key: the same
+    # key gives the same x and dy as it always did.
     k_init, k_x, k_dy = jax.random.split(key, 3)
+    k_state, k_apply = jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)
     shape = tuple(1 if d == -1 else d for d in input_shape)
     if params is None:
-        _, params = layer.init(k_init, shape)
-        params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
+        params = _random_params(layer, k_init, shape, dtype)
     if x is None:
         x = jax.random.normal(k_x, shape, dtype)
-    y, cache = layer.forward(params, x)
+    if state is None:
+        state = _random_state(layer, k_state, jnp.shape(x), dtype) if layer.has_state else ()
+
+    def run(p, xx):
+        return apply(layer, p, state, xx, key=k_apply, train=train)[:2]
+
+    y, cache = run(params, x)
     dy = jax.random.normal(k_dy, y.shape, y.dtype)
     dparams, dx = layer.backward(params, cache, dy)
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):  # token ids: no input gradient
-        _, vjp_params = jax.vjp(lambda p: layer.forward(p, x)[0], params)
+        _, vjp_params = jax.vjp(lambda p: run(p, x)[0], params)
         (ref_params,) = vjp_params(dy)
         return compare_grads({"params": dparams}, {"params": ref_params}, rtol=rtol, atol=atol)
-    _, vjp = jax.vjp(lambda p, xx: layer.forward(p, xx)[0], params, x)
+    _, vjp = jax.vjp(lambda p, xx: run(p, xx)[0], params, x)
     ref_params, ref_x = vjp(dy)
     return compare_grads(
         {"params": dparams, "x": dx}, {"params": ref_params, "x": ref_x}, rtol=rtol, atol=atol

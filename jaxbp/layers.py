@@ -16,8 +16,10 @@ A layer is a :class:`Layer`, a NamedTuple of three pure functions::
 rule, written out. Layers without parameters use ``()``.
 
 Every layer works on a batch ``(batch, ...)`` and on a single example, so ``jax.vmap`` over
-examples works. Shape problems raise ``ValueError`` while ``jit`` traces, so they surface under
-``jit`` too.
+examples works. Shape problems raise ``ValueError`` (an input that does not fit a layer:
+:class:`~jaxbp.errors.InputShapeError`) while ``jit`` traces, so they surface under ``jit`` too.
+A bad constructor argument is one :class:`~jaxbp.errors.ArgumentError` in every layer, raised by
+the shared checkers of :mod:`jaxbp.arguments`.
 
 State and randomness
 --------------------
@@ -52,7 +54,9 @@ Description
 
 ``name`` is the layer's registered name and ``config`` the ``(argument, value)`` pairs its
 factory was called with, so :func:`jaxbp.model.build` rebuilds it from
-:func:`jaxbp.model.describe`'s JSON. Neither plays a part in the computation.
+:func:`jaxbp.model.describe`'s JSON. Neither plays a part in the computation. Every layer
+family registers its layers in :mod:`jaxbp.registry` the same way: ``register_layer`` imported
+at the top of its module, called at the bottom (this module's are the last lines below).
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from . import arguments
+from .errors import ArgumentError, InputShapeError
+from .registry import factory, register_layer
 
 __all__ = [
     "Layer",
@@ -88,7 +96,10 @@ __all__ = [
     "residual",
     "concat",
     "glorot_uniform",
+    "explicit_init",
     "he_normal",
+    "fans",
+    "INITIALISERS",
     "default_float",
     "check_float",
 ]
@@ -193,20 +204,30 @@ def bound(spec, init, forward, backward, name: str, config: tuple = ()) -> Layer
 # --------------------------------------------------------------------------------------------
 
 
+def fans(shape) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of ``shape``: a matrix ``(in, out)``, or a kernel
+    ``(*spatial, in, out)`` whose every output sums over the kernel volume times ``in``."""
+    receptive = math.prod(shape[:-2])
+    return receptive * shape[-2], receptive * shape[-1]
+
+
 def glorot_uniform(key, shape, dtype):
-    """Glorot/Xavier uniform: keeps activation variance through sigmoid/tanh layers."""
-    fan_in, fan_out = shape
+    """Glorot/Xavier uniform, ``limit = sqrt(6 / (fan_in + fan_out))``: keeps activation
+    variance through sigmoid/tanh layers (matrices and convolution kernels alike)."""
+    fan_in, fan_out = fans(shape)
     limit = math.sqrt(6.0 / (fan_in + fan_out))
     return jax.random.uniform(key, shape, dtype, -limit, limit)
 
 
 def he_normal(key, shape, dtype):
-    """He/Kaiming normal: compensates for ReLU-like units zeroing half their inputs."""
-    fan_in, _ = shape
+    """He/Kaiming normal, ``std = sqrt(2 / fan_in)``: compensates for ReLU-like units zeroing
+    half their inputs (matrices and convolution kernels alike)."""
+    fan_in, _ = fans(shape)
     return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_in)
 
 
-_INITIALISERS = {"glorot": glorot_uniform, "he": he_normal}
+# The initialisers a layer's ``w_init`` may name.
+INITIALISERS = {"glorot": glorot_uniform, "he": he_normal}
 
 
 def default_float():
@@ -214,18 +235,13 @@ def default_float():
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-class InputShapeError(ValueError):
-    """A layer's own check on the shape of its input failed (``Dense`` of the wrong width).
-
-    A ``ValueError``; its own type lets ``check_params`` tell "the inputs do not fit the first
-    layer" from any other shape error.
-    """
-
-
 def check_float(x, where: str) -> None:
-    """``TypeError`` naming the layer ``where`` unless ``x`` is floating point."""
+    """:class:`ArgumentError` (a ``TypeError``) naming the layer ``where`` unless ``x`` is
+    floating point."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"{where} expects floating-point inputs, got dtype {jnp.result_type(x)}")
+        raise ArgumentError(
+            f"{where} expects floating-point inputs, got dtype {jnp.result_type(x)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,25 +260,24 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
     ``serial`` from the activation that follows), ``"glorot"``, ``"he"`` or a function
     ``(key, shape, dtype) -> array``. ``b_init`` is a number or such a function.
     """
-    if not isinstance(out_dim, (int,)) or isinstance(out_dim, bool) or out_dim < 1:
-        raise ValueError(f"Dense expects a positive integer out_dim, got {out_dim!r}")
-    if isinstance(w_init, str) and w_init not in ("auto", *_INITIALISERS):
-        raise ValueError(
-            f"Dense w_init must be 'auto', 'glorot', 'he' or a function, got {w_init!r}"
-        )
+    out_dim = arguments.positive_int("Dense", "out_dim", out_dim)
+    shared_bias = arguments.flag("Dense", "shared_bias", shared_bias)
+    w_init = arguments.initialiser("Dense", "w_init", w_init, ("auto", *INITIALISERS))
+    b_init = arguments.init_value("Dense", "b_init", b_init)
+    dtype = arguments.float_dtype("Dense", dtype)
 
     def init(key, input_shape):
         if len(input_shape) < 1:
-            raise ValueError(
+            raise InputShapeError(
                 f"Dense expects inputs of shape (..., features), got {tuple(input_shape)}"
             )
         in_dim = int(input_shape[-1])
         if in_dim < 1:
-            raise ValueError(
+            raise InputShapeError(
                 f"Dense expects at least one input feature, got shape {tuple(input_shape)}"
             )
         dt = jnp.dtype(dtype) if dtype is not None else default_float()
-        wi = _INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
+        wi = INITIALISERS.get(w_init if w_init != "auto" else "glorot", w_init)
         w = jnp.asarray(wi(key, (in_dim, out_dim), dt), dt)
         b_shape = () if shared_bias else (out_dim,)
         b = (
@@ -296,14 +311,14 @@ def Dense(out_dim: int, shared_bias: bool = False, w_init="auto", b_init=0.0, dt
         dx = dy @ w.T
         return {"W": dw, "b": db}, dx
 
-    # The arguments as given (a function stays a function; describe() writes its name), so
+    # The arguments as checked (a function stays a function; describe() refuses it), so
     # that Dense(**dict(config)) rebuilds this very layer: serial() does, to resolve "auto".
     config = (
         ("out_dim", out_dim),
         ("shared_bias", shared_bias),
         ("w_init", w_init),
         ("b_init", b_init),
-        ("dtype", None if dtype is None else jnp.dtype(dtype).name),
+        ("dtype", dtype),
     )
     return Layer(init, forward, backward, "Dense", config)
 
@@ -398,7 +413,7 @@ Identity = elementwise("Identity", lambda x: x, _identity_backward, cache_output
 
 def LeakyRelu(slope: float = 0.01) -> Layer:
     """``y = x`` for ``x > 0``, else ``slope * x``."""
-    slope = float(slope)
+    slope = arguments.number("LeakyRelu", "slope", slope)
 
     def fn(x):
         return jnp.where(x > 0, x, slope * x)
@@ -428,7 +443,7 @@ def activation(name: str) -> Layer:
     try:
         return ACTIVATIONS[name]()
     except (KeyError, TypeError):
-        raise ValueError(
+        raise ArgumentError(
             f"unknown activation {name!r}; expected one of: {', '.join(sorted(ACTIVATIONS))}"
         ) from None
 
@@ -438,16 +453,10 @@ def activation(name: str) -> Layer:
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_auto_init(layers: tuple) -> list:
-    """Layers whose config says ``w_init="auto"``, rebuilt with He initialisation when a
-    ReLU-like activation follows them, Glorot otherwise.
-
-    The rebuild goes through the layer's registered factory with its own config (which is
-    what the config is for); only ``init`` is taken from it, so a layer whose forward or
-    backward was replaced (a fault, a custom rule) keeps them.
-    """
-    from .model import factory  # model imports this module: a late import, not a cycle
-
+def explicit_init(layers) -> list:
+    """``layers`` (a chain, as ``serial`` runs it) with every ``w_init="auto"`` made explicit:
+    He initialisation when a ReLU-like activation follows the layer, Glorot otherwise; each
+    such layer rebuilt through its registered factory with that choice in its config."""
     resolved = list(layers)
     for i, layer in enumerate(layers):
         config = dict(layer.config or ())
@@ -455,17 +464,27 @@ def _resolve_auto_init(layers: tuple) -> list:
             continue
         following = layers[i + 1].name if i + 1 < len(layers) else None
         config["w_init"] = "he" if following in _RELU_LIKE else "glorot"
-        resolved[i] = layer._replace(init=factory(layer.name)(**config).init)
+        resolved[i] = factory(layer.name)(**config)
     return resolved
+
+
+def _resolve_auto_init(layers: tuple) -> list:
+    """:func:`explicit_init`'s initialisers, taken into the layers as they are: a layer whose
+    forward or backward was replaced (a fault, a custom rule) keeps them, and its config
+    still says ``"auto"``."""
+    return [
+        layer if new is layer else layer._replace(init=new.init)
+        for layer, new in zip(layers, explicit_init(layers))
+    ]
 
 
 def _check_children(who: str, layers: tuple) -> None:
     if not layers:
-        raise ValueError(f"{who} expects at least one layer, got none")
+        raise ArgumentError(f"{who} expects at least one layer, got none")
     for i, layer in enumerate(layers):
         if not isinstance(layer, Layer):
             hint = " (did you forget to call it, e.g. Dense(10)?)" if callable(layer) else ""
-            raise TypeError(f"{who}: argument {i} is not a Layer, got {layer!r}{hint}")
+            raise ArgumentError(f"{who}: argument {i} is not a Layer, got {layer!r}{hint}")
 
 
 def _check_entries(who: str, what: str, entries, count: int) -> None:
@@ -513,7 +532,10 @@ def _chain_init(who: str, layers, key, input_shape):
         try:
             shape, p = layer.init(k, shape)
         except ValueError as e:
-            raise ValueError(f"{who} {i} ({layer.name}): {e}") from None
+            # The user's mistakes keep their class (InputShapeError stays one); others read as
+            # the ValueError they were.
+            kind = type(e) if isinstance(e, (ArgumentError, InputShapeError)) else ValueError
+            raise kind(f"{who} {i} ({layer.name}): {e}") from None
         params.append(p)
     return shape, tuple(params)
 
@@ -666,3 +688,16 @@ def concat(*layers: Layer) -> Layer:
         return tuple(init_state(layer, shape) for layer in layers)
 
     return _combinator("concat", layers, init, run, backward, init_state_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: the names descriptions use (jaxbp.model.build)
+# --------------------------------------------------------------------------------------------
+
+for _layer in (Sigmoid, Tanh, Relu, Gelu, Softplus, Identity):
+    register_layer(_layer.name, _layer)
+register_layer("Dense", Dense)
+register_layer("LeakyRelu", LeakyRelu)
+register_layer("serial", serial)
+register_layer("residual", residual)
+register_layer("concat", concat)

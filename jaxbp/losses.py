@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import ArgumentError
+
 __all__ = [
     "Loss",
     "half_sse",
@@ -53,7 +55,7 @@ def _num_examples(out):
 
 def _check_array(name, target):
     if not hasattr(target, "shape") or not hasattr(target, "dtype"):  # a list, say
-        raise TypeError(
+        raise ArgumentError(
             f"{name} expects targets as an array, got {type(target).__name__} "
             f"(convert with jnp.asarray(y))"
         )
@@ -67,7 +69,7 @@ def _check_same_shape(name, out, target):
             f"got shape {tuple(jnp.shape(target))}"
         )
     if not jnp.issubdtype(jnp.result_type(target), jnp.floating):
-        raise TypeError(
+        raise ArgumentError(
             f"{name} expects floating-point targets, got dtype {jnp.result_type(target)}"
         )
 
@@ -164,7 +166,7 @@ def _onehot_targets(logits, target):
             f"one-hot targets of shape {logits.shape}, got shape {target.shape}"
         )
     if not jnp.issubdtype(target.dtype, jnp.floating):
-        raise TypeError(
+        raise ArgumentError(
             f"softmax_cross_entropy expects integer labels or floating one-hot "
             f"targets, got dtype {target.dtype}"
         )

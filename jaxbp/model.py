@@ -11,143 +11,189 @@ descriptions themselves (``{"name": "serial", "layers": [...]}``), so networks n
 its ``config`` the ``(argument, value)`` pairs its factory was called with, so every layer
 registered with :func:`register_layer` is buildable everywhere (``jaxbp train --model``,
 checkpoints, ``trace``, ``check``) the moment it is registered.
+
+A description is data: building one imports nothing. The few arguments that name code (a
+``CustomVJP`` layer's ``fn`` and ``init``, ``"module:name"`` references) resolve only inside
+the modules the reader allows: ``build(..., modules=[...])``, ``--import MODULE`` on the
+command line. A model file or checkpoint someone sends you cannot make jaxbp run its code.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from . import layers as _layers
+from .errors import ArgumentError, UserError
 from .layers import Layer
+from .registry import factory, layer_names, references, register_layer
 
-__all__ = ["register_layer", "layer_names", "factory", "build", "describe", "load_description"]
+__all__ = [
+    "register_layer",
+    "layer_names",
+    "factory",
+    "build",
+    "describe",
+    "load_description",
+    "import_modules",
+    "resolve_reference",
+    "ReferenceNotAllowedError",
+]
 
-# name -> factory; a factory is called with the description's arguments as keywords, except
-# "layers", which is passed positionally (serial(*layers), residual(*layers), ...).
-_FACTORIES: dict[str, Callable[..., Layer]] = {}
-
-
-def register_layer(name: str, factory: Callable[..., Layer] | Layer) -> None:
-    """Make ``name`` buildable from a description.
-
-    ``factory`` is a function whose keyword arguments are the layer's ``config`` keys, or a
-    ready layer (a parameter-free activation such as ``Tanh``), which is then built as itself.
-    """
-    if isinstance(factory, Layer):
-        layer = factory
-        factory = lambda: layer  # a constant layer takes no arguments
-    _FACTORIES[name] = factory
-
-
-def layer_names() -> list[str]:
-    """Every registered layer name, sorted."""
-    _load_layer_modules()
-    return sorted(_FACTORIES)
+# The built-in layer families register themselves when imported, and jaxbp/__init__.py imports
+# every one of them (fault injection's "Fault" aside: a testing tool, registered once
+# jaxbp.faults is imported), so build knows them all without importing anything itself.
 
 
-def factory(name: str) -> Callable[..., Layer]:
-    """The registered factory of layer ``name``."""
-    _load_layer_modules()
-    if name not in _FACTORIES:
-        raise ValueError(
-            f"unknown layer {name!r}; expected one of: {', '.join(sorted(_FACTORIES))}"
-        )
-    return _FACTORIES[name]
+class ReferenceNotAllowedError(ValueError):
+    """A description names code (``"module:name"``) in a module its reader did not allow."""
 
 
-# The modules whose layers register themselves when imported (after this module exists).
-_LAYER_MODULES = ("norm", "conv", "recurrent", "attention", "interop", "faults", "rules")
-
-
-def _load_layer_modules() -> None:
-    import importlib
-
-    for module in _LAYER_MODULES:
+def import_modules(modules=()) -> dict[str, ModuleType]:
+    """``{name: module}`` for ``modules`` (names, which are imported now, or module objects):
+    the modules whose ``"module:name"`` references a description may use, and whose
+    ``register_layer`` calls have run. A name that does not import is one ``ValueError``."""
+    if isinstance(modules, (str, ModuleType)):
+        modules = (modules,)
+    found: dict[str, ModuleType] = {}
+    for module in modules:
+        if isinstance(module, ModuleType):
+            found[module.__name__] = module
+            continue
+        if not isinstance(module, str) or not module.strip():
+            raise ValueError(f"expected a module name (such as mypkg.layers), got {module!r}")
         try:
-            importlib.import_module(f"{__package__}.{module}")
+            found[module] = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{module}":
-                raise
+            missing = f"module {e.name!r}" if e.name else "a module"
+            raise ValueError(
+                f"cannot import module {module!r}: {missing} was not found "
+                f"(is it installed, or on PYTHONPATH?)"
+            ) from None
+        except Exception as e:  # the module's own code failed: its error is the message
+            raise ValueError(
+                f"cannot import module {module!r}: importing it raised {type(e).__name__}: {e}"
+            ) from None
+    return found
 
 
-_CORE_LAYERS: dict[str, Callable[..., Layer] | Layer] = {
-    "Dense": _layers.Dense,
-    "LeakyRelu": _layers.LeakyRelu,
-    "serial": _layers.serial,
-    "residual": _layers.residual,
-    "concat": _layers.concat,
-    **{
-        layer.name: layer
-        for layer in (
-            _layers.Sigmoid,
-            _layers.Tanh,
-            _layers.Relu,
-            _layers.Gelu,
-            _layers.Softplus,
-            _layers.Identity,
+def resolve_reference(reference, modules: dict[str, ModuleType], where: str = "reference"):
+    """The object a ``"module:name"`` reference names, looked up in ``modules`` only (a dotted
+    name walks attributes: ``"mod:Class.method"``); never imports anything. Non-strings are
+    returned as they are (a description built in Python may hold the object itself)."""
+    if not isinstance(reference, str):
+        return reference
+    module_name, sep, name = reference.partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(
+            f"{where}: expected a reference MODULE:NAME (such as mypkg.ops:linear), "
+            f"got {reference!r}"
         )
-    },
-}
-for _name, _factory in _CORE_LAYERS.items():
-    register_layer(_name, _factory)
+    if module_name not in modules:
+        raise ReferenceNotAllowedError(
+            f"{where}: {reference!r} names code in module {module_name!r}, which was not "
+            f"given; a description never imports code: allow the module with "
+            f"--import {module_name} (in Python: build(..., modules=[{module_name!r}]))"
+        )
+    obj: Any = modules[module_name]
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{where}: module {module_name!r} has no {name!r} ({reference!r})")
+        obj = getattr(obj, part)
+    return obj
 
 
-def _encode(value: Any) -> Any:
+def _encode(value: Any, where: str) -> Any:
     if isinstance(value, Layer):
-        return describe(value)
+        return _describe(value, where)
     if isinstance(value, (tuple, list)):
-        return [_encode(v) for v in value]
-    if callable(value):  # a custom initialiser: its name (a description cannot hold code)
-        return getattr(value, "__name__", "custom")
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if callable(value):
+        # A description is data and cannot hold code; writing the function's name would give
+        # a description that build() then refuses, so refuse it here, where it can be fixed.
+        name = getattr(value, "__name__", repr(value))
+        raise ArgumentError(
+            f"{where}: cannot describe the function {name!r}: a description holds data, not "
+            f"code; use a named choice (such as w_init='glorot' or 'he') to save or describe "
+            f"this layer"
+        )
     return value
 
 
 def describe(layer: Layer) -> dict:
-    """The JSON-able description of ``layer`` (a whole network nests)."""
+    """The JSON-able description of ``layer`` (a whole network nests); ``build`` of it is
+    the same layer. A layer holding a function (a custom initialiser) cannot be described:
+    one :class:`~jaxbp.errors.ArgumentError` naming where it sits."""
     if not isinstance(layer, Layer):
-        raise TypeError(f"describe expects a jaxbp Layer, got {type(layer).__name__}")
-    return {"name": layer.name, **{k: _encode(v) for k, v in layer.config}}
+        raise ArgumentError(f"describe expects a jaxbp Layer, got {type(layer).__name__}")
+    return _describe(layer, "model")
+
+
+def _describe(layer: Layer, where: str) -> dict:
+    described = {"name": layer.name}
+    for k, v in layer.config:
+        # layers of a combinator read as build's errors name them: model.layers[2]
+        described[k] = _encode(v, f"{where}.{k}")
+    return described
 
 
 def _is_description(value: Any) -> bool:
     return isinstance(value, dict) and "name" in value
 
 
-def _decode(value: Any, where: str) -> Any:
+def _decode(value: Any, where: str, modules: dict[str, ModuleType]) -> Any:
     if _is_description(value):
-        return build(value, where=where)
+        return _build(value, where, modules)
     if isinstance(value, list):
         if any(_is_description(v) for v in value):
-            return [_decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return [_decode(v, f"{where}[{i}]", modules) for i, v in enumerate(value)]
         return tuple(value)
     return value
 
 
-def build(description: dict, *, where: str = "model") -> Layer:
+def build(description: dict, *, where: str = "model", modules=()) -> Layer:
     """The layer (or network) that ``description`` describes.
+
+    Building imports nothing: a layer's ``"module:name"`` references to code (``CustomVJP``'s
+    ``fn`` and ``init``) resolve only inside ``modules``, the modules the caller allows (names,
+    imported now, or module objects; the command line's ``--import``). Layers of your own
+    are buildable once the module that registers them is imported (``modules`` does that too).
 
     Errors name the place in the description, what it got and what was expected:
     ``model.layers[2]: unknown layer 'Conv3D'; expected one of: ...``.
     """
-    _load_layer_modules()
+    return _build(description, where, import_modules(modules))
+
+
+def _build(description: dict, where: str, modules: dict[str, ModuleType]) -> Layer:
     if not _is_description(description):
         raise ValueError(
             f"{where}: expected a layer description, a dict with a 'name' key, got {description!r}"
         )
     name = description["name"]
-    if name not in _FACTORIES:
+    if name not in layer_names():
         raise ValueError(
-            f"{where}: unknown layer {name!r}; expected one of: {', '.join(sorted(_FACTORIES))}"
+            f"{where}: unknown layer {name!r}; expected one of: {', '.join(layer_names())} "
+            f"(a layer of your own: --import the module that registers it)"
         )
-    kwargs = {k: _decode(v, f"{where}.{k}") for k, v in description.items() if k != "name"}
+    code = references(name)
+    kwargs = {
+        k: resolve_reference(v, modules, f"{where}.{k}")
+        if k in code
+        else _decode(v, f"{where}.{k}", modules)
+        for k, v in description.items()
+        if k != "name"
+    }
     args = kwargs.pop("layers", ())
     if not isinstance(args, (list, tuple)):
         raise ValueError(f"{where}.layers: expected a list of layer descriptions, got {args!r}")
     try:
-        return _FACTORIES[name](*args, **kwargs)
+        return factory(name)(*args, **kwargs)
+    except UserError as e:  # a checked argument: its own message, placed, its own class
+        message = str(e)
+        raise type(e)(message if message.startswith(where) else f"{where}: {message}") from None
     except TypeError as e:  # a wrong or missing argument name
         raise ValueError(f"{where}: {name} {_argument_message(e)}") from None
     except ValueError as e:

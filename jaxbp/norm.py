@@ -11,25 +11,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layers import Context, Layer, default_float, stateful
-from .model import register_layer
+from . import arguments
+from .errors import InputShapeError
+from .layers import Context, Layer, check_float, default_float, stateful
+from .registry import register_layer
 
 __all__ = ["BatchNorm", "Dropout"]
 
 
 def _check_rate(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-        raise ValueError(f"Dropout expects a rate in [0, 1), got {rate!r}")
-    return float(rate)
+    return arguments.number("Dropout", "rate", rate, check=lambda v: 0 <= v < 1, expect="in [0, 1)")
 
 
-def _check_batchnorm_arguments(momentum, eps) -> None:
-    for name, value, ok, expect in (
-        ("momentum", momentum, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("eps", eps, lambda v: v > 0, "> 0"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise ValueError(f"BatchNorm expects {name} {expect}, got {value!r}")
+def _check_batchnorm_arguments(momentum, eps) -> tuple[float, float]:
+    return (
+        arguments.number(
+            "BatchNorm", "momentum", momentum, check=lambda v: 0 <= v <= 1, expect="in [0, 1]"
+        ),
+        arguments.number("BatchNorm", "eps", eps, check=lambda v: v > 0, expect="> 0"),
+    )
 
 
 def _batchnorm_backward(params, cache, dy):
@@ -62,11 +62,12 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
     params ``{"scale", "bias"}`` (ones, zeros), state ``{"mean", "var"}`` (zeros, ones), each
     of shape ``(features,)``.
     """
-    _check_batchnorm_arguments(momentum, eps)
+    momentum, eps = _check_batchnorm_arguments(momentum, eps)
+    dtype = arguments.float_dtype("BatchNorm", dtype)
 
     def features(input_shape):
         if len(input_shape) < 1 or int(input_shape[-1]) < 1:
-            raise ValueError(
+            raise InputShapeError(
                 f"BatchNorm expects inputs of shape (..., features), got {tuple(input_shape)}"
             )
         return int(input_shape[-1])
@@ -80,8 +81,9 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
         return {"mean": jnp.zeros((n,), dt), "var": jnp.ones((n,), dt)}
 
     def apply(params, state, x, context: Context):
+        check_float(x, "BatchNorm")
         if x.ndim < 1 or x.shape[-1] != params["scale"].shape[0]:
-            raise ValueError(
+            raise InputShapeError(
                 f"BatchNorm expects inputs with {params['scale'].shape[0]} features "
                 f"on the last axis, got shape {tuple(x.shape)}"
             )
@@ -107,7 +109,7 @@ def BatchNorm(momentum: float = 0.9, eps: float = 1e-5, dtype=None) -> Layer:
     config = (
         ("momentum", momentum),
         ("eps", eps),
-        ("dtype", None if dtype is None else jnp.dtype(dtype).name),
+        ("dtype", dtype),
     )
     return stateful(init, apply, _batchnorm_backward, init_state, "BatchNorm", config)
 

@@ -3,10 +3,11 @@
 jaxbp adds no distribution layer of its own. A :class:`jax.sharding.Mesh` names the devices;
 a :class:`~jax.sharding.NamedSharding` with ``PartitionSpec("batch")`` splits the batch along
 its first axis, one slice per device; ``PartitionSpec()`` replicates params and optimizer
-state; and the very same step that :func:`jaxbp.make_train_step` jits (manual backward,
-``jax.grad`` comparison, update, guard) is jitted once more with those ``in_shardings`` and
-``out_shardings``. XLA's SPMD partitioner then runs it on every device and inserts the
-all-reduces itself::
+state (``shard_params=True`` splits each of their leaves over the devices instead,
+:func:`param_spec`); and the step is :func:`jaxbp.make_train_step`'s own (manual backward,
+``jax.grad`` comparison, update, guard), called on inputs placed on the mesh. ``jax.jit``
+follows its inputs' shardings, and XLA's SPMD partitioner runs it on every device and inserts
+the collectives itself::
 
     mesh = jaxbp.parallel.data_parallel_mesh()            # all devices, axis "batch"
     step = jaxbp.parallel.make_parallel_train_step(net, loss, optax.adam(1e-3), mesh=mesh)
@@ -42,10 +43,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .gradcheck import GradientMismatchError
 from .layers import Layer
-from .losses import get_loss
-from .train import REASON_MISMATCH, check_mode, gather_batch, make_loop, train_step
+from .train import gather_batch, make_loop, make_train_step
 
 __all__ = [
     "data_parallel_mesh",
@@ -60,6 +59,13 @@ __all__ = [
     "jit_replicated",
     "sharded_batch_fn",
     "make_parallel_loop",
+    "param_spec",
+    "param_sharding",
+    "shard_params",
+    "check_shardable",
+    "place_train_state",
+    "constrain_train_state",
+    "bytes_per_device",
 ]
 
 BATCH_AXIS = "batch"
@@ -217,6 +223,98 @@ def replicate(mesh: Mesh, tree):
 
 
 # --------------------------------------------------------------------------------------------
+# Sharded parameters: every leaf split along one axis the device count divides
+# --------------------------------------------------------------------------------------------
+
+
+def param_spec(shape, parts: int, axis_name: str = BATCH_AXIS) -> PartitionSpec:
+    """Where a leaf of ``shape`` is split over ``parts`` devices: along its largest axis that
+    ``parts`` divides (the first of equal ones), ``PartitionSpec()`` (replicated) where none does.
+
+    A function of the shape alone, so a parameter and its optimizer moments (Adam's ``mu`` and
+    ``nu``, shaped like it) are split alike, and the rule works on tracers inside a compiled loop.
+    """
+    best = None
+    for axis, size in enumerate(shape):
+        if size % parts == 0 and size >= parts and (best is None or size > shape[best]):
+            best = axis
+    if best is None or parts == 1:
+        return PartitionSpec()
+    return PartitionSpec(*([None] * best), axis_name)
+
+
+def param_sharding(mesh: Mesh, tree):
+    """:func:`param_spec`'s :class:`NamedSharding` for every leaf of ``tree`` (any pytree of
+    arrays or shape-dtype structs), over all axes of ``mesh`` as one."""
+    names = tuple(_check_mesh(mesh).axis_names)
+    axis = names[0] if len(names) == 1 else names
+
+    def sharding(leaf):
+        return NamedSharding(mesh, param_spec(np.shape(leaf), mesh.size, axis))
+
+    return jax.tree_util.tree_map(sharding, tree)
+
+
+def shard_params(mesh: Mesh, tree):
+    """Every leaf of ``tree`` (params, optimizer state) split over ``mesh`` by
+    :func:`param_spec`: each device holds one slice of each splittable leaf."""
+    return jax.tree_util.tree_map(_place, tree, param_sharding(mesh, tree))
+
+
+def check_shardable(mesh: Mesh, params) -> None:
+    """``ValueError`` naming ``shard_params`` unless sharding over ``mesh`` splits something:
+    a mesh of two or more devices and at least one parameter with an axis its size divides."""
+    n = _check_mesh(mesh).size
+    if n < 2:
+        raise ValueError(
+            "shard_params needs two or more devices to split the parameters over, got 1"
+        )
+    shapes = [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)]
+    if not any(param_spec(shape, n) != PartitionSpec() for shape in shapes):
+        raise ValueError(
+            f"shard_params: no parameter of the model has an axis that {n} devices divide "
+            f"(shapes {sorted(set(shapes))}); replicate them instead (leave shard_params off) "
+            f"or use a device count that divides a parameter axis"
+        )
+
+
+def place_train_state(mesh: Mesh, ts, shard: bool = False):
+    """A :class:`jaxbp.TrainState` on ``mesh``: params and optimizer state split
+    (:func:`shard_params`) when ``shard``, replicated otherwise; layer state, key and the
+    verification schedule's memory always replicated (small, and read whole)."""
+    if not shard:
+        return replicate(mesh, ts)
+    # Only the rest is replicated: a round trip of the params through a full copy would cost
+    # an all-gather each step.
+    rest = replicate(mesh, ts._replace(params=None, opt_state=None))
+    return rest._replace(
+        params=shard_params(mesh, ts.params), opt_state=shard_params(mesh, ts.opt_state)
+    )
+
+
+def constrain_train_state(mesh: Mesh, ts, shard: bool = False):
+    """Inside a jitted function: :func:`place_train_state`'s placement as sharding constraints
+    (``jax.lax.with_sharding_constraint``), so a compiled loop keeps its carry split."""
+    rep = replicated_sharding(mesh)
+    shardings = jax.tree_util.tree_map(lambda _: rep, ts)
+    if shard:
+        shardings = shardings._replace(
+            params=param_sharding(mesh, ts.params), opt_state=param_sharding(mesh, ts.opt_state)
+        )
+    return jax.lax.with_sharding_constraint(ts, shardings)
+
+
+def bytes_per_device(tree) -> dict:
+    """``{device: bytes}`` that ``tree``'s arrays occupy on each device, summed from their
+    addressable shards (what this process's devices actually hold)."""
+    held: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
+
+
+# --------------------------------------------------------------------------------------------
 # The data-parallel verified train step
 # --------------------------------------------------------------------------------------------
 
@@ -228,58 +326,40 @@ def make_parallel_train_step(
     check: str = "report",
     *,
     mesh: Mesh | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    guard: bool = True,
-    donate: bool = False,
+    shard_params: bool = False,
+    **options,
 ) -> Callable:
-    """:func:`jaxbp.make_train_step`, with the batch split over ``mesh`` and the train state
-    replicated: ``step(train_state, x, y) -> (train_state, metrics)``.
+    """:func:`jaxbp.make_train_step` on ``mesh``: ``step(train_state, x, y) -> (train_state,
+    metrics)`` with the batch split over the devices.
 
-    Same signature, same :class:`jaxbp.StepMetrics`, same check modes, same guard: the step is
-    :func:`jaxbp.train_step`, jitted with ``in_shardings=(replicated, batch, batch)`` and
-    replicated ``out_shardings``. ``mesh`` defaults to :func:`data_parallel_mesh()` (every
-    device). ``x`` and ``y`` are the *global* batch; arrays not yet on the mesh are placed
-    there on each call (placing them once with :func:`shard_batch` / :func:`replicate` saves
-    that copy). A batch the device count does not divide raises ``ValueError``.
-    ``donate=True`` (with ``check="off"``) lets XLA reuse the train state's buffers.
+    The step *is* ``make_train_step(net, loss, optimizer, check, **options)`` (same options:
+    ``rtol``, ``atol``, ``guard``, ``donate``, ``probe``, ``full_every``, ``check_every``; same
+    :class:`jaxbp.StepMetrics`, check modes and guard); this adds only where its inputs live.
+    ``x`` and ``y`` are the *global* batch, split along the first axis (a batch the device
+    count does not divide raises ``ValueError``). The train state is replicated, or with
+    ``shard_params=True`` its params and optimizer state are split (:func:`param_spec`; each
+    device holds about ``1/N`` of them) and XLA gathers each parameter where it is used. jit
+    follows its inputs' shardings, so the manual backward is unchanged. Arrays already placed
+    are not copied (place them once with :func:`shard_batch` / :func:`place_train_state`).
+    ``mesh`` defaults to :func:`data_parallel_mesh()` (every device).
 
-    The returned function also carries ``step.mesh`` and ``step.jitted`` (the jitted step, e.g.
-    for ``step.jitted.lower(...).compile().cost_analysis()``: per-device FLOPs).
+    The returned function carries ``step.mesh`` and ``step.jitted``: the jitted step when it is
+    one jitted call (not ``"raise"``, no schedule; e.g. for
+    ``step.jitted.lower(...).compile().cost_analysis()``: per-device FLOPs), else ``None``.
     """
-    check_mode(check)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(
-            f"optimizer must be an optax GradientTransformation (such as "
-            f"jaxbp.sgd(0.1) or optax.adam(1e-3)), got {optimizer!r}"
-        )
     mesh = data_parallel_mesh() if mesh is None else _check_mesh(mesh)
-    rep, bat = replicated_sharding(mesh), batch_sharding(mesh)
-    loss = get_loss(loss)
-
-    def raw(ts, x, y):
-        return train_step(
-            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
-        )
-
-    # As make_train_step: only an unchecked step donates (a checked one re-reads the params).
-    donate_argnums = (0,) if donate and check == "off" else ()
-    jitted = jax.jit(
-        raw, in_shardings=(rep, bat, bat), out_shardings=(rep, rep), donate_argnums=donate_argnums
-    )
+    inner = make_train_step(net, loss, optimizer, check, **options)
 
     def step(ts, x, y):
         x, y = shard_batch(mesh, x, y)
-        new_ts, metrics = jitted(replicate(mesh, ts), x, y)
-        # metrics are replicated, so this read is the same global decision on every host.
-        if check == "raise" and int(metrics.reason) == REASON_MISMATCH:
-            raise GradientMismatchError(metrics.report)
-        return new_ts, metrics
+        if shard_params:
+            check_shardable(mesh, ts.params)
+        return inner(place_train_state(mesh, ts, shard_params), x, y)
 
     step.__doc__ = make_parallel_train_step.__doc__
     # Attributes on a function: fine at runtime, not modelled by mypy.
     step.mesh = mesh  # type: ignore[attr-defined]
-    step.jitted = jitted  # type: ignore[attr-defined]
+    step.jitted = inner if hasattr(inner, "lower") else None  # type: ignore[attr-defined]
     return step
 
 
@@ -335,19 +415,24 @@ def make_parallel_loop(
     fused: bool = True,
     stop_on_mismatch: bool = False,
     batch_fn: Callable = gather_batch,
+    shard_params: bool = False,
 ) -> Callable:
     """:func:`jaxbp.train.make_loop` on ``mesh`` (or a mesh over that many devices):
     ``run(train_state, data, order) -> (train_state, stacked metrics)``.
 
     The train state and the (small) dataset are replicated on every device; each batch that
     ``batch_fn`` makes is split over the devices (:func:`sharded_batch_fn`), so every loss and
-    gradient is all-reduced by XLA. ``fused`` as in ``make_loop``.
+    gradient is all-reduced by XLA. ``fused`` as in ``make_loop``. ``shard_params=True``
+    splits params and optimizer state instead (:func:`place_train_state`), and every step's
+    train state is constrained to stay split (:func:`constrain_train_state`).
     """
     if not isinstance(mesh, Mesh):
         mesh = data_parallel_mesh(mesh)
     options: dict[str, Any] = dict(
         fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=sharded_batch_fn(mesh, batch_fn)
     )
+    if shard_params:
+        return _sharded_loop(step, mesh, jit_each_step=not fused, **options)
     if fused:
         return jit_replicated(make_loop(step, jit=False, **options), mesh)
     run = make_loop(step, jit=True, **options)
@@ -356,3 +441,22 @@ def make_parallel_loop(
         return run(replicate(mesh, ts), replicate(mesh, data), order)
 
     return run_replicated
+
+
+def _sharded_loop(step: Callable, mesh: Mesh, *, jit_each_step: bool, **options) -> Callable:
+    """``make_loop`` of ``step`` with params and optimizer state split over ``mesh``."""
+
+    def split_step(ts, x, y):
+        # Without the constraints XLA's propagation would be free to gather the carry of a
+        # lax.scan back onto every device.
+        new_ts, metrics = step(constrain_train_state(mesh, ts, True), x, y)
+        return constrain_train_state(mesh, new_ts, True), metrics
+
+    loop = make_loop(split_step, jit=jit_each_step, **options)
+    run = loop if jit_each_step else jax.jit(loop)
+
+    def run_sharded(ts, data, order):
+        check_shardable(mesh, ts.params)
+        return run(place_train_state(mesh, ts, True), replicate(mesh, data), order)
+
+    return run_sharded

@@ -336,6 +336,14 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path, *, title:
             if logy:
                 ax.set_yscale("log")
         ax.set_xlabel(x_key or "step")
+        if x_key is not None:  # epochs and steps are whole: no tick at epoch 1.5 of a short run
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if kind == "other" and all(np.all(series[n][np.isfinite(series[n])] == 0) for n in names):
+            # Exactly 0 throughout (manual = jax.grad to the last bit): a log axis cannot show
+            # it, and a flat line at 0 looks like a missing panel; say it in words.
+            ax.text(0.5, 0.5, "0 at every point", transform=ax.transAxes, ha="center")
         ax.set_title(kind if kind != "other" or len(names) > 2 else ", ".join(names), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

@@ -406,3 +406,59 @@ def _register_gpt() -> None:
 
 
 _register_gpt()
+
+
+def llama_description(
+    vocab_size: int,
+    *,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    width: int = 128,
+    hidden: int = 352,
+    block_size: int | None = None,
+) -> dict:
+    """A character-level Llama, sized like the ``gpt`` preset: a token embedding (no learned
+    positions: rotary ones inside attention), ``layers`` blocks of ``x + attention(rmsnorm(x))``
+    (causal, ``heads`` query heads sharing ``kv_heads`` key/value heads, rope, no biases) and
+    ``x + swiglu(rmsnorm(x))`` (``hidden`` about ``2/3 * 4 * width``, as Llama sizes it), a
+    final RMSNorm and logits through the embedding matrix transposed (``tied``). The logits
+    keep ``Dense``'s bias, the one bias left (``Dense`` has no bias-free form)."""
+    attention = {
+        "name": "MultiHeadAttention",
+        "num_heads": heads,
+        "causal": True,
+        "num_kv_heads": kv_heads,
+        "rope": True,
+        "bias": False,
+        **({} if block_size is None else {"block_size": block_size}),
+    }
+    block = [
+        {"name": "residual", "layers": [{"name": "RMSNorm"}, attention]},
+        {"name": "residual", "layers": [{"name": "RMSNorm"}, {"name": "SwiGLU", "hidden": hidden}]},
+    ]
+    head = 1 + 2 * layers + 1  # embedding, the blocks, the final RMSNorm, then the logits
+    return {
+        "name": "tied",
+        "layers": [
+            {"name": "Embedding", "vocab_size": vocab_size, "dim": width},
+            *(layer for _ in range(layers) for layer in block),
+            {"name": "RMSNorm"},
+            {"name": "Dense", "out_dim": vocab_size},
+        ],
+        "source": "0.W",
+        "target": f"{head}.W",
+        "transpose": True,
+    }
+
+
+def _register_llama() -> None:
+    from .data import TEXT_DEFAULTS
+
+    # As the gpt preset: windows of 128 characters, one lax.scan per epoch.
+    register_preset(
+        "llama", llama_description, dataset="text", input_shape=(128,), fused=True, **TEXT_DEFAULTS
+    )
+
+
+_register_llama()

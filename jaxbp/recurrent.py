@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import InputShapeError, Layer
+from . import arguments
+from .layers import InputShapeError, Layer, check_float
+from .registry import register_layer
 
 __all__ = ["GRU", "LSTM", "bidirectional", "from_torch_state_dict"]
 
@@ -47,41 +49,26 @@ _SEQUENCE_SHAPE = "(batch, time, features) or (time, features)"
 
 
 def _check_arguments(name, hidden, return_sequences, reverse):
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
-        raise ValueError(f"{name} expects a positive integer hidden size, got {hidden!r}")
-    for flag, value in (("return_sequences", return_sequences), ("reverse", reverse)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{name} expects {flag} to be True or False, got {value!r}")
-
-
-def _dtype_name(name, dtype):
-    if dtype is None:
-        return None
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(
-            f"{name} expects dtype to be None or a floating dtype, got {dtype!r}"
-        ) from None
-    if not np.issubdtype(dt, np.floating):
-        raise ValueError(f"{name} expects dtype to be None or a floating dtype, got {dt}")
-    return dt.name
+    arguments.positive_int(name, "hidden size", hidden)
+    arguments.flag(name, "return_sequences", return_sequences)
+    arguments.flag(name, "reverse", reverse)
 
 
 def _check_sequence(name, x, in_dim):
     """``x`` as a batch ``(batch, time, in_dim)``; raises at trace time on a wrong shape."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"{name} expects floating-point inputs, got dtype {jnp.result_type(x)}")
+    check_float(x, name)
     shape = tuple(x.shape)
     if x.ndim not in (2, 3):
-        raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}")
+        raise InputShapeError(
+            f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}"
+        )
     if shape[-1] != in_dim:
         raise InputShapeError(
             f"{name} expects inputs of shape {_SEQUENCE_SHAPE} with {in_dim} "
             f"features, got shape {shape}"
         )
     if shape[-2] == 0:
-        raise ValueError(f"{name} expects at least one time step, got shape {shape}")
+        raise InputShapeError(f"{name} expects at least one time step, got shape {shape}")
     return x if x.ndim == 3 else x[None]
 
 
@@ -219,15 +206,17 @@ _LSTM_CELL = _Cell(4, _lstm_scan, _lstm_scan_backward)
 def _init_params(key, name, gates, hidden, input_shape, dtype):
     shape = tuple(input_shape)
     if len(shape) not in (2, 3):
-        raise ValueError(f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}")
+        raise InputShapeError(
+            f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}"
+        )
     if len(shape) == 2 and shape[0] == -1:  # -1 is only ever the batch placeholder
-        raise ValueError(
+        raise InputShapeError(
             f"{name} expects inputs of shape {_SEQUENCE_SHAPE}, got shape {shape}: "
             f"a batch of vectors, without a time or features axis"
         )
     in_dim = int(shape[-1])
     if in_dim < 1:
-        raise ValueError(f"{name} expects at least one input feature, got shape {shape}")
+        raise InputShapeError(f"{name} expects at least one input feature, got shape {shape}")
     dt = dtype or jax.dtypes.canonicalize_dtype(jnp.float64)
     # PyTorch's initialisation: every weight and bias uniform in +-1/sqrt(hidden).
     bound = 1.0 / math.sqrt(hidden)
@@ -246,7 +235,7 @@ def _init_params(key, name, gates, hidden, input_shape, dtype):
 
 def _recurrent(name, cell, hidden, return_sequences, reverse, dtype, factory) -> Layer:
     _check_arguments(name, hidden, return_sequences, reverse)
-    dtype_name = _dtype_name(name, dtype)
+    dtype_name = arguments.float_dtype(name, dtype)
     return_sequences, reverse = bool(return_sequences), bool(reverse)
 
     def init(key, input_shape):
@@ -531,8 +520,6 @@ def from_torch_state_dict(
         return _bidirectional(layer), params
     return layer, params["forward"]
 
-
-from .model import register_layer  # noqa: E402  (registration at the bottom, as the contract asks)
 
 register_layer("GRU", GRU)
 register_layer("LSTM", LSTM)

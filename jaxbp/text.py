@@ -45,9 +45,15 @@ def pydoc_corpus() -> str:
 
 
 def read_text_file(path) -> str:
-    """The UTF-8 text of the file at ``path``; ``ValueError`` if it is empty or not UTF-8
-    (``OSError`` if it cannot be read)."""
-    data = Path(path).read_bytes()
+    """The UTF-8 text of the file at ``path``; ``ValueError`` if it is missing, cannot be
+    read, is empty or is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:  # one line naming the file, not a raw "[Errno 2] ..."
+        raise ValueError(
+            f"text file {str(path)!r} cannot be read: {e.strerror or type(e).__name__}; "
+            f"expected a UTF-8 text file"
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -39,9 +39,18 @@ import numpy as np
 import optax
 
 from .backprop import backprop, backprop_and_autodiff, check_inputs, check_params, forward
+from .batch_order import run_order
 from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness, unchecked_report
 from .layers import Layer, init_state
 from .losses import get_loss
+from .probe import (
+    check_schedule,
+    host_plan,
+    init_verify_state,
+    leaf_owners,
+    nodes,
+    verified_gradients,
+)
 
 __all__ = [
     "sgd",
@@ -56,6 +65,8 @@ __all__ = [
     "make_loop",
     "gather_batch",
     "raise_first_mismatch",
+    "mismatch_error",
+    "with_verify",
     "select_tree",
     "check_mode",
     "fit",
@@ -165,6 +176,9 @@ class TrainState(NamedTuple):
     opt_state: Any
     state: Any = ()
     key: Any = None
+    # The verification schedule's memory (a jaxbp.probe.VerifyState) when the step probes or
+    # amortises its checks (probe=, full_every=, check_every=); None otherwise.
+    verify: Any = None
 
 
 class StepMetrics(NamedTuple):
@@ -174,7 +188,11 @@ class StepMetrics(NamedTuple):
     ``check="off"``); ``worst_leaf`` (its index, -1 with ``"off"``); ``leaf_rel_error`` (one per
     leaf, NaN with ``"off"``); ``ok`` (finite, and agreeing when checked); ``applied``;
     ``reason`` (``REASON_APPLIED``, ``REASON_NONFINITE`` or ``REASON_MISMATCH``); ``report``,
-    the full :class:`~jaxbp.GradReport` (NaN statistics with ``"off"``).
+    the full :class:`~jaxbp.GradReport` (NaN statistics with ``"off"`` and on probed steps);
+    ``layer``: the failing node's index in :func:`jaxbp.layer_paths` (the probed node whose
+    adjoint test failed, or the node holding the worst disagreeing leaf of a full check), -1
+    when nothing failed; ``probed``: which nodes this step probed (one bool per node);
+    ``full``: whether this step ran the full comparison with ``jax.grad``.
     """
 
     loss: jax.Array
@@ -185,6 +203,9 @@ class StepMetrics(NamedTuple):
     applied: jax.Array
     reason: jax.Array
     report: GradReport
+    layer: jax.Array
+    probed: jax.Array
+    full: jax.Array
 
 
 def init_train_state(
@@ -195,11 +216,14 @@ def init_train_state(
     input_shape=None,
     state=None,
     key=None,
+    verify: bool = False,
 ) -> TrainState:
     """The first :class:`TrainState`: ``optimizer.init(params)``, and the network's initial
     layer state (``init_state(net, input_shape)``) unless ``state`` is given.
 
-    ``key`` (a PRNG key) is needed for networks with randomness (Dropout).
+    ``key`` (a PRNG key) is needed for networks with randomness (Dropout). ``verify=True``
+    adds the schedule's memory (:class:`jaxbp.probe.VerifyState`) that ``probe=``,
+    ``full_every=`` and ``check_every=`` steps need.
     """
     _check_optimizer(optimizer)
     if state is None:
@@ -209,7 +233,16 @@ def init_train_state(
                 f"input_shape= (the batch's shape) or state="
             )
         state = init_state(net, input_shape) if net.has_state else ()
-    return TrainState(params, optimizer.init(params), state, key)
+    verify_state = init_verify_state(net, params) if verify else None
+    return TrainState(params, optimizer.init(params), state, key, verify_state)
+
+
+def with_verify(net: Layer, ts: TrainState) -> TrainState:
+    """``ts`` with the schedule's memory added if it has none (a fresh schedule: the next
+    step runs the full check)."""
+    if ts.verify is not None:
+        return ts
+    return ts._replace(verify=init_verify_state(net, ts.params))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -285,9 +318,15 @@ def _check_train_state(ts) -> None:
         )
 
 
+def _split_key(key):
+    """``(this step's key, the next step's)``; ``(None, None)`` for a network without
+    randomness."""
+    return (None, None) if key is None else tuple(jax.random.split(key))
+
+
 def _gradients(net, loss, ts: TrainState, x, y, check: str, rtol, atol):
     """Loss, manual gradients, new layer state, and (when checked) the comparison."""
-    step_key, next_key = (None, None) if ts.key is None else tuple(jax.random.split(ts.key))
+    step_key, next_key = _split_key(ts.key)
     if check == "off":
         value, grads, new_state = backprop(
             net, loss, ts.params, x, y, state=ts.state, key=step_key, validate=False
@@ -327,6 +366,10 @@ def train_step(
     rtol: float | None = None,
     atol: float | None = None,
     guard: bool = True,
+    probe: int = 0,
+    full_every: int | None = None,
+    check_every: int | None = None,
+    plan: str | tuple | None = None,
 ) -> tuple[TrainState, StepMetrics]:
     """One verified step, as a pure function: ``(new train state, metrics)``.
 
@@ -335,15 +378,65 @@ def train_step(
     ``check`` ``"skip"`` or ``"raise"`` a disagreement leaves params, optimizer state and layer
     state bit for bit as they were; a non-finite loss, gradient or update does so in every mode
     (``guard=False`` turns that off). The key advances every step.
+
+    The schedule (``docs/verification.md``): ``probe=k`` probes ``k`` nodes per step with the
+    per-layer adjoint test (:mod:`jaxbp.probe`) and runs the full comparison at step 0, every
+    ``full_every`` steps (default 100) and right after a failed probe; ``check_every=N`` runs
+    the full comparison every N-th step and nothing between. A failed probe is a mismatch like
+    a failed full check. Both need ``ts.verify`` (:func:`init_train_state` with ``verify=True``;
+    ``make_train_step`` and ``fit`` set it up themselves). ``plan`` (``"full"`` or one bool per
+    node) fixes this step's part of the schedule at trace time, when the caller has read it
+    (``make_train_step`` does); without it both parts are compiled and ``lax.cond`` picks.
     ``make_train_step`` jits this; ``jax.jit`` it yourself to compose it.
     """
+    check_mode(check)
     _check_train_state(ts)
     check_inputs(x)
     check_params(net, ts.params, jnp.shape(x))
+    probe, full_every = check_schedule(probe, full_every, check_every, check)
     inner = "skip" if check == "raise" else check
-    value, grads, new_state, next_key, report, grads_finite = _gradients(
-        net, loss, ts, x, y, inner, rtol, atol
-    )
+    scheduled = inner != "off" and (probe > 0 or full_every is not None)
+    if scheduled:
+        if ts.verify is None:
+            raise ValueError(
+                "a scheduled check (probe=, full_every=, check_every=) keeps its schedule in "
+                "the train state: make it with jaxbp.init_train_state(..., verify=True)"
+            )
+        step_key, next_key = _split_key(ts.key)
+        v = verified_gradients(
+            net,
+            get_loss(loss),
+            ts.params,
+            ts.state,
+            x,
+            y,
+            step_key,
+            ts.verify,
+            probe=probe,
+            full_every=full_every,
+            rtol=rtol,
+            atol=atol,
+            plan=plan,
+        )
+        value, grads, new_state, report, grads_finite = (
+            v.value,
+            v.grads,
+            v.new_state,
+            v.report,
+            v.grads_finite,
+        )
+        layer, probed, full, new_verify = v.layer, v.probed, v.full, v.verify
+    else:
+        value, grads, new_state, next_key, report, grads_finite = _gradients(
+            net, loss, ts, x, y, inner, rtol, atol
+        )
+        n = len(nodes(net))
+        probed, full, new_verify = jnp.zeros((n,), bool), jnp.array(inner != "off"), ts.verify
+        layer = jnp.array(-1, jnp.int32)
+        if report is not None:
+            owners = jnp.asarray(leaf_owners(net, ts.params) or [-1], jnp.int32)
+            worst = owners[jnp.clip(report.worst, 0, owners.size - 1)]
+            layer = jnp.where(report.ok, -1, worst).astype(jnp.int32)
     updates, new_opt = optimizer.update(grads, ts.opt_state, ts.params)
     new_params = optax.apply_updates(ts.params, updates)
     applied, ok, reason = _decide(
@@ -354,17 +447,21 @@ def train_step(
             applied, (new_params, new_opt, new_state), (ts.params, ts.opt_state, ts.state)
         )
     report = unchecked_report(grads) if report is None else report
+    checked = check != "off"
     metrics = StepMetrics(
         value,
-        report.worst_rel_error if check != "off" else report.rel_error[0],
-        report.worst.astype(jnp.int32) if check != "off" else jnp.array(-1, jnp.int32),
+        report.worst_rel_error if checked else report.rel_error[0],
+        report.worst.astype(jnp.int32) if checked else jnp.array(-1, jnp.int32),
         report.rel_error,
         ok,
         applied,
         reason,
         report,
+        layer,
+        probed,
+        full,
     )
-    return TrainState(new_params, new_opt, new_state, next_key), metrics
+    return TrainState(new_params, new_opt, new_state, next_key, new_verify), metrics
 
 
 def _donate_argnums(donate: bool, check: str) -> tuple:
@@ -388,6 +485,9 @@ def make_train_step(
     jit: bool = True,
     guard: bool = True,
     donate: bool = False,
+    probe: int = 0,
+    full_every: int | None = None,
+    check_every: int | None = None,
 ) -> Callable:
     """The verified step, jitted: ``step(train_state, x, y) -> (train_state, metrics)``.
 
@@ -398,24 +498,52 @@ def make_train_step(
     ``jit=False`` returns the plain function (same numbers, for debugging). ``donate=True``
     with ``check="off"`` lets XLA update the train state in place (the one passed in is then
     invalid).
+
+    ``probe=k`` (with ``full_every=M``, default 100) or ``check_every=N``: the verification
+    schedule of :func:`train_step`; the step adds the schedule's memory to a train state
+    that has none. A failed check with ``"raise"`` names the culprit node and the kind of
+    mistake (:func:`jaxbp.locate`).
     """
     check_mode(check)
     _check_optimizer(optimizer)
     loss = get_loss(loss)
+    probe, full_every = check_schedule(probe, full_every, check_every, check, len(nodes(net)))
+    scheduled = probe > 0 or full_every is not None
 
-    def raw(ts, x, y):
-        return train_step(
-            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
-        )
+    raw = functools.partial(
+        train_step,
+        net,
+        loss,
+        optimizer,
+        check=check,
+        rtol=rtol,
+        atol=atol,
+        guard=guard,
+        probe=probe,
+        full_every=full_every,
+    )
 
-    fn = jax.jit(raw, donate_argnums=_donate_argnums(donate, check)) if jit else raw
-    if check != "raise":
+    fn = (
+        jax.jit(raw, donate_argnums=_donate_argnums(donate, check), static_argnames=("plan",))
+        if jit
+        else raw
+    )
+    if check != "raise" and not scheduled:
         return fn
+    n_nodes = len(nodes(net))
 
     def step(ts, x, y):
-        new_ts, metrics = fn(ts, x, y)
-        if int(metrics.reason) == REASON_MISMATCH:
-            raise GradientMismatchError(metrics.report)
+        plan = None
+        if scheduled:
+            # The host reads the schedule (one small transfer) and runs the program compiled
+            # for exactly this step's part of it: no lax.cond between the full check and the
+            # probe, nor around each node (measured: those cost 13% of an MLP's step).
+            ts = with_verify(net, ts)
+            count, recheck = jax.device_get((ts.verify.step, ts.verify.recheck))
+            plan = host_plan(int(count), bool(recheck), n_nodes, probe, full_every)
+        new_ts, metrics = fn(ts, x, y, plan=plan)
+        if check == "raise" and int(metrics.reason) == REASON_MISMATCH:
+            raise mismatch_error(net, loss, ts, x, y, metrics)
         return new_ts, metrics
 
     step.__doc__ = make_train_step.__doc__
@@ -490,14 +618,48 @@ def make_loop(
     return run_stepwise
 
 
-def raise_first_mismatch(metrics: StepMetrics, *, first_step: int = 0, note: str = "") -> None:
+def mismatch_error(net, loss, ts, x, y, metrics, *, step=None, note="nothing was updated"):
+    """The :class:`GradientMismatchError` of a failed step, with the culprit found: the node
+    whose manual backward disagrees with ``jax.vjp`` of its own forward on this batch, and
+    what its mistake looks like (:func:`jaxbp.locate`, run only now, on failure)."""
+    from .diagnose import locate
+
+    try:
+        culprit = locate(net, loss, ts.params, x, y, state=ts.state, key=_split_key(ts.key)[0])
+    except Exception as e:  # locating is a courtesy: never hide the mismatch behind it
+        culprit = None
+        note = f"{note}; the culprit could not be located ({type(e).__name__}: {e})"
+    return GradientMismatchError(
+        metrics.report,
+        step=step,
+        note=note,
+        culprit=culprit,
+        probed=None if bool(metrics.full) else _probed_path(net, loss, metrics),
+    )
+
+
+def _probed_path(net, loss, metrics) -> str:
+    layer = int(metrics.layer)
+    paths = nodes(net, getattr(loss, "name", "loss"))
+    return paths[layer].path if 0 <= layer < len(paths) else ""
+
+
+def raise_first_mismatch(
+    metrics: StepMetrics, *, first_step: int = 0, note: str = "", locate_with=None
+) -> None:
     """Raise :class:`GradientMismatchError` for the first disagreeing step of stacked
-    ``metrics`` (a loop's), if any, naming its global index ``first_step + t``."""
+    ``metrics`` (a loop's), if any, naming its global index ``first_step + t``.
+
+    ``locate_with=(net, loss, ts, x, y)``, the train state and batch of that step, adds the
+    culprit node and the diagnosis."""
     bad = np.flatnonzero(np.asarray(metrics.reason) == REASON_MISMATCH)
     if bad.size:
         t = int(bad[0])
-        report = jax.tree_util.tree_map(lambda h: h[t], metrics.report)
-        raise GradientMismatchError(report, step=first_step + t, note=note)
+        one = jax.tree_util.tree_map(lambda h: h[t], metrics)
+        if locate_with is not None:
+            net, loss, ts, x, y = locate_with
+            raise mismatch_error(net, loss, ts, x, y, one, step=first_step + t, note=note)
+        raise GradientMismatchError(one.report, step=first_step + t, note=note)
 
 
 class FitResult(NamedTuple):
@@ -505,15 +667,6 @@ class FitResult(NamedTuple):
 
     state: TrainState
     history: StepMetrics
-
-
-def _batch_indices(key, n, batch_size, steps):
-    """(steps, batch_size) indices: epoch after epoch of shuffled batches, ragged tail dropped."""
-    per_epoch = n // batch_size
-    epochs = -(-steps // per_epoch)
-    keys = jax.random.split(key, epochs)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n)[: per_epoch * batch_size])(keys)
-    return perms.reshape(-1, batch_size)[:steps]
 
 
 def _check_labels_now(net, loss, params, x, y):
@@ -564,11 +717,14 @@ def fit(
     steps: int,
     batch_size: int | None = None,
     key=None,
-    check: str = "off",
+    check: str = "report",
     rtol: float | None = None,
     atol: float | None = None,
     guard: bool = True,
     fused: bool = True,
+    probe: int = 0,
+    full_every: int | None = None,
+    check_every: int | None = None,
 ) -> FitResult:
     """Train ``ts`` for ``steps`` steps of :func:`train_step` through :func:`make_loop`.
 
@@ -584,20 +740,40 @@ def fit(
     check_mode(check)
     _check_optimizer(optimizer)
     _check_train_state(ts)
+    probe, full_every = check_schedule(probe, full_every, check_every, check, len(nodes(net)))
     n = _check_fit_arguments(steps, batch_size, x, y)
     _check_labels_now(net, loss, ts.params, x, y)
+    if probe or full_every is not None:
+        ts = with_verify(net, ts)
     if batch_size is None:
         order = jnp.zeros((steps, 0), jnp.int32)  # every step the whole data set
     else:
-        order = _batch_indices(jax.random.key(0) if key is None else key, n, batch_size, steps)
-    spec = (net, get_loss(loss), optimizer, check, rtol, atol, guard, batch_size is None, fused)
+        order = run_order(jax.random.key(0) if key is None else key, n, batch_size, steps)
+    spec = (
+        net,
+        get_loss(loss),
+        optimizer,
+        check,
+        rtol,
+        atol,
+        guard,
+        batch_size is None,
+        fused,
+        probe,
+        full_every,
+    )
     try:
         run = _fit_loop_cached(*spec)
     except TypeError:  # something in the spec is unhashable (a custom layer's config, say)
         run = _fit_loop(*spec)
     ts, history = run(ts, (x, y), order)
     if check == "raise":
-        raise_first_mismatch(history)
+        # The loop froze the train state at the first disagreement: ts is the state that
+        # step saw, so the culprit can be located on that step's batch.
+        bad = np.flatnonzero(np.asarray(history.reason) == REASON_MISMATCH)
+        if bad.size:
+            xb, yb = (x, y) if batch_size is None else gather_batch((x, y), order[int(bad[0])])
+            raise_first_mismatch(history, locate_with=(net, loss, ts, xb, yb))
     return FitResult(ts, history)
 
 
@@ -605,11 +781,21 @@ def _whole_data(data, idx):
     return data
 
 
-def _fit_loop(net, loss, optimizer, check, rtol, atol, guard, full_batch, fused):
-    def step(ts, x, y):
-        return train_step(
-            net, loss, optimizer, ts, x, y, check=check, rtol=rtol, atol=atol, guard=guard
-        )
+def _fit_loop(
+    net, loss, optimizer, check, rtol, atol, guard, full_batch, fused, probe=0, full_every=None
+):
+    step = functools.partial(
+        train_step,
+        net,
+        loss,
+        optimizer,
+        check=check,
+        rtol=rtol,
+        atol=atol,
+        guard=guard,
+        probe=probe,
+        full_every=full_every,
+    )
 
     return make_loop(
         step,

@@ -28,6 +28,29 @@ CONFIGS = [
 CONFIGS += [("float32", "sgd", "report"), ("float32", "adam", "skip")]
 
 
+def subprocess_env(devices: int) -> dict:
+    """This environment for a worker subprocess that sees ``devices`` simulated CPU devices
+    (the flag must be set before JAX starts, hence a new process)."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for jax.distributed's coordinator."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def key_of(dtype, opt, check, tag=""):
     return f"{tag}{dtype}-{opt}-{check}"
 
@@ -340,6 +363,194 @@ def run_multi(process_id, port, path):
     jax.distributed.shutdown()
 
 
+# --------------------------------------------------------------------------------------------
+# Sharded parameters (tests/test_sharding.py): the gpt and llama presets, small
+# --------------------------------------------------------------------------------------------
+
+SHARD_STEPS = 3
+SHARD_MODELS = ("gpt", "llama")
+
+
+def text_problem(model: str):
+    """A one-block ``model`` preset (vocab 16, width 16, 2 heads; llama: 1 key/value head),
+    float64 params, and 8 windows of 8 tokens with their next tokens."""
+    import jax
+
+    import jaxbp
+    from jaxbp.presets import gpt_description, llama_description
+
+    if model == "gpt":
+        description = gpt_description(16, layers=1, heads=2, width=16, context=8)
+    else:
+        description = llama_description(16, layers=1, heads=2, kv_heads=1, width=16, hidden=24)
+    net = jaxbp.build(description)
+    _, params = net.init(jax.random.key(0), (-1, 8))
+    tokens = jax.random.randint(jax.random.key(1), (8, 9), 0, 16)
+    return net, params, tokens[:, :-1], tokens[:, 1:]
+
+
+def _sharded_runs(out, mesh, tag=""):
+    """Each model: 3 momentum steps on one device and sharded over ``mesh``, and what each device
+    holds of the sharded params and optimizer state."""
+    import jax
+    import numpy as np
+    import optax
+    from jax.experimental import multihost_utils
+
+    import jaxbp
+    from jaxbp import parallel
+
+    for model in SHARD_MODELS:
+        net, params, x, y = text_problem(model)
+        # Momentum, not Adam: a gradient that is zero in exact arithmetic (the key bias's:
+        # softmax ignores a constant shift) is rounding noise that Adam would scale up to a
+        # step of ~lr * noise / eps, which then differs with the order of additions.
+        opt = optax.sgd(0.1, momentum=0.9)
+        name = f"{tag}{model}"
+        one = jaxbp.make_train_step(net, jaxbp.softmax_cross_entropy, opt, "report")
+        step = parallel.make_parallel_train_step(
+            net, jaxbp.softmax_cross_entropy, opt, "report", mesh=mesh, shard_params=True
+        )
+        for label, fn, ts in (
+            ("one", one, jaxbp.TrainState(params, opt.init(params))),
+            ("sharded", step, jaxbp.TrainState(params, opt.init(params))),
+        ):
+            losses, errors = [], []
+            for _ in range(SHARD_STEPS):
+                ts, metrics = fn(ts, x, y)
+                assert bool(metrics.applied), (name, label)
+                losses.append(float(metrics.loss))
+                errors.append(float(metrics.rel_error))
+            out[f"{name}/{label}/loss"] = np.array(losses)
+            out[f"{name}/{label}/rel_error"] = np.array(errors)
+            for i, leaf in enumerate(jax.tree_util.tree_leaves((ts.params, ts.opt_state))):
+                # Sharded arrays span every process: gather them whole on each (the
+                # one-device run's arrays are this process's own already).
+                whole = (
+                    leaf
+                    if leaf.is_fully_addressable
+                    else multihost_utils.process_allgather(leaf, tiled=True)
+                )
+                out[f"{name}/{label}/leaf{i}"] = np.asarray(whole)
+        # Measured on the state the step returned: it stays split from step to step.
+        for part in ("params", "opt_state"):
+            tree = getattr(ts, part)
+            held = parallel.bytes_per_device(tree)
+            out[f"{name}/{part}/per_device"] = np.array([held[d] for d in sorted(held, key=str)])
+            out[f"{name}/{part}/total"] = np.array(
+                sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+            )
+        out[f"{name}/specs"] = np.array(
+            [str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(ts.params)]
+        )
+
+
+def run_sharded(path):
+    import jax
+    import numpy as np
+
+    from jaxbp import parallel
+
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    _sharded_runs(out, parallel.data_parallel_mesh())
+    _sharded_loops(out)
+    _cli_sharded(out, os.path.dirname(os.path.abspath(path)))
+    np.savez(path, **out)
+
+
+def _sharded_loops(out):
+    """``make_parallel_loop(shard_params=True)``, fused and per step, against ``make_loop`` on
+    one device: 4 steps of the 5-16-3 classifier (its last bias, 3 wide, stays replicated)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import jaxbp
+    from jaxbp import parallel
+    from jaxbp.train import make_loop
+
+    net, params, x, y = problem("float64")
+    opt = optax.sgd(0.1, momentum=0.9)
+
+    def step(ts, xb, yb):
+        return jaxbp.train_step(net, jaxbp.softmax_cross_entropy, opt, ts, xb, yb, check="skip")
+
+    order = jnp.arange(BATCH).reshape(4, 8)
+    for fused in (True, False):
+        ts = jaxbp.TrainState(params, opt.init(params))
+        one, _ = make_loop(step, fused=fused)(ts, (x, y), order)
+        run = parallel.make_parallel_loop(step, 8, fused=fused, shard_params=True)
+        sharded, metrics = run(ts, (x, y), order)
+        out[f"loop{int(fused)}/applied"] = np.asarray(metrics.applied)
+        out[f"loop{int(fused)}/diff"] = np.array(
+            max(
+                float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(sharded))
+            )
+        )
+        out[f"loop{int(fused)}/specs"] = np.array(
+            [str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(sharded.params)]
+        )
+
+
+def _cli_sharded(out, folder):
+    """``jaxbp train --devices 4 --shard-params`` trains as ``--devices 1``; a model with
+    nothing to split is refused."""
+    import contextlib
+    import io
+    import json
+
+    import numpy as np
+
+    from jaxbp.cli import main
+
+    common = ["train", "--dataset", "digits", "--hidden", "32", "--epochs", "2"]
+    common += ["--batch-size", "64", "--progress", "none"]
+    for name, flags in (
+        ("one", ["--devices", "1"]),
+        ("split", ["--devices", "4", "--shard-params"]),
+    ):
+        run = os.path.join(folder, f"cli-{name}")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            out[f"cli-{name}/code"] = np.array(main([*common, *flags, "--out", run]))
+        with open(os.path.join(run, "metrics.json")) as f:
+            metrics = json.load(f)
+        out[f"cli-{name}/losses"] = np.array([row["loss"] for row in metrics["history"]])
+        out[f"cli-{name}/shard_params"] = np.array(metrics["config"]["shard_params"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(
+            [*common[:1], "--dataset", "iris", "--hidden", "3", "--batch-size", "8"]
+            + ["--devices", "8", "--shard-params", "--progress", "none"]
+            + ["--out", os.path.join(folder, "cli-iris")]
+        )
+    out["cli-unsplittable"] = np.array([str(code), err.getvalue()])
+
+
+def run_sharded_multi(process_id, port, path):
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    import numpy as np
+
+    from jaxbp import parallel
+
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+    out = {"process_index": np.array(jax.process_index())}
+    _sharded_runs(out, parallel.data_parallel_mesh())
+    np.savez(path, **out)
+    jax.distributed.shutdown()
+
+
 def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -349,6 +560,10 @@ def main(argv):
         run_single(argv[1])
     elif argv[0] == "multi":
         run_multi(int(argv[1]), int(argv[2]), argv[3])
+    elif argv[0] == "sharded":
+        run_sharded(argv[1])
+    elif argv[0] == "sharded-multi":
+        run_sharded_multi(int(argv[1]), int(argv[2]), argv[3])
     else:
         raise SystemExit(f"unknown mode {argv[0]!r}")
 

@@ -532,8 +532,6 @@ def test_transformer_block_under_serial(use_jit):
 
 @pytest.mark.slow
 def test_transformer_with_jaxbp_residual():
-    if not hasattr(jaxbp, "residual"):
-        pytest.skip("jaxbp.residual is not there yet")
     ours, theirs = tiny_gpt(9, 4, 2, 5), tiny_gpt(9, 4, 2, 5, residual=jaxbp.residual)
     _, params = ours.init(jax.random.key(0), (2, 5))
     ids = labels = jax.random.randint(jax.random.key(1), (2, 5), 0, 9)

@@ -693,3 +693,15 @@ def test_one_forward_variants_compute_the_same_gradients(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == list(workloads(tiny=True))
     assert all("two forwards" in line and "one forward" in line for line in lines)
+
+
+def test_targets_print_in_their_unit_and_a_quick_run_judges_none():
+    from benchmarks.suite import _target, _value, _verdict
+
+    percent = _target("W2 achieved GFLOP/s / GEMM ceiling", 61.25, 85, "at least", "%")
+    speed = _target("W1 manual step (off) / jax.grad step", 0.8, 1.0, "at most")
+    assert _value(percent) == "61.25%" and percent["target"] == "at least 85%"
+    assert _value(speed) == "0.80x" and _verdict(speed) == "met"
+    assert _verdict(percent) == "MISSED"
+    assert _verdict(percent, smoke=True) == _verdict(speed, smoke=True) == "- (--quick)"
+    assert _value(_target("W3", None, 2.0, "at least")) == "-"

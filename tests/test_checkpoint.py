@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import zipfile
 
 import jax
@@ -13,9 +14,11 @@ import pytest
 import jaxbp
 from jaxbp.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     read_header,
     save_checkpoint,
+    write_json,
 )
 
 
@@ -94,6 +97,22 @@ def test_atomic_write_leaves_no_temporary_and_keeps_old_file_on_failure(saved):
         save_checkpoint(path, {"params": {"w": object()}}, {})
     assert path.read_bytes() == before  # the failed write did not touch the checkpoint
     assert sorted(p.name for p in path.parent.iterdir()) == ["ck.npz"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+def test_written_files_get_the_usual_mode(tmp_path):
+    # mkstemp's 0600 would leave metrics.json and checkpoint.npz unreadable to the group,
+    # unlike the PNGs beside them: atomic_write gives 0666 less the umask.
+    mask = os.umask(0o022)
+    try:
+        json_path = write_json(tmp_path / "metrics.json", {"a": 1})
+        npz_path = atomic_write(tmp_path / "c.npz", lambda f: f.write(b"x"))
+        plain = tmp_path / "plain.png"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (json_path, npz_path, plain)}
+    assert modes == {"metrics.json": 0o644, "c.npz": 0o644, "plain.png": 0o644}
 
 
 @pytest.mark.parametrize("keep", [0, 10, 100, 0.5, 0.9, -1])

@@ -291,7 +291,7 @@ def test_lr_sweep_seed(run_cli, tmp_path):
     assert all(len(r["losses"]) == 61 for r in runs.values())
     assert runs[0.05]["verdict"] == "slow"
     assert runs[50.0]["verdict"] == "overshoots, then converges"
-    assert runs[500.0]["verdict"] == "diverges"
+    assert runs[500.0]["verdict"] == "stuck higher"  # saturated, finite: not diverging
     # the largest rate overshoots on its first step and ends worse than it started
     assert runs[500.0]["after_1_step"] > runs[500.0]["start"]
     assert runs[500.0]["final"] > runs[500.0]["start"]
@@ -320,7 +320,7 @@ def test_lr_sweep_xor_json(run_cli, tmp_path):
     assert code == 0
     data = json.loads(out)
     verdicts = {r["lr"]: r["verdict"] for r in data["runs"]}
-    assert verdicts[100.0] == "diverges"
+    assert verdicts[100.0] == "stuck higher"
     assert verdicts[1.0] in ("slow", "converges")
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
@@ -419,3 +419,41 @@ def test_plot_training_curves(tmp_path):
         plot_training_curves({"dataset": "digits"}, tmp_path / "none.png")
     with pytest.raises(OSError, match="does not exist"):
         plot_training_curves(history, tmp_path / "missing" / "curves.png")
+
+
+def test_lr_sweep_verdicts_tell_stuck_from_diverging():
+    from jaxbp.commands.lr_sweep import VERDICTS, verdict
+
+    assert verdict([0.35, 0.48, 0.48]) == "stuck higher"  # saturated: finite, no lower
+    assert verdict([0.35, 0.35]) == "stuck higher"
+    assert verdict([0.35, 1e3, float("nan")]) == "diverges"
+    assert verdict([0.35, float("inf")]) == "diverges"
+    assert verdict([0.35, 0.5, 0.01]) == "overshoots, then converges"
+    assert verdict([0.35, 0.3, 0.2]) == "slow" and verdict([0.35, 0.1, 0.01]) == "converges"
+    assert set(VERDICTS) == {
+        "slow",
+        "converges",
+        "overshoots, then converges",
+        "stuck higher",
+        "diverges",
+    }
+
+
+def test_short_run_curves_tick_whole_epochs_and_name_an_all_zero_error(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from jaxbp import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or str(path))
+    history = {
+        "epoch": [1, 2, 3],
+        "train_loss": [1.0, 0.5, 0.25],
+        "max_grad_rel_error": [0.0, 0.0, 0.0],
+    }
+    plots.plot_training_curves(history, tmp_path / "c.png")
+    loss_ax, error_ax = figures[0].axes
+    for ax in (loss_ax, error_ax):
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert [t.get_text() for t in error_ax.texts] == ["0 at every point"]
+    assert not loss_ax.texts

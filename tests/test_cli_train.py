@@ -201,7 +201,7 @@ def test_flag_choices_match_the_library():
 
     from jaxbp.commands import train as cmd
     from jaxbp.data import DATASETS, SEQUENCE_DATASETS
-    from jaxbp.trainer import OPTIMIZERS, SCHEDULES
+    from jaxbp.training import OPTIMIZERS, SCHEDULES
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
@@ -471,7 +471,7 @@ def test_model_errors_are_one_line(run_cli, tmp_path):
     code, _, err = run_cli(
         "train", "--dataset", "xor", "--model", "nope", "--out", str(tmp_path / "a")
     )
-    expected = "unknown model 'nope'; expected a preset (cnn, gpt, gru, lstm, mlp, resnet)"
+    expected = "unknown model 'nope'; expected a preset (cnn, gpt, gru, llama, lstm, mlp, resnet)"
     assert code == 2 and expected in one_line_error(err)
     code, _, err = run_cli(
         "train",

@@ -12,8 +12,6 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from jaxbp import data as D
 from jaxbp.data import (
@@ -22,7 +20,6 @@ from jaxbp.data import (
     Dataset,
     MissingDependencyError,
     batches,
-    epoch_permutations,
     load_dataset,
     standardize,
 )
@@ -61,7 +58,8 @@ def test_unknown_name_lists_available():
     with pytest.raises(ValueError) as err:
         load_dataset("foo")
     assert str(err.value) == (
-        "unknown dataset 'foo'; expected one of: breast_cancer, digits, iris, mnist1d, seed, xor"
+        "unknown dataset 'foo'; expected one of: "
+        "breast_cancer, digits, iris, mnist1d, seed, text, xor"
     )
 
 
@@ -82,7 +80,7 @@ def test_defaults_are_valid(name):
     d = DATASET_DEFAULTS[name]
     required = {"hidden", "activation", "loss", "optimizer", "lr", "epochs", "batch_size"}
     assert required <= set(d) <= required | {"schedule", "weight_decay", "output_activation"}
-    from jaxbp.trainer import SCHEDULES
+    from jaxbp.training import SCHEDULES
 
     assert d.get("schedule", "constant") in SCHEDULES
     assert d.get("weight_decay", 0.0) >= 0
@@ -100,7 +98,7 @@ def test_defaults_are_valid(name):
 def test_defaults_fit_the_data(name):
     ds = load_dataset(name)
     assert ds.defaults == DATASET_DEFAULTS[name]
-    # epoch_permutations needs 1 <= batch_size <= n_train.
+    # A batch order needs 1 <= batch_size <= n_train.
     assert ds.defaults["batch_size"] <= len(ds.x_train)
     # Classification defaults use a loss that takes integer labels.
     if ds.task == "classification":
@@ -358,64 +356,6 @@ def _mnist1d_version():
 # --------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------
-
-
-def test_epoch_permutations_shape_and_uniqueness():
-    perms = epoch_permutations(103, 10, 7, seed=0)
-    assert perms.dtype == np.int32 and perms.shape == (7, 10, 10)  # ragged 3 dropped
-    for epoch in perms:
-        flat = epoch.ravel()
-        assert len(np.unique(flat)) == len(flat) == 100  # no repeats within an epoch
-        assert flat.min() >= 0 and flat.max() < 103
-    # Epochs are shuffled differently, so different examples get dropped.
-    assert not np.array_equal(perms[0], perms[1])
-    dropped = [set(range(103)) - set(e.ravel().tolist()) for e in perms]
-    assert len({frozenset(s) for s in dropped}) > 1
-
-
-def test_epoch_permutations_full_batch_and_determinism():
-    perms = epoch_permutations(5, 5, 3, seed=1)
-    assert perms.shape == (3, 1, 5)
-    for e in perms:
-        np.testing.assert_array_equal(np.sort(e[0]), np.arange(5))
-    np.testing.assert_array_equal(
-        epoch_permutations(50, 8, 4, seed=9), epoch_permutations(50, 8, 4, seed=9)
-    )
-    assert not np.array_equal(
-        epoch_permutations(50, 8, 4, seed=9), epoch_permutations(50, 8, 4, seed=10)
-    )
-
-
-@pytest.mark.parametrize(
-    "n,bs,ep,msg",
-    [
-        (10, 0, 1, "batch_size must be between 1 and"),
-        (10, 11, 1, r"batch_size must be between 1 and the number of examples \(10\), got 11"),
-        (10, 2, 0, "num_epochs must be >= 1"),
-        (0, 1, 1, "n must be >= 1"),
-    ],
-)
-def test_epoch_permutations_errors(n, bs, ep, msg):
-    with pytest.raises(ValueError, match=msg):
-        epoch_permutations(n, bs, ep, seed=0)
-
-
-def test_epoch_permutations_rejects_non_int():
-    with pytest.raises(TypeError):
-        epoch_permutations(10, 2.5, 1, seed=0)
-
-
-@settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 60), data=st.data())
-def test_epoch_permutations_property(n, data):
-    bs = data.draw(st.integers(1, n))
-    ep = data.draw(st.integers(1, 4))
-    perms = epoch_permutations(n, bs, ep, seed=data.draw(st.integers(0, 2**31)))
-    assert perms.shape == (ep, n // bs, bs)
-    for e in perms:
-        flat = e.ravel()
-        assert len(set(flat.tolist())) == len(flat)
-        assert ((0 <= flat) & (flat < n)).all()
 
 
 def test_batches_cover_everything_once():

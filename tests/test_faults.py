@@ -83,7 +83,9 @@ def test_fault_matrix_row(index, kind, dtype, jit=False):
                     step(ts, x, y)
                 report = info.value.report  # the error carries its report: no parsing
                 leaf, rel = report.worst_path, float(report.worst_rel_error)
-                first = str(info.value).splitlines()[0]
+                # The culprit's line comes first (jaxbp.locate), then the comparison's.
+                culprit_line, first = str(info.value).splitlines()[:2]
+                assert "disagrees with jax.vjp of its forward; looks like: " in culprit_line
                 assert leaf in expected_leaves, first
                 assert rel > 0.1, first
                 assert f"worst leaf {leaf}, relative error {rel:.3e}" in first

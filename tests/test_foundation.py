@@ -86,6 +86,18 @@ SAMPLES = {  # a description per registered name that needs arguments (or has so
     "PositionalEmbedding": {"name": "PositionalEmbedding", "max_len": 16, "dim": 4},
     "GRU": {"name": "GRU", "hidden": 5, "return_sequences": False},
     "LSTM": {"name": "LSTM", "hidden": 5, "reverse": True},
+    "SwiGLU": {"name": "SwiGLU", "hidden": 6},
+    "tied": {
+        "name": "tied",
+        "layers": [
+            {"name": "Dense", "out_dim": 3},
+            {"name": "Tanh"},
+            {"name": "Dense", "out_dim": 4},
+        ],
+        "source": "0.W",
+        "target": "2.W",
+        "transpose": True,
+    },
     "MultiHeadAttention": {"name": "MultiHeadAttention", "num_heads": 2, "causal": True},
     "bidirectional": {"name": "bidirectional", "layer": {"name": "GRU", "hidden": 3}},
     "Fault": {"name": "Fault", "kind": "sign", "layer": {"name": "Dense", "out_dim": 2}},
@@ -217,7 +229,7 @@ UNKNOWN = {
         ),
         (
             {"name": "residual", "layers": [{"name": "Tanh"}, {"name": "Dropout", "rate": 1.5}]},
-            ["model.layers[1]: Dropout expects a rate in [0, 1), got 1.5"],
+            ["model.layers[1]: Dropout expects rate in [0, 1), got 1.5"],
         ),
         (
             {"name": "serial", "layers": [{"name": "BatchNorm", "momentum": 2}]},
@@ -452,7 +464,7 @@ def test_dropout_needs_a_key_in_training():
             state=jaxbp.init_state(net, (4, 2)),
         )
     for rate in (1.0, -0.1, "half", True):
-        with pytest.raises(ValueError, match="Dropout expects a rate in \\[0, 1\\)"):
+        with pytest.raises(ValueError, match="Dropout expects rate in \\[0, 1\\)"):
             jaxbp.Dropout(rate)
 
 
@@ -644,7 +656,10 @@ def test_raise_carries_the_report():
     assert float(report.worst_rel_error) == pytest.approx(2.0, rel=1e-9)
     failing = {p for p, ok in zip(report.paths, np.asarray(report.leaf_ok)) if not ok}
     assert failing == {"[4]['W']"}
-    assert str(info.value).startswith(
+    # The culprit and the diagnosis first, then the comparison (jaxbp.locate, jaxbp.diagnose).
+    first, second = str(info.value).splitlines()[:2]
+    assert first.startswith("layer serial[4] (Fault): dW disagrees with jax.vjp of its forward")
+    assert second == (
         "manual gradient disagrees with jax.grad: worst leaf "
         "[4]['W'], relative error 2.000e+00; nothing was updated"
     )

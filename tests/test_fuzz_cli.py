@@ -444,6 +444,7 @@ TRAIN_FLAGS = {
         ]
     ),
     "--devices": not_positive_int,
+    "--shard-params": text_value,  # a switch: any value given to it is a mistake
 }
 
 CHECK_BASE = ["check", "--layers", "2,2"]
@@ -573,6 +574,15 @@ def _gru(**arguments):
     return {"name": "GRU", "hidden": 4, "return_sequences": False, **arguments}
 
 
+@pytest.mark.parametrize("devices", [[], ["--devices", "1"]])
+def test_train_shard_params_on_one_device(devices, capsys, workdir):
+    # A model with nothing to split needs 2+ devices to reach: tests/test_sharding.py runs it
+    # on 8 simulated devices.
+    argv = [*TRAIN_BASE, "--out", str(workdir / "out-shard"), "--shard-params", *devices]
+    line = assert_one_line_error(capsys, "train", argv, "train --shard-params")
+    assert "shard_params (--shard-params) needs devices >= 2" in line
+
+
 # (case, description, check --input-shape or None, train's input_shape or None (mnist1d flat),
 #  what the one line must say). check runs when its shape is given; train always runs.
 BAD_LAYER_MODELS = [
@@ -595,14 +605,14 @@ BAD_LAYER_MODELS = [
         _net(_conv1d(out_channels=0)),
         "40,1",
         [40, 1],
-        "Conv1D expects a positive out_channels, got 0",
+        "Conv1D expects a positive integer out_channels, got 0",
     ),
     (
         "conv kernel_size -1",
         _net(_conv1d(kernel_size=-1)),
         "40,1",
         [40, 1],
-        "Conv1D expects a positive kernel_size, got -1",
+        "Conv1D expects a positive integer kernel_size, got -1",
     ),
     (
         "conv without channel axis",
@@ -633,7 +643,7 @@ BAD_LAYER_MODELS = [
         _net(_conv1d(), {"name": "Dropout", "rate": 1.5}),
         "40,1",
         [40, 1],
-        "Dropout expects a rate in [0, 1), got 1.5",
+        "Dropout expects rate in [0, 1), got 1.5",
     ),
     (
         "unknown layer Conv3D",
@@ -809,3 +819,88 @@ def test_bad_text_inputs_and_generate(text_runs, capsys, workdir):
     assert cli.main(generate + ["--length", "20", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the ") and len(out.rstrip("\n")) == 24
+
+
+# --------------------------------------------------------------------------------------------
+# --import and the code a description names: never imported unless the user said so
+# --------------------------------------------------------------------------------------------
+
+MARKING_MODULE = """
+import pathlib
+pathlib.Path({mark!r}).write_text("imported")
+import jax
+
+@jax.custom_vjp
+def f(x):
+    return x
+
+f.defvjp(lambda x: (x, None), lambda _, dy: (dy,))
+
+def init(key, shape):
+    return {{}}
+"""
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    """A module that leaves a file when imported, one that raises, and a model naming the
+    first's code; all on sys.path."""
+    mark = tmp_path / "imported"
+    (tmp_path / "fuzz_marks_on_import.py").write_text(MARKING_MODULE.format(mark=str(mark)))
+    (tmp_path / "fuzz_fails_on_import.py").write_text("raise RuntimeError('boom at import')\n")
+    model = {
+        "name": "serial",
+        "layers": [
+            {
+                "name": "CustomVJP",
+                "fn": "fuzz_marks_on_import:f",
+                "init": "fuzz_marks_on_import:init",
+            },
+            {"name": "Dense", "out_dim": 2},
+        ],
+    }
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    (tmp_path / "trace.json").write_text(json.dumps({"model": model["layers"][0]}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path, mark
+    for name in ("fuzz_marks_on_import", "fuzz_fails_on_import"):
+        sys.modules.pop(name, None)
+
+
+IMPORT_COMMANDS = {
+    "train": ["train", "--dataset", "xor", "--epochs", "1", "--progress", "none"],
+    "check": ["check", "--layers", "2,2"],
+    "trace": ["trace"],
+    "generate": ["generate", "--checkpoint", "no-such-run"],
+    "lr-sweep": ["lr-sweep", "--dataset", "xor", "--steps", "2"],
+}
+
+
+IMPORT_CASES = [
+    ("not given", ["--model", "{dir}/{model}"], "--import fuzz_marks_on_import"),
+    ("fails on import", ["--import", "fuzz_fails_on_import"], "RuntimeError: boom at import"),
+    ("does not exist", ["--import", "fuzz_no_such_module"], "was not found"),
+    ("not a module name", ["--import", "{dir}/fuzz_marks_on_import.py"], "module name"),
+]
+
+
+# generate reads its model from a checkpoint only (test_untrusted_input covers a header).
+@pytest.mark.parametrize(
+    "command, case, extra, fragment",
+    [
+        (command, *case)
+        for command in sorted(IMPORT_COMMANDS)
+        for case in IMPORT_CASES
+        if not (command == "generate" and case[0] == "not given")
+    ],
+)
+def test_import_bad_input(command, case, extra, fragment, user_modules, capsys, workdir):
+    folder, mark = user_modules
+    model = "trace.json" if command == "trace" else "model.json"
+    argv = [*IMPORT_COMMANDS[command], *(a.format(dir=folder, model=model) for a in extra)]
+    if command in ("train", "lr-sweep"):
+        argv += ["--out", str(workdir / f"out-import-{command}")]
+    line = assert_one_line_error(capsys, command, argv, f"--import {case}")
+    if command != "trace" or case != "not given":  # trace refuses a CustomVJP before building
+        assert fragment in line, (argv, line)
+    assert not mark.exists(), f"{argv}: the module named by the description was imported"

@@ -326,3 +326,20 @@ def test_layer_flags_do_not_mix_with_network_flags(run_cli):
 def test_help_lists_the_new_flags(run_cli):
     code, out, _ = run_cli("trace", "--help")
     assert code == 0 and "--example" in out and "--model" in out
+
+
+def test_numbers_read_cleanly():
+    from jaxbp.trace.layer_traces import check_section, sum_line
+    from jaxbp.trace.notation import computed, factor
+
+    assert computed(-0.0) == "0.0000" and factor(-0.0) == "0.0000"  # never "(-0.0000)"
+    assert computed(-1e-5) == "-1.000e-05"  # a real small negative keeps its sign
+    # one term equal to its total is said once, not "= 1.0000 = 1.0000"
+    assert sum_line("Z1", ["e^(s1.1 - 0.1)"], ["1.0000"], [1.0], 1.0, "Z1") == (
+        "Z1 = e^(s1.1 - 0.1) = 1.0000"
+    )
+    assert sum_line("y", ["a", "b"], ["1.0000", "2.0000"], [1.0, 2.0], 3.0, "y") == (
+        "y = a + b = 1.0000 + 2.0000 = 3.0000"
+    )
+    table = check_section([("dE/dbk[1]", -1.2e-17, -3e-18)]).blocks[1]
+    assert table.rows[0][1:3] == ["0.0000000000", "0.0000000000"]

@@ -521,7 +521,7 @@ def test_argument_errors():
             rf"got 1$",
         ):
             make(3, reverse=1)
-        with pytest.raises(ValueError, match=rf"^{name} expects dtype .* got int32$"):
+        with pytest.raises(jaxbp.ArgumentError, match=rf"^{name} expects dtype .* got 'int32'$"):
             make(3, dtype="int32")
     with pytest.raises(ValueError, match=r"^GRU expects inputs of shape .*, got shape \(4,\)$"):
         GRU(3).init(jax.random.key(0), (4,))

@@ -394,3 +394,35 @@ def test_check_raise_with_another_rule_runs_as_report(run_cli, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "completed" and m["applied_steps"] == m["steps"] > 0
     assert m["alignment"]["[0]"]["angle"] > 1.0  # the hidden layer's update is not the gradient
+
+
+@pytest.mark.parametrize("check, noted", [("raise", True), ("skip", True), ("report", False)])
+def test_a_rule_says_at_run_time_that_it_checks_as_report(check, noted):
+    from jaxbp.training.config import TrainConfig
+    from jaxbp.training.session import prepare
+
+    session = prepare(TrainConfig(dataset="xor", rule="fa", check=check, epochs=1, out=None))
+    said = [n for n in session.notes if "runs as 'report' under rule 'fa'" in n]
+    assert bool(said) == noted, session.notes
+    if noted:
+        assert said[0].startswith(f"check {check!r} runs as 'report'")
+
+
+@pytest.mark.slow  # three one-epoch runs: about 7 s of CPU
+def test_epoch_rows_have_the_same_keys_in_every_mode():
+    from jaxbp.training.config import TrainConfig
+    from jaxbp.training.session import finish, prepare, run
+
+    keys, rows = {}, {}
+    for mode, extra in (("off", {}), ("report", {}), ("fa", {"rule": "fa"})):
+        check = "off" if mode == "off" else "report"
+        config = TrainConfig(dataset="xor", check=check, epochs=1, out=None, **extra)
+        session = prepare(config)
+        status, message = run(session)
+        history = finish(session, status, message).metrics["history"]
+        rows[mode] = history[0]
+        keys[mode] = set(history[0])
+    assert keys["off"] == keys["report"] == keys["fa"], keys
+    assert rows["off"]["alignment"] is None and rows["report"]["alignment"] is None
+    assert rows["fa"]["alignment"]  # the rule's angles, per layer
+    assert rows["off"]["max_grad_rel_error"] is None

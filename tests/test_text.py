@@ -69,6 +69,9 @@ def test_read_text_file_errors(tmp_path):
     with pytest.raises(ValueError, match="is not UTF-8: byte 0xe9 at offset 3"):
         text.read_text_file(latin)
     assert text.read_text_file(good) == "ok text é"
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(ValueError, match=r"^text file '.*missing.txt' cannot be read: No such"):
+        text.read_text_file(missing)
     with pytest.raises(ValueError, match="a text file applies only to dataset 'text'"):
         load_dataset("xor", text=str(good))
     ds = load_dataset("text", text=str(_long_file(tmp_path)))

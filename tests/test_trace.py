@@ -336,6 +336,14 @@ def test_markdown_rendering(seed_trace):
     assert "## Step 1: forward pass" in md and "## Step 4: update" in md
     assert "| in_o1 | 1.3450 | 1.6593 | NO |" in md
     assert "```text\nin_h1 = W1*i1" in md
+    # every table row has as many cells as its header: |diff| is escaped, not a separator
+    header = "| parameter | manual (chain rule) | jax.grad | \\|diff\\| |"
+    assert header in md
+    lines = md.splitlines()
+    at = lines.index(header)
+    rows = lines[at : lines.index("", at)]
+    cells = {len(row.replace("\\|", "").strip("|").split("|")) for row in rows}
+    assert cells == {4}, rows[:3]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from jaxbp.checkpoint import CheckpointError, load_checkpoint, read_header
 from jaxbp.data import Dataset
 from jaxbp.model import register_layer
 from jaxbp.presets import get_preset, mlp_description, preset_names, register_preset
-from jaxbp.trainer import TrainConfig, build_optimizer, finish, prepare, resolve_config, run, train
+from jaxbp.training import TrainConfig, build_optimizer, finish, prepare, resolve_config, run, train
 
 DEFAULTS = dict(
     hidden=(8,),
@@ -532,3 +532,38 @@ def test_bad_presets_are_named():
         register_preset("x", {"name": "Tanh"}, augment={"flip": True})
     with pytest.raises(ValueError, match="unknown model 'nope'; expected a preset"):
         get_preset("nope")
+
+
+@pytest.mark.parametrize("held_out", ["test", "validation"])
+def test_curves_name_the_held_out_split(monkeypatch, tmp_path, held_out):
+    pytest.importorskip("matplotlib")
+    from jaxbp import plots
+    from jaxbp.training import session as session_module
+
+    seen = {}
+    monkeypatch.setattr(
+        plots, "plot_training_curves", lambda series, path, title: seen.update(series) or path
+    )
+    row = {"epoch": 1, "train_loss": 1.0, "test_loss": 2.0, "train_accuracy": 0.5}
+    row |= {"test_accuracy": 0.25, "max_grad_rel_error": 1e-7}
+    session_module._write_curves([row], tmp_path / "c.png", "t", held_out=held_out)
+    assert set(seen) == {
+        "epoch",
+        "train_loss",
+        f"{held_out}_loss",
+        "train_accuracy",
+        f"{held_out}_accuracy",
+        "max_grad_rel_error",
+    }
+
+
+def test_resuming_a_complete_run_says_so(full_run, data):
+    _, out = full_run
+    session = prepare(TrainConfig(out=str(out), resume=True), data)
+    said = [n for n in session.notes if "is already complete" in n]
+    assert said == [
+        f"the run in {out} is already complete (6 of 6 epochs): no epoch is trained; "
+        f"its results are written again"
+    ]
+    fresh = prepare(TrainConfig(out=str(out), resume=True, epochs=8), data)
+    assert not [n for n in fresh.notes if "already complete" in n]

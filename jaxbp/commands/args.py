@@ -14,15 +14,15 @@ from typing import NoReturn
 
 __all__ = [
     "positive_int",
-    "nonnegative_int",
     "positive_number",
     "nonnegative_number",
     "probability",
     "seed",
     "widths",
     "numbers",
-    "output_path",
     "model",
+    "module_name",
+    "add_import_argument",
 ]
 
 
@@ -45,11 +45,6 @@ def _integer(text: str, low: int, high: float, expected: str, not_int: str = "")
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     return _integer(text, 1, math.inf, "a positive integer")
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0."""
-    return _integer(text, 0, math.inf, "an integer >= 0")
 
 
 def _number(text: str) -> float:
@@ -121,18 +116,6 @@ def numbers(text: str) -> tuple:
     return values
 
 
-def output_path(text: str) -> str:
-    """A path a command will write: not an existing folder, in a folder that is not a file."""
-    if not text:
-        _fail("expected a file path, got ''")
-    if os.path.isdir(text):
-        _fail(f"{text!r} is a folder; expected a file path")
-    parent = os.path.dirname(text)
-    if parent and os.path.exists(parent) and not os.path.isdir(parent):
-        _fail(f"{parent!r} is a file, not a folder: cannot write {text!r}")
-    return text
-
-
 def model(text: str) -> str:
     """A model: a preset name, a JSON file (checked to exist) or a JSON string. Built later,
     where the description's errors name the place in it."""
@@ -142,3 +125,29 @@ def model(text: str) -> str:
     if text.endswith(".json") and not os.path.isfile(text):
         _fail(f"model file {text!r} does not exist")
     return text
+
+
+def module_name(text: str) -> str:
+    """A Python module name (``mypkg.layers``): dotted identifiers, not a file path."""
+    text = text.strip()
+    if not text or not all(part.isidentifier() for part in text.split(".")):
+        _fail(f"expected a Python module name such as mypkg.layers, got {text!r}")
+    return text
+
+
+def add_import_argument(parser: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` (repeatable): the one way code reaches a command besides jaxbp's
+    own. The command line imports each module before the command runs (``jaxbp.cli``), so its
+    ``register_layer`` calls have run; a model's ``"module:name"`` references may name code in
+    these modules and in no other: reading a model file or a checkpoint imports nothing."""
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        type=module_name,
+        metavar="MODULE",
+        help="import MODULE first (repeatable; it must be on PYTHONPATH): the layers it "
+        'registers become usable in --model, and the model\'s "module:name" references may '
+        "name code in it (a model file or checkpoint never imports anything by itself)",
+    )

@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes and few steps: a smoke test (seconds; the numbers mean nothing)",
+        help="tiny sizes and few steps: a smoke test (1-2 minutes on 2 cores, mostly "
+        "compiling; the numbers mean nothing and no target is judged)",
     )
     parser.add_argument(
         "--short",

@@ -45,6 +45,7 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
         help="check this model instead of an MLP: a preset (its outputs: the "
         "last --layers width) or a JSON model description",
     )
+    types.add_import_argument(parser)
     parser.add_argument(
         "--input-shape",
         type=types.widths(1, "40,1", "comma-separated positive dimensions"),
@@ -150,7 +151,7 @@ def model_problem(args, dtype):
         preset = get_preset(args.model)
         description, shape = preset.description(args.layers[-1]), preset.input_shape
     shape = tuple(args.input_shape or shape or (args.layers[0],))
-    net = build_model(_with_dtype(description, str(dtype)))
+    net = build_model(_with_dtype(description, str(dtype)), modules=args.imports)
     return net, shape, f"model {describe(net)['name']} ({args.model}), inputs {shape}"
 
 
@@ -158,10 +159,11 @@ def _with_dtype(description, dtype: str):
     # Every layer that takes a dtype gets --dtype (the description's own wins).
     import inspect
 
-    from ..model import factory
+    from ..model import factory, layer_names
 
     out = dict(description)
-    if "dtype" in inspect.signature(factory(out["name"])).parameters:
+    known = isinstance(out.get("name"), str) and out["name"] in layer_names()  # else: build says
+    if known and "dtype" in inspect.signature(factory(out["name"])).parameters:
         out.setdefault("dtype", dtype)
     if "layers" in out:
         out["layers"] = [_with_dtype(d, dtype) for d in out["layers"]]
@@ -197,10 +199,18 @@ def run(args) -> int:
         from .check_vjp import run_vjp
 
         return run_vjp(
-            args.vjp, args.shapes, args.seed, eps=args.eps, dtype=args.dtype, format=args.format
+            args.vjp,
+            args.shapes,
+            args.seed,
+            eps=args.eps,
+            dtype=args.dtype,
+            format=args.format,
+            static=args.static or (),
         )
     if args.shapes is not None:
         raise ValueError("--shapes needs --vjp MODULE:NAME (the function the shapes are for)")
+    if args.static is not None:
+        raise ValueError("--static needs --vjp MODULE:NAME (the function whose nondiff argument)")
 
     # float64 needs x64 switched on; float32 runs with it off so that nothing is promoted.
     with jax.enable_x64(args.dtype == "float64"):
@@ -310,6 +320,13 @@ def _run(args) -> int:
         else f"MISMATCH: worst leaf {result.manual_vs_autodiff.worst_path} (manual vs "
         f"jax.grad relative error {float(result.manual_vs_autodiff.worst_rel_error):.3e})"
     )
+    culprit = None
+    if not ok:
+        from ..diagnose import locate
+
+        culprit = locate(net, args.loss, params, x, y)
+        if culprit is not None:
+            verdict += f"\n{culprit}"
     if args.format == "json":
         print(
             json.dumps(
@@ -323,7 +340,22 @@ def _run(args) -> int:
                     "parameters": total,
                     "leaves": leaf_rows,
                     "entries": entry_rows,
-                    "reports": {name: getattr(result, name).to_dict() for name in result._fields},
+                    "culprit": None
+                    if culprit is None
+                    else {
+                        "layer": culprit.path,
+                        "leaf": culprit.leaf,
+                        "looks_like": culprit.diagnosis,
+                    },
+                    "reports": {
+                        name: getattr(result, name).to_dict() for name in result._fields[:3]
+                    },
+                    "input_reports": None
+                    if result.inputs is None
+                    else {
+                        name: getattr(result.inputs, name).to_dict()
+                        for name in result.inputs._fields[:3]
+                    },
                 },
                 indent=2,
             )

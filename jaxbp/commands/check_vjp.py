@@ -3,27 +3,42 @@
 Three opinions on every argument's gradient, on random inputs of the given shapes: the
 function's own ``bwd``, ``jax.vjp`` of its undecorated primal, and central finite differences
 (:func:`jaxbp.interop.check_vjp_fd`). One row per array of every differentiable argument,
-named by argument. Exit code 0 when all three agree, 1 when they do not; a bad target, a shape
+named by argument, with what the bwd's cotangent looks like where it disagrees ("a constant
+factor 2.000"). Exit code 0 when all three agree, 1 when they do not; a bad target, a shape
 list that does not fit, a ``bwd`` of the wrong structure or non-float arguments raise
 ``ValueError``/``TypeError``, which ``jaxbp.cli`` prints as one line with exit code 2.
 
-``check.py`` wires it in: :func:`add_arguments` adds ``--vjp`` and ``--shapes``, and ``run``
-calls :func:`run_vjp` when ``--vjp`` is given.
+Arguments in ``nondiff_argnums`` (a mode string, a dtype, dimension numbers, a number) take
+their default, or a value given with ``--static NAME=VALUE`` (:func:`parse_static`: Python
+literals and ``dtype:NAME`` only, so a command line never runs code).
+``equinox.filter_custom_vjp`` functions work too (the first argument is the array).
+
+``check.py`` wires it in: :func:`add_arguments` adds ``--vjp``, ``--shapes`` and ``--static``,
+and ``run`` calls :func:`run_vjp` when ``--vjp`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import tables
 
-__all__ = ["add_arguments", "parse_shape", "load_target", "random_arguments", "run_vjp"]
+__all__ = [
+    "add_arguments",
+    "parse_shape",
+    "parse_static",
+    "load_target",
+    "random_arguments",
+    "run_vjp",
+]
 
 
 def parse_shape(text: str) -> tuple:
@@ -41,6 +56,36 @@ def parse_shape(text: str) -> tuple:
     return shape
 
 
+def parse_static(text: str) -> tuple[str, Any]:
+    """``"mode=tanh"`` -> ``("mode", "tanh")`` (an argparse type), a nondiff argument's value.
+
+    The value is a Python literal where it reads as one (``3``, ``0.5``, ``'relu'``,
+    ``(((1,), (0,)), ((), ()))``, ``None``, ``True``), a dtype for ``dtype:NAME``
+    (``dtype:float8_e4m3fn``), and otherwise the text itself (``tanh``).
+    """
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE for a nondiff argument (such as mode=tanh, n=3 or "
+            f"dtype=dtype:float32), got {text!r}"
+        )
+    if value.startswith("dtype:"):
+        import jax.numpy as jnp
+
+        try:
+            return name, jnp.dtype(value[len("dtype:") :])
+        except TypeError:
+            raise argparse.ArgumentTypeError(
+                f"{name}: {value[len('dtype:') :]!r} is not a dtype (such as float32, bfloat16, "
+                f"float8_e4m3fn)"
+            ) from None
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # not a literal: the text is the value (mode=tanh)
+        return name, value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--vjp`` and ``--shapes``; ``--seed``, ``--eps``, ``--dtype``, ``--format`` are check's."""
     parser.add_argument(
@@ -55,7 +100,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="SHAPE",
         help="with --vjp: one comma-separated shape per differentiable "
-        "argument, such as 4,3 3 (random inputs)",
+        "argument, such as 4,3 3 (random inputs); scalar (or ()) for a scalar",
+    )
+    parser.add_argument(
+        "--static",
+        type=parse_static,
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="with --vjp: the value of an argument in nondiff_argnums, such as "
+        "mode=tanh, n=3, dims='(((1,), (0,)), ((), ()))' or dtype=dtype:float32 "
+        "(repeat for several; Python literals, dtype:NAME, or plain text)",
     )
 
 
@@ -92,33 +147,41 @@ def load_target(target: str):
     return obj
 
 
-def random_arguments(fn, shapes, seed: int, dtype) -> tuple:
+def random_arguments(fn, shapes, seed: int, dtype, static: dict | None = None) -> tuple:
     """Arguments for ``fn``: a random normal array of each shape for its differentiable
     arguments, in order (extra shapes go to ``*args``); every other argument (those in
-    ``nondiff_argnums``, and trailing ones with a default) takes its default."""
+    ``nondiff_argnums``, and trailing ones with a default) takes its value in ``static`` (by
+    name) or its default."""
     import inspect
 
     import jax
 
+    from ..interop import nondiff_argnums_of, primal_of
+
     try:
-        signature = list(inspect.signature(fn.fun).parameters.values())
+        signature = list(inspect.signature(primal_of(fn)).parameters.values())
     except (TypeError, ValueError):
         signature = []
     params = [p for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     star = any(p.kind == p.VAR_POSITIONAL for p in signature) or not signature
-    nondiff = set(fn.nondiff_argnums)
+    nondiff = set(nondiff_argnums_of(fn, len(params)))
+    static = dict(static or {})
+    label = _name(fn)
+    _check_static_names(label, params, nondiff, static)
     keys = iter(jax.random.split(jax.random.key(seed), max(len(shapes), 1)))
     remaining = list(shapes)
     args = []
     for index, p in enumerate(params):
         if index in nondiff:
-            if p.default is p.empty:
+            if p.name in static:
+                args.append(static[p.name])
+            elif p.default is p.empty:
                 raise ValueError(
-                    f"--vjp: argument {p.name!r} of {fn.__name__} is in "
-                    f"nondiff_argnums without a default; the command line can "
-                    f"only give it arrays"
+                    f"--vjp: argument {p.name!r} of {label} is in nondiff_argnums "
+                    f"without a default; give its value with --static {p.name}=VALUE"
                 )
-            args.append(p.default)
+            else:
+                args.append(p.default)
         elif remaining:
             args.append(jax.random.normal(next(keys), remaining.pop(0), dtype))
         elif p.default is not p.empty:
@@ -131,12 +194,34 @@ def random_arguments(fn, shapes, seed: int, dtype) -> tuple:
     return tuple(args)
 
 
+def _name(fn) -> str:
+    # A jax.custom_vjp copies its function's __name__; an equinox.filter_custom_vjp keeps it on .fn.
+    return str(getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "fn"))
+
+
+def _check_static_names(label: str, params, nondiff: set, static: dict) -> None:
+    names = {p.name: i for i, p in enumerate(params)}
+    nondiff_names = ", ".join(params[i].name for i in sorted(nondiff)) or "none"
+    for name in static:
+        if name not in names:
+            raise ValueError(
+                f"--static {name}=...: {label} has no argument {name!r} (its arguments: "
+                f"{', '.join(names) or 'none'})"
+            )
+        if names[name] not in nondiff:
+            raise ValueError(
+                f"--static {name}=...: argument {name!r} of {label} is differentiated, so it "
+                f"takes a random array from --shapes; --static gives nondiff arguments "
+                f"(here: {nondiff_names})"
+            )
+
+
 def _count_message(fn, params, nondiff, given) -> str:
     diff = [p for i, p in enumerate(params) if i not in nondiff]
     required = [p for p in diff if p.default is p.empty]
     want = f"{len(required)}" if len(required) == len(diff) else f"{len(required)} to {len(diff)}"
     return (
-        f"--shapes: {fn.__name__} takes {want} array arguments "
+        f"--shapes: {_name(fn)} takes {want} array arguments "
         f"({', '.join(p.name for p in diff)}), got {given} "
         f"shape{'s' if given != 1 else ''}"
     )
@@ -150,53 +235,81 @@ def run_vjp(
     eps: float | None = None,
     dtype: str = "float64",
     format: str = "text",
+    static=(),
 ) -> int:
     """Check the custom_vjp function ``target`` (``MODULE:NAME`` or the function itself) on
-    random inputs of ``shapes``; print the table (or JSON); 0 when all agree, else 1."""
+    random inputs of ``shapes``, its nondiff arguments given by ``static`` (``(name, value)``
+    pairs or a dict); print the table (or JSON); 0 when all agree, else 1."""
     import jax
 
     with jax.enable_x64(dtype == "float64"):
-        return _run_vjp(target, shapes, seed, eps, dtype, format)
+        return _run_vjp(target, shapes, seed, eps, dtype, format, static)
 
 
-def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
+def _static_dict(static) -> dict:
+    pairs = list(static.items()) if isinstance(static, dict) else list(static or ())
+    out: dict = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"--static {name}=... is given twice; give each argument once")
+        out[name] = value
+    return out
+
+
+def _run_vjp(target, shapes, seed, eps, dtype, format, static) -> int:
     import jax
     import jax.numpy as jnp
 
-    from ..interop import argument_names, check_vjp_fd
+    from ..errors import ArgumentError
+    from ..interop import argument_names, check_vjp_fd, nondiff_argnums_of, vjp_verdicts
 
     fn = load_target(target) if isinstance(target, str) else target
-    if not isinstance(fn, jax.custom_vjp):
-        raise TypeError(
+    if not isinstance(fn, jax.custom_vjp) and type(fn).__name__ != "filter_custom_vjp":
+        raise ArgumentError(
             f"--vjp expects a jax.custom_vjp function (decorated with "
-            f"@jax.custom_vjp, then given .defvjp(fwd, bwd)); {target} is a "
-            f"{type(fn).__name__}"
+            f"@jax.custom_vjp, then given .defvjp(fwd, bwd)) or an "
+            f"equinox.filter_custom_vjp; {target} is a {type(fn).__name__}"
         )
     if not shapes:
         raise ValueError(
             "--vjp needs --shapes: one comma-separated shape per array argument, "
             "such as --shapes 4,3 3"
         )
-    args = random_arguments(fn, shapes, seed, jnp.dtype(dtype))
+    args = random_arguments(fn, shapes, seed, jnp.dtype(dtype), _static_dict(static))
     names = argument_names(fn, len(args))
     key = jax.random.key(seed + 1)
-    result = jax.jit(lambda *a: check_vjp_fd(fn, *a, key=key, eps=eps))(*args)
-    diff = [a for i, a in enumerate(args) if i not in set(fn.nondiff_argnums)]
-    rows = _rows(result, diff)
+    nondiff = set(nondiff_argnums_of(fn, len(args)))
+    positions = [i for i in range(len(args)) if i not in nondiff]
+
+    # Only the arrays are jit's arguments: nondiff values (a mode string, a dtype, dimension
+    # numbers) are closed over, static, as the custom_vjp itself treats them.
+    def check(*diff_args):
+        full = list(args)
+        for index, value in zip(positions, diff_args):
+            full[index] = value
+        return check_vjp_fd(fn, *full, key=key, eps=eps)
+
+    diff = [args[i] for i in positions]
+    result = jax.jit(check)(*diff)
+    looks = vjp_verdicts(result.manual_vs_autodiff)
+    rows = _rows(result, diff, looks)
     ok = result.ok
-    # custom_vjp copies its function's __name__ at runtime; jax's class does not declare it.
-    label = target if isinstance(target, str) else fn.__name__  # type: ignore[attr-defined]
+    label = target if isinstance(target, str) else _name(fn)
+    fixed = [f"{names[i]}={args[i]!r}" for i in sorted(nondiff) if i < len(names)]
     header = (
         f"custom_vjp {label}({', '.join(names)}), shapes "
         f"{' '.join(','.join(map(str, s)) or 'scalar' for s in shapes)}, {dtype}, "
-        f"seed {seed}"
+        f"seed {seed}" + (f", nondiff {', '.join(fixed)}" if fixed else "")
     )
     worst = result.manual_vs_autodiff
+    worst_row = next((r for r in rows if r["argument"] == worst.worst_path), None)
     verdict = (
         "all arguments agree: bwd = jax.vjp of the primal = finite differences"
         if ok
         else f"MISMATCH: worst argument {worst.worst_path} (bwd vs jax.vjp relative "
-        f"error {float(worst.worst_rel_error):.3e})"
+        f"error {float(worst.worst_rel_error):.3e}"
+        + (f"; {worst_row['looks_like']}" if worst_row else "")
+        + ")"
     )
     if format == "json":
         print(
@@ -207,7 +320,10 @@ def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
                     "seed": seed,
                     "ok": ok,
                     "arguments": rows,
-                    "reports": {n: getattr(result, n).to_dict() for n in result._fields},
+                    "reports": {
+                        n: getattr(result, n).to_dict()
+                        for n in ("manual_vs_autodiff", "manual_vs_fd", "autodiff_vs_fd")
+                    },
                 },
                 indent=2,
             )
@@ -217,7 +333,7 @@ def _run_vjp(target, shapes, seed, eps, dtype, format) -> int:
     return 0 if ok else 1
 
 
-def _rows(result, diff_args) -> list[dict]:
+def _rows(result, diff_args, looks) -> list[dict]:
     import jax
     import numpy as np
 
@@ -233,6 +349,7 @@ def _rows(result, diff_args) -> list[dict]:
                 "bwd_vs_fd": float(reports[1].rel_error[index]),
                 "vjp_vs_fd": float(reports[2].rel_error[index]),
                 "ok": all(bool(r.leaf_ok[index]) for r in reports),
+                "looks_like": looks[index],
             }
         )
     return rows
@@ -265,4 +382,7 @@ def _print_table(header, rows, verdict, ok, dtype) -> None:
             tables.ok_text(r["ok"]),
         )
     out.print(table)
+    for r in rows:  # in words, where the bwd and jax.vjp disagree
+        if r["looks_like"] != "agrees":
+            out.print(f"{r['argument']}: {r['looks_like']}", highlight=False)
     tables.print_check_verdict(out, dtype, "bwd vs jax.vjp", ok, verdict)

@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=types.seed, default=0, metavar="N", help="sampling seed (default 0)"
     )
+    types.add_import_argument(parser)
 
 
 def _checkpoint_file(path: str):
@@ -68,9 +69,10 @@ def _checkpoint_file(path: str):
     return p
 
 
-def load_text_model(path: str):
+def load_text_model(path: str, modules=()):
     """``(net, params, vocabulary, context)`` of the text model checkpointed at ``path`` (a
-    run folder or its checkpoint file); ``ValueError`` if it is not a text model."""
+    run folder or its checkpoint file); ``ValueError`` if it is not a text model. The
+    network's references to code resolve only inside ``modules`` (``--import``)."""
     import jax
 
     from ..checkpoint import load_checkpoint
@@ -88,7 +90,7 @@ def load_text_model(path: str):
         )
     vocabulary = check_vocabulary(text["vocabulary"], f"checkpoint {file}: the vocabulary")
     context = int(text["context"])
-    net = build(ckpt.header["network"])
+    net = build(ckpt.header["network"], modules=modules)
     _, template = net.init(jax.random.key(0), (1, context))
     return net, _params_like(template, ckpt.state.get("params", {}), file), vocabulary, context
 
@@ -116,7 +118,7 @@ def run(args) -> int:
 
     from ..text import decode, encode, sample
 
-    net, params, vocabulary, context = load_text_model(args.checkpoint)
+    net, params, vocabulary, context = load_text_model(args.checkpoint, args.imports)
     prompt = (
         args.prompt if args.prompt is not None else ("\n" if "\n" in vocabulary else vocabulary[0])
     )

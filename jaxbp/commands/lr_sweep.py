@@ -33,7 +33,7 @@ PROBLEMS = {
     ),
 }
 
-VERDICTS = ("slow", "converges", "overshoots, then converges", "diverges")
+VERDICTS = ("slow", "converges", "overshoots, then converges", "stuck higher", "diverges")
 
 
 class SweepResult(NamedTuple):
@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train this model description instead (JSON file or string; "
         "initialised from --seed; it must take 2 inputs)",
     )
+    types.add_import_argument(parser)
     parser.add_argument(
         "--out",
         default=os.path.join("runs", "lr-sweep"),
@@ -107,10 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def problem(dataset: str, seed: int = 0, model=None):
+def problem(dataset: str, seed: int = 0, model=None, modules=()):
     """``(net, loss, params, x, y)`` in float64 for ``"seed"`` or ``"xor"`` (call inside
     ``jax.enable_x64(True)``). ``model`` (a description, file or JSON string) replaces the
-    network, initialised from ``seed``; without it the seed problem keeps its exact weights."""
+    network, initialised from ``seed``; without it the seed problem keeps its exact weights.
+    ``modules``: where the model's references to code may point (``--import``)."""
     import jax
     import jax.numpy as jnp
 
@@ -127,14 +129,19 @@ def problem(dataset: str, seed: int = 0, model=None):
     else:
         x = jnp.asarray([[0, 0], [0, 1], [1, 0], [1, 1]], jnp.float64)
         y = jnp.asarray([[0], [1], [1], [0]], jnp.float64)
-    net = build(load_description(XOR_MODEL if model is None else model))
+    net = build(load_description(XOR_MODEL if model is None else model), modules=modules)
     _, params = net.init(jax.random.key(seed), (-1, 2))
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     return net, "half_sse", params, x, y
 
 
 def sweep(
-    dataset: str = "seed", lrs=None, steps: int | None = None, seed: int = 0, model=None
+    dataset: str = "seed",
+    lrs=None,
+    steps: int | None = None,
+    seed: int = 0,
+    model=None,
+    modules=(),
 ) -> SweepResult:
     """Train ``dataset``'s network from the same start at every learning rate in ``lrs``
     (float64, full batch, plain SGD; each run is :func:`jaxbp.fit`, vmapped over the rates)."""
@@ -151,7 +158,7 @@ def sweep(
     lrs = tuple(float(v) for v in (lrs or default_lrs))
     steps = steps or default_steps
     with jax.enable_x64(True):
-        net, loss, params, x, y = problem(dataset, seed, model)
+        net, loss, params, x, y = problem(dataset, seed, model, modules)
 
         def one(lr):
             # A schedule that ignores the step count: sgd takes it without float(), so the
@@ -168,16 +175,20 @@ def sweep(
 def verdict(curve) -> str:
     """How one loss curve (before each step, then after the last) behaved.
 
-    ``diverges``: it ends no lower than it started (or not finite); ``overshoots, then
-    converges``: the loss rose at some step but ended lower; ``slow``: it fell every step but
-    by less than 10x; ``converges``: it fell every step, by 10x or more.
+    ``diverges``: the loss is no longer finite; ``stuck higher``: it ends finite but no lower
+    than it started (a step threw the units into saturation, where the gradients vanish, as
+    the tutorial's rate 500 does); ``overshoots, then converges``: the loss rose at some step
+    but ended lower; ``slow``: it fell every step but by less than 10x; ``converges``: it fell
+    every step, by 10x or more.
     """
     import numpy as np
 
     curve = np.asarray(curve, np.float64)
     first, last = curve[0], curve[-1]
-    if not np.isfinite(last) or last >= first:
+    if not np.isfinite(last):
         return "diverges"
+    if last >= first:
+        return "stuck higher"
     if np.any(np.diff(curve) > 0):
         return "overshoots, then converges"
     return "slow" if last > 0.1 * first else "converges"
@@ -215,7 +226,7 @@ def run(args) -> int:
             f"--out {args.out!r} is a file; expected a folder (it is created if missing)"
         )
     os.makedirs(args.out, exist_ok=True)
-    result = sweep(args.dataset, args.lrs, args.steps, args.seed, args.model)
+    result = sweep(args.dataset, args.lrs, args.steps, args.seed, args.model, args.imports)
     rows = summary(result)
     steps = result.losses.shape[1] - 1
     from ..seed import SEED_LEARNING_RATE
@@ -274,6 +285,7 @@ def _print_table(dataset, description, steps, rows) -> None:
         table.add_column(name, justify=justify)
     style = {
         "diverges": "red",
+        "stuck higher": "red",
         "overshoots, then converges": "yellow",
         "slow": "cyan",
         "converges": "green",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -54,9 +53,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=types.model,
         metavar="NAME|FILE.json",
-        help="a preset (mlp: the dataset's MLP, the default) or a JSON model "
-        "description (see jaxbp.model)",
+        help="a preset: mlp (the dataset's MLP, the default), cnn, resnet, gru, lstm, gpt, "
+        "llama; or a JSON model description (see jaxbp.model and docs/training.md)",
     )
+    types.add_import_argument(parser)
     parser.add_argument(
         "--hidden", type=_hidden, metavar="W,W,...", help="hidden-layer widths, e.g. 128,128"
     )
@@ -74,6 +74,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss",
         choices=("half_sse", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"),
+        help="the loss (default: the dataset's or the preset's own: softmax_cross_entropy "
+        "for classes, half_sse for the seed)",
     )
 
 
@@ -100,8 +102,18 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight decay of every parameter but the biases named 'b': decoupled (adamw) "
         "with adam, added to the gradient with sgd and momentum",
     )
-    parser.add_argument("--epochs", type=types.positive_int, metavar="N")
-    parser.add_argument("--batch-size", type=types.positive_int, metavar="N")
+    parser.add_argument(
+        "--epochs",
+        type=types.positive_int,
+        metavar="N",
+        help="passes over the training set (default: the dataset's or the preset's own)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=types.positive_int,
+        metavar="N",
+        help="examples per step (default: the dataset's or the preset's own)",
+    )
     parser.add_argument(
         "--seed",
         type=types.seed,
@@ -113,6 +125,26 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("off", "report", "skip", "raise"),
         help="compare each step's manual gradients with jax.grad: off, report "
         "(default), skip disagreeing updates, or raise",
+    )
+    parser.add_argument(
+        "--probe",
+        type=types.positive_int,
+        metavar="K",
+        help="probe K layers per step with the per-layer adjoint test (cheap), the full check "
+        "at step 0, every --full-every steps and after a failed probe (default: the full "
+        "check every step)",
+    )
+    parser.add_argument(
+        "--full-every",
+        type=types.positive_int,
+        metavar="M",
+        help="with --probe: steps between full checks (default 100)",
+    )
+    parser.add_argument(
+        "--check-every",
+        type=types.positive_int,
+        metavar="N",
+        help="the full check every N-th step only, nothing between",
     )
     parser.add_argument(
         "--rule",
@@ -158,6 +190,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "params replicated (default 1; see docs/scaling.md)",
     )
     parser.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="with --devices N: split params and optimizer state over the N devices "
+        "(each holds about 1/N) instead of replicating them",
+    )
+    parser.add_argument(
         "--progress",
         choices=("auto", "bar", "lines", "none"),
         default="auto",
@@ -170,6 +208,7 @@ def run(args) -> int:
     from ..training import TrainConfig, finish, prepare
     from ..training import run as run_training
     from ..training.model import dataset_name
+    from ..training.progress import Progress
 
     config = TrainConfig(
         dataset=args.dataset,
@@ -186,20 +225,27 @@ def run(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         check=args.check,
+        probe=args.probe or 0,
+        full_every=args.full_every,
+        check_every=args.check_every,
         resume=args.resume,
         max_bad_steps=args.max_bad_steps,
         checkpoint_every=args.checkpoint_every,
         devices=args.devices,
+        shard_params=args.shard_params,
         text=args.text,
         rule=getattr(args, "rule", None),
+        imports=tuple(args.imports),
     )
     # runs/<the data set trained on>: `--model gpt` alone goes to runs/text.
     out = args.out or os.path.join("runs", dataset_name(config))
     session = prepare(dataclasses.replace(config, out=out))
     assert session.cfg.epochs is not None  # resolve_config filled it
     bar = Progress(args.progress, session.cfg.epochs, session.epoch, session.dataset.name)
-    for note in session.notes if bar.mode != "none" else ():
-        print(f"note: {note}", file=bar.stream)
+    # Notes warn (an old run about to be replaced, a mode changed): --progress none hides the
+    # bar, not them.
+    for note in session.notes:
+        print(f"note: {note}", file=bar.stream if bar.mode != "none" else sys.stderr)
     try:
         with SigintFlag() as sigint:
 
@@ -231,6 +277,7 @@ def run(args) -> int:
 
 def _print_summary(result, out: str) -> None:
     from ..training.model import model_label
+    from ..training.progress import format_value
 
     m, cfg = result.metrics, result.config
 
@@ -253,7 +300,7 @@ def _print_summary(result, out: str) -> None:
     if m["dataset"] == "text":  # a sequence model: the loss per character is the measure
         print(
             f"validation loss {m['test_loss']:.4f} nats per character (the whole validation "
-            f"split)  train loss {m['final_loss']:.4f}  next-character accuracy "
+            f"split)  train loss {m['final_loss']:.4f}  validation next-character accuracy "
             f"{pct(m['test_accuracy'])}"
         )
     elif m["test_accuracy"] is not None:
@@ -273,77 +320,17 @@ def _print_summary(result, out: str) -> None:
         print(
             f"{m['rule']}: angle to jax.grad by layer "
             + ", ".join(
-                f"{layer} {_fmt(a['angle'], '.1f')} deg" for layer, a in m["alignment"].items()
+                f"{layer} {format_value(a['angle'], '.1f')} deg"
+                for layer, a in m["alignment"].items()
             )
         )
     print(f"wrote {out}/" + ", ".join(f.name for f in result.files))
 
 
 # --------------------------------------------------------------------------------------------
-# Progress display and Ctrl-C: the command's side of run()'s on_epoch callback
+# Ctrl-C: the command's side of run()'s on_epoch callback (the display is the library's
+# jaxbp.training.progress.Progress)
 # --------------------------------------------------------------------------------------------
-
-
-def _fmt(v, spec=".4f"):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-class Progress:
-    """A rich progress bar on a terminal; plain lines (about ten per run) otherwise."""
-
-    def __init__(self, mode: str, total: int, start: int, title: str, stream=None):
-        self.stream = stream or sys.stderr
-        if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
-        self.mode, self.total, self.title = mode, total, title
-        self.every = max(1, total // 10)
-        self.bar = self._start_bar(start) if mode == "bar" else None
-
-    def _start_bar(self, start: int):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(file=self.stream),
-            transient=False,
-        )
-        self.task = bar.add_task(self.title, total=self.total, completed=start, stats="")
-        bar.start()
-        return bar
-
-    def update(self, row: dict) -> None:
-        stats = (
-            f"loss {_fmt(row['loss'])}  acc {_fmt(row['train_accuracy'], '.3f')}/"
-            f"{_fmt(row['test_accuracy'], '.3f')}  grad err "
-            f"{_fmt(row['max_grad_rel_error'], '.1e')}"
-        )
-        if row["skipped_nonfinite"] or row["skipped_mismatch"]:
-            stats += f"  skipped {row['skipped_nonfinite']}+{row['skipped_mismatch']}"
-        if self.mode == "bar":
-            assert self.bar is not None, "Progress.update after close"
-            self.bar.update(self.task, completed=row["epoch"], stats=stats)
-        elif self.mode == "lines":
-            e = row["epoch"]
-            if e % self.every == 0 or e == self.total or row["skipped_nonfinite"]:
-                print(f"{self.title} epoch {e}/{self.total}  {stats}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 class SigintFlag:

@@ -57,7 +57,13 @@ __all__ = [
 
 _TOP_KEYS = ("model", "params", "inputs", "targets")
 # kind -> the layer name it traces; kinds are the --example names
-TRACEABLE_LAYERS = {"conv": "Conv1D", "attention": "MultiHeadAttention", "gru": "GRU"}
+TRACEABLE_LAYERS = {
+    "conv": "Conv1D",
+    "attention": "MultiHeadAttention",
+    "gru": "GRU",
+    "tied": "tied",
+    "llama": "tied",  # a tied network that starts with an Embedding (_starts_with_embedding)
+}
 SUM_TOLERANCE = 1e-10  # printed terms re-added vs the layer's own total (float64)
 
 
@@ -139,15 +145,21 @@ def checked_total(terms, total, what: str) -> float:
 def sum_line(lhs: str, symbols, numbers, terms, total, what: str, tail: str = "") -> str:
     """``lhs = a*b + c*d = 1*2 + 3*4 = total``, the total checked against the terms."""
     value = checked_total(terms, total, what)
-    return f"{lhs} = {' + '.join(symbols)} = {' + '.join(numbers)}{tail} = {computed(value)}"
+    filled = f"{' + '.join(numbers)}{tail}"
+    if filled == computed(value):  # one term already equal to the total: say it once
+        return f"{lhs} = {' + '.join(symbols)} = {filled}"
+    return f"{lhs} = {' + '.join(symbols)} = {filled} = {computed(value)}"
+
+
+def _fixed(value) -> str:
+    # 10 places; a value that rounds to zero is written without a sign (-1e-17 is 0.0000000000)
+    text = f"{float(value):.10f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def check_section(rows: list) -> Section:
     """``rows`` of ``(name, manual, jax.grad)``: the closing table, as the seed trace's."""
-    table = [
-        [name, f"{float(m):.10f}", f"{float(a):.10f}", f"{abs(float(m) - float(a)):.1e}"]
-        for name, m, a in rows
-    ]
+    table = [[name, _fixed(m), _fixed(a), f"{abs(float(m) - float(a)):.1e}"] for name, m, a in rows]
     worst = max(abs(float(m) - float(a)) for _, m, a in rows)
     return Section(
         "Check: jax.grad agrees",
@@ -195,6 +207,8 @@ _TRACE_MODULES = {
     "conv": ("conv_trace", "trace_conv"),
     "attention": ("attention_trace", "trace_attention"),
     "gru": ("gru_trace", "trace_gru"),
+    "tied": ("tied_trace", "trace_tied"),
+    "llama": ("llama_trace", "trace_llama"),
 }
 
 
@@ -219,7 +233,8 @@ def _examples() -> dict:
     return {kind: example for kind, (example, _) in _tracers().items()}
 
 
-EXAMPLES = ("conv", "attention", "gru")  # --example choices (gru once jaxbp.recurrent has one)
+# --example choices (gru once jaxbp.recurrent has one)
+EXAMPLES = ("conv", "attention", "gru", "tied", "llama")
 
 
 def example_spec(kind: str) -> dict:
@@ -247,13 +262,25 @@ def parse_trace_spec(obj: Any) -> tuple[str, dict]:
             f"trace file: unknown key {unknown[0]!r}; expected keys: {', '.join(_TOP_KEYS)}"
         )
     name = obj["model"].get("name") if isinstance(obj["model"], dict) else None
-    kinds = {layer: kind for kind, layer in TRACEABLE_LAYERS.items() if kind in _tracers()}
+    tracers = _tracers()
+    kinds = {layer: kind for kind, layer in TRACEABLE_LAYERS.items() if kind in tracers}
+    kinds["tied"] = "tied"  # the llama block is a tied network too: told apart below
     if name not in kinds:
         raise ConfigError(
             f"trace cannot trace a model whose layer is {name!r}; expected one "
             f"layer: {', '.join(kinds)} (networks of Dense layers: --config)"
         )
+    if name == "tied" and "llama" in tracers and _starts_with_embedding(obj["model"]):
+        return "llama", obj
     return kinds[name], obj
+
+
+def _starts_with_embedding(model) -> bool:
+    """A tied network whose first layer is an Embedding: the llama block (llama_trace), not the
+    tied autoencoder (tied_trace)."""
+    layers = model.get("layers")
+    first = layers[0] if isinstance(layers, list) and layers else None
+    return isinstance(first, dict) and first.get("name") == "Embedding"
 
 
 def trace_layer(obj: Any) -> TracedLayer:

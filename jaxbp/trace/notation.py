@@ -84,6 +84,8 @@ def computed(value: SupportsFloat) -> str:
     value = float(value)
     if not math.isfinite(value):
         return str(value)
+    if value == 0:
+        return f"{0.0:.4f}"  # -0.0 too: "(-0.0000)" in a product reads as a sign that matters
     if (value != 0 and abs(value) < 1e-4) or abs(value) >= 1e6:
         return f"{value:.3e}"
     if value != 0 and abs(value) < 1e-2:

@@ -90,13 +90,18 @@ def render_text(document: list[Section]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _markdown_cell(cell) -> str:
+    # A bare "|" (the header |diff|) would split the cell and break the table.
+    return str(cell).replace("|", "\\|")
+
+
 def _markdown_table(table: Table) -> list[str]:
     return (
         [
-            "| " + " | ".join(table.headers) + " |",
+            "| " + " | ".join(map(_markdown_cell, table.headers)) + " |",
             "|" + "|".join("---" for _ in table.headers) + "|",
         ]
-        + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in table.rows]
+        + ["| " + " | ".join(map(_markdown_cell, row)) + " |" for row in table.rows]
         + [""]
     )
 

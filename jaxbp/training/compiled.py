@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from .. import batch_order
 from ..backprop import forward
 from ..layers import Layer
 from ..losses import get_loss
@@ -37,14 +38,15 @@ __all__ = [
 _CACHE_SIZE = 32
 
 
-def network(description: dict) -> Layer:
-    """The network ``description`` describes: the same object for the same description."""
-    return _network(json.dumps(description, sort_keys=True))
+def network(description: dict, modules: tuple[str, ...] = ()) -> Layer:
+    """The network ``description`` describes, its references to code resolved only inside
+    ``modules`` (:func:`jaxbp.model.build`): the same object for the same arguments."""
+    return _network(json.dumps(description, sort_keys=True), tuple(modules))
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _network(description_json: str) -> Layer:
-    return build(json.loads(description_json))
+def _network(description_json: str, modules: tuple[str, ...]) -> Layer:
+    return build(json.loads(description_json), modules=modules)
 
 
 def optimizer(cfg: TrainConfig, total_steps: int):
@@ -108,19 +110,26 @@ def epoch_loop(
     devices: int,
     jit: bool,
     window: int = 0,
+    probe: int = 0,
+    full_every: int | None = None,
+    shard_params: bool = False,
 ) -> Callable:
     """``run(train_state, data, order) -> (train_state, stacked StepMetrics)``: the verified
     step (:func:`jaxbp.train_step`) through :func:`jaxbp.train.make_loop`, fused or per step.
 
     ``devices > 1`` asks :func:`jaxbp.parallel.make_parallel_loop` for the same loop with
-    each batch split over a mesh. ``check="raise"`` runs as ``"skip"`` and freezes the train
+    each batch split over a mesh (``shard_params``: params and optimizer state split over it
+    too). ``check="raise"`` runs as ``"skip"`` and freezes the train
     state from the first disagreement on (the caller raises naming that step). ``window > 0``:
-    a sequence task, batches cut by :func:`window_batch_fn`.
+    a sequence task, batches cut by :func:`window_batch_fn`. ``probe``/``full_every``: the
+    verification schedule (:func:`jaxbp.train_step`; the train state must carry ``verify``).
     """
     loss_fn = get_loss(loss)
 
     def step(ts, x, y):
-        return train_step(net, loss_fn, opt, ts, x, y, check=check)
+        return train_step(
+            net, loss_fn, opt, ts, x, y, check=check, probe=probe, full_every=full_every
+        )
 
     batch_fn = (
         window_batch_fn(window) if window else shift_batch_fn(shift) if shift else gather_batch
@@ -132,7 +141,12 @@ def epoch_loop(
         if not jit:
             raise ValueError(f"devices={devices} needs the compiled loop (jit=True)")
         return make_parallel_loop(
-            step, devices, fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=batch_fn
+            step,
+            devices,
+            fused=fused,
+            stop_on_mismatch=stop_on_mismatch,
+            batch_fn=batch_fn,
+            shard_params=shard_params,
         )
     run = make_loop(
         step, jit=jit, fused=fused, stop_on_mismatch=stop_on_mismatch, batch_fn=batch_fn
@@ -196,12 +210,11 @@ def sequence_evaluator(net: Layer, jit: bool = True, chunk: int = 32) -> Callabl
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def epoch_order(data_key, epoch, n: int, batch_size: int, with_step: bool):
-    """Epoch ``epoch``'s batches, ``(steps, batch_size)`` example indices: the rows of
-    ``permutation(fold_in(data_key, epoch), n)`` (ragged tail dropped; a different tail each
-    epoch). ``with_step`` appends each row's global step number (for augmentation)."""
-    steps = n // batch_size
-    order = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
-    order = order[: steps * batch_size].reshape(steps, batch_size)
+    """Epoch ``epoch``'s batches, ``(steps, batch_size)`` example indices
+    (:func:`jaxbp.batch_order.epoch_order`, the order of every loop); ``with_step`` appends
+    each row's global step number (for augmentation)."""
+    order = batch_order.epoch_order(data_key, epoch, n, batch_size)
+    steps = order.shape[0]
     if not with_step:
         return order
     step = epoch * steps + jnp.arange(steps, dtype=order.dtype)

@@ -105,12 +105,21 @@ class TrainConfig:
     - ``checkpoint_every``: epochs between checkpoints (default: about 20 per run, plus the
       last epoch).
     - ``devices``: number of devices for data parallelism (1: no sharding).
+    - ``shard_params``: split params and optimizer state over the ``devices`` instead of
+      replicating them (:func:`jaxbp.parallel.place_train_state`); needs ``devices >= 2``.
     - ``jit``: ``False`` runs the same steps op by op (slow; for debugging).
     - ``text``: a UTF-8 file to train on with ``dataset="text"`` (default: the
       ``pydoc_data.topics`` reference text).
     - ``rule``: the learning rule, one of :data:`jaxbp.rules.RULES` (default ``"bp"``); with
       another rule ``check`` ``"skip"``/``"raise"`` act as ``"report"`` (the rule's update is
       applied and its angle to ``jax.grad`` measured; non-finite steps are still refused).
+    - ``probe``, ``full_every``, ``check_every``: the verification schedule
+      (:func:`jaxbp.make_train_step`): ``probe=k`` nodes' adjoint test per step with the full
+      check every ``full_every`` steps (default 100), or the full check every
+      ``check_every``-th step alone; ``0``/``None``: the full check every step.
+    - ``imports``: modules imported before the model is built (``--import``): their
+      ``register_layer`` calls run, and the model's ``"module:name"`` references may name
+      code in them (in no other module: reading a model file or checkpoint imports nothing).
     """
 
     dataset: str | None = None
@@ -132,9 +141,14 @@ class TrainConfig:
     max_bad_steps: int = 10
     checkpoint_every: int | None = None
     devices: int = 1
+    shard_params: bool = False
     jit: bool = True
     text: str | None = None
     rule: str | None = None
+    probe: int = 0
+    full_every: int | None = None
+    check_every: int | None = None
+    imports: tuple[str, ...] = ()
 
 
 def _is_int(v) -> bool:
@@ -198,6 +212,16 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         name: _positive_int(name, getattr(cfg, name))
         for name in ("epochs", "batch_size", "max_bad_steps", "checkpoint_every", "devices")
     }
+    from ..probe import check_schedule
+
+    check_schedule(cfg.probe, cfg.full_every, cfg.check_every, str(cfg.check))
+    if not isinstance(cfg.shard_params, (bool, np.bool_)):
+        raise ValueError(f"shard_params must be true or false, got {cfg.shard_params!r}")
+    if cfg.shard_params and counts["devices"] < 2:
+        raise ValueError(
+            f"shard_params (--shard-params) needs devices >= 2 (--devices N) to split the "
+            f"parameters over, got devices={counts['devices']}"
+        )
     return dataclasses.replace(
         cfg,
         hidden=hidden,
@@ -206,7 +230,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         epochs=counts["epochs"],
         batch_size=counts["batch_size"],
         seed=check_seed(cfg.seed),
+        imports=_module_names(cfg.imports),
     )
+
+
+def _module_names(names) -> tuple[str, ...]:
+    if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"imports must be a sequence of module names, got {names!r}")
+    return tuple(names)
 
 
 def _fill(config: TrainConfig, defaults: Mapping, saved: Mapping | None, mlp: bool) -> dict:

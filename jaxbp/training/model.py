@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ArgumentError
 from ..model import load_description
 from ..presets import TRAINING_KEYS, Preset, get_preset
 from .config import FALLBACK, MLP_FIELDS, TrainConfig
@@ -128,7 +129,7 @@ def _load(name: str, dataset, text: str | None = None):
     if dataset is not None:
         for field in ("x_train", "y_train", "x_test", "y_test", "task", "num_classes"):
             if not hasattr(dataset, field):
-                raise TypeError(
+                raise ArgumentError(
                     f"dataset must look like jaxbp.data.Dataset (missing "
                     f"{field!r}), got {type(dataset).__name__}"
                 )

@@ -48,9 +48,11 @@ from ..checkpoint import (
     train_state_groups,
     write_json,
 )
+from ..errors import InputShapeError
 from ..layers import Layer, output_shape
-from ..model import describe
+from ..model import ReferenceNotAllowedError, describe
 from ..presets import Preset
+from ..probe import layer_paths
 from ..train import (
     REASON_MISMATCH,
     REASON_NONFINITE,
@@ -61,6 +63,7 @@ from ..train import (
 from . import compiled
 from .config import TrainConfig, config_dict, resolve_config
 from .model import TrainData, choose_model, model_label, targets
+from .progress import PROGRESS_MODES, Progress
 
 __all__ = [
     "TrainResult",
@@ -127,6 +130,11 @@ class Session:
     last_saved: int = 0
     resumed: bool = False
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
+    # The verification schedule's record: per node, how often it was probed; full checks;
+    # and every failed step (step, node path, "probe" or "full").
+    probed: Any = None
+    full_checks: int = 0
+    failures: list = dataclasses.field(default_factory=list)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -174,9 +182,13 @@ def _output_folder(config: TrainConfig) -> tuple[Path | None, dict | None, list]
     return out, None, []
 
 
-def _network(description: dict, from_checkpoint: Path | None) -> Layer:
+def _network(description: dict, from_checkpoint: Path | None, modules: tuple) -> Layer:
     try:
-        return compiled.network(description)
+        return compiled.network(description, modules)
+    except ReferenceNotAllowedError as e:
+        if from_checkpoint is None:
+            raise
+        raise CheckpointError(f"checkpoint {from_checkpoint}: {e}") from None
     except (ValueError, TypeError) as e:
         if from_checkpoint is None:
             raise
@@ -188,7 +200,20 @@ def _network(description: dict, from_checkpoint: Path | None) -> Layer:
 
 
 def _check_output(net: Layer, data: TrainData, description_source: str) -> None:
-    shape = output_shape(net, (-1, *data.x_train.shape[1:]))
+    examples = tuple(data.x_train.shape[1:])
+    try:
+        shape = output_shape(net, (-1, *examples))
+    except InputShapeError as e:
+        if len(examples) != 1 or data.context:
+            raise
+        # Flat examples into a layer that wants more axes (a convolution): the model file
+        # says how to reshape them, and a user who has not met "input_shape" cannot guess it.
+        raise InputShapeError(
+            f"{e}; the dataset's examples are flat vectors of {examples[0]} numbers: add "
+            f'"input_shape" to the model file, {{"model": {{...}}, "input_shape": '
+            f"[{examples[0]}, 1]}} for a sequence of {examples[0]} positions with one channel "
+            f"(the product must be {examples[0]})"
+        ) from None
     want = (data.context, data.num_outputs) if data.context else (data.num_outputs,)
     if tuple(shape[1:]) != want:
         raise ValueError(
@@ -220,7 +245,12 @@ def _first_train_state(cfg: TrainConfig, net: Layer, data: TrainData, optimizer)
     _, params = net.init(init_key, example_shape)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2) if net.has_state else None
     ts = init_train_state(
-        net, optimizer, params, input_shape=(cfg.batch_size, *data.x_train.shape[1:]), key=key
+        net,
+        optimizer,
+        params,
+        input_shape=(cfg.batch_size, *data.x_train.shape[1:]),
+        key=key,
+        verify=bool(cfg.probe or cfg.full_every or cfg.check_every),
     )
     return ts, data_key
 
@@ -249,17 +279,49 @@ def _training_data(cfg: TrainConfig, dataset, preset: Preset) -> TrainData:
 def _epoch_loop(cfg: TrainConfig, preset: Preset, net: Layer, optimizer, data: TrainData):
     """The compiled epoch of ``net`` as ``cfg`` and ``preset`` say (see :mod:`.compiled`)."""
     assert cfg.loss is not None and cfg.check is not None and cfg.rule is not None
+    check = rules.step_check(cfg.check, cfg.rule)
+    probe, full_every = _schedule(cfg, net, check)
     return compiled.epoch_loop(
         net,
         cfg.loss,
         optimizer,
-        rules.step_check(cfg.check, cfg.rule),
+        check,
         preset.fused,
         int((preset.augment or {}).get("shift", 0)),
         cfg.devices,
         cfg.jit,
         data.context,
+        probe,
+        full_every,
+        cfg.shard_params,
     )
+
+
+def _sharded_memory(cfg: TrainConfig, ts) -> str:
+    """What each device will hold of the split params and optimizer state, measured from the
+    placed arrays' shards; ``ValueError`` if the model has nothing to split."""
+    from .. import parallel
+
+    mesh = parallel.data_parallel_mesh(cfg.devices)
+    parallel.check_shardable(mesh, ts.params)
+    placed = parallel.place_train_state(mesh, ts, shard=True)
+    parts = (placed.params, placed.opt_state)
+    total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(parts))
+    most = max(parallel.bytes_per_device(parts).values())
+    return (
+        f"shard_params: each of {cfg.devices} devices holds at most {most:,} of the "
+        f"{total:,} bytes of params and optimizer state ({most / total:.1%})"
+    )
+
+
+def _schedule(cfg: TrainConfig, net: Layer, check: str) -> tuple[int, int | None]:
+    """``(probe, full_every)`` of the run (``jaxbp.probe.check_schedule``), checked against
+    the network's node count; a rule's "report" steps keep the user's schedule."""
+    from ..probe import check_schedule
+
+    if check == "off":
+        return 0, None
+    return check_schedule(cfg.probe, cfg.full_every, cfg.check_every, check, len(layer_paths(net)))
 
 
 def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
@@ -290,19 +352,39 @@ def prepare(config: TrainConfig | None = None, dataset=None) -> Session:
     )
     data = _training_data(cfg, dataset, preset)
     ckpt = out / CHECKPOINT_FILE if header and out is not None else None
+    if header and int(header.get("epoch", -1)) >= cfg.epochs:
+        # Nothing is left to train, but metrics.json and the plots are written again.
+        notes = [
+            *notes,
+            f"the run in {out} is already complete ({int(header['epoch'])} of {cfg.epochs} "
+            f"epochs): no epoch is trained; its results are written again",
+        ]
     description = (
         header["network"]
         if header
         else rules.apply_rule_to_description(
-            _description(preset, cfg, data), cfg.rule, (-1, *data.x_train.shape[1:])
+            _description(preset, cfg, data),
+            cfg.rule,
+            (-1, *data.x_train.shape[1:]),
+            modules=cfg.imports,
         )
     )
-    net = _network(description, ckpt)
+    net = _network(description, ckpt, cfg.imports)
     _check_output(net, data, f"model {model_label(cfg, preset.name)}")
+    if rules.step_check(cfg.check, cfg.rule) != cfg.check:
+        # Said at run time, not only in the docs: the user asked for another mode.
+        notes = [
+            *notes,
+            f"check {cfg.check!r} runs as 'report' under rule {cfg.rule!r}: its updates "
+            f"differ from jax.grad's by design, so every step would be refused; the angle "
+            f"to the gradient is recorded instead",
+        ]
     optimizer = rules.optimizer(
         compiled.optimizer(cfg, cfg.epochs * (data.n_train // cfg.batch_size)), net
     )
     ts, data_key = _first_train_state(cfg, net, data, optimizer)
+    if cfg.shard_params:
+        notes = [*notes, _sharded_memory(cfg, ts)]
     session = Session(
         cfg,
         dataset,
@@ -425,12 +507,14 @@ def _train_epoch(s: Session) -> dict:
     metrics = jax.device_get(metrics)
     # Under a rule other than backprop the step ran "raise" as "report" (rules.step_check):
     # its updates disagree with jax.grad by design and were applied, so nothing is raised.
+    _count_verification(s, metrics)
     if rules.step_check(cfg.check, cfg.rule) == "raise":
         raise_first_mismatch(
             metrics,
             first_step=s.epoch * s.steps_per_epoch,
             note=f"epoch {s.epoch + 1}: that update was not applied and the "
             f"checkpoint on disk is from epoch {s.last_saved}",
+            locate_with=_failed_batch(s, ts, metrics, order),
         )
     evals = jax.device_get(
         (
@@ -440,11 +524,71 @@ def _train_epoch(s: Session) -> dict:
     )
     s.ts = ts
     row = _epoch_row(s.epoch + 1, metrics, evals, cfg.check)
-    if cfg.rule != "bp" and cfg.check != "off":  # the rule's angle to jax.grad, per layer
-        row["alignment"] = rules.layer_alignment(
-            metrics.report, keep=np.asarray(metrics.reason) != REASON_NONFINITE
-        )
+    # The rule's angle to jax.grad, per layer; None under backprop or unchecked, so that every
+    # epoch row has the same keys in every mode.
+    row["alignment"] = (
+        rules.layer_alignment(metrics.report, keep=np.asarray(metrics.reason) != REASON_NONFINITE)
+        if cfg.rule != "bp" and cfg.check != "off"
+        else None
+    )
     return row
+
+
+def _count_verification(s: Session, metrics) -> None:
+    """Add one epoch's stacked metrics to the run's verification record (metrics.json)."""
+    probed = np.asarray(metrics.probed)
+    full = np.asarray(metrics.full)
+    counts = probed.sum(axis=0).astype(int)
+    s.probed = counts if s.probed is None else s.probed + counts
+    s.full_checks += int(full.sum())
+    paths = layer_paths(s.net, s.cfg.loss)
+    first = s.epoch * s.steps_per_epoch
+    for t in np.flatnonzero(
+        ~np.asarray(metrics.ok) & (np.asarray(metrics.reason) == REASON_MISMATCH)
+    ):
+        layer = int(np.asarray(metrics.layer)[t])
+        s.failures.append(
+            {
+                "step": first + int(t),
+                "node": paths[layer] if 0 <= layer < len(paths) else None,
+                "check": "full" if bool(full[t]) else "probe",
+            }
+        )
+
+
+def _failed_batch(s: Session, ts, metrics, order):
+    """``(net, loss, train state, x, y)`` of the first disagreeing step, for locating the
+    culprit (the loop froze the train state there), or ``None`` if every step agreed."""
+    bad = np.flatnonzero(np.asarray(metrics.reason) == REASON_MISMATCH)
+    if not bad.size:
+        return None
+    d = s.data
+    shift = int((s.preset.augment or {}).get("shift", 0))
+    batch_fn = (
+        compiled.window_batch_fn(d.context)
+        if d.context
+        else compiled.shift_batch_fn(shift)
+        if shift
+        else compiled.gather_batch
+    )
+    x, y = batch_fn(d.loop_data, jnp.asarray(order)[int(bad[0])])
+    return s.net, s.cfg.loss, ts, x, y
+
+
+def verification_record(s: Session) -> dict:
+    """Per node: how often it was probed and fully checked; every failure."""
+    paths = layer_paths(s.net, s.cfg.loss)
+    probed = [0] * len(paths) if s.probed is None else [int(c) for c in s.probed]
+    return {
+        "probe": s.cfg.probe,
+        "full_every": s.cfg.full_every,
+        "check_every": s.cfg.check_every,
+        "nodes": [
+            {"path": p, "probed": c, "fully_checked": s.full_checks} for p, c in zip(paths, probed)
+        ],
+        "full_checks": s.full_checks,
+        "failures": s.failures,
+    }
 
 
 def run(session: Session, on_epoch: Callable[[dict], bool] | None = None) -> tuple[str, str]:
@@ -514,6 +658,7 @@ def _epoch_row(epoch: int, m, evals, check: str) -> dict:
         "skipped_nonfinite": int(np.sum(reason == REASON_NONFINITE)),
         # check="report" applies a disagreeing step: only the refused ones were skipped
         "skipped_mismatch": int(np.sum((reason == REASON_MISMATCH) & ~np.asarray(m.applied, bool))),
+        "grad_rel_error_by_leaf": {},  # {} when no step was checked: the same keys always
     }
     if check != "off" and np.any(reason != REASON_NONFINITE):
         leaf = np.asarray(m.leaf_rel_error, np.float64)[reason != REASON_NONFINITE]
@@ -551,9 +696,10 @@ def finish(session: Session, status: str = "completed", message: str = "") -> Tr
                     s.out / CURVES_FILE,
                     f"{s.dataset.name}: {model_label(s.cfg, s.preset.name)}, "
                     f"{s.cfg.optimizer} lr {s.cfg.lr:g}",
+                    held_out="validation" if s.data.context else "test",
                 )
             )
-        if any("alignment" in r for r in s.history) and s.cfg.rule is not None:
+        if any(r.get("alignment") for r in s.history) and s.cfg.rule is not None:
             files.append(
                 _write_alignment(
                     s.history,
@@ -589,18 +735,17 @@ def train(
 ) -> TrainResult:
     """:func:`prepare`, :func:`run`, :func:`finish`: train as ``config`` says.
 
-    ``progress`` (``"auto"``, ``"bar"``, ``"lines"``, ``"none"``) shows the command's progress
-    display on ``stream`` (default stderr), for scripts; ``on_epoch`` is the general hook.
+    ``progress`` (``"auto"``, ``"bar"``, ``"lines"``, ``"none"``) shows
+    :class:`~jaxbp.training.progress.Progress` (the display ``jaxbp train`` shows) on
+    ``stream`` (default stderr), for scripts; ``on_epoch`` is the general hook.
     """
-    if progress not in ("auto", "bar", "lines", "none"):
+    if progress not in PROGRESS_MODES:
         raise ValueError(
-            f"unknown progress mode {progress!r}; expected one of: auto, bar, lines, none"
+            f"unknown progress mode {progress!r}; expected one of: {', '.join(PROGRESS_MODES)}"
         )
     session = prepare(config, dataset)
     bar = None
     if progress != "none":
-        from ..commands.train import Progress
-
         assert session.cfg.epochs is not None  # resolve_config filled it
         bar = Progress(progress, session.cfg.epochs, session.epoch, session.dataset.name, stream)
     hook = on_epoch if bar is None else _with_progress(bar, on_epoch)
@@ -650,6 +795,7 @@ def _summary(s: Session, status: str) -> dict:
         "steps_per_epoch": s.steps_per_epoch,
         "seconds": s.seconds(),
         "check": s.cfg.check,
+        "verification": verification_record(s),
         "config": config_dict(s.cfg),
         "network": s.description,
         "preset": s.preset.name,
@@ -666,7 +812,9 @@ def _summary(s: Session, status: str) -> dict:
     return {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def _write_curves(history, path, title):
+def _write_curves(history, path, title, held_out: str = "test"):
+    """``held_out`` names the held-out split in the legend: a text run's last 10% is its
+    validation set, as the command's summary says."""
     try:
         from ..plots import plot_training_curves
     except ImportError:  # matplotlib is an optional extra: the run itself is complete
@@ -686,6 +834,7 @@ def _write_curves(history, path, title):
             series.pop(key)
             if also:
                 series.pop(also)
+    series = {k.replace("test_", f"{held_out}_"): v for k, v in series.items()}
     return plot_training_curves(series, path, title=title)
 
 
