@@ -1,8 +1,10 @@
-"""Describing how two pytrees differ, in words a person can act on (not two PyTreeDefs)."""
+"""Pytree helpers: how two pytrees differ, in words a person can act on (not two PyTreeDefs),
+and whether a tree is all finite."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def _paths(tree) -> list[str]:
@@ -62,3 +64,11 @@ def _container_difference(expected, got, path: str) -> str | None:
         if found:
             return found
     return None
+
+
+def all_finite(tree):
+    """Is every entry of every leaf of ``tree`` finite? (one scalar bool; True when empty)"""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))

@@ -24,7 +24,7 @@ import numpy as np
 
 from .layers import Layer, apply
 from .losses import get_loss
-from .probe import _COMBINATORS, _descendants, _is_combinator, nodes
+from .probe import descendants, is_combinator, nodes, rebuild
 
 __all__ = ["locate", "diagnose", "Culprit"]
 
@@ -53,10 +53,10 @@ def _recording(net: Layer, tape: list) -> Layer:
     def wrap(layer: Layer) -> Layer:
         index = counter[0]
         counter[0] += 1
-        if _is_combinator(layer):
-            inner = _COMBINATORS[layer.name](*[wrap(c) for c in layer.children])
+        if is_combinator(layer):
+            inner = rebuild(layer, [wrap(c) for c in layer.children])
         else:
-            counter[0] += _descendants(layer)
+            counter[0] += descendants(layer)
             inner = layer
 
         def run(params, state, x, context):

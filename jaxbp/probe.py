@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._trees import all_finite
 from .layers import Context, Layer, apply, concat, residual, serial
 
 __all__ = [
@@ -51,6 +52,9 @@ __all__ = [
     "probe_tolerance",
     "PROBE_KAPPA",
     "leaf_owners",
+    "is_combinator",
+    "descendants",
+    "rebuild",
 ]
 
 # The combinators whose children are probed as nodes of their own: rebuilt around probed
@@ -83,7 +87,14 @@ def _codes(name: str) -> tuple:
     return _CODES[name]
 
 
-def _is_combinator(layer: Layer) -> bool:
+def rebuild(layer: Layer, children) -> Layer:
+    """The combinator ``layer`` (``is_combinator``) built again around ``children``."""
+    return _COMBINATORS[layer.name](*children)
+
+
+def is_combinator(layer: Layer) -> bool:
+    """Is ``layer`` the library's ``serial``, ``residual`` or ``concat`` (its children are
+    nodes of their own)?"""
     if layer.name not in _COMBINATORS or not layer.children:
         return False
     (backward,) = _codes(layer.name)
@@ -98,7 +109,7 @@ def nodes(net: Layer, loss_name: str = "loss") -> list[Node]:
         index = len(out)
         label = f"{prefix} ({layer.name})" if prefix else f"net ({layer.name})"
         out.append(Node(index, label, layer))
-        if _is_combinator(layer):
+        if is_combinator(layer):
             kids = []
             for i, child in enumerate(layer.children):
                 seg = f"{layer.name}[{i}]"
@@ -128,21 +139,22 @@ def leaf_owners(net: Layer, params) -> list[int]:
     def walk(layer: Layer, p):
         index = counter[0]
         counter[0] += 1
-        if _is_combinator(layer) and isinstance(p, (tuple, list)):
+        if is_combinator(layer) and isinstance(p, (tuple, list)):
             for child, cp in zip(layer.children, p):
                 walk(child, cp)
         else:
             owners.extend([index] * len(jax.tree_util.tree_leaves(p)))
-            counter[0] += _descendants(layer)
+            counter[0] += descendants(layer)
 
     walk(net, params)
     return owners
 
 
-def _descendants(layer: Layer) -> int:
-    if not _is_combinator(layer):
+def descendants(layer: Layer) -> int:
+    """How many nodes lie below ``layer`` in the tree."""
+    if not is_combinator(layer):
         return 0
-    return sum(1 + _descendants(c) for c in layer.children)
+    return sum(1 + descendants(c) for c in layer.children)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,13 +377,13 @@ def instrument(net: Layer, plan: Probing | None, tape: dict) -> Layer:
     def wrap(layer: Layer, norms) -> Layer:
         index = counter[0]
         counter[0] += 1
-        if _is_combinator(layer):
+        if is_combinator(layer):
             kids = []
             for i, child in enumerate(layer.children):
                 kids.append(wrap(child, None if norms is None else norms[i]))
-            inner = _COMBINATORS[layer.name](*kids)
+            inner = rebuild(layer, kids)
             return _wrapped_combinator(index, layer, inner, plan, tape)
-        counter[0] += _descendants(layer)
+        counter[0] += descendants(layer)
         return _wrapped(index, layer, layer, norms, plan, tape)
 
     grad_norm = plan.grad_norm if plan is not None else None
@@ -585,7 +597,7 @@ def _wrapped_combinator(index, original: Layer, inner: Layer, plan, tape) -> Lay
 
 def _wiring_net(original: Layer) -> Layer:
     kids = [_standin(c, i) for i, c in enumerate(original.children)]
-    return _COMBINATORS[original.name](*kids)
+    return rebuild(original, kids)
 
 
 def _wiring_forward(original: Layer, x, key, dtype, network_input=False):
@@ -822,7 +834,7 @@ def verified_gradients(
         report = unchecked_report(grads)
         # A static plan lets the guard test each gradient leaf in its parameter's pass; the
         # branches of a lax.cond must agree, and the full check's gives one verdict.
-        finite = None if static else _all_finite(grads)
+        finite = None if static else all_finite(grads)
         selected_arr = jnp.asarray(selected, bool)
         if not probe:
             return _Outcome(
@@ -910,10 +922,3 @@ def _with_verdict(report, ok, worst):
     return dataclasses.replace(
         report, ok=ok, worst_rel_error=worst.astype(report.worst_rel_error.dtype)
     )
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))

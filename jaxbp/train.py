@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._trees import all_finite
 from .backprop import backprop, backprop_and_autodiff, check_inputs, check_params, forward
 from .batch_order import run_order
 from .gradcheck import GradientMismatchError, GradReport, compare_with_finiteness, unchecked_report
@@ -245,15 +246,6 @@ def with_verify(net: Layer, ts: TrainState) -> TrainState:
     return ts._replace(verify=init_verify_state(net, ts.params))
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return (
-        jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-        if leaves
-        else jnp.array(True)
-    )
-
-
 def _lands_finite(param, update) -> jax.Array:
     """Is ``param + update`` certainly finite? ``|u| <= max - |p|`` (false for NaN or inf in
     either) rules out overflow without forming ``p + u``."""
@@ -279,7 +271,7 @@ def _guard_finite(value, grads, params, updates, grads_finite=None) -> jax.Array
     ]
     ok = jnp.isfinite(value)
     if grads_finite is None and not per_leaf:
-        grads_finite = _all_finite(grads)  # a gradient tree shaped unlike the params
+        grads_finite = all_finite(grads)  # a gradient tree shaped unlike the params
     if grads_finite is not None:
         ok = ok & grads_finite
     for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
@@ -464,6 +456,23 @@ def train_step(
     return TrainState(new_params, new_opt, new_state, next_key, new_verify), metrics
 
 
+def _bound_step(net, loss, optimizer, check, rtol, atol, guard, probe, full_every):
+    """:func:`train_step` with everything but ``(ts, x, y)`` (and ``plan``) bound: the one
+    step function of ``make_train_step`` and the loops of ``fit``."""
+    return functools.partial(
+        train_step,
+        net,
+        loss,
+        optimizer,
+        check=check,
+        rtol=rtol,
+        atol=atol,
+        guard=guard,
+        probe=probe,
+        full_every=full_every,
+    )
+
+
 def _donate_argnums(donate: bool, check: str) -> tuple:
     """Whether a jitted step donates its train state (see make_train_step).
 
@@ -510,18 +519,7 @@ def make_train_step(
     probe, full_every = check_schedule(probe, full_every, check_every, check, len(nodes(net)))
     scheduled = probe > 0 or full_every is not None
 
-    raw = functools.partial(
-        train_step,
-        net,
-        loss,
-        optimizer,
-        check=check,
-        rtol=rtol,
-        atol=atol,
-        guard=guard,
-        probe=probe,
-        full_every=full_every,
-    )
+    raw = _bound_step(net, loss, optimizer, check, rtol, atol, guard, probe, full_every)
 
     fn = (
         jax.jit(raw, donate_argnums=_donate_argnums(donate, check), static_argnames=("plan",))
@@ -784,18 +782,7 @@ def _whole_data(data, idx):
 def _fit_loop(
     net, loss, optimizer, check, rtol, atol, guard, full_batch, fused, probe=0, full_every=None
 ):
-    step = functools.partial(
-        train_step,
-        net,
-        loss,
-        optimizer,
-        check=check,
-        rtol=rtol,
-        atol=atol,
-        guard=guard,
-        probe=probe,
-        full_every=full_every,
-    )
+    step = _bound_step(net, loss, optimizer, check, rtol, atol, guard, probe, full_every)
 
     return make_loop(
         step,
